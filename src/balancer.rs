@@ -1,0 +1,244 @@
+//! Least-connections backend selection: which backend gets the next connection.
+//!
+//! A [`Pool`] tracks, for each backend of one upstream, how many connections it holds and whether
+//! it is in rotation. [`Pool::pick`] returns a [`Lease`] on the backend with the fewest active
+//! connections; the lease *is* the count: it is taken at selection (before any dial) and given back
+//! when the lease is dropped, so no error path can leak load. Ties are broken round-robin.
+//!
+//! Structure (chosen by `benches/balancer.rs`, numbers in README): backends sit in buckets by
+//! active count, each bucket an intrusive FIFO list, under one short `std::sync::Mutex`. Picking
+//! takes the head of the lowest non-empty bucket and moves it to the tail of the next bucket;
+//! releasing moves it to the tail of the bucket below. Both are O(1) whatever the pool size, and
+//! FIFO order inside a bucket is what makes ties round-robin. This module does no I/O and knows
+//! nothing of sockets, health probes or metrics; it only counts.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+const NIL: u32 = u32::MAX;
+
+/// The backends of one upstream and their active-connection counts.
+#[derive(Debug)]
+pub struct Pool {
+    state: Mutex<State>,
+}
+
+/// Holds one connection's share of a backend's load. Dropping it releases the count.
+#[derive(Debug)]
+pub struct Lease {
+    pool: Arc<Pool>,
+    index: usize,
+}
+
+impl Lease {
+    /// Index of the leased backend in the pool (the order given to [`Pool::new`]).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.pool.lock().release(self.index);
+    }
+}
+
+impl Pool {
+    /// A pool of `size` backends, all in rotation with no connections.
+    /// Pools are limited to `u32::MAX - 1` backends.
+    pub fn new(size: usize) -> Arc<Pool> {
+        let size = size.min(NIL as usize - 1);
+        let mut state = State {
+            nodes: Vec::with_capacity(size),
+            buckets: vec![List::EMPTY],
+            lowest: 0,
+        };
+        for i in 0..size as u32 {
+            state.nodes.push(Node {
+                count: 0,
+                in_rotation: true,
+                prev: NIL,
+                next: NIL,
+            });
+            state.push_back(0, i);
+        }
+        Arc::new(Pool {
+            state: Mutex::new(state),
+        })
+    }
+
+    /// Number of backends in the pool.
+    pub fn len(&self) -> usize {
+        self.lock().nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Leases the in-rotation backend with the fewest active connections, skipping the indices in
+    /// `exclude` (backends this connection already failed to reach). `None` if no backend is left.
+    pub fn pick(self: &Arc<Self>, exclude: &[usize]) -> Option<Lease> {
+        let index = self.lock().pick(exclude)?;
+        Some(Lease {
+            pool: Arc::clone(self),
+            index,
+        })
+    }
+
+    /// Active connections of one backend (0 for an index out of range).
+    pub fn active(&self, index: usize) -> u32 {
+        self.lock().nodes.get(index).map_or(0, |n| n.count)
+    }
+
+    /// Active connections of every backend, in pool order.
+    pub fn active_all(&self) -> Vec<u32> {
+        self.lock().nodes.iter().map(|n| n.count).collect()
+    }
+
+    /// Puts a backend in or out of rotation. Its count is kept either way: connections already
+    /// open stay counted until their leases drop.
+    pub fn set_in_rotation(&self, index: usize, in_rotation: bool) {
+        let mut state = self.lock();
+        let Some(node) = state.nodes.get(index) else {
+            return;
+        };
+        if node.in_rotation == in_rotation {
+            return;
+        }
+        let count = node.count;
+        state.nodes[index].in_rotation = in_rotation;
+        if in_rotation {
+            state.push_back(count, index as u32);
+        } else {
+            state.unlink(count, index as u32);
+        }
+    }
+
+    /// Whether any backend is in rotation.
+    pub fn any_in_rotation(&self) -> bool {
+        self.lock().nodes.iter().any(|n| n.in_rotation)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // No code path panics while holding the lock, so poisoning cannot carry a broken state;
+        // recover rather than propagate a panic into every connection.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[derive(Debug)]
+struct Node {
+    count: u32,
+    in_rotation: bool,
+    prev: u32,
+    next: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct List {
+    head: u32,
+    tail: u32,
+}
+
+impl List {
+    const EMPTY: List = List {
+        head: NIL,
+        tail: NIL,
+    };
+}
+
+#[derive(Debug)]
+struct State {
+    nodes: Vec<Node>,
+    /// `buckets[c]` lists the in-rotation backends with exactly `c` active connections.
+    buckets: Vec<List>,
+    /// No bucket below this one is non-empty.
+    lowest: usize,
+}
+
+impl State {
+    fn pick(&mut self, exclude: &[usize]) -> Option<usize> {
+        while self.lowest < self.buckets.len() && self.buckets[self.lowest].head == NIL {
+            self.lowest += 1;
+        }
+        let mut bucket = self.lowest;
+        while bucket < self.buckets.len() {
+            let mut cursor = self.buckets[bucket].head;
+            while cursor != NIL {
+                if !exclude.contains(&(cursor as usize)) {
+                    self.unlink(bucket as u32, cursor);
+                    let node = &mut self.nodes[cursor as usize];
+                    node.count += 1;
+                    let count = node.count;
+                    self.push_back(count, cursor);
+                    return Some(cursor as usize);
+                }
+                cursor = self.nodes[cursor as usize].next;
+            }
+            bucket += 1;
+        }
+        None
+    }
+
+    fn release(&mut self, index: usize) {
+        let Some(node) = self.nodes.get(index) else {
+            return;
+        };
+        let (count, in_rotation) = (node.count, node.in_rotation);
+        if count == 0 {
+            return; // unreachable with leases: each release pairs with one pick
+        }
+        if in_rotation {
+            self.unlink(count, index as u32);
+        }
+        self.nodes[index].count = count - 1;
+        if in_rotation {
+            self.push_back(count - 1, index as u32);
+            self.lowest = self.lowest.min(count as usize - 1);
+        }
+    }
+
+    fn push_back(&mut self, bucket: u32, index: u32) {
+        let bucket = bucket as usize;
+        if self.buckets.len() <= bucket {
+            self.buckets.resize(bucket + 1, List::EMPTY);
+        }
+        let tail = self.buckets[bucket].tail;
+        let node = &mut self.nodes[index as usize];
+        node.prev = tail;
+        node.next = NIL;
+        if tail == NIL {
+            self.buckets[bucket].head = index;
+        } else {
+            self.nodes[tail as usize].next = index;
+        }
+        self.buckets[bucket].tail = index;
+        self.lowest = self.lowest.min(bucket);
+    }
+
+    fn unlink(&mut self, bucket: u32, index: u32) {
+        let (prev, next) = {
+            let node = &self.nodes[index as usize];
+            (node.prev, node.next)
+        };
+        let list = &mut self.buckets[bucket as usize];
+        if prev == NIL {
+            list.head = next;
+        } else {
+            self.nodes[prev as usize].next = next;
+        }
+        if next == NIL {
+            list.tail = prev;
+        } else {
+            self.nodes[next as usize].prev = prev;
+        }
+        let node = &mut self.nodes[index as usize];
+        node.prev = NIL;
+        node.next = NIL;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,164 @@
+use super::*;
+use proptest::prelude::*;
+
+fn counts(pool: &Pool) -> Vec<u32> {
+    pool.active_all()
+}
+
+#[test]
+fn an_idle_pool_is_visited_round_robin() {
+    let pool = Pool::new(3);
+    let picks: Vec<usize> = (0..9)
+        .map(|_| pool.pick(&[]).expect("backend").index())
+        .collect();
+    assert_eq!(picks, vec![0, 1, 2, 0, 1, 2, 0, 1, 2]);
+}
+
+#[test]
+fn short_connections_one_after_another_spread_evenly() {
+    let pool = Pool::new(4);
+    let mut seen = [0u32; 4];
+    for _ in 0..400 {
+        let lease = pool.pick(&[]).expect("backend");
+        seen[lease.index()] += 1;
+    }
+    assert_eq!(seen, [100; 4]);
+    assert_eq!(counts(&pool), vec![0; 4]);
+}
+
+#[test]
+fn the_least_loaded_backend_gets_every_new_connection() {
+    let pool = Pool::new(2);
+    let held: Vec<Lease> = (0..5)
+        .map(|_| pool.pick(&[1]).expect("backend 0"))
+        .collect();
+    assert!(held.iter().all(|l| l.index() == 0));
+    let next: Vec<usize> = (0..10)
+        .map(|_| pool.pick(&[]).expect("backend"))
+        .map(|l| l.index())
+        .collect();
+    assert_eq!(next, vec![1; 10]);
+}
+
+#[test]
+fn dropping_a_lease_gives_its_count_back() {
+    let pool = Pool::new(2);
+    let a = pool.pick(&[]).unwrap();
+    let b = pool.pick(&[]).unwrap();
+    assert_eq!(counts(&pool), vec![1, 1]);
+    drop(a);
+    assert_eq!(counts(&pool), vec![0, 1]);
+    drop(b);
+    assert_eq!(counts(&pool), vec![0, 0]);
+}
+
+#[test]
+fn excluded_backends_are_skipped_even_when_least_loaded() {
+    let pool = Pool::new(3);
+    let lease = pool.pick(&[0, 1]).expect("backend 2");
+    assert_eq!(lease.index(), 2);
+    assert!(pool.pick(&[0, 1, 2]).is_none());
+}
+
+#[test]
+fn backends_out_of_rotation_get_nothing_and_keep_their_count() {
+    let pool = Pool::new(2);
+    let held = pool.pick(&[]).unwrap();
+    assert_eq!(held.index(), 0);
+    pool.set_in_rotation(0, false);
+    for _ in 0..5 {
+        assert_eq!(pool.pick(&[]).unwrap().index(), 1);
+    }
+    pool.set_in_rotation(1, false);
+    assert!(pool.pick(&[]).is_none());
+    assert!(!pool.any_in_rotation());
+    drop(held);
+    assert_eq!(counts(&pool), vec![0, 0]);
+    pool.set_in_rotation(0, true);
+    assert_eq!(pool.pick(&[]).unwrap().index(), 0);
+}
+
+#[test]
+fn an_empty_pool_picks_nothing() {
+    let pool = Pool::new(0);
+    assert!(pool.is_empty());
+    assert!(pool.pick(&[]).is_none());
+}
+
+#[test]
+fn leases_dropped_on_many_threads_return_counts_to_zero() {
+    let pool = Pool::new(7);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                let mut held = Vec::new();
+                for i in 0..10_000 {
+                    held.push(pool.pick(&[]).expect("backend"));
+                    if i % 3 == 0 {
+                        held.clear();
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(counts(&pool), vec![0; 7]);
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Pick,
+    PickExcluding(usize),
+    Drop(usize),
+    Rotation(usize, bool),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => Just(Op::Pick),
+        1 => (0..8usize).prop_map(Op::PickExcluding),
+        3 => (0..64usize).prop_map(Op::Drop),
+        1 => (0..8usize, any::<bool>()).prop_map(|(i, up)| Op::Rotation(i, up)),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn the_picked_backend_always_has_the_minimal_count(size in 1..8usize, ops in prop::collection::vec(op(), 1..300)) {
+        let pool = Pool::new(size);
+        let mut held: Vec<Lease> = Vec::new();
+        let mut model = vec![0u32; size];
+        let mut up = vec![true; size];
+        for op in ops {
+            match op {
+                Op::Pick | Op::PickExcluding(_) => {
+                    let exclude: Vec<usize> = match op { Op::PickExcluding(e) => vec![e % size], _ => vec![] };
+                    let eligible: Vec<usize> = (0..size).filter(|i| up[*i] && !exclude.contains(i)).collect();
+                    match pool.pick(&exclude) {
+                        Some(lease) => {
+                            let i = lease.index();
+                            prop_assert!(eligible.contains(&i), "picked {} which is not eligible", i);
+                            let min = eligible.iter().map(|j| model[*j]).min().unwrap();
+                            prop_assert_eq!(model[i], min, "picked {} with count {} but min is {}", i, model[i], min);
+                            model[i] += 1;
+                            held.push(lease);
+                        }
+                        None => prop_assert!(eligible.is_empty()),
+                    }
+                }
+                Op::Drop(k) => {
+                    if !held.is_empty() {
+                        let lease = held.swap_remove(k % held.len());
+                        model[lease.index()] -= 1;
+                    }
+                }
+                Op::Rotation(i, in_rotation) => {
+                    pool.set_in_rotation(i % size, in_rotation);
+                    up[i % size] = in_rotation;
+                }
+            }
+            prop_assert_eq!(pool.active_all(), model.clone());
+        }
+        held.clear();
+        prop_assert_eq!(pool.active_all(), vec![0; size]);
+    }
+}

@@ -1,0 +1,150 @@
+use super::*;
+
+const GOOD: &str = r#"
+drain_timeout = "5s"
+
+[[listener]]
+name = "web"
+bind = "0.0.0.0:8443"
+upstream = "web"
+
+[[upstream]]
+name = "web"
+backends = ["10.0.0.1:80", "10.0.0.2:80", "backend.internal:8080"]
+connect_timeout = "250ms"
+
+[admin]
+bind = "127.0.0.1:9000"
+"#;
+
+fn error_of(text: &str) -> String {
+    match Config::from_toml(text, "test.toml") {
+        Ok(_) => panic!("config was accepted but should not be:\n{text}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn the_documented_example_loads_with_typed_values() {
+    let config = Config::from_toml(GOOD, "test.toml").expect("valid config");
+    assert_eq!(config.drain_timeout, Duration::from_secs(5));
+    assert_eq!(config.listeners[0].bind, "0.0.0.0:8443".parse().unwrap());
+    let upstream = config.upstream("web").expect("upstream web");
+    assert_eq!(upstream.connect_timeout, Duration::from_millis(250));
+    assert_eq!(upstream.connect_attempts, DEFAULT_CONNECT_ATTEMPTS);
+    assert_eq!(
+        upstream.backends[0],
+        BackendAddr::Ip("10.0.0.1:80".parse().unwrap())
+    );
+    assert_eq!(
+        upstream.backends[2],
+        BackendAddr::Name {
+            host: "backend.internal".into(),
+            port: 8080
+        }
+    );
+    assert_eq!(upstream.backends[2].to_string(), "backend.internal:8080");
+    assert_eq!(
+        config.admin.unwrap().bind,
+        "127.0.0.1:9000".parse().unwrap()
+    );
+}
+
+#[test]
+fn defaults_apply_when_optional_keys_are_absent() {
+    let config = Config::from_toml(
+        "[[listener]]\nname='a'\nbind='127.0.0.1:0'\nupstream='u'\n[[upstream]]\nname='u'\nbackends=['127.0.0.1:1']\n",
+        "t",
+    )
+    .expect("valid");
+    assert_eq!(config.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+    assert_eq!(config.upstreams[0].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+    assert!(config.admin.is_none());
+}
+
+#[test]
+fn an_unknown_key_is_an_error_naming_the_key() {
+    let e = error_of(&GOOD.replace("connect_timeout", "conect_timeout"));
+    assert!(e.starts_with("test.toml: "), "{e}");
+    assert!(e.contains("conect_timeout"), "{e}");
+}
+
+#[test]
+fn a_listener_naming_a_missing_upstream_is_an_error() {
+    let e = error_of(&GOOD.replace("upstream = \"web\"", "upstream = \"nope\""));
+    assert!(
+        e.contains("upstream") && e.contains("\"nope\"") && e.contains("no [[upstream]]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_empty_backend_list_is_an_error() {
+    let e = error_of(&GOOD.replace(
+        r#"backends = ["10.0.0.1:80", "10.0.0.2:80", "backend.internal:8080"]"#,
+        "backends = []",
+    ));
+    assert!(
+        e.contains("backends") && e.contains("at least one backend"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_addresses_are_errors_naming_the_value() {
+    for (from, to) in [
+        ("\"10.0.0.1:80\"", "\"10.0.0.1\""),
+        ("\"10.0.0.1:80\"", "\"10.0.0.1:99999\""),
+        ("\"10.0.0.1:80\"", "\"bad host:80\""),
+        ("\"10.0.0.1:80\"", "\"10.0.0.1:0\""),
+        ("\"0.0.0.0:8443\"", "\"localhost:8443\""),
+        ("\"127.0.0.1:9000\"", "\"127.0.0.1\""),
+    ] {
+        let e = error_of(&GOOD.replace(from, to));
+        assert!(e.contains(to.trim_matches('"')), "{to}: {e}");
+        assert!(e.contains("invalid value"), "{to}: {e}");
+    }
+}
+
+#[test]
+fn bad_durations_are_errors_naming_the_key_and_value() {
+    for bad in ["\"3\"", "\"fast\"", "\"0s\"", "\"-1s\""] {
+        let e = error_of(&GOOD.replace("\"250ms\"", bad));
+        assert!(e.contains("connect_timeout"), "{bad}: {e}");
+        assert!(e.contains(bad.trim_matches('"')), "{bad}: {e}");
+    }
+    let e = error_of(&GOOD.replace("drain_timeout = \"5s\"", "drain_timeout = 5"));
+    assert!(e.contains("drain_timeout"), "{e}");
+}
+
+#[test]
+fn duplicate_names_and_backends_are_errors() {
+    let twice = format!("{GOOD}\n[[upstream]]\nname = \"web\"\nbackends = [\"10.0.0.9:1\"]\n");
+    assert!(error_of(&twice).contains("duplicate upstream name"));
+    let e = error_of(&GOOD.replace("\"10.0.0.2:80\"", "\"10.0.0.1:80\""));
+    assert!(e.contains("listed twice"), "{e}");
+}
+
+#[test]
+fn a_config_without_listeners_is_an_error() {
+    let e = error_of("[[upstream]]\nname='u'\nbackends=['127.0.0.1:1']\n");
+    assert!(e.contains("at least one [[listener]]"), "{e}");
+}
+
+#[test]
+fn a_missing_file_names_the_path() {
+    let e = Config::load(Path::new("/nonexistent/fulcrum.toml")).unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/fulcrum.toml"), "{e}");
+}
+
+#[test]
+fn malformed_toml_is_an_error_not_a_panic() {
+    for text in [
+        "[[listener]",
+        "listener = 5",
+        "\u{0}",
+        "[[listener]]\nname = 'a'\nbind = 1\n",
+    ] {
+        let _ = error_of(text);
+    }
+}

@@ -1,0 +1,143 @@
+//! The `fulcrum` command: parses the command line, sets up logging, calls the library and maps
+//! errors to exit codes (0 ok, 1 failure, 2 usage). Nothing else lives here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "fulcrum",
+    version,
+    about = "A layer-4 (TCP) load balancer: least connections, mTLS, per-client rate limits"
+)]
+struct Cli {
+    /// Log level or filter (e.g. "info", "fulcrum=debug"); RUST_LOG wins when set.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the balancer from a TOML config file.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file with the same code `run` uses; exit 0 if it is valid.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a demo backend that answers "Hello world from server NAME".
+    Backend {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        name: String,
+        /// Echo bytes back instead of answering HTTP.
+        #[arg(long)]
+        echo: bool,
+    },
+    /// Start three demo backends and a balancer on localhost; Ctrl-C stops.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        admin: SocketAddr,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+    match run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Check { config } => {
+            let config = fulcrum::Config::load(&config)?;
+            println!(
+                "{}: ok ({} listener(s), {} upstream(s))",
+                config.origin,
+                config.listeners.len(),
+                config.upstreams.len()
+            );
+            Ok(())
+        }
+        Command::Run { config } => {
+            let config = fulcrum::Config::load(&config)?;
+            runtime()?.block_on(async {
+                let server = fulcrum::Server::bind(config).await?;
+                server.run(shutdown_on_signal()?).await;
+                Ok(())
+            })
+        }
+        Command::Backend { listen, name, echo } => runtime()?.block_on(async {
+            let socket = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot bind {listen}"))?;
+            let mode = if echo {
+                fulcrum::backend::Mode::Echo
+            } else {
+                fulcrum::backend::Mode::Hello
+            };
+            tracing::info!(addr = %socket.local_addr()?, %name, ?mode, "demo backend listening");
+            fulcrum::backend::serve(socket, name, mode, shutdown_on_signal()?).await;
+            Ok(())
+        }),
+        Command::Demo { listen, admin } => runtime()?.block_on(async {
+            let options = fulcrum::demo::DemoOptions { listen, admin };
+            fulcrum::demo::run(options, shutdown_on_signal()?).await?;
+            Ok(())
+        }),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// A token cancelled by the first SIGINT or SIGTERM; a second one exits at once.
+fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("signal received: shutting down (send again to exit at once)");
+        cancel.cancel();
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::warn!("second signal: exiting without draining");
+        std::process::exit(1);
+    });
+    Ok(token)
+}
+
+fn init_logging(level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

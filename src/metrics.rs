@@ -1,0 +1,170 @@
+//! Counters the server keeps and their Prometheus text rendering.
+//!
+//! The counters themselves are plain atomics embedded in the server's state (one per listener,
+//! one per backend), so the connection path never looks anything up by name; this module owns the
+//! rejection reasons, the metric names (a public contract: keep them) and the text format. It
+//! renders on scrape and never blocks a connection.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::server::State;
+
+/// Why a connection was closed without being proxied. The label values are public contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Every backend tried refused or timed out.
+    ConnectFailed,
+    /// The upstream has no backend in rotation.
+    NoHealthyBackend,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 2] = [Reason::ConnectFailed, Reason::NoHealthyBackend];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::ConnectFailed => "connect_failed",
+            Reason::NoHealthyBackend => "no_healthy_backend",
+        }
+    }
+}
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Per-listener rejection counts, one per [`Reason`].
+#[derive(Debug, Default)]
+pub struct Rejections([Counter; Reason::ALL.len()]);
+
+impl Rejections {
+    pub fn inc(&self, reason: Reason) {
+        self.0[reason as usize].inc();
+    }
+
+    pub fn get(&self, reason: Reason) -> u64 {
+        self.0[reason as usize].get()
+    }
+}
+
+/// Renders every metric in the Prometheus text exposition format (version 0.0.4).
+pub fn render(state: &State) -> String {
+    let mut out = String::with_capacity(4096);
+    header(
+        &mut out,
+        "fulcrum_connections_total",
+        "counter",
+        "Connections accepted, per listener.",
+    );
+    for l in state.listeners() {
+        let _ = writeln!(
+            out,
+            "fulcrum_connections_total{{listener=\"{}\"}} {}",
+            escape(&l.name),
+            l.accepted.get()
+        );
+    }
+    header(
+        &mut out,
+        "fulcrum_connections_rejected_total",
+        "counter",
+        "Connections closed without being proxied, per listener and reason.",
+    );
+    for l in state.listeners() {
+        for reason in Reason::ALL {
+            let _ = writeln!(
+                out,
+                "fulcrum_connections_rejected_total{{listener=\"{}\",reason=\"{}\"}} {}",
+                escape(&l.name),
+                reason.label(),
+                l.rejected.get(reason)
+            );
+        }
+    }
+    header(
+        &mut out,
+        "fulcrum_backend_active_connections",
+        "gauge",
+        "Connections currently counted against each backend (from selection until both directions close).",
+    );
+    for u in state.upstreams() {
+        let active = u.pool.active_all();
+        for (b, count) in u.backends.iter().zip(active) {
+            let _ = writeln!(
+                out,
+                "fulcrum_backend_active_connections{{upstream=\"{}\",backend=\"{}\"}} {count}",
+                escape(&u.name),
+                escape(&b.label)
+            );
+        }
+    }
+    header(
+        &mut out,
+        "fulcrum_backend_connections_total",
+        "counter",
+        "Connections proxied to each backend (connect succeeded).",
+    );
+    backend_counter(&mut out, state, "fulcrum_backend_connections_total", |b| {
+        b.connections.get()
+    });
+    header(
+        &mut out,
+        "fulcrum_backend_connect_failures_total",
+        "counter",
+        "Failed dials (refused, unreachable or timed out), per backend.",
+    );
+    backend_counter(
+        &mut out,
+        state,
+        "fulcrum_backend_connect_failures_total",
+        |b| b.connect_failures.get(),
+    );
+    out
+}
+
+fn backend_counter(
+    out: &mut String,
+    state: &State,
+    name: &str,
+    value: impl Fn(&crate::server::Backend) -> u64,
+) {
+    for u in state.upstreams() {
+        for b in &u.backends {
+            let _ = writeln!(
+                out,
+                "{name}{{upstream=\"{}\",backend=\"{}\"}} {}",
+                escape(&u.name),
+                escape(&b.label),
+                value(b)
+            );
+        }
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Escapes a label value (backslash, double quote, newline).
+fn escape(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.contains(['\\', '"', '\n']) {
+        value
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+            .into()
+    } else {
+        value.into()
+    }
+}

@@ -1,0 +1,381 @@
+//! The running balancer: binds listeners, accepts connections, and runs the shutdown sequence.
+//!
+//! [`Server`] turns a validated [`Config`] into live state (pools, counters) and sockets.
+//! [`Server::run`] spawns one accept loop per listener; each accepted socket becomes a task of its
+//! own (see [`crate::connection`]), tracked by one `TaskTracker`. On shutdown the accept loops stop
+//! at once (new connections are refused), open connections get `drain_timeout` to finish, then
+//! are cancelled. This module owns sockets and tasks; it does not decide where a connection goes
+//! (balancer) or move its bytes (proxy).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use crate::balancer::Pool;
+use crate::config::{BackendAddr, Config, UpstreamConfig};
+use crate::metrics::{Counter, Rejections};
+
+/// Listen backlog for client-facing sockets.
+const BACKLOG: i32 = 1024;
+/// After the drain deadline, how long cancelled connections get to close their sockets.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("listener {name:?}: cannot bind {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("admin: cannot bind {addr}: {source}")]
+    AdminBind { addr: SocketAddr, source: io::Error },
+    #[error("listener {0:?} has no socket: pass one for every configured listener")]
+    MissingListener(String),
+}
+
+/// Live state shared by every task: listeners, upstreams and their counters.
+#[derive(Debug)]
+pub struct State {
+    listeners: Vec<Arc<Listener>>,
+    upstreams: Vec<Arc<Upstream>>,
+    drain_timeout: Duration,
+}
+
+/// A listener's routing and counters.
+#[derive(Debug)]
+pub struct Listener {
+    pub name: String,
+    pub upstream: Arc<Upstream>,
+    pub accepted: Counter,
+    pub rejected: Rejections,
+}
+
+/// An upstream group: its backends, their pool and dial settings.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    pub backends: Vec<Backend>,
+    pub pool: Arc<Pool>,
+    pub connect_timeout: Duration,
+    pub connect_attempts: usize,
+}
+
+/// One backend's address and counters. Its active count lives in the pool.
+#[derive(Debug)]
+pub struct Backend {
+    pub addr: BackendAddr,
+    /// The configured `host:port` text: the `backend` label in metrics and logs.
+    pub label: String,
+    pub connections: Counter,
+    pub connect_failures: Counter,
+}
+
+impl Upstream {
+    fn new(config: &UpstreamConfig) -> Upstream {
+        Upstream {
+            name: config.name.clone(),
+            backends: config
+                .backends
+                .iter()
+                .map(|addr| Backend {
+                    addr: addr.clone(),
+                    label: addr.to_string(),
+                    connections: Counter::default(),
+                    connect_failures: Counter::default(),
+                })
+                .collect(),
+            pool: Pool::new(config.backends.len()),
+            connect_timeout: config.connect_timeout,
+            connect_attempts: config.connect_attempts,
+        }
+    }
+}
+
+impl State {
+    fn new(config: &Config) -> State {
+        let upstreams: Vec<Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .map(|u| Arc::new(Upstream::new(u)))
+            .collect();
+        let listeners = config
+            .listeners
+            .iter()
+            .filter_map(|l| {
+                // Config validation guarantees the upstream exists; a listener without one is skipped.
+                let upstream = upstreams.iter().find(|u| u.name == l.upstream)?;
+                Some(Arc::new(Listener {
+                    name: l.name.clone(),
+                    upstream: Arc::clone(upstream),
+                    accepted: Counter::default(),
+                    rejected: Rejections::default(),
+                }))
+            })
+            .collect();
+        State {
+            listeners,
+            upstreams,
+            drain_timeout: config.drain_timeout,
+        }
+    }
+
+    pub fn listeners(&self) -> impl Iterator<Item = &Arc<Listener>> {
+        self.listeners.iter()
+    }
+
+    pub fn upstreams(&self) -> impl Iterator<Item = &Arc<Upstream>> {
+        self.upstreams.iter()
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&Arc<Listener>> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// Active connections per backend of an upstream, as `(label, count)`.
+    pub fn active_connections(&self, upstream: &str) -> Vec<(String, u32)> {
+        self.upstream(upstream)
+            .map(|u| {
+                u.backends
+                    .iter()
+                    .map(|b| b.label.clone())
+                    .zip(u.pool.active_all())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Sum of active connections over all upstreams.
+    pub fn total_active(&self) -> u64 {
+        self.upstreams
+            .iter()
+            .flat_map(|u| u.pool.active_all())
+            .map(u64::from)
+            .sum()
+    }
+}
+
+/// A configured balancer with its sockets bound, ready to [`run`](Server::run).
+pub struct Server {
+    state: Arc<State>,
+    listeners: Vec<(Arc<Listener>, TcpListener)>,
+    admin: Option<TcpListener>,
+}
+
+impl Server {
+    /// Binds every listener and the admin socket named in the config.
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        let mut sockets = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            let socket = bind_listener(l.bind).map_err(|source| ServerError::Bind {
+                name: l.name.clone(),
+                addr: l.bind,
+                source,
+            })?;
+            sockets.push((l.name.clone(), socket));
+        }
+        let admin =
+            match &config.admin {
+                Some(a) => Some(TcpListener::bind(a.bind).await.map_err(|source| {
+                    ServerError::AdminBind {
+                        addr: a.bind,
+                        source,
+                    }
+                })?),
+                None => None,
+            };
+        Server::from_listeners(config, sockets, admin)
+    }
+
+    /// Uses sockets the caller bound itself, one per configured listener (by name); the
+    /// listeners' `bind` addresses are then ignored. `admin` serves `/metrics` if given.
+    pub fn from_listeners(
+        config: Config,
+        mut sockets: Vec<(String, TcpListener)>,
+        admin: Option<TcpListener>,
+    ) -> Result<Server, ServerError> {
+        let state = Arc::new(State::new(&config));
+        let mut listeners = Vec::with_capacity(state.listeners.len());
+        for l in &state.listeners {
+            let pos = sockets
+                .iter()
+                .position(|(name, _)| *name == l.name)
+                .ok_or_else(|| ServerError::MissingListener(l.name.clone()))?;
+            let (_, socket) = sockets.swap_remove(pos);
+            listeners.push((Arc::clone(l), socket));
+        }
+        Ok(Server {
+            state,
+            listeners,
+            admin,
+        })
+    }
+
+    /// The address a listener is bound to (useful with port 0).
+    pub fn local_addr(&self, listener: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(l, _)| l.name == listener)
+            .and_then(|(_, s)| s.local_addr().ok())
+    }
+
+    /// The admin listener's address, if one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|s| s.local_addr().ok())
+    }
+
+    /// Live counters, for metrics and tests.
+    pub fn state(&self) -> Arc<State> {
+        Arc::clone(&self.state)
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains: stops accepting at once, waits up to
+    /// `drain_timeout` for open connections, cancels the rest and returns.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let abort = CancellationToken::new();
+        for (listener, socket) in self.listeners {
+            if let Ok(addr) = socket.local_addr() {
+                info!(listener = %listener.name, %addr, upstream = %listener.upstream.name, "listening");
+            }
+            tracker.spawn(accept_loop(
+                socket,
+                listener,
+                tracker.clone(),
+                shutdown.clone(),
+                abort.clone(),
+            ));
+        }
+        let admin_stop = CancellationToken::new();
+        let admin_task = self.admin.map(|socket| {
+            if let Ok(addr) = socket.local_addr() {
+                info!(%addr, "admin listening");
+            }
+            tokio::spawn(crate::admin::serve(
+                socket,
+                Arc::clone(&self.state),
+                admin_stop.clone(),
+            ))
+        });
+
+        shutdown.cancelled().await;
+        tracker.close();
+        let drain = self.state.drain_timeout;
+        info!(
+            active = self.state.total_active(),
+            deadline = ?drain,
+            "shutting down: no new connections, draining open ones"
+        );
+        if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+            warn!(
+                remaining = self.state.total_active(),
+                "drain deadline passed; closing remaining connections"
+            );
+            abort.cancel();
+            if tokio::time::timeout(CANCEL_GRACE, tracker.wait())
+                .await
+                .is_err()
+            {
+                error!("connections did not close after cancellation");
+            }
+        }
+        admin_stop.cancel();
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
+        info!("stopped");
+    }
+}
+
+fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Accepts until `shutdown`, spawning one tracked task per connection. Resource exhaustion
+/// (EMFILE, ENFILE, ENOBUFS, ENOMEM) backs off exponentially instead of spinning.
+async fn accept_loop(
+    socket: TcpListener,
+    listener: Arc<Listener>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+) {
+    const MIN_BACKOFF: Duration = Duration::from_millis(5);
+    const MAX_BACKOFF: Duration = Duration::from_secs(1);
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            accepted = socket.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = MIN_BACKOFF;
+                listener.accepted.inc();
+                tracker.spawn(crate::connection::handle(
+                    stream,
+                    peer,
+                    Arc::clone(&listener),
+                    abort.clone(),
+                ));
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                warn!(listener = %listener.name, error = %e, ?backoff, "accept failed: out of resources, backing off");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(e) => debug!(listener = %listener.name, error = %e, "accept failed"),
+        }
+    }
+    debug!(listener = %listener.name, "accept loop stopped");
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12 (Linux).
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+/// Dials `addr` under `timeout`, with TCP_NODELAY set on success.
+pub(crate) async fn dial(addr: &BackendAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let connect = async {
+        match addr {
+            BackendAddr::Ip(ip) => TcpStream::connect(ip).await,
+            BackendAddr::Name { host, port } => TcpStream::connect((host.as_str(), *port)).await,
+        }
+    };
+    let stream = tokio::time::timeout(timeout, connect).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {timeout:?}"),
+        )
+    })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
