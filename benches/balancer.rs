@@ -49,7 +49,7 @@ fn run(threads: usize, op: impl Fn() + Sync) -> f64 {
     let start = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..threads {
-            s.spawn(|| op());
+            s.spawn(&op);
         }
     });
     (threads * OPS_PER_THREAD) as f64 / start.elapsed().as_secs_f64()

@@ -122,9 +122,7 @@ impl Pool {
     fn lock(&self) -> MutexGuard<'_, State> {
         // No code path panics while holding the lock, so poisoning cannot carry a broken state;
         // recover rather than propagate a panic into every connection.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -143,10 +141,7 @@ struct List {
 }
 
 impl List {
-    const EMPTY: List = List {
-        head: NIL,
-        tail: NIL,
-    };
+    const EMPTY: List = List { head: NIL, tail: NIL };
 }
 
 #[derive(Debug)]

@@ -5,6 +5,7 @@
 //! resolves host names and reads no file except the one [`Config::load`] is given. `fulcrum check`
 //! and `fulcrum run` both go through [`Config::load`], so they can never disagree.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,10 @@ use serde::Deserialize;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Default time open connections get to finish after SIGTERM/SIGINT.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default deadline for a client's TLS handshake, from accept to the end of the handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound on clients tracked by a rate limiter.
+pub const DEFAULT_MAX_CLIENTS: usize = crate::ratelimit::DEFAULT_MAX_CLIENTS;
 /// Default number of distinct backends tried for one client connection.
 pub const DEFAULT_CONNECT_ATTEMPTS: usize = 3;
 
@@ -30,6 +35,10 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// How long open connections may keep running after a shutdown signal.
     pub drain_timeout: Duration,
+    /// Identity -> upstreams it may reach (default deny). Upstream names are validated.
+    pub authorization: Vec<(String, Vec<String>)>,
+    /// Global per-client limits; `None` means no limiting (unless a listener sets its own).
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 /// One accepting socket and the upstream group its connections go to.
@@ -40,6 +49,55 @@ pub struct ListenerConfig {
     pub bind: SocketAddr,
     /// Name of an upstream in [`Config::upstreams`] (validated to exist).
     pub upstream: String,
+    /// TLS termination; `None` is a plaintext listener.
+    pub tls: Option<TlsConfig>,
+    /// Server name (lowercase) -> upstream, for TLS listeners serving several upstreams.
+    pub sni: Vec<(String, String)>,
+    /// Deadline for the whole TLS handshake (not per read).
+    pub handshake_timeout: Duration,
+    /// This listener's own capacity/window, replacing the global ones.
+    pub rate_limit: Option<RateLimitOverride>,
+    /// Bytes written to a client refused by the rate limiter before closing (e.g. an HTTP 429).
+    pub reject_response: Option<Vec<u8>>,
+}
+
+/// TLS settings of a listener. Paths are resolved against the config file's directory.
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA bundle; present means client certificates are required and verified (mTLS).
+    pub client_ca: Option<PathBuf>,
+    pub min_version: TlsVersion,
+}
+
+/// Lowest TLS version a listener accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2 (ECDHE key exchange with AEAD ciphers only) and TLS 1.3.
+    Tls12,
+    /// TLS 1.3 only.
+    Tls13,
+}
+
+/// Global per-client connection limits (`[rate_limit]`).
+#[derive(Clone, Debug)]
+pub struct RateLimitConfig {
+    pub capacity: u32,
+    pub window: Duration,
+    pub max_concurrent: Option<u32>,
+    pub max_clients: usize,
+    /// Identity -> capacity, replacing `capacity` for that identity.
+    pub clients: HashMap<String, u32>,
+}
+
+/// A listener's own `capacity`/`window` (`[listener.rate_limit]`).
+#[derive(Clone, Debug)]
+pub struct RateLimitOverride {
+    pub capacity: Option<u32>,
+    pub window: Option<Duration>,
 }
 
 /// A group of interchangeable backends.
@@ -88,9 +146,9 @@ impl BackendAddr {
         }
         let valid_host = !host.is_empty()
             && host.len() <= 253
-            && host.split('.').all(|l| {
-                !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            });
+            && host
+                .split('.')
+                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
         if !valid_host {
             return Err(format!("invalid host {host:?}"));
         }
@@ -114,10 +172,7 @@ impl fmt::Display for BackendAddr {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read config file: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{origin}: {message}")]
     Syntax { origin: String, message: String },
     #[error("{origin}: {key}: invalid value {value:?}: {reason}")]
@@ -136,16 +191,22 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::from_toml(&text, &path.display().to_string())
+        let base = path.parent().unwrap_or(Path::new(""));
+        Config::parse(&text, &path.display().to_string(), base)
     }
 
-    /// Parses and validates TOML text; `origin` names it in error messages.
+    /// Parses and validates TOML text; `origin` names it in error messages. Relative file paths
+    /// in it are taken as they are (relative to the working directory).
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, origin, Path::new(""))
+    }
+
+    fn parse(text: &str, origin: &str, base: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             origin: origin.to_string(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        Validator { origin }.config(raw)
+        Validator { origin, base }.config(raw)
     }
 
     pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
@@ -162,6 +223,9 @@ struct RawConfig {
     #[serde(default)]
     upstream: Vec<RawUpstream>,
     admin: Option<RawAdmin>,
+    #[serde(default)]
+    authorization: std::collections::BTreeMap<String, Vec<String>>,
+    rate_limit: Option<RawRateLimit>,
 }
 
 #[derive(Deserialize)]
@@ -170,6 +234,39 @@ struct RawListener {
     name: String,
     bind: String,
     upstream: String,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    sni: std::collections::BTreeMap<String, String>,
+    handshake_timeout: Option<String>,
+    rate_limit: Option<RawRateLimitOverride>,
+    reject_response: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+    min_version: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    capacity: u32,
+    window: String,
+    max_concurrent: Option<u32>,
+    max_clients: Option<usize>,
+    #[serde(default)]
+    clients: HashMap<String, u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimitOverride {
+    capacity: Option<u32>,
+    window: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -190,6 +287,7 @@ struct RawAdmin {
 /// Turns raw structs into typed ones; carries the origin for error messages.
 struct Validator<'a> {
     origin: &'a str,
+    base: &'a Path,
 }
 
 impl Validator<'_> {
@@ -208,6 +306,7 @@ impl Validator<'_> {
     }
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let has_global_rate_limit = raw.rate_limit.is_some();
         let drain_timeout = match &raw.drain_timeout {
             Some(text) => self.duration("drain_timeout", text)?,
             None => DEFAULT_DRAIN_TIMEOUT,
@@ -215,10 +314,7 @@ impl Validator<'_> {
         let mut upstreams = Vec::with_capacity(raw.upstream.len());
         for (i, u) in raw.upstream.into_iter().enumerate() {
             let upstream = self.upstream(i, u)?;
-            if upstreams
-                .iter()
-                .any(|o: &UpstreamConfig| o.name == upstream.name)
-            {
+            if upstreams.iter().any(|o: &UpstreamConfig| o.name == upstream.name) {
                 return Err(self.invalid(
                     format!("upstream[{i}].name"),
                     &upstream.name,
@@ -245,19 +341,79 @@ impl Validator<'_> {
                     "another listener already binds this address",
                 ));
             }
-            if !upstreams.iter().any(|u| u.name == l.upstream) {
-                return Err(self.invalid(
-                    key("upstream"),
-                    &l.upstream,
-                    "no [[upstream]] has this name",
-                ));
+            let known = |name: &str| upstreams.iter().any(|u| u.name == name);
+            if !known(&l.upstream) {
+                return Err(self.invalid(key("upstream"), &l.upstream, "no [[upstream]] has this name"));
             }
+            let tls = match l.tls {
+                Some(t) => Some(self.tls(&key("tls"), t)?),
+                None => None,
+            };
+            if !l.sni.is_empty() && tls.is_none() {
+                return Err(self.invalid(key("sni"), "{..}", "SNI routing needs [listener.tls]"));
+            }
+            let mut sni = Vec::with_capacity(l.sni.len());
+            for (server_name, upstream) in l.sni {
+                if !known(&upstream) {
+                    let k = key(&format!("sni.{server_name:?}"));
+                    return Err(self.invalid(k, &upstream, "no [[upstream]] has this name"));
+                }
+                sni.push((server_name.to_ascii_lowercase(), upstream));
+            }
+            let handshake_timeout = match &l.handshake_timeout {
+                Some(text) => self.duration(&key("handshake_timeout"), text)?,
+                None => DEFAULT_HANDSHAKE_TIMEOUT,
+            };
+            let rate_limit = match l.rate_limit {
+                Some(RawRateLimitOverride { capacity: None, .. }) if !has_global_rate_limit => {
+                    return Err(self.invalid(
+                        key("rate_limit.capacity"),
+                        "(missing)",
+                        "required when there is no global [rate_limit]",
+                    ))
+                }
+                Some(o) => Some(RateLimitOverride {
+                    capacity: o.capacity,
+                    window: match &o.window {
+                        Some(text) => Some(self.duration(&key("rate_limit.window"), text)?),
+                        None => None,
+                    },
+                }),
+                None => None,
+            };
             listeners.push(ListenerConfig {
                 name: l.name,
                 bind,
                 upstream: l.upstream,
+                tls,
+                sni,
+                handshake_timeout,
+                rate_limit,
+                reject_response: l.reject_response.map(String::into_bytes),
             });
         }
+        let mut authorization = Vec::with_capacity(raw.authorization.len());
+        for (identity, allowed) in raw.authorization {
+            if let Some(missing) = allowed.iter().find(|a| !upstreams.iter().any(|u| u.name == **a)) {
+                let k = format!("authorization.{identity:?}");
+                return Err(self.invalid(k, missing, "no [[upstream]] has this name"));
+            }
+            authorization.push((identity, allowed));
+        }
+        let rate_limit = match raw.rate_limit {
+            Some(r) => Some(RateLimitConfig {
+                capacity: r.capacity,
+                window: self.duration("rate_limit.window", &r.window)?,
+                max_concurrent: r.max_concurrent,
+                max_clients: match r.max_clients {
+                    Some(0) => return Err(self.invalid("rate_limit.max_clients", 0, "must be at least 1")),
+                    Some(n) => n,
+                    None => DEFAULT_MAX_CLIENTS,
+                },
+                clients: r.clients,
+            }),
+            None => None,
+        };
         let admin = match raw.admin {
             Some(a) => Some(AdminConfig {
                 bind: self.socket_addr("admin.bind", &a.bind)?,
@@ -270,6 +426,24 @@ impl Validator<'_> {
             upstreams,
             admin,
             drain_timeout,
+            authorization,
+            rate_limit,
+        })
+    }
+
+    fn tls(&self, key: &str, raw: RawTls) -> Result<TlsConfig, ConfigError> {
+        let min_version = match raw.min_version.as_deref() {
+            None | Some("1.2") => TlsVersion::Tls12,
+            Some("1.3") => TlsVersion::Tls13,
+            Some(other) => {
+                return Err(self.invalid(format!("{key}.min_version"), other, "expected \"1.2\" or \"1.3\""))
+            }
+        };
+        Ok(TlsConfig {
+            cert: self.base.join(raw.cert),
+            key: self.base.join(raw.key),
+            client_ca: raw.client_ca.map(|p| self.base.join(p)),
+            min_version,
         })
     }
 
@@ -277,16 +451,12 @@ impl Validator<'_> {
         let key = |field: &str| format!("upstream[{i}] ({:?}).{field}", u.name);
         self.name(&key("name"), &u.name)?;
         if u.backends.is_empty() {
-            return Err(self.invalid(
-                key("backends"),
-                "[]",
-                "an upstream needs at least one backend",
-            ));
+            return Err(self.invalid(key("backends"), "[]", "an upstream needs at least one backend"));
         }
         let mut backends: Vec<BackendAddr> = Vec::with_capacity(u.backends.len());
         for text in &u.backends {
-            let addr = BackendAddr::parse(text)
-                .map_err(|reason| self.invalid(key("backends"), text, reason))?;
+            let addr =
+                BackendAddr::parse(text).map_err(|reason| self.invalid(key("backends"), text, reason))?;
             if backends.contains(&addr) {
                 return Err(self.invalid(key("backends"), text, "backend listed twice"));
             }
@@ -323,13 +493,8 @@ impl Validator<'_> {
     }
 
     fn socket_addr(&self, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
-        text.parse().map_err(|_| {
-            self.invalid(
-                key,
-                text,
-                "expected ip:port, e.g. 127.0.0.1:8080 or [::1]:8080",
-            )
-        })
+        text.parse()
+            .map_err(|_| self.invalid(key, text, "expected ip:port, e.g. 127.0.0.1:8080 or [::1]:8080"))
     }
 
     fn duration(&self, key: &str, text: &str) -> Result<Duration, ConfigError> {

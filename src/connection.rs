@@ -1,28 +1,43 @@
 //! One client connection's life, from accept to the closing log line.
 //!
-//! Steps, in order: pick a backend and dial it (trying the next least-loaded one on refusal or
-//! timeout, a bounded number of times), relay bytes both ways, and log one summary line. The
-//! backend lease is held for the whole life of the connection, so the active count is exact on
-//! every path. Failures end this connection only and are logged once, here. This module owns the
-//! order of the steps; the steps themselves live in balancer, proxy and server.
+//! Steps, in order, each able to end the connection before the next:
+//! 1. TLS handshake (TLS listeners), under the listener's total handshake deadline;
+//! 2. client identity from the verified certificate, and the upstream (SNI or the listener's);
+//! 3. authorization of that identity for that upstream (mTLS listeners; default deny);
+//! 4. the per-client rate limit (key: identity on mTLS listeners, source IP otherwise);
+//! 5. pick a backend and dial it, trying the next least-loaded one on refusal or timeout;
+//! 6. relay bytes both ways; 7. one summary log line.
+//!
+//! No backend is dialed before steps 1-4 pass. The backend lease and the rate-limit permit are
+//! held for the whole connection, so counts are exact on every path. Failures end this connection
+//! only and are logged once, here. This module owns the order of the steps; the steps themselves
+//! live in tls, identity, authz, ratelimit, balancer and proxy.
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, field, info, info_span, warn, Instrument, Span};
 
+use crate::authz::Decision as Authz;
 use crate::balancer::Lease;
+use crate::identity::identity_from_der;
 use crate::metrics::Reason;
 use crate::proxy::{relay, Progress, RelayError, Side};
+use crate::ratelimit::{ClientKey, Decision as Limit, Permit};
 use crate::server::{dial, Listener, Upstream};
 
+/// Deadline for writing a refusal (reject response, TLS close_notify) to a client.
+const REFUSAL_DEADLINE: Duration = Duration::from_secs(1);
+
 /// Serves one accepted client connection to completion. Never panics on peer input; every wait
-/// on a peer is bounded by a connect timeout or by `abort` (the drain deadline).
+/// on a peer is bounded by a deadline or by `abort` (the drain deadline).
 pub(crate) async fn handle(
     client: TcpStream,
     peer: SocketAddr,
@@ -33,16 +48,97 @@ pub(crate) async fn handle(
         "conn",
         client.addr = %peer,
         listener = %listener.name,
-        upstream = %listener.upstream.name,
+        client.id = field::Empty,
+        upstream = field::Empty,
         backend.addr = field::Empty,
     );
-    serve(client, listener, abort).instrument(span).await
-}
-
-async fn serve(mut client: TcpStream, listener: Arc<Listener>, abort: CancellationToken) {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
-    let upstream = &listener.upstream;
+    serve(client, peer, &listener, &abort, started)
+        .instrument(span)
+        .await
+}
+
+async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    listener: &Arc<Listener>,
+    abort: &CancellationToken,
+    started: Instant,
+) {
+    let Some(acceptor) = &listener.tls else {
+        let key = ClientKey::from_ip(peer.ip());
+        return forward(client, listener, &listener.upstream, key, abort, started).await;
+    };
+    let handshake = tokio::select! {
+        _ = abort.cancelled() => return,
+        handshake = tokio::time::timeout(listener.handshake_timeout, acceptor.accept(client)) => handshake,
+    };
+    let mut client = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return refused(listener, Reason::TlsHandshake, &e),
+        Err(_) => return refused(listener, Reason::TlsHandshake, &"handshake deadline passed"),
+    };
+    let (_, session) = client.get_ref();
+    let upstream = listener.route(session.server_name());
+    let key = if listener.mutual_tls {
+        let identity = match session.peer_certificates().and_then(|chain| chain.first()) {
+            Some(leaf) => identity_from_der(leaf),
+            // Unreachable with a client verifier configured; refuse rather than assume.
+            None => return refused(listener, Reason::TlsHandshake, &"no client certificate"),
+        };
+        let identity = match identity {
+            Ok(identity) => identity,
+            Err(e) => {
+                refused(listener, Reason::Unauthorized, &e);
+                return close_tls(&mut client).await;
+            }
+        };
+        Span::current().record("client.id", field::display(&identity));
+        if listener.authorization.check(&identity, &upstream.name) == Authz::Deny {
+            refused(
+                listener,
+                Reason::Unauthorized,
+                &format_args!("{identity} may not reach upstream {:?}", upstream.name),
+            );
+            return close_tls(&mut client).await;
+        }
+        ClientKey::Identity(identity.into())
+    } else {
+        ClientKey::from_ip(peer.ip())
+    };
+    let upstream = Arc::clone(upstream);
+    forward(client, listener, &upstream, key, abort, started).await
+}
+
+/// Steps 4-7 for a client whose transport is ready.
+async fn forward<C: Transport>(
+    mut client: C,
+    listener: &Listener,
+    upstream: &Upstream,
+    key: ClientKey,
+    abort: &CancellationToken,
+    started: Instant,
+) {
+    Span::current().record("upstream", upstream.name.as_str());
+    let _permit: Option<Permit> = match &listener.limiter {
+        None => None,
+        Some(limiter) => match limiter.check(&key, Instant::now()) {
+            Limit::Allow(permit) => Some(permit),
+            Limit::Reject(why) => {
+                refused(
+                    listener,
+                    Reason::RateLimited,
+                    &format_args!("client {key}: {why}"),
+                );
+                if let Some(response) = &listener.reject_response {
+                    let _ = tokio::time::timeout(REFUSAL_DEADLINE, client.write_all(response)).await;
+                }
+                let _ = tokio::time::timeout(REFUSAL_DEADLINE, client.shutdown()).await;
+                return;
+            }
+        },
+    };
     let connected = tokio::select! {
         _ = abort.cancelled() => return,
         connected = connect(upstream) => connected,
@@ -50,12 +146,8 @@ async fn serve(mut client: TcpStream, listener: Arc<Listener>, abort: Cancellati
     let (mut backend, lease) = match connected {
         Ok(connected) => connected,
         Err(reason) => {
-            listener.rejected.inc(reason);
-            warn!(
-                reason = reason.label(),
-                "no backend for connection; closing client"
-            );
-            let _ = client.shutdown().await;
+            refused(listener, reason, &format_args!("upstream {:?}", upstream.name));
+            let _ = tokio::time::timeout(REFUSAL_DEADLINE, client.shutdown()).await;
             return;
         }
     };
@@ -72,7 +164,7 @@ async fn serve(mut client: TcpStream, listener: Arc<Listener>, abort: Cancellati
             // Mirror an abort: the other side sees a reset too, never a clean end of stream.
             let other = match side {
                 Side::Client => &backend,
-                Side::Backend => &client,
+                Side::Backend => client.tcp(),
             };
             let _ = socket2::SockRef::from(other).set_linger(Some(Duration::ZERO));
             describe(*side, source)
@@ -112,17 +204,78 @@ async fn connect(upstream: &Upstream) -> Result<(TcpStream, Lease), Reason> {
     })
 }
 
+/// Counts a refusal and logs it (throttled).
+fn refused(listener: &Listener, reason: Reason, detail: &dyn std::fmt::Display) {
+    listener.rejected.inc(reason);
+    if let Some(suppressed) = listener.reject_log.admit() {
+        warn!(
+            reason = reason.label(),
+            suppressed, "connection refused: {detail}"
+        );
+    }
+}
+
+async fn close_tls(client: &mut TlsStream<TcpStream>) {
+    let _ = tokio::time::timeout(REFUSAL_DEADLINE, client.shutdown()).await;
+}
+
 fn describe(side: Side, e: &io::Error) -> &'static str {
     let reset = matches!(
         e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionAborted
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
     );
     match (side, reset) {
         (Side::Client, true) => "client_reset",
         (Side::Client, false) => "client_error",
         (Side::Backend, true) => "backend_reset",
         (Side::Backend, false) => "backend_error",
+    }
+}
+
+/// A client transport: plain TCP or TLS over TCP. Gives access to the socket underneath, to
+/// reset it.
+trait Transport: AsyncRead + AsyncWrite + Unpin {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Transport for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Transport for TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+/// Lets at most [`LogThrottle::PER_SECOND`] lines through per second; reports how many it held
+/// back since the last line it let through.
+#[derive(Debug, Default)]
+pub(crate) struct LogThrottle {
+    /// Second (since the throttle's first use) of the current budget, and lines used in it.
+    state: std::sync::Mutex<(u64, u32)>,
+    suppressed: AtomicU64,
+    origin: std::sync::OnceLock<Instant>,
+}
+
+impl LogThrottle {
+    const PER_SECOND: u32 = 10;
+
+    /// `Some(suppressed_since_last)` if this line may be logged.
+    pub(crate) fn admit(&self) -> Option<u64> {
+        let second = self.origin.get_or_init(Instant::now).elapsed().as_secs();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.0 != second {
+            *state = (second, 0);
+        }
+        if state.1 < Self::PER_SECOND {
+            state.1 += 1;
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
     }
 }

@@ -143,9 +143,7 @@ pub enum IdentityError {
     #[error("certificate's extended key usage does not allow client authentication")]
     NotForClientAuth,
     /// No spiffe URI SAN, no DNS SAN and no Common Name.
-    #[error(
-        "certificate has no usable identity (no spiffe URI SAN, no DNS SAN and no common name)"
-    )]
+    #[error("certificate has no usable identity (no spiffe URI SAN, no DNS SAN and no common name)")]
     NoIdentity,
     /// No SAN to choose from and more than one Common Name.
     #[error(
@@ -162,9 +160,7 @@ pub enum IdentityError {
         field: NameField,
     },
     /// The chosen name is not UTF-8 or contains a control character.
-    #[error(
-        "certificate name is not valid UTF-8 or contains a control character ({field} {value})"
-    )]
+    #[error("certificate name is not valid UTF-8 or contains a control character ({field} {value})")]
     InvalidName {
         /// Where the refused name was found.
         field: NameField,
@@ -218,9 +214,7 @@ fn check_client_auth(cert: &X509Certificate<'_>) -> Result<(), IdentityError> {
 const DNS_NAME_TAG: u32 = 2;
 const URI_TAG: u32 = 6;
 
-fn choose_name<'a>(
-    cert: &'a X509Certificate<'a>,
-) -> Result<(NameField, RawName<'a>), IdentityError> {
+fn choose_name<'a>(cert: &'a X509Certificate<'a>) -> Result<(NameField, RawName<'a>), IdentityError> {
     let sans: &[GeneralName<'a>] = match cert.subject_alternative_name().map_err(unparsable)? {
         Some(ext) => &ext.value.general_names,
         None => &[],

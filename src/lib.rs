@@ -10,7 +10,8 @@
 //! | [`balancer`] | least-connections selection and the lease that is a connection's count (pure) |
 //! | [`proxy`] | the two-way byte relay with half-close and per-side errors |
 //! | [`server`] | binding, accept loops, live state, shutdown and drain |
-//! | [`connection`] | one connection's steps, in order, and its closing log line |
+//! | [`connection`] | one connection's steps in order: handshake, authz, limit, dial, relay, log |
+//! | [`tls`] | certificate loading and each listener's rustls configuration (TLS policy) |
 //! | [`identity`] | the client identity rule: verified leaf certificate -> name (pure) |
 //! | [`authz`] | which identities may reach which upstreams, default deny (pure) |
 //! | [`ratelimit`] | per-client fixed-window connection limits and concurrency caps (pure) |
@@ -45,6 +46,7 @@ pub mod pki;
 pub mod proxy;
 pub mod ratelimit;
 pub mod server;
+pub mod tls;
 
 pub use config::Config;
 pub use server::Server;

@@ -44,7 +44,23 @@ enum Command {
         #[arg(long)]
         echo: bool,
     },
-    /// Start three demo backends and a balancer on localhost; Ctrl-C stops.
+    /// Write a development PKI: a CA, a server certificate and one certificate per client.
+    Certs {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// A client identity to issue a certificate for (repeatable).
+        #[arg(long = "client", value_name = "NAME")]
+        clients: Vec<String>,
+        /// An extra DNS name or IP for the server certificate (repeatable); localhost,
+        /// 127.0.0.1 and ::1 are always included.
+        #[arg(long = "server-name", value_name = "HOST")]
+        server_names: Vec<String>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Start three demo backends and an mTLS balancer on localhost; Ctrl-C stops.
     Demo {
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: SocketAddr,
@@ -69,6 +85,7 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Check { config } => {
             let config = fulcrum::Config::load(&config)?;
+            fulcrum::server::validate(&config)?;
             println!(
                 "{}: ok ({} listener(s), {} upstream(s))",
                 config.origin,
@@ -84,6 +101,18 @@ fn run(command: Command) -> anyhow::Result<()> {
                 server.run(shutdown_on_signal()?).await;
                 Ok(())
             })
+        }
+        Command::Certs {
+            out,
+            clients,
+            server_names,
+            force,
+        } => {
+            let pki = fulcrum::pki::generate(&clients, &server_names)?;
+            for path in fulcrum::pki::write(&out, &pki, force)? {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
         }
         Command::Backend { listen, name, echo } => runtime()?.block_on(async {
             let socket = tokio::net::TcpListener::bind(listen)

@@ -17,15 +17,30 @@ pub enum Reason {
     ConnectFailed,
     /// The upstream has no backend in rotation.
     NoHealthyBackend,
+    /// The TLS handshake failed or missed its deadline (includes bad or missing client certificates).
+    TlsHandshake,
+    /// The client's identity may not reach the upstream, or its certificate names no usable identity.
+    Unauthorized,
+    /// Over the client's connection rate or concurrency limit.
+    RateLimited,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 2] = [Reason::ConnectFailed, Reason::NoHealthyBackend];
+    pub const ALL: [Reason; 5] = [
+        Reason::ConnectFailed,
+        Reason::NoHealthyBackend,
+        Reason::TlsHandshake,
+        Reason::Unauthorized,
+        Reason::RateLimited,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Reason::ConnectFailed => "connect_failed",
             Reason::NoHealthyBackend => "no_healthy_backend",
+            Reason::TlsHandshake => "tls_handshake",
+            Reason::Unauthorized => "unauthorized",
+            Reason::RateLimited => "rate_limited",
         }
     }
 }
@@ -124,12 +139,9 @@ pub fn render(state: &State) -> String {
         "counter",
         "Failed dials (refused, unreachable or timed out), per backend.",
     );
-    backend_counter(
-        &mut out,
-        state,
-        "fulcrum_backend_connect_failures_total",
-        |b| b.connect_failures.get(),
-    );
+    backend_counter(&mut out, state, "fulcrum_backend_connect_failures_total", |b| {
+        b.connect_failures.get()
+    });
     out
 }
 

@@ -61,22 +61,12 @@ where
         if stop.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(RelayError::Cancelled));
         }
-        let up_done = match up.poll(
-            cx,
-            &mut *client,
-            &mut *backend,
-            &mut progress.client_to_backend,
-        ) {
+        let up_done = match up.poll(cx, &mut *client, &mut *backend, &mut progress.client_to_backend) {
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e.blame(Side::Client, Side::Backend))),
             Poll::Ready(Ok(())) => true,
             Poll::Pending => false,
         };
-        let down_done = match down.poll(
-            cx,
-            &mut *backend,
-            &mut *client,
-            &mut progress.backend_to_client,
-        ) {
+        let down_done = match down.poll(cx, &mut *backend, &mut *client, &mut progress.backend_to_client) {
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e.blame(Side::Backend, Side::Client))),
             Poll::Ready(Ok(())) => true,
             Poll::Pending => false,
@@ -99,14 +89,8 @@ enum DirectionError {
 impl DirectionError {
     fn blame(self, reader: Side, writer: Side) -> RelayError {
         match self {
-            DirectionError::Read(source) => RelayError::Io {
-                side: reader,
-                source,
-            },
-            DirectionError::Write(source) => RelayError::Io {
-                side: writer,
-                source,
-            },
+            DirectionError::Read(source) => RelayError::Io { side: reader, source },
+            DirectionError::Write(source) => RelayError::Io { side: writer, source },
         }
     }
 }
@@ -164,8 +148,7 @@ impl Direction {
                     Poll::Pending => {
                         // Nothing more to read for now: make sure what was written is on its way.
                         if self.unflushed {
-                            ready!(Pin::new(&mut *writer).poll_flush(cx))
-                                .map_err(DirectionError::Write)?;
+                            ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(DirectionError::Write)?;
                             self.unflushed = false;
                         }
                         return Poll::Pending;
@@ -173,13 +156,10 @@ impl Direction {
                 }
             }
             while self.start < self.end {
-                let n =
-                    ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.start..self.end]))
-                        .map_err(DirectionError::Write)?;
+                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.start..self.end]))
+                    .map_err(DirectionError::Write)?;
                 if n == 0 {
-                    return Poll::Ready(Err(DirectionError::Write(
-                        io::ErrorKind::WriteZero.into(),
-                    )));
+                    return Poll::Ready(Err(DirectionError::Write(io::ErrorKind::WriteZero.into())));
                 }
                 self.start += n;
                 *moved += n as u64;

@@ -259,9 +259,7 @@ impl ShardState {
 impl RateLimiter {
     /// Builds a limiter whose windows are aligned to `epoch`.
     pub fn new(policy: RateLimitPolicy, epoch: Instant) -> Self {
-        let window_nanos = u64::try_from(policy.window.as_nanos())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let window_nanos = u64::try_from(policy.window.as_nanos()).unwrap_or(u64::MAX).max(1);
         let shard_count = (policy.max_clients / MIN_CLIENTS_PER_SHARD).clamp(1, MAX_SHARDS);
         let base = policy.max_clients / shard_count;
         let extra = policy.max_clients % shard_count;
@@ -419,9 +417,7 @@ mod tests {
 
     /// Checks `key` `n` times at `now`, dropping permits, and returns how many were admitted.
     fn admitted(limiter: &RateLimiter, key: &ClientKey, now: Instant, n: usize) -> usize {
-        (0..n)
-            .filter(|_| is_allowed(&limiter.check(key, now)))
-            .count()
+        (0..n).filter(|_| is_allowed(&limiter.check(key, now))).count()
     }
 
     #[test]
@@ -531,9 +527,7 @@ mod tests {
         let epoch = Instant::now();
         let limiter = RateLimiter::new(policy(3, None), epoch);
         assert!(is_allowed(&limiter.check(&ClientKey::Ip(v4), epoch)));
-        assert!(is_allowed(
-            &limiter.check(&ClientKey::from_ip(mapped), epoch)
-        ));
+        assert!(is_allowed(&limiter.check(&ClientKey::from_ip(mapped), epoch)));
         // Even a key built directly from the mapped form is canonicalised.
         assert!(is_allowed(&limiter.check(&ClientKey::Ip(mapped), epoch)));
         assert_eq!(admitted(&limiter, &ClientKey::Ip(v4), epoch, 5), 0);

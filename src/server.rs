@@ -17,9 +17,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use crate::authz::Authorization;
 use crate::balancer::Pool;
-use crate::config::{BackendAddr, Config, UpstreamConfig};
+use crate::config::{BackendAddr, Config, ListenerConfig, RateLimitConfig, UpstreamConfig};
 use crate::metrics::{Counter, Rejections};
+use crate::ratelimit::{RateLimitPolicy, RateLimiter};
 
 /// Listen backlog for client-facing sockets.
 const BACKLOG: i32 = 1024;
@@ -39,6 +41,11 @@ pub enum ServerError {
     AdminBind { addr: SocketAddr, source: io::Error },
     #[error("listener {0:?} has no socket: pass one for every configured listener")]
     MissingListener(String),
+    #[error("listener {listener:?}: {source}")]
+    Tls {
+        listener: String,
+        source: crate::tls::TlsError,
+    },
 }
 
 /// Live state shared by every task: listeners, upstreams and their counters.
@@ -49,13 +56,50 @@ pub struct State {
     drain_timeout: Duration,
 }
 
-/// A listener's routing and counters.
-#[derive(Debug)]
+/// A listener's routing, policies and counters.
 pub struct Listener {
     pub name: String,
+    /// Where connections go unless SNI picks another upstream.
     pub upstream: Arc<Upstream>,
+    /// TLS termination; `None` for plaintext.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Whether clients must present a certificate (and are then authorized by identity).
+    pub mutual_tls: bool,
+    /// Lowercase server name -> upstream.
+    pub sni: Vec<(String, Arc<Upstream>)>,
+    pub handshake_timeout: Duration,
+    pub authorization: Arc<Authorization>,
+    pub limiter: Option<RateLimiter>,
+    pub reject_response: Option<Vec<u8>>,
     pub accepted: Counter,
     pub rejected: Rejections,
+    /// Keeps a flood of rejections from flooding the log.
+    pub(crate) reject_log: crate::connection::LogThrottle,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("name", &self.name)
+            .field("upstream", &self.upstream.name)
+            .field("tls", &self.tls.is_some())
+            .field("mutual_tls", &self.mutual_tls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Listener {
+    /// The upstream for a TLS server name: an SNI entry, else the listener's own upstream.
+    pub fn route(&self, server_name: Option<&str>) -> &Arc<Upstream> {
+        server_name
+            .and_then(|name| {
+                self.sni
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .map(|(_, u)| u)
+            })
+            .unwrap_or(&self.upstream)
+    }
 }
 
 /// An upstream group: its backends, their pool and dial settings.
@@ -99,32 +143,64 @@ impl Upstream {
     }
 }
 
+/// Checks everything `run` would load (config and certificate files) without binding anything.
+/// `fulcrum check` calls this; `Server::bind` builds the same state.
+pub fn validate(config: &Config) -> Result<(), ServerError> {
+    State::build(config).map(drop)
+}
+
 impl State {
-    fn new(config: &Config) -> State {
+    fn build(config: &Config) -> Result<State, ServerError> {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
             .map(|u| Arc::new(Upstream::new(u)))
             .collect();
-        let listeners = config
-            .listeners
-            .iter()
-            .filter_map(|l| {
-                // Config validation guarantees the upstream exists; a listener without one is skipped.
-                let upstream = upstreams.iter().find(|u| u.name == l.upstream)?;
-                Some(Arc::new(Listener {
-                    name: l.name.clone(),
-                    upstream: Arc::clone(upstream),
-                    accepted: Counter::default(),
-                    rejected: Rejections::default(),
-                }))
-            })
-            .collect();
-        State {
+        let authorization = Arc::new(Authorization::new(config.authorization.iter().cloned()));
+        let epoch = std::time::Instant::now();
+        let global_limiter = config
+            .rate_limit
+            .as_ref()
+            .map(|r| RateLimiter::new(policy(r, None), epoch));
+        let find = |name: &str| upstreams.iter().find(|u| u.name == name).map(Arc::clone);
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            // Config validation guarantees every named upstream exists; a listener naming none is skipped.
+            let Some(upstream) = find(&l.upstream) else {
+                continue;
+            };
+            let tls = match &l.tls {
+                Some(t) => Some(crate::tls::server_config(t).map_err(|source| ServerError::Tls {
+                    listener: l.name.clone(),
+                    source,
+                })?),
+                None => None,
+            };
+            let mutual_tls = l.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+            listeners.push(Arc::new(Listener {
+                name: l.name.clone(),
+                upstream,
+                tls: tls.map(tokio_rustls::TlsAcceptor::from),
+                mutual_tls,
+                sni: l
+                    .sni
+                    .iter()
+                    .filter_map(|(n, u)| Some((n.clone(), find(u)?)))
+                    .collect(),
+                handshake_timeout: l.handshake_timeout,
+                authorization: Arc::clone(&authorization),
+                limiter: listener_limiter(l, config.rate_limit.as_ref(), global_limiter.as_ref(), epoch),
+                reject_response: l.reject_response.clone(),
+                accepted: Counter::default(),
+                rejected: Rejections::default(),
+                reject_log: Default::default(),
+            }));
+        }
+        Ok(State {
             listeners,
             upstreams,
             drain_timeout: config.drain_timeout,
-        }
+        })
     }
 
     pub fn listeners(&self) -> impl Iterator<Item = &Arc<Listener>> {
@@ -166,6 +242,38 @@ impl State {
     }
 }
 
+/// The limiter a listener uses: its own when it overrides capacity/window, else the shared one.
+fn listener_limiter(
+    listener: &ListenerConfig,
+    global: Option<&RateLimitConfig>,
+    shared: Option<&RateLimiter>,
+    epoch: std::time::Instant,
+) -> Option<RateLimiter> {
+    match &listener.rate_limit {
+        Some(o) => {
+            let base = global.cloned().unwrap_or(RateLimitConfig {
+                capacity: 0,
+                window: Duration::from_secs(1),
+                max_concurrent: None,
+                max_clients: crate::config::DEFAULT_MAX_CLIENTS,
+                clients: Default::default(),
+            });
+            Some(RateLimiter::new(policy(&base, Some(o)), epoch))
+        }
+        None => shared.cloned(),
+    }
+}
+
+fn policy(r: &RateLimitConfig, o: Option<&crate::config::RateLimitOverride>) -> RateLimitPolicy {
+    RateLimitPolicy {
+        capacity: o.and_then(|o| o.capacity).unwrap_or(r.capacity),
+        window: o.and_then(|o| o.window).unwrap_or(r.window),
+        max_concurrent: r.max_concurrent,
+        max_clients: r.max_clients,
+        overrides: r.clients.clone(),
+    }
+}
+
 /// A configured balancer with its sockets bound, ready to [`run`](Server::run).
 pub struct Server {
     state: Arc<State>,
@@ -185,16 +293,14 @@ impl Server {
             })?;
             sockets.push((l.name.clone(), socket));
         }
-        let admin =
-            match &config.admin {
-                Some(a) => Some(TcpListener::bind(a.bind).await.map_err(|source| {
-                    ServerError::AdminBind {
-                        addr: a.bind,
-                        source,
-                    }
-                })?),
-                None => None,
-            };
+        let admin = match &config.admin {
+            Some(a) => Some(
+                TcpListener::bind(a.bind)
+                    .await
+                    .map_err(|source| ServerError::AdminBind { addr: a.bind, source })?,
+            ),
+            None => None,
+        };
         Server::from_listeners(config, sockets, admin)
     }
 
@@ -205,7 +311,14 @@ impl Server {
         mut sockets: Vec<(String, TcpListener)>,
         admin: Option<TcpListener>,
     ) -> Result<Server, ServerError> {
-        let state = Arc::new(State::new(&config));
+        let state = Arc::new(State::build(&config)?);
+        for l in &state.listeners {
+            if l.tls.is_none() || !l.mutual_tls {
+                info!(listener = %l.name, "listener accepts clients without certificates: no identity authorization applies");
+            } else if config.authorization.is_empty() {
+                warn!(listener = %l.name, "mTLS listener but [authorization] is empty: every client will be refused");
+            }
+        }
         let mut listeners = Vec::with_capacity(state.listeners.len());
         for l in &state.listeners {
             let pos = sockets
@@ -283,10 +396,7 @@ impl Server {
                 "drain deadline passed; closing remaining connections"
             );
             abort.cancel();
-            if tokio::time::timeout(CANCEL_GRACE, tracker.wait())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(CANCEL_GRACE, tracker.wait()).await.is_err() {
                 error!("connections did not close after cancellation");
             }
         }
@@ -370,12 +480,9 @@ pub(crate) async fn dial(addr: &BackendAddr, timeout: Duration) -> io::Result<Tc
             BackendAddr::Name { host, port } => TcpStream::connect((host.as_str(), *port)).await,
         }
     };
-    let stream = tokio::time::timeout(timeout, connect).await.map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no answer within {timeout:?}"),
-        )
-    })??;
+    let stream = tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))??;
     stream.set_nodelay(true)?;
     Ok(stream)
 }

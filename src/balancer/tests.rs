@@ -8,9 +8,7 @@ fn counts(pool: &Pool) -> Vec<u32> {
 #[test]
 fn an_idle_pool_is_visited_round_robin() {
     let pool = Pool::new(3);
-    let picks: Vec<usize> = (0..9)
-        .map(|_| pool.pick(&[]).expect("backend").index())
-        .collect();
+    let picks: Vec<usize> = (0..9).map(|_| pool.pick(&[]).expect("backend").index()).collect();
     assert_eq!(picks, vec![0, 1, 2, 0, 1, 2, 0, 1, 2]);
 }
 
@@ -29,9 +27,7 @@ fn short_connections_one_after_another_spread_evenly() {
 #[test]
 fn the_least_loaded_backend_gets_every_new_connection() {
     let pool = Pool::new(2);
-    let held: Vec<Lease> = (0..5)
-        .map(|_| pool.pick(&[1]).expect("backend 0"))
-        .collect();
+    let held: Vec<Lease> = (0..5).map(|_| pool.pick(&[1]).expect("backend 0")).collect();
     assert!(held.iter().all(|l| l.index() == 0));
     let next: Vec<usize> = (0..10)
         .map(|_| pool.pick(&[]).expect("backend"))

@@ -44,10 +44,7 @@ fn the_documented_example_loads_with_typed_values() {
         }
     );
     assert_eq!(upstream.backends[2].to_string(), "backend.internal:8080");
-    assert_eq!(
-        config.admin.unwrap().bind,
-        "127.0.0.1:9000".parse().unwrap()
-    );
+    assert_eq!(config.admin.unwrap().bind, "127.0.0.1:9000".parse().unwrap());
 }
 
 #[test]

@@ -6,8 +6,7 @@
 use super::*;
 use rcgen::string::BmpString;
 use rcgen::{
-    CertificateParams, DistinguishedName, DnType, DnValue, ExtendedKeyUsagePurpose, KeyPair,
-    SanType,
+    CertificateParams, DistinguishedName, DnType, DnValue, ExtendedKeyUsagePurpose, KeyPair, SanType,
 };
 
 fn params(common_name: Option<&str>, sans: Vec<SanType>) -> CertificateParams {
@@ -209,11 +208,7 @@ fn a_control_character_in_the_spiffe_uri_is_refused_without_falling_back_to_the_
 
 #[test]
 fn a_dns_san_that_is_not_utf8_is_refused_without_falling_back_to_the_common_name() {
-    let der = patched(
-        &cert(Some("alice"), vec![dns("boMARK")]),
-        b"MARK",
-        b"\xffARK",
-    );
+    let der = patched(&cert(Some("alice"), vec![dns("boMARK")]), b"MARK", b"\xffARK");
     let err = identity_from_der(&der).unwrap_err();
     assert!(
         matches!(
@@ -356,10 +351,7 @@ fn a_client_auth_certificate_is_accepted() {
 
 #[test]
 fn an_any_extended_key_usage_certificate_is_accepted() {
-    assert_eq!(
-        identity(&with_eku(vec![ExtendedKeyUsagePurpose::Any])),
-        "alice"
-    );
+    assert_eq!(identity(&with_eku(vec![ExtendedKeyUsagePurpose::Any])), "alice");
 }
 
 #[test]
@@ -369,12 +361,7 @@ fn a_certificate_without_extended_key_usage_is_accepted() {
 
 #[test]
 fn garbage_bytes_are_a_parse_error() {
-    for bytes in [
-        &b""[..],
-        b"\x00",
-        b"not a certificate",
-        &[0x30, 0x82, 0xff, 0xff],
-    ] {
+    for bytes in [&b""[..], b"\x00", b"not a certificate", &[0x30, 0x82, 0xff, 0xff]] {
         let result = identity_from_der(bytes);
         assert!(
             matches!(result, Err(IdentityError::Unparsable { .. })),

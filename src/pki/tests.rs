@@ -78,8 +78,7 @@ impl TempDir {
     fn new() -> Self {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("fulcrum-pki-test-{}-{n}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("fulcrum-pki-test-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&path);
         TempDir(path)
     }
@@ -163,10 +162,7 @@ fn client_key_matches_its_certificate() {
     let pem = ca.client("billing").unwrap();
     let key = KeyPair::from_pem(&pem.key).unwrap();
     with_cert(&pem.cert, |cert| {
-        assert_eq!(
-            cert.public_key().subject_public_key.data,
-            key.public_key_raw()
-        );
+        assert_eq!(cert.public_key().subject_public_key.data, key.public_key_raw());
     });
 }
 
@@ -251,12 +247,7 @@ fn validity_before_1970_is_rejected() {
     };
     let err = ca.leaf(&spec).unwrap_err();
     assert!(
-        matches!(
-            err,
-            PkiError::TimeOutOfRange {
-                field: "not_before"
-            }
-        ),
+        matches!(err, PkiError::TimeOutOfRange { field: "not_before" }),
         "{err}"
     );
 }
@@ -365,10 +356,7 @@ fn write_rejects_client_names_that_are_unsafe_file_names() {
         );
         assert!(err.to_string().starts_with("invalid client name"), "{err}");
     }
-    assert!(
-        !tmp.0.exists(),
-        "nothing may be created for a rejected name"
-    );
+    assert!(!tmp.0.exists(), "nothing may be created for a rejected name");
 }
 
 #[test]
