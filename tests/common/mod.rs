@@ -353,6 +353,8 @@ pub async fn wait_until_refused(addr: SocketAddr) {
     loop {
         match tokio::time::timeout(DEADLINE, TcpStream::connect(addr)).await {
             Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => return,
+            // The listener closed while this handshake was queued: it is closing, look again.
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {}
             Ok(Err(e)) => panic!("connect to {addr} failed with {e}, expected a refusal"),
             // Still accepting: drop the connection and look again.
             Ok(Ok(stream)) => drop(stream),
@@ -409,4 +411,59 @@ backends = [{}]
 "#,
         backend_list(backends)
     )
+}
+
+/// A config file under the system temp directory, removed on drop.
+pub struct TempConfig {
+    pub path: std::path::PathBuf,
+}
+
+impl TempConfig {
+    /// Writes `text` to a file with a name unique to this process and call.
+    pub fn new(text: &str) -> TempConfig {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!(
+            "fulcrum-test-{}-{}-{nanos}.toml",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let path = std::env::temp_dir().join(name);
+        std::fs::write(&path, text).expect("write temp config");
+        TempConfig { path }
+    }
+
+    /// The path as text, as it appears in fulcrum's messages.
+    pub fn display(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Removes ANSI escape sequences (the binary's log lines are coloured even when piped).
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ parameters... final byte in '@'..='~'.
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
