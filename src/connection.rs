@@ -121,7 +121,7 @@ async fn forward<C: Transport>(
     started: Instant,
 ) {
     Span::current().record("upstream", upstream.name.as_str());
-    let _permit: Option<Permit> = match &listener.limiter {
+    let permit: Option<Permit> = match &listener.limiter {
         None => None,
         Some(limiter) => match limiter.check(&key, Instant::now()) {
             Limit::Allow(permit) => Some(permit),
@@ -177,6 +177,8 @@ async fn forward<C: Transport>(
         end,
         "connection closed"
     );
+    // The concurrency slot first: once the backend count reads zero, the client may reconnect.
+    drop(permit);
     drop(lease);
 }
 

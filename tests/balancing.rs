@@ -4,8 +4,8 @@
 mod common;
 
 use common::{
-    close, connect, one_pool, read_to_end, refused_addr, refused_addrs, reset, round_trip, start,
-    within, BlackHole, TestBackend,
+    close, connect, one_pool, read_to_end, refused_addr, refused_addrs, reset, round_trip, start, within,
+    BlackHole, TestBackend,
 };
 use fulcrum::metrics::Reason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -41,11 +41,7 @@ async fn an_idle_pool_of_three_spreads_sequential_connections_evenly() {
     let accepted: Vec<usize> = backends.iter().map(|b| b.accepted()).collect();
     assert_eq!(accepted, [10, 10, 10]);
     let upstream = server.state.upstream("pool").expect("upstream pool");
-    let proxied: Vec<u64> = upstream
-        .backends
-        .iter()
-        .map(|b| b.connections.get())
-        .collect();
+    let proxied: Vec<u64> = upstream.backends.iter().map(|b| b.connections.get()).collect();
     assert_eq!(proxied, [10, 10, 10]);
 }
 
@@ -145,14 +141,8 @@ async fn counts_return_to_zero_after_resets_refusals_and_timeouts() {
     let upstream = server.state.upstream("pool").expect("upstream pool");
     let listener = server.state.listener("main").expect("listener main");
     assert_eq!(listener.accepted.get(), 24);
-    assert!(
-        upstream.backends[0].connect_failures.get() >= 1,
-        "no refusal"
-    );
-    assert!(
-        upstream.backends[1].connect_failures.get() >= 1,
-        "no timeout"
-    );
+    assert!(upstream.backends[0].connect_failures.get() >= 1, "no refusal");
+    assert!(upstream.backends[1].connect_failures.get() >= 1, "no timeout");
     assert!(echo.accepted() >= 1 && echoed >= 1, "no echoed connection");
     assert!(resetting.accepted() >= 1, "no backend reset");
     // Every client reached a live backend: the echo or the resetting one.

@@ -7,8 +7,7 @@ use std::net::SocketAddr;
 use std::process::{Output, Stdio};
 
 use common::{
-    backend_list, connect, read_to_end, refused_addrs, round_trip, start, within, TempConfig,
-    TestBackend,
+    backend_list, connect, read_to_end, refused_addrs, round_trip, start, within, TempConfig, TestBackend,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -110,31 +109,18 @@ async fn check_rejects_a_bad_listen_address() {
 #[tokio::test]
 async fn check_rejects_a_bad_backend_address() {
     let text = VALID.replace("localhost:9002", "localhost:99999");
-    assert_rejected(
-        &text,
-        "upstream[0] (\"pool\").backends",
-        "\"localhost:99999\"",
-    )
-    .await;
+    assert_rejected(&text, "upstream[0] (\"pool\").backends", "\"localhost:99999\"").await;
 }
 
 #[tokio::test]
 async fn check_rejects_a_bad_duration() {
     let text = VALID.replace("250ms", "3 parsecs");
-    assert_rejected(
-        &text,
-        "upstream[0] (\"pool\").connect_timeout",
-        "\"3 parsecs\"",
-    )
-    .await;
+    assert_rejected(&text, "upstream[0] (\"pool\").connect_timeout", "\"3 parsecs\"").await;
 }
 
 #[tokio::test]
 async fn check_rejects_a_missing_file_naming_it() {
-    let path = std::env::temp_dir().join(format!(
-        "fulcrum-test-{}-does-not-exist.toml",
-        std::process::id()
-    ));
+    let path = std::env::temp_dir().join(format!("fulcrum-test-{}-does-not-exist.toml", std::process::id()));
     let path = path.display().to_string();
     let output = fulcrum(&["check", "--config", &path]).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -147,10 +133,7 @@ async fn version_prints_the_package_version() {
     let output = fulcrum(&["--version"]).await;
     assert!(output.status.success());
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(
-        stdout.trim(),
-        format!("fulcrum {}", env!("CARGO_PKG_VERSION"))
-    );
+    assert_eq!(stdout.trim(), format!("fulcrum {}", env!("CARGO_PKG_VERSION")));
 }
 
 #[tokio::test]
@@ -178,9 +161,7 @@ async fn scrape(admin: SocketAddr) -> String {
     .expect("write request");
     let response = read_to_end(&mut stream).await.expect("read response");
     let response = String::from_utf8(response).expect("metrics are UTF-8");
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .expect("an HTTP head and body");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP head and body");
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
     assert!(
         head.to_ascii_lowercase()
@@ -307,12 +288,7 @@ bind = "127.0.0.1:0"
         let output = within(
             "curl",
             tokio::process::Command::new("curl")
-                .args([
-                    "-sS",
-                    "--max-time",
-                    "10",
-                    &format!("http://{admin}/metrics"),
-                ])
+                .args(["-sS", "--max-time", "10", &format!("http://{admin}/metrics")])
                 .kill_on_drop(true)
                 .output(),
         )

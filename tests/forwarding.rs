@@ -19,9 +19,7 @@ const SIZE: usize = 32 * 1024 * 1024;
 
 /// A balancer in front of a backend socket the test accepts from itself.
 async fn balancer_and_raw_backend() -> (TestServer, TcpListener) {
-    let backend = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind backend");
+    let backend = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
     let addr = backend.local_addr().expect("backend address");
     (start(&one_pool(&[addr], "")).await, backend)
 }
@@ -29,9 +27,7 @@ async fn balancer_and_raw_backend() -> (TestServer, TcpListener) {
 /// Opens a client connection through the balancer and accepts its backend side.
 async fn proxied_pair(server: &TestServer, backend: &TcpListener) -> (TcpStream, TcpStream) {
     let client = connect(server.addr("main")).await;
-    let (backend_side, _) = within("backend accept", backend.accept())
-        .await
-        .expect("accept");
+    let (backend_side, _) = within("backend accept", backend.accept()).await.expect("accept");
     (client, backend_side)
 }
 
@@ -124,12 +120,9 @@ async fn a_backend_that_speaks_first_reaches_a_silent_client() {
 
     let mut client = connect(server.addr("main")).await;
     let mut banner = [0u8; 24];
-    within(
-        "banner before the client sends",
-        client.read_exact(&mut banner),
-    )
-    .await
-    .expect("read banner");
+    within("banner before the client sends", client.read_exact(&mut banner))
+        .await
+        .expect("read banner");
     assert_eq!(&banner, b"220 fulcrum-test ready\r\n");
     // The connection still works both ways after the banner.
     assert_eq!(round_trip(&mut client, b"EHLO").await, b"EHLO");

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 
 use common::{
-    connect, payload, round_trip, start, strip_ansi, wait_until_refused, within, within_for,
-    TempConfig, TestBackend, DEADLINE, TRANSFER_DEADLINE,
+    connect, payload, round_trip, start, strip_ansi, wait_until_refused, within, within_for, TempConfig,
+    TestBackend, DEADLINE, TRANSFER_DEADLINE,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -102,10 +102,7 @@ async fn connections_still_open_at_the_drain_deadline_are_closed_and_run_returns
         client.read_to_end(&mut rest),
     )
     .await;
-    assert!(
-        rest.is_empty(),
-        "unexpected bytes after the deadline: {rest:?}"
-    );
+    assert!(rest.is_empty(), "unexpected bytes after the deadline: {rest:?}");
 }
 
 /// Reads the child's stderr lines into a channel until it closes.
@@ -127,9 +124,7 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
     if !line.contains(" listening ") || !line.contains("listener=main") {
         return None;
     }
-    let value = line
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("addr="))?;
+    let value = line.split_whitespace().find_map(|f| f.strip_prefix("addr="))?;
     value.parse().ok()
 }
 

@@ -162,9 +162,7 @@ pub struct TestBackend {
 
 impl TestBackend {
     pub async fn start(behavior: Behavior) -> TestBackend {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind test backend");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind test backend");
         let addr = listener.local_addr().expect("test backend address");
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
@@ -174,11 +172,7 @@ impl TestBackend {
             Arc::clone(&accepted),
             stop.clone(),
         ));
-        TestBackend {
-            addr,
-            accepted,
-            stop,
-        }
+        TestBackend { addr, accepted, stop }
     }
 
     pub async fn echo() -> TestBackend {
@@ -284,8 +278,7 @@ pub struct BlackHole {
 impl BlackHole {
     pub async fn start() -> BlackHole {
         use socket2::{Domain, Protocol, Socket, Type};
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
-            .expect("black hole socket");
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("black hole socket");
         let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
         socket.bind(&any.into()).expect("bind black hole");
         socket.listen(0).expect("listen with backlog 0");
@@ -323,9 +316,7 @@ pub async fn connect(addr: SocketAddr) -> TcpStream {
 
 /// Writes `message` and reads back exactly as many bytes (an echo round trip).
 pub async fn round_trip(stream: &mut TcpStream, message: &[u8]) -> Vec<u8> {
-    within("write", stream.write_all(message))
-        .await
-        .expect("write");
+    within("write", stream.write_all(message)).await.expect("write");
     let mut reply = vec![0u8; message.len()];
     within("echo reply", stream.read_exact(&mut reply))
         .await
@@ -342,9 +333,7 @@ pub async fn read_to_end(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
 
 /// Closes cleanly: half-close, then read (and check) until the peer's end of stream.
 pub async fn close(mut stream: TcpStream) {
-    within("shutdown", stream.shutdown())
-        .await
-        .expect("shutdown");
+    within("shutdown", stream.shutdown()).await.expect("shutdown");
     let rest = read_to_end(&mut stream).await.expect("clean end of stream");
     assert!(rest.is_empty(), "unexpected bytes at close: {rest:?}");
 }
