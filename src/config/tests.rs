@@ -145,3 +145,128 @@ fn malformed_toml_is_an_error_not_a_panic() {
         let _ = error_of(text);
     }
 }
+
+const TLS: &str = r#"
+[[listener]]
+name = "tls"
+bind = "127.0.0.1:0"
+upstream = "web"
+handshake_timeout = "2s"
+reject_response = "HTTP/1.1 429 Too Many Requests\r\n\r\n"
+[listener.tls]
+cert = "certs/server.pem"
+key = "certs/server.key"
+client_ca = "certs/ca.pem"
+min_version = "1.3"
+[listener.sni]
+"Reports.Example.com" = "reports"
+[listener.rate_limit]
+capacity = 7
+
+[[upstream]]
+name = "web"
+backends = ["127.0.0.1:1"]
+[[upstream]]
+name = "reports"
+backends = ["127.0.0.1:2"]
+
+[authorization]
+alice = ["web"]
+"spiffe://example.org/batch" = ["web", "reports"]
+
+[rate_limit]
+capacity = 100
+window = "1s"
+max_concurrent = 50
+[rate_limit.clients]
+batch-job = 1000
+"#;
+
+#[test]
+fn tls_sni_authorization_and_rate_limit_keys_load_typed() {
+    let config = Config::from_toml(TLS, "t").expect("valid");
+    let l = &config.listeners[0];
+    let tls = l.tls.as_ref().expect("tls");
+    assert_eq!(tls.min_version, TlsVersion::Tls13);
+    assert_eq!(tls.client_ca.as_deref(), Some(Path::new("certs/ca.pem")));
+    assert_eq!(
+        l.sni,
+        vec![("reports.example.com".to_string(), "reports".to_string())]
+    );
+    assert_eq!(l.handshake_timeout, Duration::from_secs(2));
+    assert_eq!(
+        l.reject_response.as_deref(),
+        Some(&b"HTTP/1.1 429 Too Many Requests\r\n\r\n"[..])
+    );
+    assert_eq!(l.rate_limit.as_ref().and_then(|r| r.capacity), Some(7));
+    assert_eq!(config.authorization.len(), 2);
+    let r = config.rate_limit.expect("rate limit");
+    assert_eq!(
+        (r.capacity, r.window, r.max_concurrent),
+        (100, Duration::from_secs(1), Some(50))
+    );
+    assert_eq!(r.max_clients, DEFAULT_MAX_CLIENTS);
+    assert_eq!(r.clients.get("batch-job"), Some(&1000));
+}
+
+#[test]
+fn tls_paths_are_resolved_against_the_config_files_directory() {
+    let dir = std::env::temp_dir().join(format!("fulcrum-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("fulcrum.toml");
+    std::fs::write(&path, TLS).unwrap();
+    let config = Config::load(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    let tls = config.expect("valid").listeners[0].tls.clone().expect("tls");
+    assert_eq!(tls.cert, dir.join("certs/server.pem"));
+}
+
+#[test]
+fn an_authorization_entry_naming_a_missing_upstream_is_an_error() {
+    let e = error_of(&TLS.replace("alice = [\"web\"]", "alice = [\"web\", \"nope\"]"));
+    assert!(
+        e.contains("authorization.\"alice\"") && e.contains("\"nope\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_sni_entry_naming_a_missing_upstream_is_an_error() {
+    let e = error_of(&TLS.replace(
+        "= \"reports\"\n[listener.rate_limit]",
+        "= \"nope\"\n[listener.rate_limit]",
+    ));
+    assert!(e.contains("sni") && e.contains("\"nope\""), "{e}");
+}
+
+#[test]
+fn a_bad_min_version_is_an_error() {
+    let e = error_of(&TLS.replace("min_version = \"1.3\"", "min_version = \"1.1\""));
+    assert!(e.contains("min_version") && e.contains("1.1"), "{e}");
+}
+
+#[test]
+fn sni_without_tls_is_an_error() {
+    let text = GOOD.replace(
+        "upstream = \"web\"\n\n[[upstream]]",
+        "upstream = \"web\"\n[listener.sni]\n\"a\" = \"web\"\n\n[[upstream]]",
+    );
+    let e = error_of(&text);
+    assert!(e.contains("SNI routing needs"), "{e}");
+}
+
+#[test]
+fn a_listener_rate_limit_without_capacity_needs_a_global_rate_limit() {
+    let text = GOOD.replace(
+        "upstream = \"web\"\n\n[[upstream]]",
+        "upstream = \"web\"\n[listener.rate_limit]\nwindow = \"1s\"\n\n[[upstream]]",
+    );
+    let e = error_of(&text);
+    assert!(e.contains("rate_limit.capacity") && e.contains("required"), "{e}");
+}
+
+#[test]
+fn a_zero_rate_limit_window_is_an_error() {
+    let e = error_of(&TLS.replace("window = \"1s\"", "window = \"0s\""));
+    assert!(e.contains("rate_limit.window"), "{e}");
+}
