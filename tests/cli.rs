@@ -142,7 +142,7 @@ async fn help_lists_the_subcommands() {
     assert!(output.status.success());
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("Usage: fulcrum"), "{stdout}");
-    for command in ["run", "check", "backend", "demo"] {
+    for command in ["run", "check", "certs", "backend", "demo"] {
         assert!(
             stdout.lines().any(|l| l.trim_start().starts_with(command)),
             "--help does not list {command}: {stdout}"
@@ -314,5 +314,73 @@ bind = "127.0.0.1:0"
             &backend_labels("pool", &echo_label),
             0,
         )],
+    );
+}
+
+#[tokio::test]
+async fn certs_writes_a_dev_pki_with_private_keys_and_refuses_to_overwrite_without_force() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("fulcrum-cli-certs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.display().to_string();
+    let args = [
+        "certs",
+        "--out",
+        &out,
+        "--client",
+        "alice",
+        "--client",
+        "bob",
+        "--server-name",
+        "lb.example",
+    ];
+    let first = fulcrum(&args).await;
+    let files = [
+        "ca.pem",
+        "ca.key",
+        "server.pem",
+        "server.key",
+        "alice.pem",
+        "alice.key",
+        "bob.pem",
+        "bob.key",
+    ];
+    let modes: Vec<(String, u32)> = files
+        .iter()
+        .map(|f| {
+            let mode = std::fs::metadata(dir.join(f))
+                .map(|m| m.permissions().mode() & 0o777)
+                .unwrap_or(0);
+            (f.to_string(), mode)
+        })
+        .collect();
+    let again = fulcrum(&args).await;
+    let mut forced = args.to_vec();
+    forced.push("--force");
+    let force = fulcrum(&forced).await;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    for (file, mode) in modes {
+        let expected = if file.ends_with(".key") { 0o600 } else { 0o644 };
+        assert_eq!(mode & expected, mode, "{file} has mode {mode:o}");
+        if file.ends_with(".key") {
+            assert_eq!(mode, 0o600, "{file} has mode {mode:o}");
+        }
+    }
+    assert!(!again.status.success(), "a second run overwrote the PKI");
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        stderr.contains("refusing to overwrite") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert!(
+        force.status.success(),
+        "{}",
+        String::from_utf8_lossy(&force.stderr)
     );
 }
