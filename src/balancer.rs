@@ -118,29 +118,14 @@ impl Pool {
     /// Puts a backend in or out of rotation. Its count is kept either way: connections already
     /// open stay counted until their leases drop. Taking it out ends any slow start.
     pub fn set_in_rotation(&self, index: usize, in_rotation: bool) {
-        let mut state = self.lock();
-        let Some(node) = state.nodes.get_mut(index) else {
-            return;
-        };
-        if !in_rotation {
-            node.ramp = None;
-        }
-        if node.in_rotation == in_rotation {
-            return;
-        }
-        let count = node.count;
-        state.nodes[index].in_rotation = in_rotation;
-        if in_rotation {
-            state.push_back(count, index as u32);
-        } else {
-            state.unlink(count, index as u32);
-        }
+        self.lock().set_in_rotation(index, in_rotation);
     }
 
     /// Puts a backend in rotation with a slow start of `period` beginning at `since`.
     pub fn ramp_up(&self, index: usize, since: Instant, period: Duration) {
-        self.set_in_rotation(index, true);
-        if let Some(node) = self.lock().nodes.get_mut(index) {
+        let mut state = self.lock();
+        state.set_in_rotation(index, true);
+        if let Some(node) = state.nodes.get_mut(index) {
             node.ramp = Some(Ramp { since, period });
         }
     }
@@ -211,6 +196,25 @@ struct State {
 }
 
 impl State {
+    fn set_in_rotation(&mut self, index: usize, in_rotation: bool) {
+        let Some(node) = self.nodes.get_mut(index) else {
+            return;
+        };
+        if !in_rotation {
+            node.ramp = None;
+        }
+        if node.in_rotation == in_rotation {
+            return;
+        }
+        let count = node.count;
+        node.in_rotation = in_rotation;
+        if in_rotation {
+            self.push_back(count, index as u32);
+        } else {
+            self.unlink(count, index as u32);
+        }
+    }
+
     fn pick(&mut self, exclude: &[usize], now: Instant) -> Option<usize> {
         while self.lowest < self.buckets.len() && self.buckets[self.lowest].head == NIL {
             self.lowest += 1;
