@@ -11,8 +11,20 @@
 //! releasing moves it to the tail of the bucket below. Both are O(1) whatever the pool size, and
 //! FIFO order inside a bucket is what makes ties round-robin. This module does no I/O and knows
 //! nothing of sockets, health probes or metrics; it only counts.
+//!
+//! Slow start: a backend put back with [`Pool::ramp_up`] is capped for a period so it is not
+//! handed every new connection just because it has the fewest. While ramping, it is eligible
+//! only while `count < ceil(f * (m + 1))`, where `m` is the lowest count among the other
+//! in-rotation backends and `f` grows linearly from [`RAMP_START`] to 1 over the period. When no
+//! other backend can take the connection, a capped backend still gets it: the ramp never turns a
+//! client away. Time is passed in ([`Pool::pick_at`]); this module never reads a clock except in
+//! the [`Pool::pick`] convenience wrapper.
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Share of its fair load a ramping backend may take at the start of its slow start.
+pub const RAMP_START: f64 = 0.1;
 
 const NIL: u32 = u32::MAX;
 
@@ -56,6 +68,7 @@ impl Pool {
             state.nodes.push(Node {
                 count: 0,
                 in_rotation: true,
+                ramp: None,
                 prev: NIL,
                 next: NIL,
             });
@@ -75,10 +88,17 @@ impl Pool {
         self.len() == 0
     }
 
-    /// Leases the in-rotation backend with the fewest active connections, skipping the indices in
-    /// `exclude` (backends this connection already failed to reach). `None` if no backend is left.
+    /// [`Pool::pick_at`] at the current time.
     pub fn pick(self: &Arc<Self>, exclude: &[usize]) -> Option<Lease> {
-        let index = self.lock().pick(exclude)?;
+        self.pick_at(exclude, Instant::now())
+    }
+
+    /// Leases the in-rotation backend with the fewest active connections, skipping the indices in
+    /// `exclude` (backends this connection already failed to reach) and, while another backend
+    /// can take the connection, backends capped by their slow start at `now`. `None` if no
+    /// backend is left.
+    pub fn pick_at(self: &Arc<Self>, exclude: &[usize], now: Instant) -> Option<Lease> {
+        let index = self.lock().pick(exclude, now)?;
         Some(Lease {
             pool: Arc::clone(self),
             index,
@@ -96,22 +116,27 @@ impl Pool {
     }
 
     /// Puts a backend in or out of rotation. Its count is kept either way: connections already
-    /// open stay counted until their leases drop.
+    /// open stay counted until their leases drop. Taking it out ends any slow start.
     pub fn set_in_rotation(&self, index: usize, in_rotation: bool) {
+        self.lock().set_in_rotation(index, in_rotation);
+    }
+
+    /// Puts a backend in rotation with a slow start of `period` beginning at `since`.
+    pub fn ramp_up(&self, index: usize, since: Instant, period: Duration) {
         let mut state = self.lock();
-        let Some(node) = state.nodes.get(index) else {
-            return;
-        };
-        if node.in_rotation == in_rotation {
-            return;
+        state.set_in_rotation(index, true);
+        if let Some(node) = state.nodes.get_mut(index) {
+            node.ramp = Some(Ramp { since, period });
         }
-        let count = node.count;
-        state.nodes[index].in_rotation = in_rotation;
-        if in_rotation {
-            state.push_back(count, index as u32);
-        } else {
-            state.unlink(count, index as u32);
-        }
+    }
+
+    /// Whether a backend is still in its slow start at `now`.
+    pub fn is_ramping(&self, index: usize, now: Instant) -> bool {
+        self.lock()
+            .nodes
+            .get(index)
+            .and_then(|n| n.ramp)
+            .is_some_and(|r| r.fraction(now) < 1.0)
     }
 
     /// Whether any backend is in rotation.
@@ -130,8 +155,25 @@ impl Pool {
 struct Node {
     count: u32,
     in_rotation: bool,
+    /// Slow start in progress, cleared lazily once over.
+    ramp: Option<Ramp>,
     prev: u32,
     next: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Ramp {
+    since: Instant,
+    period: Duration,
+}
+
+impl Ramp {
+    /// Share of its fair load the backend may take at `now`: [`RAMP_START`] growing linearly to 1.
+    fn fraction(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.since).as_secs_f64();
+        let progress = (elapsed / self.period.as_secs_f64()).min(1.0);
+        RAMP_START + (1.0 - RAMP_START) * progress
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -154,27 +196,93 @@ struct State {
 }
 
 impl State {
-    fn pick(&mut self, exclude: &[usize]) -> Option<usize> {
+    fn set_in_rotation(&mut self, index: usize, in_rotation: bool) {
+        let Some(node) = self.nodes.get_mut(index) else {
+            return;
+        };
+        if !in_rotation {
+            node.ramp = None;
+        }
+        if node.in_rotation == in_rotation {
+            return;
+        }
+        let count = node.count;
+        node.in_rotation = in_rotation;
+        if in_rotation {
+            self.push_back(count, index as u32);
+        } else {
+            self.unlink(count, index as u32);
+        }
+    }
+
+    fn pick(&mut self, exclude: &[usize], now: Instant) -> Option<usize> {
         while self.lowest < self.buckets.len() && self.buckets[self.lowest].head == NIL {
             self.lowest += 1;
         }
+        // The first backend skipped for its slow start: taken if nobody else can be.
+        let mut capped: Option<(usize, u32)> = None;
         let mut bucket = self.lowest;
         while bucket < self.buckets.len() {
             let mut cursor = self.buckets[bucket].head;
             while cursor != NIL {
                 if !exclude.contains(&(cursor as usize)) {
-                    self.unlink(bucket as u32, cursor);
-                    let node = &mut self.nodes[cursor as usize];
-                    node.count += 1;
-                    let count = node.count;
-                    self.push_back(count, cursor);
-                    return Some(cursor as usize);
+                    if self.ramp_allows(cursor, now) {
+                        return Some(self.take(bucket, cursor));
+                    }
+                    capped.get_or_insert((bucket, cursor));
                 }
                 cursor = self.nodes[cursor as usize].next;
             }
             bucket += 1;
         }
-        None
+        capped.map(|(bucket, cursor)| self.take(bucket, cursor))
+    }
+
+    /// Moves a backend from its bucket to the next one up: one more connection.
+    fn take(&mut self, bucket: usize, index: u32) -> usize {
+        self.unlink(bucket as u32, index);
+        let node = &mut self.nodes[index as usize];
+        node.count += 1;
+        let count = node.count;
+        self.push_back(count, index);
+        index as usize
+    }
+
+    /// Whether a backend may take one more connection under its slow start (always, without one).
+    fn ramp_allows(&mut self, index: u32, now: Instant) -> bool {
+        let node = &mut self.nodes[index as usize];
+        let Some(ramp) = node.ramp else {
+            return true;
+        };
+        let fraction = ramp.fraction(now);
+        if fraction >= 1.0 {
+            node.ramp = None;
+            return true;
+        }
+        let count = node.count;
+        let Some(others_min) = self.lowest_count_except(index) else {
+            return true; // nobody to share with
+        };
+        let cap = (fraction * f64::from(others_min + 1)).ceil() as u32;
+        count < cap
+    }
+
+    /// The lowest count among in-rotation backends other than `index`.
+    fn lowest_count_except(&self, index: u32) -> Option<u32> {
+        self.buckets
+            .iter()
+            .enumerate()
+            .skip(self.lowest)
+            .find_map(|(bucket, list)| {
+                let mut cursor = list.head;
+                while cursor != NIL {
+                    if cursor != index {
+                        return Some(bucket as u32);
+                    }
+                    cursor = self.nodes[cursor as usize].next;
+                }
+                None
+            })
     }
 
     fn release(&mut self, index: usize) {

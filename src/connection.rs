@@ -5,8 +5,10 @@
 //! 2. client identity from the verified certificate, and the upstream (SNI or the listener's);
 //! 3. authorization of that identity for that upstream (mTLS listeners; default deny);
 //! 4. the per-client rate limit (key: identity on mTLS listeners, source IP otherwise);
-//! 5. pick a backend and dial it, trying the next least-loaded one on refusal or timeout;
-//! 6. relay bytes both ways; 7. one summary log line.
+//! 5. pick a backend and dial it, trying the next least-loaded one on refusal or timeout; each
+//!    dial's outcome feeds the backend's health (passive detection);
+//! 6. relay bytes both ways, until both sides end, the drain deadline, or (with
+//!    `on_down = "close"`) the backend being marked down; 7. one summary log line.
 //!
 //! No backend is dialed before steps 1-4 pass. The backend lease and the rate-limit permit are
 //! held for the whole connection, so counts are exact on every path. Failures end this connection
@@ -27,6 +29,8 @@ use tracing::{debug, field, info, info_span, warn, Instrument, Span};
 
 use crate::authz::Decision as Authz;
 use crate::balancer::Lease;
+use crate::config::OnDown;
+use crate::health::{self, Failure, Source};
 use crate::identity::identity_from_der;
 use crate::metrics::Reason;
 use crate::proxy::{relay, Progress, RelayError, Side};
@@ -154,12 +158,33 @@ async fn forward<C: Transport>(
     let chosen = &upstream.backends[lease.index()];
     chosen.connections.inc();
     Span::current().record("backend.addr", chosen.label.as_str());
+    // Taken after the dial: if the backend went down meanwhile, the signal has already fired.
+    let backend_down = match upstream.health_check.on_down {
+        OnDown::Close => Some(chosen.health.down_signal()),
+        OnDown::Keep => None,
+    };
+    let stop = async {
+        match &backend_down {
+            Some(down) => tokio::select! {
+                _ = abort.cancelled() => {}
+                _ = down.cancelled() => {}
+            },
+            None => abort.cancelled().await,
+        }
+    };
 
     let mut progress = Progress::default();
-    let result = relay(&mut client, &mut backend, &mut progress, abort.cancelled()).await;
+    let result = relay(&mut client, &mut backend, &mut progress, stop).await;
     let end = match &result {
         Ok(()) => "closed",
-        Err(RelayError::Cancelled) => "drain_deadline",
+        Err(RelayError::Cancelled) if abort.is_cancelled() => "drain_deadline",
+        Err(RelayError::Cancelled) => {
+            // The backend was marked down with `on_down = "close"`: reset both sides, so neither
+            // mistakes the cut for a clean end of stream.
+            let _ = socket2::SockRef::from(client.tcp()).set_linger(Some(Duration::ZERO));
+            let _ = socket2::SockRef::from(&backend).set_linger(Some(Duration::ZERO));
+            "backend_down"
+        }
         Err(RelayError::Io { side, source }) => {
             // Mirror an abort: the other side sees a reset too, never a clean end of stream.
             let other = match side {
@@ -182,19 +207,26 @@ async fn forward<C: Transport>(
     drop(lease);
 }
 
-/// Leases and dials backends until one answers, at most `connect_attempts` distinct ones.
+/// Leases and dials backends until one answers, at most `connect_attempts` distinct ones. Each
+/// dial's outcome feeds the backend's health (passive detection). With no backend in rotation
+/// nothing is dialed: [`Reason::NoHealthyBackend`].
 async fn connect(upstream: &Upstream) -> Result<(TcpStream, Lease), Reason> {
     let mut tried: Vec<usize> = Vec::new();
     for _ in 0..upstream.connect_attempts {
-        let Some(lease) = upstream.pool.pick(&tried) else {
+        let Some(lease) = upstream.pool.pick_at(&tried, Instant::now()) else {
             break;
         };
         let backend = &upstream.backends[lease.index()];
         match dial(&backend.addr, upstream.connect_timeout).await {
-            Ok(stream) => return Ok((stream, lease)),
+            Ok(stream) => {
+                health::record(upstream, lease.index(), Source::Traffic, Ok(()));
+                return Ok((stream, lease));
+            }
             Err(e) => {
                 backend.connect_failures.inc();
                 debug!(backend = %backend.label, error = %e, "backend connect failed");
+                let failure = Failure::from_connect(e, upstream.connect_timeout);
+                health::record(upstream, lease.index(), Source::Traffic, Err(failure));
                 tried.push(lease.index());
             }
         }

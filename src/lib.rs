@@ -11,6 +11,7 @@
 //! | [`proxy`] | the two-way byte relay with half-close and per-side errors |
 //! | [`server`] | binding, accept loops, live state, shutdown and drain |
 //! | [`connection`] | one connection's steps in order: handshake, authz, limit, dial, relay, log |
+//! | [`health`] | backend health: rise/fall state (pure), probes, passive detection, transitions |
 //! | [`tls`] | certificate loading and each listener's rustls configuration (TLS policy) |
 //! | [`identity`] | the client identity rule: verified leaf certificate -> name (pure) |
 //! | [`authz`] | which identities may reach which upstreams, default deny (pure) |
@@ -40,6 +41,7 @@ pub mod balancer;
 pub mod config;
 pub mod connection;
 pub mod demo;
+pub mod health;
 pub mod identity;
 pub mod metrics;
 pub mod pki;

@@ -142,6 +142,32 @@ pub fn render(state: &State) -> String {
     backend_counter(&mut out, state, "fulcrum_backend_connect_failures_total", |b| {
         b.connect_failures.get()
     });
+    header(
+        &mut out,
+        "fulcrum_backend_up",
+        "gauge",
+        "1 if the backend is in rotation by health checks, 0 if marked down.",
+    );
+    backend_counter(&mut out, state, "fulcrum_backend_up", |b| u64::from(b.is_up()));
+    header(
+        &mut out,
+        "fulcrum_backend_health_transitions_total",
+        "counter",
+        "Health state changes per backend, by the state entered.",
+    );
+    for u in state.upstreams() {
+        for b in &u.backends {
+            for (to, count) in [("up", &b.health.went_up), ("down", &b.health.went_down)] {
+                let _ = writeln!(
+                    out,
+                    "fulcrum_backend_health_transitions_total{{upstream=\"{}\",backend=\"{}\",to=\"{to}\"}} {}",
+                    escape(&u.name),
+                    escape(&b.label),
+                    count.get()
+                );
+            }
+        }
+    }
     out
 }
 

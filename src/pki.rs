@@ -7,7 +7,7 @@
 //!
 //! These certificates are for development and testing only, never for production: the CA key
 //! sits unencrypted next to the certificates, the CA lives ten years, and nothing here supports
-//! revocation. Generation is pure and in memory; only [`write`] touches the file system.
+//! revocation. Generation is pure and in memory; only [`write()`] touches the file system.
 //!
 //! Must not: read or trust existing key material, overwrite a file unless asked to (`force`),
 //! or load certificates for the server (that is `tls`).
@@ -289,7 +289,7 @@ pub struct DevPki {
 }
 
 /// Generates a fresh CA, a server certificate for `server_names` (plus the loopback names),
-/// and one client certificate per name in `clients`. In memory only; see [`write`].
+/// and one client certificate per name in `clients`. In memory only; see [`write()`].
 pub fn generate(clients: &[String], server_names: &[String]) -> Result<DevPki, PkiError> {
     let ca = Ca::new(DEV_CA_NAME)?;
     let server = ca.server(server_names)?;

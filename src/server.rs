@@ -4,7 +4,8 @@
 //! [`Server::run`] spawns one accept loop per listener; each accepted socket becomes a task of its
 //! own (see [`crate::connection`]), tracked by one `TaskTracker`. On shutdown the accept loops stop
 //! at once (new connections are refused), open connections get `drain_timeout` to finish, then
-//! are cancelled. This module owns sockets and tasks; it does not decide where a connection goes
+//! are cancelled. Health probe loops (see [`crate::health`]) run in the same tracker and stop with
+//! the accept loops. This module owns sockets and tasks; it does not decide where a connection goes
 //! (balancer) or move its bytes (proxy).
 
 use std::io;
@@ -19,7 +20,10 @@ use tracing::{debug, error, info, warn};
 
 use crate::authz::Authorization;
 use crate::balancer::Pool;
-use crate::config::{BackendAddr, Config, ListenerConfig, RateLimitConfig, UpstreamConfig};
+use crate::config::{
+    BackendAddr, Config, HealthCheckConfig, ListenerConfig, RateLimitConfig, UpstreamConfig,
+};
+use crate::health::BackendHealth;
 use crate::metrics::{Counter, Rejections};
 use crate::ratelimit::{RateLimitPolicy, RateLimiter};
 
@@ -110,9 +114,11 @@ pub struct Upstream {
     pub pool: Arc<Pool>,
     pub connect_timeout: Duration,
     pub connect_attempts: usize,
+    /// Probe settings, thresholds, `on_down` and slow start (see [`crate::health`]).
+    pub health_check: HealthCheckConfig,
 }
 
-/// One backend's address and counters. Its active count lives in the pool.
+/// One backend's address, counters and health. Its active count lives in the pool.
 #[derive(Debug)]
 pub struct Backend {
     pub addr: BackendAddr,
@@ -120,10 +126,19 @@ pub struct Backend {
     pub label: String,
     pub connections: Counter,
     pub connect_failures: Counter,
+    /// Rise/fall state, the down signal and transition counters.
+    pub health: BackendHealth,
+}
+
+impl Backend {
+    /// Whether the backend is in rotation as far as health checking goes.
+    pub fn is_up(&self) -> bool {
+        self.health.is_up()
+    }
 }
 
 impl Upstream {
-    fn new(config: &UpstreamConfig) -> Upstream {
+    pub(crate) fn new(config: &UpstreamConfig) -> Upstream {
         Upstream {
             name: config.name.clone(),
             backends: config
@@ -134,11 +149,13 @@ impl Upstream {
                     label: addr.to_string(),
                     connections: Counter::default(),
                     connect_failures: Counter::default(),
+                    health: BackendHealth::new(&config.health_check),
                 })
                 .collect(),
             pool: Pool::new(config.backends.len()),
             connect_timeout: config.connect_timeout,
             connect_attempts: config.connect_attempts,
+            health_check: config.health_check.clone(),
         }
     }
 }
@@ -369,6 +386,9 @@ impl Server {
                 shutdown.clone(),
                 abort.clone(),
             ));
+        }
+        for upstream in self.state.upstreams() {
+            crate::health::spawn(upstream, &tracker, &shutdown);
         }
         let admin_stop = CancellationToken::new();
         let admin_task = self.admin.map(|socket| {

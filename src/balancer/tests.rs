@@ -158,3 +158,74 @@ proptest! {
         prop_assert_eq!(pool.active_all(), vec![0; size]);
     }
 }
+
+/// A pool of 3 where backends 0 and 1 hold 20 connections each and backend 2 just came back
+/// with a 10 s slow start at `t0`.
+fn pool_with_a_returning_backend(t0: Instant) -> (Arc<Pool>, Vec<Lease>) {
+    let pool = Pool::new(3);
+    pool.set_in_rotation(2, false);
+    let held: Vec<Lease> = (0..40).map(|_| pool.pick_at(&[], t0).expect("backend")).collect();
+    assert_eq!(counts(&pool), vec![20, 20, 0]);
+    pool.ramp_up(2, t0, Duration::from_secs(10));
+    (pool, held)
+}
+
+#[test]
+fn a_backend_in_slow_start_gets_only_a_small_share_at_first() {
+    let t0 = Instant::now();
+    let (pool, mut held) = pool_with_a_returning_backend(t0);
+    held.extend((0..20).map(|_| pool.pick_at(&[], t0).expect("backend")));
+    // cap = ceil(0.1 * (min of others + 1)) = 3 while the others hold 20-30.
+    assert_eq!(counts(&pool)[2], 3, "{:?}", counts(&pool));
+    assert!(pool.is_ramping(2, t0));
+}
+
+#[test]
+fn a_backend_in_slow_start_gets_more_as_the_period_passes() {
+    let t0 = Instant::now();
+    let (pool, mut held) = pool_with_a_returning_backend(t0);
+    let halfway = t0 + Duration::from_secs(5);
+    held.extend((0..6).map(|_| pool.pick_at(&[], halfway).expect("backend")));
+    // f = 0.55: cap = ceil(0.55 * 21) = 12, and six picks all fit under it.
+    assert_eq!(counts(&pool), vec![20, 20, 6]);
+    held.extend((0..20).map(|_| pool.pick_at(&[], halfway).expect("backend")));
+    let c = counts(&pool);
+    let cap = (0.55 * f64::from(c[0].min(c[1]) + 1)).ceil() as u32;
+    assert!(c[2] <= cap && c[2] + 1 >= cap, "{c:?} with cap {cap}");
+    assert!(c[2] > 12, "the cap grows with the others' load: {c:?}");
+}
+
+#[test]
+fn after_slow_start_a_backend_is_plain_least_connections_again() {
+    let t0 = Instant::now();
+    let (pool, mut held) = pool_with_a_returning_backend(t0);
+    let later = t0 + Duration::from_secs(10);
+    assert!(!pool.is_ramping(2, later));
+    held.extend((0..20).map(|_| pool.pick_at(&[], later).expect("backend")));
+    assert_eq!(counts(&pool), vec![20, 20, 20]);
+}
+
+#[test]
+fn a_backend_in_slow_start_still_gets_connections_nobody_else_can_take() {
+    let t0 = Instant::now();
+    let (pool, held) = pool_with_a_returning_backend(t0);
+    let more: Vec<Lease> = (0..5)
+        .map(|_| pool.pick_at(&[0, 1], t0).expect("backend 2"))
+        .collect();
+    assert!(more.iter().all(|l| l.index() == 2));
+    pool.set_in_rotation(0, false);
+    pool.set_in_rotation(1, false);
+    let alone = pool.pick_at(&[], t0).expect("the only backend in rotation");
+    assert_eq!(alone.index(), 2);
+    drop((held, more, alone));
+    assert_eq!(counts(&pool), vec![0, 0, 0]);
+}
+
+#[test]
+fn taking_a_backend_out_ends_its_slow_start() {
+    let t0 = Instant::now();
+    let (pool, _held) = pool_with_a_returning_backend(t0);
+    pool.set_in_rotation(2, false);
+    pool.set_in_rotation(2, true);
+    assert!(!pool.is_ramping(2, t0));
+}

@@ -270,3 +270,114 @@ fn a_zero_rate_limit_window_is_an_error() {
     let e = error_of(&TLS.replace("window = \"1s\"", "window = \"0s\""));
     assert!(e.contains("rate_limit.window"), "{e}");
 }
+
+const HEALTH: &str = r#"
+[[listener]]
+name = "web"
+bind = "127.0.0.1:0"
+upstream = "web"
+
+[[upstream]]
+name = "web"
+backends = ["10.0.0.1:80"]
+
+[upstream.health_check]
+interval = "5s"
+timeout = "500ms"
+rise = 4
+fall = 1
+send = "PING\r\n"
+expect = "+PONG\u0000"
+on_down = "close"
+slow_start = "30s"
+"#;
+
+#[test]
+fn a_health_check_table_loads_with_typed_values_and_escaped_bytes() {
+    let config = Config::from_toml(HEALTH, "test.toml").expect("valid config");
+    let check = &config.upstreams[0].health_check;
+    assert_eq!(
+        *check,
+        HealthCheckConfig {
+            active: true,
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_millis(500),
+            rise: 4,
+            fall: 1,
+            send: b"PING\r\n".to_vec(),
+            expect: b"+PONG\0".to_vec(),
+            on_down: OnDown::Close,
+            slow_start: Some(Duration::from_secs(30)),
+        }
+    );
+}
+
+#[test]
+fn without_a_health_check_table_passive_detection_uses_the_defaults() {
+    let config = Config::from_toml(GOOD, "test.toml").expect("valid config");
+    let check = &config.upstreams[0].health_check;
+    assert!(!check.active);
+    assert_eq!(
+        (check.rise, check.fall),
+        (DEFAULT_HEALTH_RISE, DEFAULT_HEALTH_FALL)
+    );
+    assert_eq!(check.on_down, OnDown::Keep);
+}
+
+#[test]
+fn an_empty_health_check_table_turns_on_probes_with_the_defaults() {
+    let text = HEALTH
+        .split("interval")
+        .next()
+        .expect("text before interval")
+        .to_string();
+    let config = Config::from_toml(&text, "test.toml").expect("valid config");
+    let check = &config.upstreams[0].health_check;
+    assert_eq!(
+        *check,
+        HealthCheckConfig {
+            active: true,
+            ..HealthCheckConfig::default()
+        }
+    );
+}
+
+#[test]
+fn a_short_interval_alone_caps_the_default_timeout() {
+    let text = HEALTH.replace(
+        "interval = \"5s\"\ntimeout = \"500ms\"\n",
+        "interval = \"100ms\"\n",
+    );
+    let config = Config::from_toml(&text, "test.toml").expect("valid config");
+    assert_eq!(
+        config.upstreams[0].health_check.timeout,
+        Duration::from_millis(100)
+    );
+}
+
+#[test]
+fn bad_health_check_values_are_errors_naming_the_key_and_value() {
+    for (from, to, key, reason) in [
+        ("rise = 4", "rise = 0", "health_check.rise", "at least 1"),
+        ("fall = 1", "fall = 0", "health_check.fall", "at least 1"),
+        ("\"5s\"", "\"0s\"", "health_check.interval", "greater than zero"),
+        ("\"500ms\"", "\"soon\"", "health_check.timeout", "soon"),
+        (
+            "\"500ms\"",
+            "\"6s\"",
+            "health_check.timeout",
+            "must not exceed interval (5s)",
+        ),
+        ("\"close\"", "\"drop\"", "health_check.on_down", "\"drop\""),
+        (
+            "\"30s\"",
+            "\"0ms\"",
+            "health_check.slow_start",
+            "greater than zero",
+        ),
+        ("fall = 1", "fal = 1", "fal", "unknown field"),
+    ] {
+        let e = error_of(&HEALTH.replace(from, to));
+        assert!(e.contains(key) && e.contains(reason), "{to}: {e}");
+    }
+}
