@@ -33,7 +33,7 @@ use crate::config::OnDown;
 use crate::health::{self, Failure, Source};
 use crate::identity::identity_from_der;
 use crate::metrics::Reason;
-use crate::proxy::{relay, Progress, RelayError, Side};
+use crate::proxy::{relay, relay_tcp, Progress, RelayError, Side};
 use crate::ratelimit::{ClientKey, Decision as Limit, Permit};
 use crate::server::{dial, Listener, Upstream};
 
@@ -163,18 +163,23 @@ async fn forward<C: Transport>(
         OnDown::Close => Some(chosen.health.down_signal()),
         OnDown::Keep => None,
     };
-    let stop = async {
-        match &backend_down {
+    let abort_relay = abort.clone();
+    let stop = async move {
+        match backend_down {
             Some(down) => tokio::select! {
-                _ = abort.cancelled() => {}
+                _ = abort_relay.cancelled() => {}
                 _ = down.cancelled() => {}
             },
-            None => abort.cancelled().await,
+            None => abort_relay.cancelled().await,
         }
     };
 
     let mut progress = Progress::default();
-    let result = relay(&mut client, &mut backend, &mut progress, stop).await;
+    // Zero-copy between plain sockets, buffered through TLS.
+    let result = match client.as_plain() {
+        Some(tcp) => relay_tcp(tcp, &mut backend, &mut progress, stop).await,
+        None => relay(&mut client, &mut backend, &mut progress, stop).await,
+    };
     let end = match &result {
         Ok(()) => "closed",
         Err(RelayError::Cancelled) if abort.is_cancelled() => "drain_deadline",
@@ -266,21 +271,32 @@ fn describe(side: Side, e: &io::Error) -> &'static str {
     }
 }
 
-/// A client transport: plain TCP or TLS over TCP. Gives access to the socket underneath, to
-/// reset it.
+/// A client transport: plain TCP or TLS over TCP. Gives access to the socket underneath (to
+/// reset it, or to splice from it when there is no TLS in between).
 trait Transport: AsyncRead + AsyncWrite + Unpin {
     fn tcp(&self) -> &TcpStream;
+
+    /// The socket itself when bytes can go to it directly (plain TCP).
+    fn as_plain(&mut self) -> Option<&mut TcpStream>;
 }
 
 impl Transport for TcpStream {
     fn tcp(&self) -> &TcpStream {
         self
     }
+
+    fn as_plain(&mut self) -> Option<&mut TcpStream> {
+        Some(self)
+    }
 }
 
 impl Transport for TlsStream<TcpStream> {
     fn tcp(&self) -> &TcpStream {
         self.get_ref().0
+    }
+
+    fn as_plain(&mut self) -> Option<&mut TcpStream> {
+        None
     }
 }
 
