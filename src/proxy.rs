@@ -381,7 +381,11 @@ mod splice {
             }
             loop {
                 if self.in_pipe == 0 && !self.eof {
-                    if let Poll::Pending = src.poll_read_ready(cx).map_err(DirectionError::Read)? {
+                    if src
+                        .poll_read_ready(cx)
+                        .map_err(DirectionError::Read)?
+                        .is_pending()
+                    {
                         // Idle: the pipe is empty, give it back until bytes arrive.
                         if let Some(pipe) = self.pipe.take() {
                             pipe.give();
