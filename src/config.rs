@@ -21,6 +21,8 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default bound on clients tracked by a rate limiter.
 pub const DEFAULT_MAX_CLIENTS: usize = crate::ratelimit::DEFAULT_MAX_CLIENTS;
+/// Upper bound on `[runtime] workers`.
+pub const MAX_WORKERS: usize = 1024;
 /// Default number of distinct backends tried for one client connection.
 pub const DEFAULT_CONNECT_ATTEMPTS: usize = 3;
 /// Default time between two health probes of one backend.
@@ -44,6 +46,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// How long open connections may keep running after a shutdown signal.
     pub drain_timeout: Duration,
+    /// `[runtime] workers`: threads serving connections; `None` means one per core.
+    pub workers: Option<std::num::NonZeroUsize>,
     /// Identity -> upstreams it may reach (default deny). Upstream names are validated.
     pub authorization: Vec<(String, Vec<String>)>,
     /// Global per-client limits; `None` means no limiting (unless a listener sets its own).
@@ -270,6 +274,13 @@ impl Config {
         Validator { origin, base }.config(raw)
     }
 
+    /// Worker threads to run: `[runtime] workers`, else one per available core.
+    pub fn workers(&self) -> usize {
+        self.workers
+            .or_else(|| std::thread::available_parallelism().ok())
+            .map_or(1, |n| n.get())
+    }
+
     pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
         self.upstreams.iter().find(|u| u.name == name)
     }
@@ -279,6 +290,7 @@ impl Config {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     drain_timeout: Option<String>,
+    runtime: Option<RawRuntime>,
     #[serde(default)]
     listener: Vec<RawListener>,
     #[serde(default)]
@@ -287,6 +299,12 @@ struct RawConfig {
     #[serde(default)]
     authorization: std::collections::BTreeMap<String, Vec<String>>,
     rate_limit: Option<RawRateLimit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    workers: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -382,6 +400,13 @@ impl Validator<'_> {
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let has_global_rate_limit = raw.rate_limit.is_some();
+        let workers = match raw.runtime.as_ref().and_then(|r| r.workers) {
+            Some(n) if !(1..=MAX_WORKERS).contains(&n) => {
+                return Err(self.invalid("runtime.workers", n, format!("must be 1 to {MAX_WORKERS}")))
+            }
+            Some(n) => std::num::NonZeroUsize::new(n),
+            None => None,
+        };
         let drain_timeout = match &raw.drain_timeout {
             Some(text) => self.duration("drain_timeout", text)?,
             None => DEFAULT_DRAIN_TIMEOUT,
@@ -501,6 +526,7 @@ impl Validator<'_> {
             upstreams,
             admin,
             drain_timeout,
+            workers,
             authorization,
             rate_limit,
         })

@@ -96,7 +96,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Run { config } => {
             let config = fulcrum::Config::load(&config)?;
-            runtime()?.block_on(async {
+            runtime(config.workers())?.block_on(async {
                 let server = fulcrum::Server::bind(config).await?;
                 server.run(shutdown_on_signal()?).await;
                 Ok(())
@@ -114,7 +114,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Backend { listen, name, echo } => runtime()?.block_on(async {
+        Command::Backend { listen, name, echo } => runtime(default_workers())?.block_on(async {
             let socket = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot bind {listen}"))?;
@@ -127,7 +127,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             fulcrum::backend::serve(socket, name, mode, shutdown_on_signal()?).await;
             Ok(())
         }),
-        Command::Demo { listen, admin } => runtime()?.block_on(async {
+        Command::Demo { listen, admin } => runtime(default_workers())?.block_on(async {
             let options = fulcrum::demo::DemoOptions { listen, admin };
             fulcrum::demo::run(options, shutdown_on_signal()?).await?;
             Ok(())
@@ -135,11 +135,23 @@ fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// One worker: a single-threaded runtime (no cross-thread hand-offs); more: a multi-threaded one.
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(workers);
+        builder
+    };
+    builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// A token cancelled by the first SIGINT or SIGTERM; a second one exits at once.

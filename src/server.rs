@@ -300,15 +300,24 @@ pub struct Server {
 
 impl Server {
     /// Binds every listener and the admin socket named in the config.
+    /// With several workers, each listener gets one SO_REUSEPORT socket per worker, so the kernel
+    /// spreads new connections over as many accept loops.
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
-        let mut sockets = Vec::with_capacity(config.listeners.len());
+        let workers = config.workers();
+        let mut sockets = Vec::with_capacity(config.listeners.len() * workers);
         for l in &config.listeners {
-            let socket = bind_listener(l.bind).map_err(|source| ServerError::Bind {
+            let error = |source| ServerError::Bind {
                 name: l.name.clone(),
                 addr: l.bind,
                 source,
-            })?;
-            sockets.push((l.name.clone(), socket));
+            };
+            let first = bind_listener(l.bind, workers > 1).map_err(error)?;
+            // Port 0 picks a port for the first socket; its siblings must share it.
+            let addr = first.local_addr().map_err(error)?;
+            sockets.push((l.name.clone(), first));
+            for _ in 1..workers {
+                sockets.push((l.name.clone(), bind_listener(addr, true).map_err(error)?));
+            }
         }
         let admin = match &config.admin {
             Some(a) => Some(
@@ -321,8 +330,9 @@ impl Server {
         Server::from_listeners(config, sockets, admin)
     }
 
-    /// Uses sockets the caller bound itself, one per configured listener (by name); the
-    /// listeners' `bind` addresses are then ignored. `admin` serves `/metrics` if given.
+    /// Uses sockets the caller bound itself, at least one per configured listener (by name; more
+    /// than one, e.g. SO_REUSEPORT siblings, each get an accept loop); the listeners' `bind`
+    /// addresses are then ignored. `admin` serves `/metrics` if given.
     pub fn from_listeners(
         config: Config,
         mut sockets: Vec<(String, TcpListener)>,
@@ -338,12 +348,14 @@ impl Server {
         }
         let mut listeners = Vec::with_capacity(state.listeners.len());
         for l in &state.listeners {
-            let pos = sockets
-                .iter()
-                .position(|(name, _)| *name == l.name)
-                .ok_or_else(|| ServerError::MissingListener(l.name.clone()))?;
-            let (_, socket) = sockets.swap_remove(pos);
-            listeners.push((Arc::clone(l), socket));
+            let before = listeners.len();
+            while let Some(pos) = sockets.iter().position(|(name, _)| *name == l.name) {
+                let (_, socket) = sockets.swap_remove(pos);
+                listeners.push((Arc::clone(l), socket));
+            }
+            if listeners.len() == before {
+                return Err(ServerError::MissingListener(l.name.clone()));
+            }
         }
         Ok(Server {
             state,
@@ -428,13 +440,16 @@ impl Server {
     }
 }
 
-fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }

@@ -381,3 +381,15 @@ fn bad_health_check_values_are_errors_naming_the_key_and_value() {
         assert!(e.contains(key) && e.contains(reason), "{to}: {e}");
     }
 }
+
+#[test]
+fn runtime_workers_is_optional_and_bounded() {
+    let config = Config::from_toml(&format!("{GOOD}\n[runtime]\nworkers = 3\n"), "t").expect("valid");
+    assert_eq!(config.workers(), 3);
+    let default = Config::from_toml(GOOD, "t").expect("valid");
+    assert!(default.workers.is_none() && default.workers() >= 1);
+    for bad in ["0", "100000"] {
+        let e = error_of(&format!("{GOOD}\n[runtime]\nworkers = {bad}\n"));
+        assert!(e.contains("runtime.workers") && e.contains(bad), "{e}");
+    }
+}
