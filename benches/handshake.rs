@@ -24,7 +24,7 @@ fn main() {
         client_ca: Some(dir.join("ca.pem")),
         min_version: fulcrum::config::TlsVersion::Tls12,
     };
-    let server_config = fulcrum::tls::server_config(&tls).expect("server config");
+    let server_config = fulcrum::tls::server_config(&tls).expect("server config").config;
     let mut roots = RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_slice(pki.ca.cert.as_bytes()).expect("ca"))

@@ -1,10 +1,10 @@
-//! The admin HTTP listener: `/metrics` (Prometheus text) and `/healthz`.
+//! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz`, and `POST /reload`.
 //!
 //! A deliberately small HTTP/1.1 responder: one request per connection, a bounded request head
-//! (8 KiB) read under a deadline, `Connection: close` on every answer. It reads the server's
-//! state and never changes it, and it never runs on a client connection's path.
+//! (8 KiB) read under a deadline, `Connection: close` on every answer. It reads the current
+//! generation's state per request; its only write is asking the server to reload, which the run
+//! loop applies. It never runs on a client connection's path.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,13 +13,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use crate::server::State;
+use crate::reload::Handle;
 
 const MAX_HEAD: usize = 8 * 1024;
 const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Serves admin requests until `stop` is cancelled.
-pub async fn serve(socket: TcpListener, state: Arc<State>, stop: CancellationToken) {
+pub async fn serve(socket: TcpListener, handle: Handle, stop: CancellationToken) {
     let tracker = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -28,9 +28,9 @@ pub async fn serve(socket: TcpListener, state: Arc<State>, stop: CancellationTok
         };
         match accepted {
             Ok((stream, _)) => {
-                let state = Arc::clone(&state);
+                let handle = handle.clone();
                 tracker.spawn(async move {
-                    if tokio::time::timeout(REQUEST_DEADLINE, answer(stream, &state))
+                    if tokio::time::timeout(REQUEST_DEADLINE, answer(stream, &handle))
                         .await
                         .is_err()
                     {
@@ -49,7 +49,7 @@ pub async fn serve(socket: TcpListener, state: Arc<State>, stop: CancellationTok
     tracker.wait().await;
 }
 
-async fn answer(mut stream: TcpStream, state: &State) {
+async fn answer(mut stream: TcpStream, handle: &Handle) {
     let mut head = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -77,10 +77,25 @@ async fn answer(mut stream: TcpStream, state: &State) {
         ("GET", "/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            crate::metrics::render(state),
+            crate::metrics::render(&handle.state()),
         ),
+        ("POST", "/reload") => match handle.reload().await {
+            Ok(generation) => (
+                "200 OK",
+                "application/json",
+                format!("{{\"result\":\"ok\",\"generation\":{generation}}}\n"),
+            ),
+            Err(e) => (
+                "422 Unprocessable Entity",
+                "application/json",
+                format!(
+                    "{{\"result\":\"error\",\"error\":{}}}\n",
+                    json_string(&e.to_string())
+                ),
+            ),
+        },
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        (_, "/metrics" | "/healthz") => (
+        (_, "/metrics" | "/healthz" | "/reload") => (
             "405 Method Not Allowed",
             "text/plain",
             "method not allowed\n".into(),
@@ -88,6 +103,22 @@ async fn answer(mut stream: TcpStream, state: &State) {
         _ => ("404 Not Found", "text/plain", "not found\n".into()),
     };
     let _ = respond(&mut stream, status, kind, &body).await;
+}
+
+/// A JSON string literal for `text`.
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 async fn respond(stream: &mut TcpStream, status: &str, kind: &str, body: &str) -> std::io::Result<()> {

@@ -68,6 +68,7 @@ impl Pool {
             state.nodes.push(Node {
                 count: 0,
                 in_rotation: true,
+                retired: false,
                 ramp: None,
                 prev: NIL,
                 next: NIL,
@@ -116,9 +117,46 @@ impl Pool {
     }
 
     /// Puts a backend in or out of rotation. Its count is kept either way: connections already
-    /// open stay counted until their leases drop. Taking it out ends any slow start.
+    /// open stay counted until their leases drop. Taking it out ends any slow start. A retired
+    /// slot stays out.
     pub fn set_in_rotation(&self, index: usize, in_rotation: bool) {
         self.lock().set_in_rotation(index, in_rotation);
+    }
+
+    /// Adds a backend (on reload) in rotation and returns its index: a retired slot whose last
+    /// lease is gone is reused, else the pool grows by one.
+    pub fn add(&self) -> usize {
+        let mut state = self.lock();
+        let reusable = state.nodes.iter().position(|n| n.retired && n.count == 0);
+        let index = match reusable {
+            Some(index) => {
+                state.nodes[index].retired = false;
+                index
+            }
+            None => {
+                state.nodes.push(Node {
+                    count: 0,
+                    in_rotation: false,
+                    retired: false,
+                    ramp: None,
+                    prev: NIL,
+                    next: NIL,
+                });
+                state.nodes.len() - 1
+            }
+        };
+        state.set_in_rotation(index, true);
+        index
+    }
+
+    /// Removes a backend (on reload): out of rotation for good. Its open connections keep their
+    /// leases and drain; the slot is reused by [`Pool::add`] only once they are gone.
+    pub fn retire(&self, index: usize) {
+        let mut state = self.lock();
+        state.set_in_rotation(index, false);
+        if let Some(node) = state.nodes.get_mut(index) {
+            node.retired = true;
+        }
     }
 
     /// Puts a backend in rotation with a slow start of `period` beginning at `since`.
@@ -155,6 +193,8 @@ impl Pool {
 struct Node {
     count: u32,
     in_rotation: bool,
+    /// Removed by a reload: never back in rotation; reusable once its count is zero.
+    retired: bool,
     /// Slow start in progress, cleared lazily once over.
     ramp: Option<Ramp>,
     prev: u32,
@@ -203,7 +243,7 @@ impl State {
         if !in_rotation {
             node.ramp = None;
         }
-        if node.in_rotation == in_rotation {
+        if node.in_rotation == in_rotation || (in_rotation && node.retired) {
             return;
         }
         let count = node.count;

@@ -41,6 +41,8 @@ pub const DEFAULT_HEALTH_FALL: u32 = 3;
 pub struct Config {
     /// Where the configuration came from, for messages (a path, or `<inline>`).
     pub origin: String,
+    /// The file it was loaded from, re-read on reload (`None` for configs built in code).
+    pub path: Option<PathBuf>,
     pub listeners: Vec<ListenerConfig>,
     pub upstreams: Vec<UpstreamConfig>,
     pub admin: Option<AdminConfig>,
@@ -257,7 +259,9 @@ impl Config {
             source,
         })?;
         let base = path.parent().unwrap_or(Path::new(""));
-        Config::parse(&text, &path.display().to_string(), base)
+        let mut config = Config::parse(&text, &path.display().to_string(), base)?;
+        config.path = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses and validates TOML text; `origin` names it in error messages. Relative file paths
@@ -522,6 +526,7 @@ impl Validator<'_> {
         };
         Ok(Config {
             origin: self.origin.to_string(),
+            path: None,
             listeners,
             upstreams,
             admin,

@@ -35,7 +35,8 @@ use crate::identity::identity_from_der;
 use crate::metrics::Reason;
 use crate::proxy::{relay, relay_tcp, Progress, RelayError, Side};
 use crate::ratelimit::{ClientKey, Decision as Limit, Permit};
-use crate::server::{dial, Listener, Upstream};
+use crate::reload::Registration;
+use crate::server::{dial, Backend, Listener, Upstream};
 
 /// Deadline for writing a refusal (reject response, TLS close_notify) to a client.
 const REFUSAL_DEADLINE: Duration = Duration::from_secs(1);
@@ -70,10 +71,11 @@ async fn serve(
     abort: &CancellationToken,
     started: Instant,
 ) {
-    let Some(acceptor) = &listener.tls else {
+    let Some(tls) = &listener.tls else {
         let key = ClientKey::from_ip(peer.ip());
-        return forward(client, listener, &listener.upstream, key, abort, started).await;
+        return forward(client, listener, &listener.upstream, key, None, abort, started).await;
     };
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
     let handshake = tokio::select! {
         _ = abort.cancelled() => return,
         handshake = tokio::time::timeout(listener.handshake_timeout, acceptor.accept(client)) => handshake,
@@ -85,6 +87,7 @@ async fn serve(
     };
     let (_, session) = client.get_ref();
     let upstream = listener.route(session.server_name());
+    let mut registration = None;
     let key = if listener.mutual_tls {
         let identity = match session.peer_certificates().and_then(|chain| chain.first()) {
             Some(leaf) => identity_from_der(leaf),
@@ -107,12 +110,19 @@ async fn serve(
             );
             return close_tls(&mut client).await;
         }
+        // Tracked while open, so that a reload removing this access closes the connection.
+        let chain = session.peer_certificates().unwrap_or_default();
+        registration = Some(
+            listener
+                .registry
+                .register(&listener.name, &upstream.name, &identity, chain),
+        );
         ClientKey::Identity(identity.into())
     } else {
         ClientKey::from_ip(peer.ip())
     };
     let upstream = Arc::clone(upstream);
-    forward(client, listener, &upstream, key, abort, started).await
+    forward(client, listener, &upstream, key, registration, abort, started).await
 }
 
 /// Steps 4-7 for a client whose transport is ready.
@@ -121,6 +131,7 @@ async fn forward<C: Transport>(
     listener: &Listener,
     upstream: &Upstream,
     key: ClientKey,
+    registration: Option<Registration>,
     abort: &CancellationToken,
     started: Instant,
 ) {
@@ -147,7 +158,7 @@ async fn forward<C: Transport>(
         _ = abort.cancelled() => return,
         connected = connect(upstream) => connected,
     };
-    let (mut backend, lease) = match connected {
+    let (mut backend, lease, chosen) = match connected {
         Ok(connected) => connected,
         Err(reason) => {
             refused(listener, reason, &format_args!("upstream {:?}", upstream.name));
@@ -155,7 +166,6 @@ async fn forward<C: Transport>(
             return;
         }
     };
-    let chosen = &upstream.backends[lease.index()];
     chosen.connections.inc();
     Span::current().record("backend.addr", chosen.label.as_str());
     // Taken after the dial: if the backend went down meanwhile, the signal has already fired.
@@ -163,14 +173,25 @@ async fn forward<C: Transport>(
         OnDown::Close => Some(chosen.health.down_signal()),
         OnDown::Keep => None,
     };
+    let revoked = registration.as_ref().map(|r| r.revoked.clone());
     let abort_relay = abort.clone();
     let stop = async move {
-        match backend_down {
-            Some(down) => tokio::select! {
-                _ = abort_relay.cancelled() => {}
-                _ = down.cancelled() => {}
-            },
-            None => abort_relay.cancelled().await,
+        let down = async {
+            match backend_down {
+                Some(down) => down.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        let revoked = async {
+            match revoked {
+                Some(revoked) => revoked.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = abort_relay.cancelled() => {}
+            _ = down => {}
+            _ = revoked => {}
         }
     };
 
@@ -184,11 +205,14 @@ async fn forward<C: Transport>(
         Ok(()) => "closed",
         Err(RelayError::Cancelled) if abort.is_cancelled() => "drain_deadline",
         Err(RelayError::Cancelled) => {
-            // The backend was marked down with `on_down = "close"`: reset both sides, so neither
-            // mistakes the cut for a clean end of stream.
+            // The backend was marked down with `on_down = "close"`, or a reload removed the
+            // client's access: reset both sides, so neither mistakes the cut for a clean end.
             let _ = socket2::SockRef::from(client.tcp()).set_linger(Some(Duration::ZERO));
             let _ = socket2::SockRef::from(&backend).set_linger(Some(Duration::ZERO));
-            "backend_down"
+            match &registration {
+                Some(r) if r.revoked.is_cancelled() => "access_revoked",
+                _ => "backend_down",
+            }
         }
         Err(RelayError::Io { side, source }) => {
             // Mirror an abort: the other side sees a reset too, never a clean end of stream.
@@ -215,17 +239,21 @@ async fn forward<C: Transport>(
 /// Leases and dials backends until one answers, at most `connect_attempts` distinct ones. Each
 /// dial's outcome feeds the backend's health (passive detection). With no backend in rotation
 /// nothing is dialed: [`Reason::NoHealthyBackend`].
-async fn connect(upstream: &Upstream) -> Result<(TcpStream, Lease), Reason> {
+async fn connect(upstream: &Upstream) -> Result<(TcpStream, Lease, Arc<Backend>), Reason> {
     let mut tried: Vec<usize> = Vec::new();
     for _ in 0..upstream.connect_attempts {
         let Some(lease) = upstream.pool.pick_at(&tried, Instant::now()) else {
             break;
         };
-        let backend = &upstream.backends[lease.index()];
+        let Some(backend) = upstream.backend(lease.index()) else {
+            // A backend a reload added after this connection's generation: not ours to use.
+            tried.push(lease.index());
+            continue;
+        };
         match dial(&backend.addr, upstream.connect_timeout).await {
             Ok(stream) => {
                 health::record(upstream, lease.index(), Source::Traffic, Ok(()));
-                return Ok((stream, lease));
+                return Ok((stream, lease, Arc::clone(backend)));
             }
             Err(e) => {
                 backend.connect_failures.inc();

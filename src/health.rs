@@ -67,6 +67,12 @@ impl HealthState {
         self.up
     }
 
+    /// New thresholds (on reload); the up/down state and current streaks are kept.
+    pub fn set_thresholds(&mut self, rise: u32, fall: u32) {
+        self.rise = rise.max(1);
+        self.fall = fall.max(1);
+    }
+
     /// Length of the current run of identical outcomes (successes if the last was one).
     pub fn streak(&self) -> u32 {
         self.successes.max(self.failures)
@@ -186,6 +192,11 @@ impl BackendHealth {
         self.up.load(Ordering::Relaxed)
     }
 
+    /// Applies new rise/fall thresholds (on reload), keeping the backend's current health.
+    pub fn reconfigure(&self, check: &HealthCheckConfig) {
+        self.lock().state.set_thresholds(check.rise, check.fall);
+    }
+
     /// A signal that fires when the backend is next marked down (at once if it is down now).
     pub fn down_signal(&self) -> CancellationToken {
         self.lock().down.clone()
@@ -217,7 +228,7 @@ impl Source {
 /// Applies one outcome to backend `index` of `upstream`, acting on a transition: rotation, the
 /// down signal, slow start, counters and one log line.
 pub fn record(upstream: &Upstream, index: usize, source: Source, outcome: Result<(), Failure>) {
-    let Some(backend) = upstream.backends.get(index) else {
+    let Some(backend) = upstream.backend(index) else {
         return;
     };
     let health = &backend.health;
@@ -266,10 +277,11 @@ pub fn record(upstream: &Upstream, index: usize, source: Source, outcome: Result
     }
 }
 
-/// Starts one probe loop per backend of `upstream`, tracked by `tracker`, stopped by `shutdown`.
+/// Starts one probe loop per backend of `upstream`, tracked by `tracker`, stopped by `shutdown`
+/// (a reload stops one generation's loops and starts the next one's).
 pub fn spawn(upstream: &Arc<Upstream>, tracker: &TaskTracker, shutdown: &CancellationToken) {
-    for index in 0..upstream.backends.len() {
-        tracker.spawn(probe_loop(Arc::clone(upstream), index, shutdown.clone()));
+    for backend in &upstream.backends {
+        tracker.spawn(probe_loop(Arc::clone(upstream), backend.slot, shutdown.clone()));
     }
 }
 
@@ -277,7 +289,7 @@ pub fn spawn(upstream: &Arc<Upstream>, tracker: &TaskTracker, shutdown: &Cancell
 /// +-10% (start to start). Without an active health check only a down backend is probed.
 async fn probe_loop(upstream: Arc<Upstream>, index: usize, shutdown: CancellationToken) {
     let check = &upstream.health_check;
-    let Some(backend) = upstream.backends.get(index) else {
+    let Some(backend) = upstream.backend(index) else {
         return;
     };
     let mut rng = Rng::seeded(index as u64);

@@ -9,7 +9,8 @@
 //! | [`config`] | TOML -> validated [`Config`]; every rule about valid configuration (pure) |
 //! | [`balancer`] | least-connections selection and the lease that is a connection's count (pure) |
 //! | [`proxy`] | the two-way byte relay with half-close and per-side errors |
-//! | [`server`] | binding, accept loops, live state, shutdown and drain |
+//! | [`server`] | binding, accept loops, live state generations, reload, shutdown and drain |
+//! | [`reload`] | reload requests and results, and which open connections lose access |
 //! | [`connection`] | one connection's steps in order: handshake, authz, limit, dial, relay, log |
 //! | [`health`] | backend health: rise/fall state (pure), probes, passive detection, transitions |
 //! | [`tls`] | certificate loading and each listener's rustls configuration (TLS policy) |
@@ -47,6 +48,7 @@ pub mod metrics;
 pub mod pki;
 pub mod proxy;
 pub mod ratelimit;
+pub mod reload;
 pub mod server;
 pub mod tls;
 

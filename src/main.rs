@@ -98,6 +98,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             let config = fulcrum::Config::load(&config)?;
             runtime(config.workers())?.block_on(async {
                 let server = fulcrum::Server::bind(config).await?;
+                reload_on_sighup(server.handle())?;
                 server.run(shutdown_on_signal()?).await;
                 Ok(())
             })
@@ -148,6 +149,22 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
+}
+
+/// Reloads the config file on every SIGHUP (the result is logged by the server).
+fn reload_on_sighup(handle: fulcrum::reload::Handle) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading configuration");
+            if handle.reload().await.is_err() {
+                // Refused (and logged by the server), or the server has stopped.
+                continue;
+            }
+        }
+    });
+    Ok(())
 }
 
 fn default_workers() -> usize {

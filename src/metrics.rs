@@ -168,6 +168,29 @@ pub fn render(state: &State) -> String {
             }
         }
     }
+    header(
+        &mut out,
+        "fulcrum_config_reloads_total",
+        "counter",
+        "Configuration reloads, by result (ok: applied; error: refused, the old one kept serving).",
+    );
+    let _ = writeln!(
+        out,
+        "fulcrum_config_reloads_total{{result=\"ok\"}} {}",
+        state.reloads.ok.get()
+    );
+    let _ = writeln!(
+        out,
+        "fulcrum_config_reloads_total{{result=\"error\"}} {}",
+        state.reloads.failed.get()
+    );
+    header(
+        &mut out,
+        "fulcrum_config_generation",
+        "gauge",
+        "Generation of the running configuration (1 at start).",
+    );
+    let _ = writeln!(out, "fulcrum_config_generation {}", state.generation);
     out
 }
 

@@ -1,12 +1,16 @@
-//! The running balancer: binds listeners, accepts connections, and runs the shutdown sequence.
+//! The running balancer: binds listeners, accepts connections, reloads, and runs the shutdown
+//! sequence.
 //!
 //! [`Server`] turns a validated [`Config`] into live state (pools, counters) and sockets.
-//! [`Server::run`] spawns one accept loop per listener; each accepted socket becomes a task of its
-//! own (see [`crate::connection`]), tracked by one `TaskTracker`. On shutdown the accept loops stop
-//! at once (new connections are refused), open connections get `drain_timeout` to finish, then
-//! are cancelled. Health probe loops (see [`crate::health`]) run in the same tracker and stop with
-//! the accept loops. This module owns sockets and tasks; it does not decide where a connection goes
-//! (balancer) or move its bytes (proxy).
+//! [`Server::run`] spawns accept loops (one per socket; one socket per worker with
+//! SO_REUSEPORT); each accepted socket becomes a task of its own (see [`crate::connection`]),
+//! tracked by one `TaskTracker`. A reload ([`crate::reload::Handle`], SIGHUP, `POST /reload`)
+//! builds the next generation of [`State`] with the same code as startup, binds what is new, swaps
+//! it in atomically, and stops what is gone: connections already open keep the generation they
+//! started with, backends that stay keep their pool slot (so their count) and health. On shutdown
+//! the accept loops stop at once (new connections are refused), open connections get
+//! `drain_timeout` to finish, then are cancelled. This module owns sockets and tasks; it does not
+//! decide where a connection goes (balancer) or move its bytes (proxy).
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
@@ -26,6 +31,8 @@ use crate::config::{
 use crate::health::BackendHealth;
 use crate::metrics::{Counter, Rejections};
 use crate::ratelimit::{RateLimitPolicy, RateLimiter};
+use crate::reload::{Handle, Live, Registry, ReloadCounters, ReloadError, Request};
+use crate::tls::ServerTls;
 
 /// Listen backlog for client-facing sockets.
 const BACKLOG: i32 = 1024;
@@ -52,12 +59,19 @@ pub enum ServerError {
     },
 }
 
-/// Live state shared by every task: listeners, upstreams and their counters.
+/// One generation of live state: listeners, upstreams and their counters. A reload builds the
+/// next one; tasks holding this one keep it.
 #[derive(Debug)]
 pub struct State {
+    /// 1 at startup, +1 per successful reload.
+    pub generation: u64,
     listeners: Vec<Arc<Listener>>,
     upstreams: Vec<Arc<Upstream>>,
     drain_timeout: Duration,
+    /// Open mTLS connections (shared by every generation).
+    pub(crate) registry: Arc<Registry>,
+    /// Reload outcomes (shared by every generation).
+    pub reloads: Arc<ReloadCounters>,
 }
 
 /// A listener's routing, policies and counters.
@@ -65,8 +79,10 @@ pub struct Listener {
     pub name: String,
     /// Where connections go unless SNI picks another upstream.
     pub upstream: Arc<Upstream>,
+    /// Bound address (the first socket's, with port 0 resolved once bound).
+    pub bind: SocketAddr,
     /// TLS termination; `None` for plaintext.
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub tls: Option<ServerTls>,
     /// Whether clients must present a certificate (and are then authorized by identity).
     pub mutual_tls: bool,
     /// Lowercase server name -> upstream.
@@ -75,8 +91,10 @@ pub struct Listener {
     pub authorization: Arc<Authorization>,
     pub limiter: Option<RateLimiter>,
     pub reject_response: Option<Vec<u8>>,
-    pub accepted: Counter,
-    pub rejected: Rejections,
+    /// Counters carry over reloads for a listener that keeps its name.
+    pub accepted: Arc<Counter>,
+    pub rejected: Arc<Rejections>,
+    pub(crate) registry: Arc<Registry>,
     /// Keeps a flood of rejections from flooding the log.
     pub(crate) reject_log: crate::connection::LogThrottle,
 }
@@ -110,7 +128,11 @@ impl Listener {
 #[derive(Debug)]
 pub struct Upstream {
     pub name: String,
-    pub backends: Vec<Backend>,
+    /// In configured order. Kept backends are the same `Arc` across reloads.
+    pub backends: Vec<Arc<Backend>>,
+    /// Pool slot -> position in `backends` (`None`: a slot of another generation).
+    slots: Vec<Option<usize>>,
+    /// Shared by every generation of this upstream: a backend's count follows its slot.
     pub pool: Arc<Pool>,
     pub connect_timeout: Duration,
     pub connect_attempts: usize,
@@ -118,10 +140,12 @@ pub struct Upstream {
     pub health_check: HealthCheckConfig,
 }
 
-/// One backend's address, counters and health. Its active count lives in the pool.
+/// One backend's address, counters and health. Its active count lives in the pool, at `slot`.
 #[derive(Debug)]
 pub struct Backend {
     pub addr: BackendAddr,
+    /// Index in the upstream's pool.
+    pub slot: usize,
     /// The configured `host:port` text: the `backend` label in metrics and logs.
     pub label: String,
     pub connections: Counter,
@@ -138,42 +162,113 @@ impl Backend {
 }
 
 impl Upstream {
-    pub(crate) fn new(config: &UpstreamConfig) -> Upstream {
-        Upstream {
-            name: config.name.clone(),
-            backends: config
-                .backends
-                .iter()
-                .map(|addr| Backend {
+    /// Builds an upstream, taking over `previous` (the same upstream in the running generation):
+    /// its pool, and the backends that stay, with their counters and health. Backends that go are
+    /// retired from the pool; their open connections drain.
+    pub(crate) fn new(config: &UpstreamConfig, previous: Option<&Upstream>) -> Upstream {
+        let pool = previous.map_or_else(|| Pool::new(0), |p| Arc::clone(&p.pool));
+        let mut backends = Vec::with_capacity(config.backends.len());
+        for addr in &config.backends {
+            let label = addr.to_string();
+            let kept = previous.and_then(|p| p.backends.iter().find(|b| b.label == label));
+            let backend = match kept {
+                Some(kept) => {
+                    kept.health.reconfigure(&config.health_check);
+                    Arc::clone(kept)
+                }
+                None => Arc::new(Backend {
                     addr: addr.clone(),
-                    label: addr.to_string(),
+                    slot: pool.add(),
+                    label,
                     connections: Counter::default(),
                     connect_failures: Counter::default(),
                     health: BackendHealth::new(&config.health_check),
-                })
-                .collect(),
-            pool: Pool::new(config.backends.len()),
+                }),
+            };
+            backends.push(backend);
+        }
+        for gone in previous.iter().flat_map(|p| &p.backends) {
+            if !backends.iter().any(|b| Arc::ptr_eq(b, gone)) {
+                pool.retire(gone.slot);
+            }
+        }
+        let mut slots = vec![None; pool.len()];
+        for (position, b) in backends.iter().enumerate() {
+            if let Some(slot) = slots.get_mut(b.slot) {
+                *slot = Some(position);
+            }
+        }
+        Upstream {
+            name: config.name.clone(),
+            backends,
+            slots,
+            pool,
             connect_timeout: config.connect_timeout,
             connect_attempts: config.connect_attempts,
             health_check: config.health_check.clone(),
         }
     }
+
+    /// The backend at a pool slot, if it belongs to this generation.
+    pub fn backend(&self, slot: usize) -> Option<&Arc<Backend>> {
+        self.backends.get((*self.slots.get(slot)?)?)
+    }
 }
 
 /// Checks everything `run` would load (config and certificate files) without binding anything.
-/// `fulcrum check` calls this; `Server::bind` builds the same state.
+/// `fulcrum check` calls this; `Server::bind` and reloads build the same state.
 pub fn validate(config: &Config) -> Result<(), ServerError> {
-    State::build(config).map(drop)
+    let tls = load_tls(config)?;
+    let addrs = config
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.bind))
+        .collect();
+    State::assemble(config, tls, addrs, None, 1);
+    Ok(())
+}
+
+/// Loads every listener's certificate files: the part of building a generation that can fail.
+fn load_tls(config: &Config) -> Result<Vec<Option<ServerTls>>, ServerError> {
+    config
+        .listeners
+        .iter()
+        .map(|l| match &l.tls {
+            Some(t) => crate::tls::server_config(t)
+                .map(Some)
+                .map_err(|source| ServerError::Tls {
+                    listener: l.name.clone(),
+                    source,
+                }),
+            None => Ok(None),
+        })
+        .collect()
 }
 
 impl State {
-    fn build(config: &Config) -> Result<State, ServerError> {
+    /// Builds a generation from a validated config and its loaded TLS settings, taking over what
+    /// stays from `previous`. Infallible: everything that can fail happened before, so a failed
+    /// reload never touches the running generation's pools.
+    fn assemble(
+        config: &Config,
+        tls: Vec<Option<ServerTls>>,
+        addrs: Vec<(String, SocketAddr)>,
+        previous: Option<&State>,
+        generation: u64,
+    ) -> State {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
-            .map(|u| Arc::new(Upstream::new(u)))
+            .map(|u| {
+                Arc::new(Upstream::new(
+                    u,
+                    previous.and_then(|p| p.upstream(&u.name)).map(|u| &**u),
+                ))
+            })
             .collect();
         let authorization = Arc::new(Authorization::new(config.authorization.iter().cloned()));
+        let registry = previous.map_or_else(Default::default, |p| Arc::clone(&p.registry));
+        let reloads = previous.map_or_else(Default::default, |p| Arc::clone(&p.reloads));
         let epoch = std::time::Instant::now();
         let global_limiter = config
             .rate_limit
@@ -181,24 +276,22 @@ impl State {
             .map(|r| RateLimiter::new(policy(r, None), epoch));
         let find = |name: &str| upstreams.iter().find(|u| u.name == name).map(Arc::clone);
         let mut listeners = Vec::with_capacity(config.listeners.len());
-        for l in &config.listeners {
+        for (l, tls) in config.listeners.iter().zip(tls) {
             // Config validation guarantees every named upstream exists; a listener naming none is skipped.
             let Some(upstream) = find(&l.upstream) else {
                 continue;
             };
-            let tls = match &l.tls {
-                Some(t) => Some(crate::tls::server_config(t).map_err(|source| ServerError::Tls {
-                    listener: l.name.clone(),
-                    source,
-                })?),
-                None => None,
-            };
-            let mutual_tls = l.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+            let old = previous.and_then(|p| p.listener(&l.name));
+            let bind = addrs
+                .iter()
+                .find(|(n, _)| *n == l.name)
+                .map_or(l.bind, |(_, a)| *a);
             listeners.push(Arc::new(Listener {
                 name: l.name.clone(),
+                bind,
                 upstream,
-                tls: tls.map(tokio_rustls::TlsAcceptor::from),
-                mutual_tls,
+                tls,
+                mutual_tls: l.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
                 sni: l
                     .sni
                     .iter()
@@ -208,16 +301,20 @@ impl State {
                 authorization: Arc::clone(&authorization),
                 limiter: listener_limiter(l, config.rate_limit.as_ref(), global_limiter.as_ref(), epoch),
                 reject_response: l.reject_response.clone(),
-                accepted: Counter::default(),
-                rejected: Rejections::default(),
+                accepted: old.map_or_else(Default::default, |o| Arc::clone(&o.accepted)),
+                rejected: old.map_or_else(Default::default, |o| Arc::clone(&o.rejected)),
+                registry: Arc::clone(&registry),
                 reject_log: Default::default(),
             }));
         }
-        Ok(State {
+        State {
+            generation,
             listeners,
             upstreams,
             drain_timeout: config.drain_timeout,
-        })
+            registry,
+            reloads,
+        }
     }
 
     pub fn listeners(&self) -> impl Iterator<Item = &Arc<Listener>> {
@@ -242,8 +339,7 @@ impl State {
             .map(|u| {
                 u.backends
                     .iter()
-                    .map(|b| b.label.clone())
-                    .zip(u.pool.active_all())
+                    .map(|b| (b.label.clone(), u.pool.active(b.slot)))
                     .collect()
             })
             .unwrap_or_default()
@@ -293,9 +389,13 @@ fn policy(r: &RateLimitConfig, o: Option<&crate::config::RateLimitOverride>) -> 
 
 /// A configured balancer with its sockets bound, ready to [`run`](Server::run).
 pub struct Server {
-    state: Arc<State>,
-    listeners: Vec<(Arc<Listener>, TcpListener)>,
+    live: Arc<Live>,
+    sockets: Vec<(String, TcpListener)>,
     admin: Option<TcpListener>,
+    /// Workers: SO_REUSEPORT sockets per listener bound on reload.
+    workers: usize,
+    requests: mpsc::Sender<Request>,
+    inbox: mpsc::Receiver<Request>,
 }
 
 impl Server {
@@ -306,18 +406,7 @@ impl Server {
         let workers = config.workers();
         let mut sockets = Vec::with_capacity(config.listeners.len() * workers);
         for l in &config.listeners {
-            let error = |source| ServerError::Bind {
-                name: l.name.clone(),
-                addr: l.bind,
-                source,
-            };
-            let first = bind_listener(l.bind, workers > 1).map_err(error)?;
-            // Port 0 picks a port for the first socket; its siblings must share it.
-            let addr = first.local_addr().map_err(error)?;
-            sockets.push((l.name.clone(), first));
-            for _ in 1..workers {
-                sockets.push((l.name.clone(), bind_listener(addr, true).map_err(error)?));
-            }
+            sockets.extend(bind_all(&l.name, l.bind, workers)?);
         }
         let admin = match &config.admin {
             Some(a) => Some(
@@ -327,48 +416,53 @@ impl Server {
             ),
             None => None,
         };
-        Server::from_listeners(config, sockets, admin)
+        let mut server = Server::from_listeners(config, sockets, admin)?;
+        server.workers = workers;
+        Ok(server)
     }
 
     /// Uses sockets the caller bound itself, at least one per configured listener (by name; more
     /// than one, e.g. SO_REUSEPORT siblings, each get an accept loop); the listeners' `bind`
-    /// addresses are then ignored. `admin` serves `/metrics` if given.
+    /// addresses are then ignored. `admin` serves the admin API if given. Listeners added by a
+    /// later reload are bound by the server.
     pub fn from_listeners(
         config: Config,
-        mut sockets: Vec<(String, TcpListener)>,
+        sockets: Vec<(String, TcpListener)>,
         admin: Option<TcpListener>,
     ) -> Result<Server, ServerError> {
-        let state = Arc::new(State::build(&config)?);
+        let tls = load_tls(&config)?;
+        let mut addrs = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            let bound = sockets.iter().find(|(name, _)| *name == l.name);
+            let Some((_, socket)) = bound else {
+                return Err(ServerError::MissingListener(l.name.clone()));
+            };
+            addrs.push((l.name.clone(), socket.local_addr().unwrap_or(l.bind)));
+        }
+        let state = State::assemble(&config, tls, addrs, None, 1);
         for l in &state.listeners {
-            if l.tls.is_none() || !l.mutual_tls {
+            if !l.mutual_tls {
                 info!(listener = %l.name, "listener accepts clients without certificates: no identity authorization applies");
             } else if config.authorization.is_empty() {
                 warn!(listener = %l.name, "mTLS listener but [authorization] is empty: every client will be refused");
             }
         }
-        let mut listeners = Vec::with_capacity(state.listeners.len());
-        for l in &state.listeners {
-            let before = listeners.len();
-            while let Some(pos) = sockets.iter().position(|(name, _)| *name == l.name) {
-                let (_, socket) = sockets.swap_remove(pos);
-                listeners.push((Arc::clone(l), socket));
-            }
-            if listeners.len() == before {
-                return Err(ServerError::MissingListener(l.name.clone()));
-            }
-        }
+        let (requests, inbox) = mpsc::channel(8);
         Ok(Server {
-            state,
-            listeners,
+            live: Arc::new(Live::new(state, config.path.clone())),
+            sockets,
             admin,
+            workers: 1,
+            requests,
+            inbox,
         })
     }
 
     /// The address a listener is bound to (useful with port 0).
     pub fn local_addr(&self, listener: &str) -> Option<SocketAddr> {
-        self.listeners
+        self.sockets
             .iter()
-            .find(|(l, _)| l.name == listener)
+            .find(|(name, _)| name == listener)
             .and_then(|(_, s)| s.local_addr().ok())
     }
 
@@ -377,58 +471,84 @@ impl Server {
         self.admin.as_ref().and_then(|s| s.local_addr().ok())
     }
 
-    /// Live counters, for metrics and tests.
+    /// Live counters of the first generation, for metrics and tests (see [`Handle::state`] for
+    /// the current one).
     pub fn state(&self) -> Arc<State> {
-        Arc::clone(&self.state)
+        self.live.state()
+    }
+
+    /// A handle to reload the running server and read its current state.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            requests: self.requests.clone(),
+            live: Arc::clone(&self.live),
+        }
     }
 
     /// Serves until `shutdown` is cancelled, then drains: stops accepting at once, waits up to
-    /// `drain_timeout` for open connections, cancels the rest and returns.
+    /// `drain_timeout` for open connections, cancels the rest and returns. Reload requests are
+    /// applied one at a time in between.
     pub async fn run(self, shutdown: CancellationToken) {
-        let tracker = TaskTracker::new();
-        let abort = CancellationToken::new();
-        for (listener, socket) in self.listeners {
-            if let Ok(addr) = socket.local_addr() {
-                info!(listener = %listener.name, %addr, upstream = %listener.upstream.name, "listening");
-            }
-            tracker.spawn(accept_loop(
-                socket,
-                listener,
-                tracker.clone(),
-                shutdown.clone(),
-                abort.clone(),
-            ));
+        let handle = self.handle();
+        let Server {
+            live,
+            sockets,
+            admin,
+            workers,
+            requests,
+            mut inbox,
+        } = self;
+        drop(requests);
+        let mut tasks = Tasks {
+            live: Arc::clone(&live),
+            tracker: TaskTracker::new(),
+            shutdown: shutdown.clone(),
+            abort: CancellationToken::new(),
+            accepting: Vec::new(),
+            probes: shutdown.child_token(),
+            workers,
+        };
+        for (name, socket) in sockets {
+            tasks.accept(name, socket);
         }
-        for upstream in self.state.upstreams() {
-            crate::health::spawn(upstream, &tracker, &shutdown);
-        }
+        tasks.start_probes(&live.state());
         let admin_stop = CancellationToken::new();
-        let admin_task = self.admin.map(|socket| {
+        let admin_task = admin.map(|socket| {
             if let Ok(addr) = socket.local_addr() {
                 info!(%addr, "admin listening");
             }
-            tokio::spawn(crate::admin::serve(
-                socket,
-                Arc::clone(&self.state),
-                admin_stop.clone(),
-            ))
+            tokio::spawn(crate::admin::serve(socket, handle, admin_stop.clone()))
         });
 
-        shutdown.cancelled().await;
-        tracker.close();
-        let drain = self.state.drain_timeout;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(request) = inbox.recv() => {
+                    let result = tasks.reload(request.config);
+                    let _ = request.reply.send(result);
+                }
+            }
+        }
+        drop(inbox);
+
+        let state = live.state();
+        tasks.tracker.close();
+        let drain = state.drain_timeout;
         info!(
-            active = self.state.total_active(),
+            active = state.total_active(),
             deadline = ?drain,
             "shutting down: no new connections, draining open ones"
         );
-        if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(drain, tasks.tracker.wait()).await.is_err() {
             warn!(
-                remaining = self.state.total_active(),
+                remaining = state.total_active(),
                 "drain deadline passed; closing remaining connections"
             );
-            abort.cancel();
-            if tokio::time::timeout(CANCEL_GRACE, tracker.wait()).await.is_err() {
+            tasks.abort.cancel();
+            if tokio::time::timeout(CANCEL_GRACE, tasks.tracker.wait())
+                .await
+                .is_err()
+            {
                 error!("connections did not close after cancellation");
             }
         }
@@ -438,6 +558,141 @@ impl Server {
         }
         info!("stopped");
     }
+}
+
+/// The running server's tasks: accept loops per socket, probe loops per generation.
+struct Tasks {
+    live: Arc<Live>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    /// Cancels open connections at the drain deadline.
+    abort: CancellationToken,
+    /// Listener name, bound address and the token that stops its accept loop, per socket.
+    accepting: Vec<(String, SocketAddr, CancellationToken)>,
+    /// Stops the current generation's probe loops.
+    probes: CancellationToken,
+    workers: usize,
+}
+
+impl Tasks {
+    fn accept(&mut self, name: String, socket: TcpListener) {
+        let Ok(addr) = socket.local_addr() else {
+            return;
+        };
+        info!(listener = %name, %addr, "listening");
+        let stop = self.shutdown.child_token();
+        self.tracker.spawn(accept_loop(
+            socket,
+            name.clone(),
+            Arc::clone(&self.live),
+            self.tracker.clone(),
+            stop.clone(),
+            self.abort.clone(),
+        ));
+        self.accepting.push((name, addr, stop));
+    }
+
+    fn start_probes(&mut self, state: &State) {
+        self.probes.cancel();
+        self.probes = self.shutdown.child_token();
+        for upstream in state.upstreams() {
+            crate::health::spawn(upstream, &self.tracker, &self.probes);
+        }
+    }
+
+    /// Applies a reload: load (the same code as startup), bind what is new, swap, then stop what
+    /// is gone. Any failure before the swap leaves the running generation untouched.
+    fn reload(&mut self, config: Option<Config>) -> Result<u64, ReloadError> {
+        let result = self.try_reload(config);
+        match &result {
+            Ok(generation) => {
+                self.live.state().reloads.ok.inc();
+                info!(generation, "configuration reloaded");
+            }
+            Err(e) => {
+                self.live.state().reloads.failed.inc();
+                error!(error = %e, "reload refused; the running configuration stays");
+            }
+        }
+        result
+    }
+
+    fn try_reload(&mut self, config: Option<Config>) -> Result<u64, ReloadError> {
+        let config = match config {
+            Some(config) => config,
+            None => Config::load(self.live.path.as_deref().ok_or(ReloadError::NoFile)?)?,
+        };
+        let tls = load_tls(&config)?;
+        // A listener keeps its sockets if its name and configured address are unchanged.
+        let current = self.live.state();
+        let mut fresh = Vec::new();
+        let mut addrs = Vec::new();
+        for l in &config.listeners {
+            let kept = current
+                .listener(&l.name)
+                .filter(|old| configured_same(old, l.bind))
+                .map(|old| old.bind);
+            match kept {
+                Some(addr) => addrs.push((l.name.clone(), addr)),
+                None => {
+                    let sockets = bind_all(&l.name, l.bind, self.workers)?;
+                    let addr = sockets
+                        .first()
+                        .and_then(|(_, s)| s.local_addr().ok())
+                        .unwrap_or(l.bind);
+                    addrs.push((l.name.clone(), addr));
+                    fresh.extend(sockets);
+                }
+            }
+        }
+        let generation = current.generation + 1;
+        let next = State::assemble(&config, tls, addrs, Some(&current), generation);
+        let revoked = next.registry.revoke_lost_access(&next);
+        if revoked > 0 {
+            info!(
+                revoked,
+                "closed connections whose access the new configuration removes"
+            );
+        }
+        // Stop accept loops of listeners that are gone or moved, then start the new ones.
+        let keep: Vec<(String, SocketAddr)> = next.listeners().map(|l| (l.name.clone(), l.bind)).collect();
+        self.accepting.retain(|(name, addr, stop)| {
+            let stays = keep.iter().any(|(n, a)| n == name && a == addr);
+            if !stays {
+                stop.cancel();
+            }
+            stays
+        });
+        let next = Arc::new(next);
+        self.start_probes(&next);
+        self.live.swap_arc(Arc::clone(&next));
+        for (name, socket) in fresh {
+            self.accept(name, socket);
+        }
+        Ok(generation)
+    }
+}
+
+/// Whether a running listener was configured with `bind` (port 0 means "any port": kept).
+fn configured_same(old: &Listener, bind: SocketAddr) -> bool {
+    old.bind == bind || (bind.port() == 0 && old.bind.ip() == bind.ip())
+}
+
+/// Binds `workers` sockets for one listener (SO_REUSEPORT siblings when more than one).
+fn bind_all(name: &str, addr: SocketAddr, workers: usize) -> Result<Vec<(String, TcpListener)>, ServerError> {
+    let error = |source| ServerError::Bind {
+        name: name.to_string(),
+        addr,
+        source,
+    };
+    let first = bind_listener(addr, workers > 1).map_err(error)?;
+    // Port 0 picks a port for the first socket; its siblings must share it.
+    let bound = first.local_addr().map_err(error)?;
+    let mut sockets = vec![(name.to_string(), first)];
+    for _ in 1..workers {
+        sockets.push((name.to_string(), bind_listener(bound, true).map_err(error)?));
+    }
+    Ok(sockets)
 }
 
 fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
@@ -459,13 +714,15 @@ fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> 
     TcpListener::from_std(socket.into())
 }
 
-/// Accepts until `shutdown`, spawning one tracked task per connection. Resource exhaustion
-/// (EMFILE, ENFILE, ENOBUFS, ENOMEM) backs off exponentially instead of spinning.
+/// Accepts until `stop`, spawning one tracked task per connection, each on the generation
+/// current when it was accepted. Resource exhaustion (EMFILE, ENFILE, ENOBUFS, ENOMEM) backs off
+/// exponentially instead of spinning.
 async fn accept_loop(
     socket: TcpListener,
-    listener: Arc<Listener>,
+    name: String,
+    live: Arc<Live>,
     tracker: TaskTracker,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
     abort: CancellationToken,
 ) {
     const MIN_BACKOFF: Duration = Duration::from_millis(5);
@@ -474,32 +731,30 @@ async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
             accepted = socket.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
                 backoff = MIN_BACKOFF;
+                let Some(listener) = live.state().listener(&name).cloned() else {
+                    break; // removed by a reload; its loop is being stopped
+                };
                 listener.accepted.inc();
-                tracker.spawn(crate::connection::handle(
-                    stream,
-                    peer,
-                    Arc::clone(&listener),
-                    abort.clone(),
-                ));
+                tracker.spawn(crate::connection::handle(stream, peer, listener, abort.clone()));
             }
             Err(e) if is_resource_exhaustion(&e) => {
-                warn!(listener = %listener.name, error = %e, ?backoff, "accept failed: out of resources, backing off");
+                warn!(listener = %name, error = %e, ?backoff, "accept failed: out of resources, backing off");
                 tokio::select! {
-                    _ = shutdown.cancelled() => break,
+                    _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
-            Err(e) => debug!(listener = %listener.name, error = %e, "accept failed"),
+            Err(e) => debug!(listener = %name, error = %e, "accept failed"),
         }
     }
-    debug!(listener = %listener.name, "accept loop stopped");
+    debug!(listener = %name, "accept loop stopped");
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {

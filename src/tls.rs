@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
@@ -50,8 +51,32 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A listener's TLS: the rustls configuration, and the client certificate verifier (mTLS) kept
+/// apart so that a reload can check open connections' certificates against a new CA.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+    pub client_verifier: Option<Arc<dyn ClientCertVerifier>>,
+}
+
+impl ServerTls {
+    /// Whether a client certificate chain (leaf first) still verifies under this listener's CA.
+    /// Always true without client authentication.
+    pub fn accepts(&self, chain: &[CertificateDer<'static>]) -> bool {
+        let Some(verifier) = &self.client_verifier else {
+            return true;
+        };
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return false;
+        };
+        verifier
+            .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+            .is_ok()
+    }
+}
+
 /// Loads certificate, key and CA files and builds a listener's server configuration.
-pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(tls: &TlsConfig) -> Result<ServerTls, TlsError> {
     let provider = provider();
     let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -60,6 +85,7 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(versions)
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut client_verifier: Option<Arc<dyn ClientCertVerifier>> = None;
     let builder = match &tls.client_ca {
         Some(path) => {
             let mut roots = RootCertStore::empty();
@@ -72,6 +98,7 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            client_verifier = Some(Arc::clone(&verifier));
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -90,7 +117,10 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
             reason: e.to_string(),
         })?;
     config.ignore_client_order = true;
-    Ok(Arc::new(config))
+    Ok(ServerTls {
+        config: Arc::new(config),
+        client_verifier,
+    })
 }
 
 /// Every certificate in a PEM file; an error if there is none.
@@ -162,7 +192,7 @@ mod tests {
         }
     }
 
-    fn error(result: Result<Arc<ServerConfig>, TlsError>) -> String {
+    fn error(result: Result<ServerTls, TlsError>) -> String {
         match result {
             Ok(_) => panic!("config was built but should not be"),
             Err(e) => e.to_string(),

@@ -229,3 +229,23 @@ fn taking_a_backend_out_ends_its_slow_start() {
     pool.set_in_rotation(2, true);
     assert!(!pool.is_ramping(2, t0));
 }
+
+#[test]
+fn a_retired_backend_gets_nothing_new_and_its_slot_is_reused_only_after_it_drains() {
+    let pool = Pool::new(2);
+    let held = pool.pick(&[]).unwrap();
+    assert_eq!(held.index(), 0);
+    pool.retire(0);
+    pool.set_in_rotation(0, true); // e.g. a late health probe: a retired slot stays out
+    for _ in 0..4 {
+        assert_eq!(pool.pick(&[]).unwrap().index(), 1);
+    }
+    // Still draining: a new backend gets a fresh slot.
+    assert_eq!(pool.add(), 2);
+    drop(held);
+    assert_eq!(pool.active_all(), vec![0, 0, 0]);
+    // Drained: the next new backend reuses slot 0.
+    assert_eq!(pool.add(), 0);
+    let picks: Vec<usize> = (0..3).map(|_| pool.pick(&[]).unwrap().index()).collect();
+    assert!(picks.contains(&0) && picks.contains(&2), "{picks:?}");
+}
