@@ -27,8 +27,9 @@ ENV PATH=/usr/local/bin
 # Plain log lines (no ANSI colours) for `docker logs` and log collectors.
 ENV NO_COLOR=1
 WORKDIR /etc/fulcrum
-# Not root: a numeric user needs no /etc/passwd. Ports below 1024 need `--cap-add
-# NET_BIND_SERVICE` (or `sysctl net.ipv4.ip_unprivileged_port_start`).
+# Not root: a numeric user needs no /etc/passwd. `--cap-add NET_BIND_SERVICE` does not reach a
+# non-root user, so bind ports >= 1024 and publish them (`-p 443:8443`), or, with host
+# networking, lower the host's net.ipv4.ip_unprivileged_port_start.
 USER 65532:65532
 ENTRYPOINT ["fulcrum"]
 CMD ["run", "--config", "/etc/fulcrum/fulcrum.toml"]
