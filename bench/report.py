@@ -1,0 +1,142 @@
+"""Turns bench/run's raw results (round, scenario, target, metric, value) into the markdown
+report (medians over rounds, ratios vs direct and vs HAProxy, proxy CPU) and the chart data.
+
+Usage: report.py RAW.tsv META OUT.md OUT.dat   (standard library only)
+"""
+
+import math
+import statistics
+import sys
+from collections import defaultdict
+
+TARGETS = ["direct", "fulcrum", "haproxy", "nginx"]
+PROXIES = ["fulcrum", "haproxy", "nginx"]
+
+# scenario, metric, row label, short chart label, unit, higher is better
+ROWS = [
+    ("bulk1", "gbps", "bulk TCP, 1 stream (iperf3)", "bulk 1", "Gbit/s", True),
+    ("bulk8", "gbps", "bulk TCP, 8 streams (iperf3)", "bulk 8", "Gbit/s", True),
+    ("tls_bulk", "gbps", "bulk into mTLS listener, 1 connection", "mTLS bulk", "Gbit/s", True),
+    ("keepalive", "rps", "keep-alive HTTP, 64 connections", "keep-alive", "req/s", True),
+    ("keepalive", "p50_ms", "keep-alive HTTP, p50 latency", "ka p50", "ms", False),
+    ("keepalive", "p99_ms", "keep-alive HTTP, p99 latency", "ka p99", "ms", False),
+    ("close", "rps", "new connection per request", "new conn", "conn/s", True),
+    ("close", "p99_ms", "new connection per request, p99", "new conn p99", "ms", False),
+    ("handshakes", "hs_per_sec", "full mTLS handshakes + 1-byte echo", "mTLS hs", "/s", True),
+    ("handshakes", "cpu_us_per_hs", "CPU per mTLS handshake (server side)", "CPU/hs", "us", False),
+    ("rss_plain", "kb_per_conn", "RSS per idle proxied connection, plain", "RSS plain", "kB", False),
+    ("rss_tls", "kb_per_conn", "RSS per idle proxied connection, mTLS", "RSS mTLS", "kB", False),
+]
+
+CPU_ROWS = [
+    ("bulk1", "bulk TCP, 1 stream"),
+    ("bulk8", "bulk TCP, 8 streams"),
+    ("tls_bulk", "bulk into mTLS listener"),
+    ("keepalive", "keep-alive HTTP"),
+    ("close", "new connection per request"),
+    ("handshakes", "mTLS handshakes"),
+]
+
+
+def fmt(value, unit):
+    if value is None or math.isnan(value):
+        return "–"
+    if unit in ("req/s", "conn/s"):
+        return f"{value / 1000:.1f} k"
+    if unit == "Gbit/s":
+        return f"{value:.2f}"
+    if unit == "ms":
+        return f"{value:.3f}" if value < 1 else f"{value:.2f}"
+    if unit == "kB":
+        return f"{value:.2f}"
+    return f"{value:.0f}"
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
+        return "–"
+    return f"{a / b:.2f}"
+
+
+def main(raw, meta_path, out_md, out_dat):
+    values = defaultdict(list)
+    notes = []
+    for line in open(raw):
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) != 5:
+            continue
+        rnd, scenario, target, metric, value = parts
+        try:
+            values[(scenario, target, metric)].append(float(value))
+        except ValueError:
+            notes.append(f"round {rnd}, {scenario}, {target}: {metric} {value}")
+        if metric in ("failed", "wrk_errors"):
+            notes.append(f"round {rnd}, {scenario}, {target}: {metric} {value}")
+
+    def med(scenario, target, metric):
+        v = [x for x in values.get((scenario, target, metric), []) if not math.isnan(x)]
+        return statistics.median(v) if v else None
+
+    meta = dict(l.rstrip("\n").split("=", 1) for l in open(meta_path) if "=" in l)
+    out = []
+    out.append(f"Medians over {meta.get('rounds')} round(s) of {meta.get('duration')} s per "
+               f"measurement; {meta.get('pinned')}. Ratios are value / reference, so for "
+               "latency, CPU and RSS (lower is better) a ratio below 1 is the better one.")
+    out.append("")
+    out.append("| scenario | unit | direct | fulcrum | HAProxy | nginx | fulcrum / direct "
+               "| fulcrum / HAProxy | nginx / HAProxy | HAProxy / direct |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    chart = []
+    for scenario, metric, label, short, unit, higher in ROWS:
+        m = {t: med(scenario, t, metric) for t in TARGETS}
+        if all(v is None for v in m.values()):
+            continue
+        arrow = "↑" if higher else "↓"
+        out.append(f"| {label} | {unit} {arrow} | " + " | ".join(fmt(m[t], unit) for t in TARGETS)
+                   + f" | {ratio(m['fulcrum'], m['direct'])} | {ratio(m['fulcrum'], m['haproxy'])}"
+                   + f" | {ratio(m['nginx'], m['haproxy'])} | {ratio(m['haproxy'], m['direct'])} |")
+        h = m["haproxy"]
+        if h:
+            # Chart: how many times better than HAProxy (> 1 is better), whatever the direction.
+            def better(v):
+                if v is None or v == 0:
+                    return "NaN"
+                return f"{(v / h) if higher else (h / v):.3f}"
+            chart.append(f'"{short}" ' + " ".join(better(m[t]) for t in ["direct", "fulcrum", "nginx"]))
+    out.append("")
+    out.append("Proxy CPU use during each measurement (% of one core; for `direct`, the mTLS echo "
+               "server's during handshakes):")
+    out.append("")
+    out.append("| scenario | direct | fulcrum | HAProxy | nginx |")
+    out.append("|---|---:|---:|---:|---:|")
+    for scenario, label in CPU_ROWS:
+        m = {t: med(scenario, t, "cpu_pct") for t in TARGETS}
+        if all(m[t] is None for t in PROXIES):
+            continue
+        if scenario != "handshakes":
+            m["direct"] = None
+        out.append(f"| {label} | " + " | ".join("–" if m[t] is None else f"{m[t]:.0f} %" for t in TARGETS) + " |")
+    held = sorted({int(v) for (s, t, metric), vs in values.items() if metric == "held" for v in vs})
+    out.append("")
+    if held:
+        out.append(f"Idle connections held for the RSS rows: {', '.join(map(str, held))}.")
+    if notes:
+        out.append("")
+        out.append("Notes from the raw results:")
+        out.append("")
+        out.extend(f"- {n}" for n in notes)
+    out.append("")
+    out.append("| machine | |")
+    out.append("|---|---|")
+    for key in ["cpu", "nproc", "kernel", "haproxy", "nginx", "fulcrum", "iperf3", "wrk",
+                "fulcrum_workers", "http_backend", "load_at_start", "load_at_end", "date", "command"]:
+        if key in meta:
+            val = f"`{meta[key]}`" if key == "command" else meta[key]
+            out.append(f"| {key.replace('_', ' ')} | {val} |")
+    text = "\n".join(out) + "\n"
+    open(out_md, "w").write(text)
+    open(out_dat, "w").write("\n".join(chart) + ("\n" if chart else ""))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
