@@ -26,18 +26,22 @@ struct Cli {
 enum Command {
     /// Run the balancer from a TOML config file.
     Run {
+        /// The TOML config file (re-read on SIGHUP).
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Validate a config file with the same code `run` uses; exit 0 if it is valid.
     Check {
+        /// The TOML config file to validate, with every certificate file it names.
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Run a demo backend that answers "Hello world from server NAME".
     Backend {
+        /// Address to listen on, e.g. 127.0.0.1:8081.
         #[arg(long)]
         listen: SocketAddr,
+        /// Name shown in the greeting: "Hello world from server NAME".
         #[arg(long)]
         name: String,
         /// Echo bytes back instead of answering HTTP.
@@ -62,8 +66,10 @@ enum Command {
     },
     /// Start three demo backends and an mTLS balancer on localhost; Ctrl-C stops.
     Demo {
+        /// Address of the demo's mTLS listener.
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: SocketAddr,
+        /// Address of the demo's admin listener (metrics).
         #[arg(long, default_value = "127.0.0.1:9000")]
         admin: SocketAddr,
     },
@@ -75,7 +81,15 @@ fn main() -> std::process::ExitCode {
     match run(cli.command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Our messages usually carry their cause already: print each cause only once.
+            let mut message = e.to_string();
+            for cause in e.chain().skip(1) {
+                let cause = cause.to_string();
+                if !message.contains(&cause) {
+                    message = format!("{message}: {cause}");
+                }
+            }
+            eprintln!("error: {message}");
             std::process::ExitCode::FAILURE
         }
     }
