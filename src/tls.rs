@@ -46,9 +46,14 @@ pub enum TlsError {
     Verifier(String),
 }
 
-/// The crypto provider every TLS object in fulcrum uses.
+/// The crypto provider every TLS object in fulcrum uses: ring by default, AWS-LC with the
+/// `aws-lc-rs` feature.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    #[cfg(feature = "aws-lc-rs")]
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    #[cfg(not(feature = "aws-lc-rs"))]
+    let provider = rustls::crypto::ring::default_provider();
+    Arc::new(provider)
 }
 
 /// A listener's TLS: the rustls configuration, and the client certificate verifier (mTLS) kept
