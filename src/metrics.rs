@@ -168,6 +168,17 @@ pub fn render(state: &State) -> String {
             }
         }
     }
+    header(
+        &mut out,
+        "fulcrum_access_log_dropped_total",
+        "counter",
+        "Access log lines dropped because the writer fell behind (the queue was full).",
+    );
+    let _ = writeln!(
+        out,
+        "fulcrum_access_log_dropped_total {}",
+        state.access_log_dropped()
+    );
     out
 }
 

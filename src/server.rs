@@ -10,8 +10,9 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -50,6 +51,8 @@ pub enum ServerError {
         listener: String,
         source: crate::tls::TlsError,
     },
+    #[error("access log: cannot open {path}: {source}")]
+    AccessLog { path: String, source: io::Error },
 }
 
 /// Live state shared by every task: listeners, upstreams and their counters.
@@ -58,11 +61,23 @@ pub struct State {
     listeners: Vec<Arc<Listener>>,
     upstreams: Vec<Arc<Upstream>>,
     drain_timeout: Duration,
+    /// Which configuration this is: 1 for the one started with; a reload bumps it.
+    pub(crate) generation: u64,
+    /// When this state was built: the origin of the uptime in `/status`.
+    pub(crate) started: Instant,
+    /// Set when shutdown starts: no new connections, open ones are draining.
+    pub(crate) draining: AtomicBool,
+    /// `[access_log]`, shared with every listener.
+    pub(crate) access_log: Option<Arc<crate::accesslog::AccessLog>>,
 }
 
 /// A listener's routing, policies and counters.
 pub struct Listener {
     pub name: String,
+    /// The configured bind address.
+    pub bind: SocketAddr,
+    /// The addresses actually bound (port 0 resolved), set once the sockets are known.
+    pub(crate) bound: OnceLock<Vec<SocketAddr>>,
     /// Where connections go unless SNI picks another upstream.
     pub upstream: Arc<Upstream>,
     /// TLS termination; `None` for plaintext.
@@ -79,6 +94,8 @@ pub struct Listener {
     pub rejected: Rejections,
     /// Keeps a flood of rejections from flooding the log.
     pub(crate) reject_log: crate::connection::LogThrottle,
+    /// Where each closed connection's line goes, if `[access_log]` is configured.
+    pub(crate) access_log: Option<Arc<crate::accesslog::AccessLog>>,
 }
 
 impl std::fmt::Debug for Listener {
@@ -93,6 +110,11 @@ impl std::fmt::Debug for Listener {
 }
 
 impl Listener {
+    /// The addresses this listener accepts on: the bound ones once known, else the configured one.
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        self.bound.get().cloned().unwrap_or_else(|| vec![self.bind])
+    }
+
     /// The upstream for a TLS server name: an SNI entry, else the listener's own upstream.
     pub fn route(&self, server_name: Option<&str>) -> &Arc<Upstream> {
         server_name
@@ -179,6 +201,12 @@ impl State {
             .rate_limit
             .as_ref()
             .map(|r| RateLimiter::new(policy(r, None), epoch));
+        let access_log = config.access_log.as_ref().map(|target| {
+            Arc::new(crate::accesslog::AccessLog::new(
+                target.clone(),
+                crate::accesslog::CHANNEL_CAPACITY,
+            ))
+        });
         let find = |name: &str| upstreams.iter().find(|u| u.name == name).map(Arc::clone);
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
@@ -196,6 +224,8 @@ impl State {
             let mutual_tls = l.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
             listeners.push(Arc::new(Listener {
                 name: l.name.clone(),
+                bind: l.bind,
+                bound: OnceLock::new(),
                 upstream,
                 tls: tls.map(tokio_rustls::TlsAcceptor::from),
                 mutual_tls,
@@ -211,13 +241,33 @@ impl State {
                 accepted: Counter::default(),
                 rejected: Rejections::default(),
                 reject_log: Default::default(),
+                access_log: access_log.clone(),
             }));
         }
         Ok(State {
             listeners,
             upstreams,
             drain_timeout: config.drain_timeout,
+            generation: 1,
+            started: Instant::now(),
+            draining: AtomicBool::new(false),
+            access_log,
         })
+    }
+
+    /// Which configuration this is: 1 for the one the server started with.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether shutdown has started (open connections are draining).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Access log lines dropped because the writer fell behind (0 without an access log).
+    pub fn access_log_dropped(&self) -> u64 {
+        self.access_log.as_ref().map_or(0, |log| log.dropped.get())
     }
 
     pub fn listeners(&self) -> impl Iterator<Item = &Arc<Listener>> {
@@ -356,6 +406,27 @@ impl Server {
             if listeners.len() == before {
                 return Err(ServerError::MissingListener(l.name.clone()));
             }
+            let mut bound: Vec<SocketAddr> = listeners[before..]
+                .iter()
+                .filter_map(|(_, s)| s.local_addr().ok())
+                .collect();
+            bound.sort_unstable();
+            bound.dedup();
+            let _ = l.bound.set(bound);
+        }
+        if let Some(addr) = admin.as_ref().and_then(|s| s.local_addr().ok()) {
+            if !addr.ip().to_canonical().is_loopback() {
+                warn!(%addr, "admin listener is not on a loopback address: /status and /metrics are open to the network");
+            }
+        }
+        if let Some(log) = &state.access_log {
+            log.open().map_err(|source| ServerError::AccessLog {
+                path: match &config.access_log {
+                    Some(crate::config::AccessLogConfig::File(path)) => path.display().to_string(),
+                    _ => "stdout".to_string(),
+                },
+                source,
+            })?;
         }
         Ok(Server {
             state,
@@ -402,6 +473,12 @@ impl Server {
         for upstream in self.state.upstreams() {
             crate::health::spawn(upstream, &tracker, &shutdown);
         }
+        let log_stop = CancellationToken::new();
+        let log_writer = self
+            .state
+            .access_log
+            .as_ref()
+            .and_then(|log| log.start(log_stop.clone()));
         let admin_stop = CancellationToken::new();
         let admin_task = self.admin.map(|socket| {
             if let Ok(addr) = socket.local_addr() {
@@ -415,6 +492,7 @@ impl Server {
         });
 
         shutdown.cancelled().await;
+        self.state.draining.store(true, Ordering::Release);
         tracker.close();
         let drain = self.state.drain_timeout;
         info!(
@@ -430,6 +508,13 @@ impl Server {
             abort.cancel();
             if tokio::time::timeout(CANCEL_GRACE, tracker.wait()).await.is_err() {
                 error!("connections did not close after cancellation");
+            }
+        }
+        // Every connection task has ended: their lines are queued. Flush them before returning.
+        log_stop.cancel();
+        if let Some(writer) = log_writer {
+            if tokio::time::timeout(CANCEL_GRACE, writer).await.is_err() {
+                error!("access log writer did not finish flushing");
             }
         }
         admin_stop.cancel();
