@@ -1,4 +1,5 @@
-//! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz`, and `POST /reload`.
+//! The admin HTTP listener: `/` (the status page), `/status` (JSON), `/metrics` (Prometheus
+//! text), `/healthz` and `POST /reload`.
 //!
 //! A deliberately small HTTP/1.1 responder: one request per connection, a bounded request head
 //! (8 KiB) read under a deadline, `Connection: close` on every answer. It reads the current
@@ -95,7 +96,17 @@ async fn answer(mut stream: TcpStream, handle: &Handle) {
             ),
         },
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        (_, "/metrics" | "/healthz" | "/reload") => (
+        ("GET", "/status") => (
+            "200 OK",
+            "application/json",
+            crate::status::render(&handle.state(), std::time::Instant::now()),
+        ),
+        ("GET", "/") => (
+            "200 OK",
+            "text/html; charset=utf-8",
+            crate::status::PAGE.to_string(),
+        ),
+        (_, "/" | "/status" | "/metrics" | "/healthz" | "/reload") => (
             "405 Method Not Allowed",
             "text/plain",
             "method not allowed\n".into(),
@@ -123,7 +134,7 @@ fn json_string(text: &str) -> String {
 
 async fn respond(stream: &mut TcpStream, status: &str, kind: &str, body: &str) -> std::io::Result<()> {
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;

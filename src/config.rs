@@ -54,6 +54,18 @@ pub struct Config {
     pub authorization: Vec<(String, Vec<String>)>,
     /// Global per-client limits; `None` means no limiting (unless a listener sets its own).
     pub rate_limit: Option<RateLimitConfig>,
+    /// `[access_log]`: one JSON line per closed connection; `None` writes none.
+    pub access_log: Option<AccessLogConfig>,
+}
+
+/// `[access_log]`: where the per-connection JSON lines go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessLogConfig {
+    /// `path = "stdout"`.
+    Stdout,
+    /// Any other `path`, resolved against the config file's directory; appended to, created if
+    /// missing.
+    File(PathBuf),
 }
 
 /// One accepting socket and the upstream group its connections go to.
@@ -303,6 +315,13 @@ struct RawConfig {
     #[serde(default)]
     authorization: std::collections::BTreeMap<String, Vec<String>>,
     rate_limit: Option<RawRateLimit>,
+    access_log: Option<RawAccessLog>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessLog {
+    path: String,
 }
 
 #[derive(Deserialize)]
@@ -524,6 +543,10 @@ impl Validator<'_> {
             }),
             None => None,
         };
+        let access_log = match raw.access_log {
+            Some(a) => Some(self.access_log(a)?),
+            None => None,
+        };
         Ok(Config {
             origin: self.origin.to_string(),
             path: None,
@@ -534,7 +557,16 @@ impl Validator<'_> {
             workers,
             authorization,
             rate_limit,
+            access_log,
         })
+    }
+
+    fn access_log(&self, raw: RawAccessLog) -> Result<AccessLogConfig, ConfigError> {
+        match raw.path.as_str() {
+            "" => Err(self.invalid("access_log.path", "", "expected \"stdout\" or a file path")),
+            "stdout" => Ok(AccessLogConfig::Stdout),
+            path => Ok(AccessLogConfig::File(self.base.join(path))),
+        }
     }
 
     fn tls(&self, key: &str, raw: RawTls) -> Result<TlsConfig, ConfigError> {

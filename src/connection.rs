@@ -8,7 +8,8 @@
 //! 5. pick a backend and dial it, trying the next least-loaded one on refusal or timeout; each
 //!    dial's outcome feeds the backend's health (passive detection);
 //! 6. relay bytes both ways, until both sides end, the drain deadline, or (with
-//!    `on_down = "close"`) the backend being marked down; 7. one summary log line.
+//!    `on_down = "close"`) the backend being marked down; 7. one summary log line, and one
+//!    access log entry (see [`crate::accesslog`]) for every connection, refused ones included.
 //!
 //! No backend is dialed before steps 1-4 pass. The backend lease and the rate-limit permit are
 //! held for the whole connection, so counts are exact on every path. Failures end this connection
@@ -27,6 +28,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, field, info, info_span, warn, Instrument, Span};
 
+use crate::accesslog::Entry;
 use crate::authz::Decision as Authz;
 use crate::balancer::Lease;
 use crate::config::OnDown;
@@ -59,9 +61,14 @@ pub(crate) async fn handle(
     );
     let started = Instant::now();
     let _ = client.set_nodelay(true);
-    serve(client, peer, &listener, &abort, started)
+    let mut entry = Entry::new(&listener.name, peer);
+    serve(client, peer, &listener, &abort, started, &mut entry)
         .instrument(span)
-        .await
+        .await;
+    if let Some(log) = &listener.access_log {
+        entry.duration = started.elapsed();
+        log.send(entry);
+    }
 }
 
 async fn serve(
@@ -70,10 +77,21 @@ async fn serve(
     listener: &Arc<Listener>,
     abort: &CancellationToken,
     started: Instant,
+    entry: &mut Entry,
 ) {
     let Some(tls) = &listener.tls else {
         let key = ClientKey::from_ip(peer.ip());
-        return forward(client, listener, &listener.upstream, key, None, abort, started).await;
+        return forward(
+            client,
+            listener,
+            &listener.upstream,
+            key,
+            None,
+            abort,
+            started,
+            entry,
+        )
+        .await;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
     let handshake = tokio::select! {
@@ -82,29 +100,39 @@ async fn serve(
     };
     let mut client = match handshake {
         Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return refused(listener, Reason::TlsHandshake, &e),
-        Err(_) => return refused(listener, Reason::TlsHandshake, &"handshake deadline passed"),
+        Ok(Err(e)) => return refused(listener, entry, Reason::TlsHandshake, &e),
+        Err(_) => {
+            return refused(
+                listener,
+                entry,
+                Reason::TlsHandshake,
+                &"handshake deadline passed",
+            )
+        }
     };
     let (_, session) = client.get_ref();
     let upstream = listener.route(session.server_name());
+    entry.upstream = Some(upstream.name.clone());
     let mut registration = None;
     let key = if listener.mutual_tls {
         let identity = match session.peer_certificates().and_then(|chain| chain.first()) {
             Some(leaf) => identity_from_der(leaf),
             // Unreachable with a client verifier configured; refuse rather than assume.
-            None => return refused(listener, Reason::TlsHandshake, &"no client certificate"),
+            None => return refused(listener, entry, Reason::TlsHandshake, &"no client certificate"),
         };
         let identity = match identity {
             Ok(identity) => identity,
             Err(e) => {
-                refused(listener, Reason::Unauthorized, &e);
+                refused(listener, entry, Reason::Unauthorized, &e);
                 return close_tls(&mut client).await;
             }
         };
         Span::current().record("client.id", field::display(&identity));
+        entry.identity = Some(identity.to_string());
         if listener.authorization.check(&identity, &upstream.name) == Authz::Deny {
             refused(
                 listener,
+                entry,
                 Reason::Unauthorized,
                 &format_args!("{identity} may not reach upstream {:?}", upstream.name),
             );
@@ -122,10 +150,21 @@ async fn serve(
         ClientKey::from_ip(peer.ip())
     };
     let upstream = Arc::clone(upstream);
-    forward(client, listener, &upstream, key, registration, abort, started).await
+    forward(
+        client,
+        listener,
+        &upstream,
+        key,
+        registration,
+        abort,
+        started,
+        entry,
+    )
+    .await
 }
 
 /// Steps 4-7 for a client whose transport is ready.
+#[allow(clippy::too_many_arguments)] // one connection's context, passed down once
 async fn forward<C: Transport>(
     mut client: C,
     listener: &Listener,
@@ -134,8 +173,10 @@ async fn forward<C: Transport>(
     registration: Option<Registration>,
     abort: &CancellationToken,
     started: Instant,
+    entry: &mut Entry,
 ) {
     Span::current().record("upstream", upstream.name.as_str());
+    entry.upstream = Some(upstream.name.clone());
     let permit: Option<Permit> = match &listener.limiter {
         None => None,
         Some(limiter) => match limiter.check(&key, Instant::now()) {
@@ -143,6 +184,7 @@ async fn forward<C: Transport>(
             Limit::Reject(why) => {
                 refused(
                     listener,
+                    entry,
                     Reason::RateLimited,
                     &format_args!("client {key}: {why}"),
                 );
@@ -161,13 +203,19 @@ async fn forward<C: Transport>(
     let (mut backend, lease, chosen) = match connected {
         Ok(connected) => connected,
         Err(reason) => {
-            refused(listener, reason, &format_args!("upstream {:?}", upstream.name));
+            refused(
+                listener,
+                entry,
+                reason,
+                &format_args!("upstream {:?}", upstream.name),
+            );
             let _ = tokio::time::timeout(REFUSAL_DEADLINE, client.shutdown()).await;
             return;
         }
     };
     chosen.connections.inc();
     Span::current().record("backend.addr", chosen.label.as_str());
+    entry.backend = Some(chosen.label.clone());
     // Taken after the dial: if the backend went down meanwhile, the signal has already fired.
     let backend_down = match upstream.health_check.on_down {
         OnDown::Close => Some(chosen.health.down_signal()),
@@ -231,6 +279,9 @@ async fn forward<C: Transport>(
         end,
         "connection closed"
     );
+    entry.bytes_up = progress.client_to_backend;
+    entry.bytes_down = progress.backend_to_client;
+    entry.outcome = end;
     // The concurrency slot first: once the backend count reads zero, the client may reconnect.
     drop(permit);
     drop(lease);
@@ -271,9 +322,10 @@ async fn connect(upstream: &Upstream) -> Result<(TcpStream, Lease, Arc<Backend>)
     })
 }
 
-/// Counts a refusal and logs it (throttled).
-fn refused(listener: &Listener, reason: Reason, detail: &dyn std::fmt::Display) {
+/// Counts a refusal, notes it for the access log and logs it (throttled).
+fn refused(listener: &Listener, entry: &mut Entry, reason: Reason, detail: &dyn std::fmt::Display) {
     listener.rejected.inc(reason);
+    entry.refuse(reason);
     if let Some(suppressed) = listener.reject_log.admit() {
         warn!(
             reason = reason.label(),

@@ -19,7 +19,9 @@
 //! | [`ratelimit`] | per-client fixed-window connection limits and concurrency caps (pure) |
 //! | [`pki`] | development certificates for `fulcrum certs`, the demo and tests |
 //! | [`metrics`] | counters, rejection reasons and Prometheus rendering |
-//! | [`admin`] | the admin HTTP listener (`/metrics`, `/healthz`) |
+//! | [`admin`] | the admin HTTP listener (`/`, `/status`, `/metrics`, `/healthz`) |
+//! | [`status`] | the `/status` JSON snapshot of live state (pure) and the status page |
+//! | [`accesslog`] | the JSON-lines access log: entries, the bounded queue, the writer task |
 //! | [`backend`] | the demo backend (`fulcrum backend`) |
 //! | [`demo`] | `fulcrum demo` |
 //!
@@ -35,6 +37,7 @@
 //! The balancer works on its own too: [`balancer::Pool::pick`] returns a [`balancer::Lease`] that
 //! counts against its backend until dropped.
 
+pub mod accesslog;
 pub mod admin;
 pub mod authz;
 pub mod backend;
@@ -50,6 +53,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
 pub mod server;
+pub mod status;
 pub mod tls;
 
 pub use config::Config;

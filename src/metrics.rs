@@ -191,6 +191,17 @@ pub fn render(state: &State) -> String {
         "Generation of the running configuration (1 at start).",
     );
     let _ = writeln!(out, "fulcrum_config_generation {}", state.generation);
+    header(
+        &mut out,
+        "fulcrum_access_log_dropped_total",
+        "counter",
+        "Access log lines dropped because the writer fell behind (the queue was full).",
+    );
+    let _ = writeln!(
+        out,
+        "fulcrum_access_log_dropped_total {}",
+        state.access_log_dropped()
+    );
     out
 }
 

@@ -14,8 +14,9 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -57,6 +58,8 @@ pub enum ServerError {
         listener: String,
         source: crate::tls::TlsError,
     },
+    #[error("access log: cannot open {path}: {source}")]
+    AccessLog { path: String, source: io::Error },
 }
 
 /// One generation of live state: listeners, upstreams and their counters. A reload builds the
@@ -72,6 +75,12 @@ pub struct State {
     pub(crate) registry: Arc<Registry>,
     /// Reload outcomes (shared by every generation).
     pub reloads: Arc<ReloadCounters>,
+    /// When the server started: the origin of the uptime in `/status` (kept across reloads).
+    pub(crate) started: Instant,
+    /// Set when shutdown starts: no new connections, open ones are draining.
+    pub(crate) draining: AtomicBool,
+    /// `[access_log]`, shared with every listener (opened at start; kept across reloads).
+    pub(crate) access_log: Option<Arc<crate::accesslog::AccessLog>>,
 }
 
 /// A listener's routing, policies and counters.
@@ -97,6 +106,8 @@ pub struct Listener {
     pub(crate) registry: Arc<Registry>,
     /// Keeps a flood of rejections from flooding the log.
     pub(crate) reject_log: crate::connection::LogThrottle,
+    /// Where each closed connection's line goes, if `[access_log]` is configured.
+    pub(crate) access_log: Option<Arc<crate::accesslog::AccessLog>>,
 }
 
 impl std::fmt::Debug for Listener {
@@ -111,6 +122,11 @@ impl std::fmt::Debug for Listener {
 }
 
 impl Listener {
+    /// The addresses this listener accepts on (SO_REUSEPORT siblings share one).
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        vec![self.bind]
+    }
+
     /// The upstream for a TLS server name: an SNI entry, else the listener's own upstream.
     pub fn route(&self, server_name: Option<&str>) -> &Arc<Upstream> {
         server_name
@@ -274,6 +290,16 @@ impl State {
             .rate_limit
             .as_ref()
             .map(|r| RateLimiter::new(policy(r, None), epoch));
+        // The access log is opened once, at start; a reload keeps it (changing it needs a restart).
+        let access_log = match previous {
+            Some(p) => p.access_log.clone(),
+            None => config.access_log.as_ref().map(|target| {
+                Arc::new(crate::accesslog::AccessLog::new(
+                    target.clone(),
+                    crate::accesslog::CHANNEL_CAPACITY,
+                ))
+            }),
+        };
         let find = |name: &str| upstreams.iter().find(|u| u.name == name).map(Arc::clone);
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for (l, tls) in config.listeners.iter().zip(tls) {
@@ -305,6 +331,7 @@ impl State {
                 rejected: old.map_or_else(Default::default, |o| Arc::clone(&o.rejected)),
                 registry: Arc::clone(&registry),
                 reject_log: Default::default(),
+                access_log: access_log.clone(),
             }));
         }
         State {
@@ -314,7 +341,25 @@ impl State {
             drain_timeout: config.drain_timeout,
             registry,
             reloads,
+            started: previous.map_or_else(Instant::now, |p| p.started),
+            draining: AtomicBool::new(false),
+            access_log,
         }
+    }
+
+    /// Which configuration this is: 1 for the one the server started with.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether shutdown has started (open connections are draining).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Access log lines dropped because the writer fell behind (0 without an access log).
+    pub fn access_log_dropped(&self) -> u64 {
+        self.access_log.as_ref().map_or(0, |log| log.dropped.get())
     }
 
     pub fn listeners(&self) -> impl Iterator<Item = &Arc<Listener>> {
@@ -447,6 +492,20 @@ impl Server {
                 warn!(listener = %l.name, "mTLS listener but [authorization] is empty: every client will be refused");
             }
         }
+        if let Some(addr) = admin.as_ref().and_then(|s| s.local_addr().ok()) {
+            if !addr.ip().to_canonical().is_loopback() {
+                warn!(%addr, "admin listener is not on a loopback address: /status and /metrics are open to the network");
+            }
+        }
+        if let Some(log) = &state.access_log {
+            log.open().map_err(|source| ServerError::AccessLog {
+                path: match &config.access_log {
+                    Some(crate::config::AccessLogConfig::File(path)) => path.display().to_string(),
+                    _ => "stdout".to_string(),
+                },
+                source,
+            })?;
+        }
         let (requests, inbox) = mpsc::channel(8);
         Ok(Server {
             live: Arc::new(Live::new(state, config.path.clone())),
@@ -512,6 +571,12 @@ impl Server {
             tasks.accept(name, socket);
         }
         tasks.start_probes(&live.state());
+        let log_stop = CancellationToken::new();
+        let log_writer = live
+            .state()
+            .access_log
+            .as_ref()
+            .and_then(|log| log.start(log_stop.clone()));
         let admin_stop = CancellationToken::new();
         let admin_task = admin.map(|socket| {
             if let Ok(addr) = socket.local_addr() {
@@ -532,6 +597,7 @@ impl Server {
         drop(inbox);
 
         let state = live.state();
+        state.draining.store(true, Ordering::Release);
         tasks.tracker.close();
         let drain = state.drain_timeout;
         info!(
@@ -550,6 +616,13 @@ impl Server {
                 .is_err()
             {
                 error!("connections did not close after cancellation");
+            }
+        }
+        // Every connection task has ended: their lines are queued. Flush them before returning.
+        log_stop.cancel();
+        if let Some(writer) = log_writer {
+            if tokio::time::timeout(CANCEL_GRACE, writer).await.is_err() {
+                error!("access log writer did not finish flushing");
             }
         }
         admin_stop.cancel();

@@ -393,3 +393,34 @@ fn runtime_workers_is_optional_and_bounded() {
         assert!(e.contains("runtime.workers") && e.contains(bad), "{e}");
     }
 }
+
+#[test]
+fn an_access_log_path_of_stdout_means_standard_output() {
+    let text = format!("{GOOD}\n[access_log]\npath = \"stdout\"\n");
+    let config = Config::from_toml(&text, "test.toml").expect("valid config");
+    assert_eq!(config.access_log, Some(AccessLogConfig::Stdout));
+}
+
+#[test]
+fn a_relative_access_log_path_is_resolved_against_the_config_files_directory() {
+    let text = format!("{GOOD}\n[access_log]\npath = \"logs/access.jsonl\"\n");
+    let config = Config::parse(&text, "etc/fulcrum.toml", Path::new("etc")).expect("valid config");
+    assert_eq!(
+        config.access_log,
+        Some(AccessLogConfig::File(PathBuf::from("etc/logs/access.jsonl")))
+    );
+    assert_eq!(
+        Config::from_toml(GOOD, "test.toml").expect("valid").access_log,
+        None
+    );
+}
+
+#[test]
+fn an_unknown_or_empty_access_log_key_is_an_error() {
+    let unknown = error_of(&format!(
+        "{GOOD}\n[access_log]\npath = \"stdout\"\nformat = \"json\"\n"
+    ));
+    assert!(unknown.contains("format"), "{unknown}");
+    let empty = error_of(&format!("{GOOD}\n[access_log]\npath = \"\"\n"));
+    assert!(empty.contains("access_log.path"), "{empty}");
+}

@@ -1,0 +1,138 @@
+//! The `/status` snapshot: live state as JSON for operators and the status page.
+//!
+//! [`snapshot`] is a pure function of the server's [`State`] and the current instant: it reads
+//! counters and the pools, changes nothing and does no I/O, so the admin listener can call it on
+//! every request. The field names are a public contract (the status page and operators' scripts
+//! read them): add fields, do not rename them. [`PAGE`] is the status page itself, a single HTML
+//! file with inline CSS and JS that polls `/status`; this module does not serve it (admin does).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::metrics::Reason;
+use crate::server::State;
+
+/// The status page served at `/`: no external assets, polls `/status` every second.
+pub const PAGE: &str = include_str!("status.html");
+
+/// Everything `/status` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// Which configuration is live: 1 at start, bumped by each reload.
+    pub generation: u64,
+    /// Whole seconds since the server started.
+    pub uptime_seconds: u64,
+    /// Whether shutdown has started: no new connections, open ones finishing.
+    pub draining: bool,
+    /// While draining, connections still open; `null` otherwise.
+    pub remaining_connections: Option<u64>,
+    /// Connections counted against any backend right now.
+    pub active_connections: u64,
+    /// Access log lines lost because the writer fell behind.
+    pub access_log_dropped: u64,
+    pub listeners: Vec<ListenerStatus>,
+    pub upstreams: Vec<UpstreamStatus>,
+}
+
+/// One listener: where it accepts, where it sends, what it refused.
+#[derive(Clone, Debug, Serialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    /// Bound addresses (several workers share one address, listed once).
+    pub bind: Vec<SocketAddr>,
+    pub upstream: String,
+    /// Whether the listener terminates TLS.
+    pub tls: bool,
+    /// Whether clients must present a certificate.
+    pub mtls: bool,
+    /// Connections accepted (refused ones included).
+    pub accepted: u64,
+    /// Refusals by reason (every reason listed, zeros included).
+    pub rejected: BTreeMap<&'static str, u64>,
+}
+
+/// One upstream group and its backends.
+#[derive(Clone, Debug, Serialize)]
+pub struct UpstreamStatus {
+    pub name: String,
+    /// Sum of the backends' active connections.
+    pub active: u64,
+    pub backends: Vec<BackendStatus>,
+}
+
+/// One backend's health and load.
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendStatus {
+    /// The configured `host:port` (the `backend` label in metrics).
+    pub address: String,
+    /// `"up"` (in rotation) or `"down"` (marked down by health checks).
+    pub health: &'static str,
+    /// Connections counted against it now (from selection until both directions close).
+    pub active: u32,
+    /// Connections proxied to it (connect succeeded), since start.
+    pub connections_total: u64,
+    /// Failed dials (refused, unreachable or timed out), since start.
+    pub connect_failures_total: u64,
+}
+
+/// Reads the live state at `now` (the uptime's end).
+pub fn snapshot(state: &State, now: Instant) -> Status {
+    let draining = state.is_draining();
+    let active_connections = state.total_active();
+    let listeners = state
+        .listeners()
+        .map(|l| ListenerStatus {
+            name: l.name.clone(),
+            bind: l.addresses(),
+            upstream: l.upstream.name.clone(),
+            tls: l.tls.is_some(),
+            mtls: l.mutual_tls,
+            accepted: l.accepted.get(),
+            rejected: Reason::ALL
+                .iter()
+                .map(|r| (r.label(), l.rejected.get(*r)))
+                .collect(),
+        })
+        .collect();
+    let upstreams = state
+        .upstreams()
+        .map(|u| {
+            let backends: Vec<BackendStatus> = u
+                .backends
+                .iter()
+                .zip(u.pool.active_all())
+                .map(|(b, active)| BackendStatus {
+                    address: b.label.clone(),
+                    health: if b.is_up() { "up" } else { "down" },
+                    active,
+                    connections_total: b.connections.get(),
+                    connect_failures_total: b.connect_failures.get(),
+                })
+                .collect();
+            UpstreamStatus {
+                name: u.name.clone(),
+                active: backends.iter().map(|b| u64::from(b.active)).sum(),
+                backends,
+            }
+        })
+        .collect();
+    Status {
+        generation: state.generation(),
+        uptime_seconds: now.saturating_duration_since(state.started).as_secs(),
+        draining,
+        remaining_connections: draining.then_some(active_connections),
+        active_connections,
+        access_log_dropped: state.access_log_dropped(),
+        listeners,
+        upstreams,
+    }
+}
+
+/// The snapshot as JSON text.
+pub fn render(state: &State, now: Instant) -> String {
+    // Strings, numbers and string-keyed maps always serialize; keep the endpoint answering anyway.
+    serde_json::to_string(&snapshot(state, now)).unwrap_or_else(|_| "{}".to_string())
+}
