@@ -116,6 +116,17 @@ def main(raw, meta_path, out_md, out_dat):
         if scenario != "handshakes":
             m["direct"] = None
         out.append(f"| {label} | " + " | ".join("–" if m[t] is None else f"{m[t]:.0f} %" for t in TARGETS) + " |")
+    client = [(s, l) for s, l in CPU_ROWS if any(med(s, t, "client_cpu_pct") is not None for t in TARGETS)]
+    if client:
+        out.append("")
+        out.append("The load tool's own CPU use (% of one core; it shares CPU 1 with the backends, so "
+                   "near 100 % means the client side, not the proxy, set the pace):")
+        out.append("")
+        out.append("| scenario | direct | fulcrum | HAProxy | nginx |")
+        out.append("|---|---:|---:|---:|---:|")
+        for scenario, label in client:
+            m = {t: med(scenario, t, "client_cpu_pct") for t in TARGETS}
+            out.append(f"| {label} | " + " | ".join("–" if m[t] is None else f"{m[t]:.0f} %" for t in TARGETS) + " |")
     held = sorted({int(v) for (s, t, metric), vs in values.items() if metric == "held" for v in vs})
     out.append("")
     if held:
@@ -129,7 +140,7 @@ def main(raw, meta_path, out_md, out_dat):
     out.append("| machine | |")
     out.append("|---|---|")
     for key in ["cpu", "nproc", "kernel", "haproxy", "nginx", "fulcrum", "iperf3", "wrk",
-                "fulcrum_workers", "http_backend", "load_at_start", "load_at_end", "date", "command"]:
+                "fulcrum_workers", "http_backend", "haproxy_splice", "load_at_start", "load_at_end", "date", "command"]:
         if key in meta:
             val = f"`{meta[key]}`" if key == "command" else meta[key]
             out.append(f"| {key.replace('_', ' ')} | {val} |")

@@ -14,6 +14,18 @@ use tokio_rustls::TlsConnector;
 use crate::tls::Conn;
 use crate::{secs, ClientTls, Target};
 
+/// This process's CPU time (user + system) so far, from /proc/self/stat (Linux; 0 elsewhere).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name; the
+    // clock tick is 100 Hz on every Linux platform we run on.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// Deadline for one connect + handshake + echo.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -94,6 +106,7 @@ pub async fn bulk(args: BulkArgs) -> anyhow::Result<()> {
         conns.push(dialer.dial().await?);
     }
     let start = Instant::now();
+    let cpu_start = cpu_seconds();
     let deadline = tokio::time::Instant::now() + secs(args.duration);
     let total = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -115,8 +128,9 @@ pub async fn bulk(args: BulkArgs) -> anyhow::Result<()> {
     }
     let elapsed = start.elapsed().as_secs_f64().min(args.duration.max(1e-9));
     let bytes = total.load(Ordering::Relaxed);
+    let client_cpu = 100.0 * (cpu_seconds() - cpu_start) / start.elapsed().as_secs_f64();
     println!(
-        "gbps={:.3} bytes={bytes} seconds={elapsed:.3} conns={}",
+        "gbps={:.3} bytes={bytes} seconds={elapsed:.3} conns={} client_cpu_pct={client_cpu:.1}",
         bytes as f64 * 8.0 / elapsed / 1e9,
         args.conns
     );
@@ -146,6 +160,7 @@ pub async fn handshakes(args: HandshakeArgs) -> anyhow::Result<()> {
         bail!("handshakes needs --ca, --cert and --key");
     }
     let start = Instant::now();
+    let cpu_start = cpu_seconds();
     let deadline = start + secs(args.duration);
     let started = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -192,8 +207,10 @@ pub async fn handshakes(args: HandshakeArgs) -> anyhow::Result<()> {
         let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
         latencies[i].as_secs_f64() * 1e3
     };
+    let client_cpu = 100.0 * (cpu_seconds() - cpu_start) / elapsed;
     println!(
-        "hs_per_sec={:.1} ok={ok} failed={failed} seconds={elapsed:.3} p50_ms={:.3} p99_ms={:.3}",
+        "hs_per_sec={:.1} ok={ok} failed={failed} seconds={elapsed:.3} p50_ms={:.3} p99_ms={:.3} \
+         client_cpu_pct={client_cpu:.1}",
         ok as f64 / elapsed,
         pct(0.50),
         pct(0.99)
