@@ -123,34 +123,25 @@ impl Pool {
         self.lock().set_in_rotation(index, in_rotation);
     }
 
-    /// Adds a backend (on reload) in rotation and returns its index: a retired slot whose last
-    /// lease is gone is reused, else the pool grows by one.
+    /// Adds a backend (on reload) in rotation and returns its index. Slots are never reused: a
+    /// connection of an older generation may still map a retired slot to the backend it had.
     pub fn add(&self) -> usize {
         let mut state = self.lock();
-        let reusable = state.nodes.iter().position(|n| n.retired && n.count == 0);
-        let index = match reusable {
-            Some(index) => {
-                state.nodes[index].retired = false;
-                index
-            }
-            None => {
-                state.nodes.push(Node {
-                    count: 0,
-                    in_rotation: false,
-                    retired: false,
-                    ramp: None,
-                    prev: NIL,
-                    next: NIL,
-                });
-                state.nodes.len() - 1
-            }
-        };
+        state.nodes.push(Node {
+            count: 0,
+            in_rotation: false,
+            retired: false,
+            ramp: None,
+            prev: NIL,
+            next: NIL,
+        });
+        let index = state.nodes.len() - 1;
         state.set_in_rotation(index, true);
         index
     }
 
     /// Removes a backend (on reload): out of rotation for good. Its open connections keep their
-    /// leases and drain; the slot is reused by [`Pool::add`] only once they are gone.
+    /// leases and drain.
     pub fn retire(&self, index: usize) {
         let mut state = self.lock();
         state.set_in_rotation(index, false);
@@ -193,7 +184,7 @@ impl Pool {
 struct Node {
     count: u32,
     in_rotation: bool,
-    /// Removed by a reload: never back in rotation; reusable once its count is zero.
+    /// Removed by a reload: never back in rotation.
     retired: bool,
     /// Slow start in progress, cleared lazily once over.
     ramp: Option<Ramp>,
