@@ -139,7 +139,7 @@ def main(raw, meta_path, out_md, out_dat):
     out.append("")
     out.append("| machine | |")
     out.append("|---|---|")
-    for key in ["cpu", "nproc", "kernel", "haproxy", "nginx", "fulcrum", "iperf3", "wrk",
+    for key in ["cpu", "nproc", "kernel", "haproxy", "nginx", "fulcrum", "openssl", "iperf3", "wrk",
                 "fulcrum_workers", "http_backend", "haproxy_splice", "load_at_start", "load_at_end", "date", "command"]:
         if key in meta:
             val = f"`{meta[key]}`" if key == "command" else meta[key]
