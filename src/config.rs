@@ -86,6 +86,9 @@ pub struct ListenerConfig {
     pub rate_limit: Option<RateLimitOverride>,
     /// Bytes written to a client refused by the rate limiter before closing (e.g. an HTTP 429).
     pub reject_response: Option<Vec<u8>>,
+    /// Expect a PROXY protocol v1/v2 header from a trusted front; its source address is the
+    /// client's for rate limits, logs and the header fulcrum sends on.
+    pub accept_proxy_protocol: bool,
 }
 
 /// TLS settings of a listener. Paths are resolved against the config file's directory.
@@ -140,6 +143,21 @@ pub struct UpstreamConfig {
     /// Health checking. Always present: without a `[upstream.health_check]` table it holds the
     /// defaults with `active = false` (passive detection plus recovery probes only).
     pub health_check: HealthCheckConfig,
+    /// Send a PROXY protocol header to backends before any client byte (off when `None`).
+    pub proxy_protocol: Option<crate::proxy_protocol::Version>,
+    /// Connect to backends over TLS (`[upstream.tls]`).
+    pub tls: Option<UpstreamTlsConfig>,
+}
+
+/// `[upstream.tls]`: TLS to the backends, verifying them. Paths resolve like the listener's.
+#[derive(Clone, Debug)]
+pub struct UpstreamTlsConfig {
+    /// PEM CA bundle the backends' certificates must chain to.
+    pub ca: PathBuf,
+    /// Client certificate and key for mTLS to the backends (both or neither).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Name checked in the backends' certificates (and sent as SNI); default: the backend's host.
+    pub server_name: Option<String>,
 }
 
 /// `[upstream.health_check]`: how backends are probed and when they change state.
@@ -342,6 +360,8 @@ struct RawListener {
     handshake_timeout: Option<String>,
     rate_limit: Option<RawRateLimitOverride>,
     reject_response: Option<String>,
+    #[serde(default)]
+    accept_proxy_protocol: bool,
 }
 
 #[derive(Deserialize)]
@@ -379,6 +399,17 @@ struct RawUpstream {
     connect_timeout: Option<String>,
     connect_attempts: Option<usize>,
     health_check: Option<RawHealthCheck>,
+    proxy_protocol: Option<String>,
+    tls: Option<RawUpstreamTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTls {
+    ca: PathBuf,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    server_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -513,6 +544,7 @@ impl Validator<'_> {
                 handshake_timeout,
                 rate_limit,
                 reject_response: l.reject_response.map(String::into_bytes),
+                accept_proxy_protocol: l.accept_proxy_protocol,
             });
         }
         let mut authorization = Vec::with_capacity(raw.authorization.len());
@@ -612,12 +644,43 @@ impl Validator<'_> {
             Some(raw) => self.health_check(&key("health_check"), raw)?,
             None => HealthCheckConfig::default(),
         };
+        let proxy_protocol = match u.proxy_protocol.as_deref() {
+            None => None,
+            Some("v1") => Some(crate::proxy_protocol::Version::V1),
+            Some("v2") => Some(crate::proxy_protocol::Version::V2),
+            Some(other) => {
+                return Err(self.invalid(key("proxy_protocol"), other, "expected \"v1\" or \"v2\""))
+            }
+        };
+        let tls = match u.tls {
+            None => None,
+            Some(t) => {
+                let client_cert = match (t.cert, t.key) {
+                    (Some(cert), Some(key)) => Some((self.base.join(cert), self.base.join(key))),
+                    (None, None) => None,
+                    _ => {
+                        return Err(self.invalid(
+                            key("tls"),
+                            "cert/key",
+                            "give both cert and key, or neither",
+                        ))
+                    }
+                };
+                Some(UpstreamTlsConfig {
+                    ca: self.base.join(t.ca),
+                    client_cert,
+                    server_name: t.server_name,
+                })
+            }
+        };
         Ok(UpstreamConfig {
             name: u.name.clone(),
             backends,
             connect_timeout,
             connect_attempts,
             health_check,
+            proxy_protocol,
+            tls,
         })
     }
 

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +36,7 @@ use crate::health::{self, Failure, Source};
 use crate::identity::identity_from_der;
 use crate::metrics::Reason;
 use crate::proxy::{relay, relay_tcp, Progress, RelayError, Side};
+use crate::proxy_protocol::{parse, Header, Parse, SslInfo, MAX_HEADER};
 use crate::ratelimit::{ClientKey, Decision as Limit, Permit};
 use crate::reload::Registration;
 use crate::server::{dial, Backend, Listener, Upstream};
@@ -72,26 +73,41 @@ pub(crate) async fn handle(
 }
 
 async fn serve(
-    client: TcpStream,
+    mut client: TcpStream,
     peer: SocketAddr,
     listener: &Arc<Listener>,
     abort: &CancellationToken,
     started: Instant,
     entry: &mut Entry,
 ) {
+    let local = client.local_addr().unwrap_or(peer);
+    let peer = if listener.accept_proxy_protocol {
+        let header = tokio::select! {
+            _ = abort.cancelled() => return,
+            header = read_proxy_header(&mut client, listener.handshake_timeout) => header,
+        };
+        match header {
+            // LOCAL or an unsupported family: the front's own connection, keep its address.
+            Ok(header) => header.source.unwrap_or(peer),
+            Err(e) => return refused(listener, entry, Reason::ProxyHeader, &e),
+        }
+    } else {
+        peer
+    };
+    if listener.accept_proxy_protocol {
+        Span::current().record("client.addr", field::display(peer));
+        entry.client = peer;
+    }
+    let mut who = Who {
+        key: ClientKey::from_ip(peer.ip()),
+        addr: peer,
+        local,
+        registration: None,
+        ssl: None,
+        authority: None,
+    };
     let Some(tls) = &listener.tls else {
-        let key = ClientKey::from_ip(peer.ip());
-        return forward(
-            client,
-            listener,
-            &listener.upstream,
-            key,
-            None,
-            abort,
-            started,
-            entry,
-        )
-        .await;
+        return forward(client, listener, &listener.upstream, who, abort, started, entry).await;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
     let handshake = tokio::select! {
@@ -113,8 +129,21 @@ async fn serve(
     let (_, session) = client.get_ref();
     let upstream = listener.route(session.server_name());
     entry.upstream = Some(upstream.name.clone());
-    let mut registration = None;
-    let key = if listener.mutual_tls {
+    who.authority = session.server_name().map(str::to_string);
+    who.ssl = Some(SslInfo {
+        verified: listener.mutual_tls,
+        client_cert: listener.mutual_tls,
+        version: session.protocol_version().map(|v| match v {
+            rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_string(),
+            rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_string(),
+            other => format!("{other:?}"),
+        }),
+        cipher: session
+            .negotiated_cipher_suite()
+            .map(|s| format!("{:?}", s.suite())),
+        cn: None,
+    });
+    if listener.mutual_tls {
         let identity = match session.peer_certificates().and_then(|chain| chain.first()) {
             Some(leaf) => identity_from_der(leaf),
             // Unreachable with a client verifier configured; refuse rather than assume.
@@ -140,46 +169,92 @@ async fn serve(
         }
         // Tracked while open, so that a reload removing this access closes the connection.
         let chain = session.peer_certificates().unwrap_or_default();
-        registration = Some(
+        who.registration = Some(
             listener
                 .registry
                 .register(&listener.name, &upstream.name, &identity, chain),
         );
-        ClientKey::Identity(identity.into())
-    } else {
-        ClientKey::from_ip(peer.ip())
-    };
+        if let Some(ssl) = &mut who.ssl {
+            ssl.cn = Some(identity.to_string());
+        }
+        who.key = ClientKey::Identity(identity.into());
+    }
     let upstream = Arc::clone(upstream);
-    forward(
-        client,
-        listener,
-        &upstream,
-        key,
-        registration,
-        abort,
-        started,
-        entry,
-    )
-    .await
+    forward(client, listener, &upstream, who, abort, started, entry).await
+}
+
+/// Who the client is, as far as the steps after the handshake need to know.
+struct Who {
+    /// Rate-limit key: the identity on mTLS listeners, else the source IP.
+    key: ClientKey,
+    /// The client's address (from the PROXY header when the listener accepts one).
+    addr: SocketAddr,
+    /// The address the client connected to.
+    local: SocketAddr,
+    /// Registration of an authorized mTLS connection, for revocation on reload.
+    registration: Option<Registration>,
+    /// The client's TLS session, for a PROXY v2 header to the backend.
+    ssl: Option<SslInfo>,
+    /// The server name the client asked for (SNI).
+    authority: Option<String>,
+}
+
+/// Reads a PROXY protocol header from the start of `stream`, consuming exactly its bytes (it
+/// peeks, so nothing after the header is ever taken), all within `deadline`.
+async fn read_proxy_header(stream: &mut TcpStream, deadline: Duration) -> Result<Header, String> {
+    let read = async {
+        let mut buf = vec![0u8; MAX_HEADER];
+        let mut seen = 0;
+        loop {
+            let n = stream.peek(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed before a complete PROXY header".to_string());
+            }
+            match parse(&buf[..n]) {
+                Ok(Parse::Complete(header)) => {
+                    stream
+                        .read_exact(&mut buf[..header.len])
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    return Ok(header);
+                }
+                Ok(Parse::Incomplete) if n >= MAX_HEADER => {
+                    return Err(format!("PROXY header longer than {MAX_HEADER} bytes"));
+                }
+                Ok(Parse::Incomplete) => {
+                    // Peeking again returns at once with the same bytes: wait a little for more.
+                    if n == seen {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    seen = n;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    tokio::time::timeout(deadline, read)
+        .await
+        .map_err(|_| "no complete PROXY header before the deadline".to_string())?
 }
 
 /// Steps 4-7 for a client whose transport is ready.
-#[allow(clippy::too_many_arguments)] // one connection's context, passed down once
 async fn forward<C: Transport>(
     mut client: C,
     listener: &Listener,
     upstream: &Upstream,
-    key: ClientKey,
-    registration: Option<Registration>,
+    who: Who,
     abort: &CancellationToken,
     started: Instant,
     entry: &mut Entry,
 ) {
+    let Who {
+        key, registration, ..
+    } = &who;
     Span::current().record("upstream", upstream.name.as_str());
     entry.upstream = Some(upstream.name.clone());
     let permit: Option<Permit> = match &listener.limiter {
         None => None,
-        Some(limiter) => match limiter.check(&key, Instant::now()) {
+        Some(limiter) => match limiter.check(key, Instant::now()) {
             Limit::Allow(permit) => Some(permit),
             Limit::Reject(why) => {
                 refused(
@@ -198,7 +273,7 @@ async fn forward<C: Transport>(
     };
     let connected = tokio::select! {
         _ = abort.cancelled() => return,
-        connected = connect(upstream) => connected,
+        connected = connect(upstream, &who) => connected,
     };
     let (mut backend, lease, chosen) = match connected {
         Ok(connected) => connected,
@@ -245,9 +320,12 @@ async fn forward<C: Transport>(
 
     let mut progress = Progress::default();
     // Zero-copy between plain sockets, buffered through TLS.
-    let result = match client.as_plain() {
-        Some(tcp) => relay_tcp(tcp, &mut backend, &mut progress, stop).await,
-        None => relay(&mut client, &mut backend, &mut progress, stop).await,
+    let result = match &mut backend {
+        BackendStream::Plain(plain) => match client.as_plain() {
+            Some(tcp) => relay_tcp(tcp, plain, &mut progress, stop).await,
+            None => relay(&mut client, plain, &mut progress, stop).await,
+        },
+        BackendStream::Tls(tls) => relay(&mut client, tls.as_mut(), &mut progress, stop).await,
     };
     let end = match &result {
         Ok(()) => "closed",
@@ -256,8 +334,8 @@ async fn forward<C: Transport>(
             // The backend was marked down with `on_down = "close"`, or a reload removed the
             // client's access: reset both sides, so neither mistakes the cut for a clean end.
             let _ = socket2::SockRef::from(client.tcp()).set_linger(Some(Duration::ZERO));
-            let _ = socket2::SockRef::from(&backend).set_linger(Some(Duration::ZERO));
-            match &registration {
+            let _ = socket2::SockRef::from(backend.tcp()).set_linger(Some(Duration::ZERO));
+            match registration {
                 Some(r) if r.revoked.is_cancelled() => "access_revoked",
                 _ => "backend_down",
             }
@@ -265,7 +343,7 @@ async fn forward<C: Transport>(
         Err(RelayError::Io { side, source }) => {
             // Mirror an abort: the other side sees a reset too, never a clean end of stream.
             let other = match side {
-                Side::Client => &backend,
+                Side::Client => backend.tcp(),
                 Side::Backend => client.tcp(),
             };
             let _ = socket2::SockRef::from(other).set_linger(Some(Duration::ZERO));
@@ -290,7 +368,7 @@ async fn forward<C: Transport>(
 /// Leases and dials backends until one answers, at most `connect_attempts` distinct ones. Each
 /// dial's outcome feeds the backend's health (passive detection). With no backend in rotation
 /// nothing is dialed: [`Reason::NoHealthyBackend`].
-async fn connect(upstream: &Upstream) -> Result<(TcpStream, Lease, Arc<Backend>), Reason> {
+async fn connect(upstream: &Upstream, who: &Who) -> Result<(BackendStream, Lease, Arc<Backend>), Reason> {
     let mut tried: Vec<usize> = Vec::new();
     for _ in 0..upstream.connect_attempts {
         let Some(lease) = upstream.pool.pick_at(&tried, Instant::now()) else {
@@ -301,15 +379,14 @@ async fn connect(upstream: &Upstream) -> Result<(TcpStream, Lease, Arc<Backend>)
             tried.push(lease.index());
             continue;
         };
-        match dial(&backend.addr, upstream.connect_timeout).await {
+        match open_backend(upstream, backend, who).await {
             Ok(stream) => {
                 health::record(upstream, lease.index(), Source::Traffic, Ok(()));
                 return Ok((stream, lease, Arc::clone(backend)));
             }
-            Err(e) => {
+            Err(failure) => {
                 backend.connect_failures.inc();
-                debug!(backend = %backend.label, error = %e, "backend connect failed");
-                let failure = Failure::from_connect(e, upstream.connect_timeout);
+                debug!(backend = %backend.label, error = %failure, "backend connect failed");
                 health::record(upstream, lease.index(), Source::Traffic, Err(failure));
                 tried.push(lease.index());
             }
@@ -320,6 +397,60 @@ async fn connect(upstream: &Upstream) -> Result<(TcpStream, Lease, Arc<Backend>)
     } else {
         Reason::ConnectFailed
     })
+}
+
+/// Dials a backend, sends the PROXY header (before any client byte, and before TLS), and runs
+/// the TLS handshake to it when the upstream asks for one: all within `connect_timeout`.
+async fn open_backend(upstream: &Upstream, backend: &Backend, who: &Who) -> Result<BackendStream, Failure> {
+    let timeout = upstream.connect_timeout;
+    let open = async {
+        let mut stream = dial(&backend.addr, timeout)
+            .await
+            .map_err(|e| Failure::from_connect(e, timeout))?;
+        if let Some(version) = upstream.proxy_protocol {
+            let header = crate::proxy_protocol::encode(
+                version,
+                who.addr,
+                who.local,
+                who.ssl.as_ref(),
+                who.authority.as_deref(),
+            );
+            stream.write_all(&header).await.map_err(Failure::Io)?;
+        }
+        let Some((config, name)) = &upstream.tls else {
+            return Ok(BackendStream::Plain(stream));
+        };
+        let name = match (name, &backend.addr) {
+            (Some(name), _) => name.clone(),
+            (None, crate::config::BackendAddr::Name { host, .. }) => host.clone(),
+            (None, crate::config::BackendAddr::Ip(ip)) => ip.ip().to_string(),
+        };
+        let name = rustls::pki_types::ServerName::try_from(name)
+            .map_err(|e| Failure::Io(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
+            .connect(name, stream)
+            .await
+            .map_err(Failure::Io)?;
+        Ok(BackendStream::Tls(Box::new(tls)))
+    };
+    tokio::time::timeout(timeout, open)
+        .await
+        .map_err(|_| Failure::TimedOut(timeout))?
+}
+
+/// The backend side of a connection: plain TCP, or TLS to the backend (`[upstream.tls]`).
+enum BackendStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl BackendStream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            BackendStream::Plain(tcp) => tcp,
+            BackendStream::Tls(tls) => tls.get_ref().0,
+        }
+    }
 }
 
 /// Counts a refusal, notes it for the access log and logs it (throttled).

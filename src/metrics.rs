@@ -23,15 +23,18 @@ pub enum Reason {
     Unauthorized,
     /// Over the client's connection rate or concurrency limit.
     RateLimited,
+    /// `accept_proxy_protocol`: a missing, malformed or late PROXY protocol header.
+    ProxyHeader,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 5] = [
+    pub const ALL: [Reason; 6] = [
         Reason::ConnectFailed,
         Reason::NoHealthyBackend,
         Reason::TlsHandshake,
         Reason::Unauthorized,
         Reason::RateLimited,
+        Reason::ProxyHeader,
     ];
 
     pub fn label(self) -> &'static str {
@@ -41,6 +44,7 @@ impl Reason {
             Reason::TlsHandshake => "tls_handshake",
             Reason::Unauthorized => "unauthorized",
             Reason::RateLimited => "rate_limited",
+            Reason::ProxyHeader => "proxy_header",
         }
     }
 }

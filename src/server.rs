@@ -53,6 +53,11 @@ pub enum ServerError {
     AdminBind { addr: SocketAddr, source: io::Error },
     #[error("listener {0:?} has no socket: pass one for every configured listener")]
     MissingListener(String),
+    #[error("upstream {upstream:?}: {source}")]
+    UpstreamTls {
+        upstream: String,
+        source: crate::tls::TlsError,
+    },
     #[error("listener {listener:?}: {source}")]
     Tls {
         listener: String,
@@ -97,6 +102,8 @@ pub struct Listener {
     /// Lowercase server name -> upstream.
     pub sni: Vec<(String, Arc<Upstream>)>,
     pub handshake_timeout: Duration,
+    /// Expect a PROXY protocol header first (see [`crate::config::ListenerConfig`]).
+    pub accept_proxy_protocol: bool,
     pub authorization: Arc<Authorization>,
     pub limiter: Option<RateLimiter>,
     pub reject_response: Option<Vec<u8>>,
@@ -154,6 +161,10 @@ pub struct Upstream {
     pub connect_attempts: usize,
     /// Probe settings, thresholds, `on_down` and slow start (see [`crate::health`]).
     pub health_check: HealthCheckConfig,
+    /// PROXY protocol header sent to backends before any client byte.
+    pub proxy_protocol: Option<crate::proxy_protocol::Version>,
+    /// TLS to the backends, and the name to verify (default: the backend's host).
+    pub tls: Option<(Arc<rustls::ClientConfig>, Option<String>)>,
 }
 
 /// One backend's address, counters and health. Its active count lives in the pool, at `slot`.
@@ -181,7 +192,11 @@ impl Upstream {
     /// Builds an upstream, taking over `previous` (the same upstream in the running generation):
     /// its pool, and the backends that stay, with their counters and health. Backends that go are
     /// retired from the pool; their open connections drain.
-    pub(crate) fn new(config: &UpstreamConfig, previous: Option<&Upstream>) -> Upstream {
+    pub(crate) fn new(
+        config: &UpstreamConfig,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        previous: Option<&Upstream>,
+    ) -> Upstream {
         let pool = previous.map_or_else(|| Pool::new(0), |p| Arc::clone(&p.pool));
         let mut backends = Vec::with_capacity(config.backends.len());
         for addr in &config.backends {
@@ -222,6 +237,8 @@ impl Upstream {
             connect_timeout: config.connect_timeout,
             connect_attempts: config.connect_attempts,
             health_check: config.health_check.clone(),
+            proxy_protocol: config.proxy_protocol,
+            tls: tls.map(|c| (c, config.tls.as_ref().and_then(|t| t.server_name.clone()))),
         }
     }
 
@@ -244,9 +261,27 @@ pub fn validate(config: &Config) -> Result<(), ServerError> {
     Ok(())
 }
 
-/// Loads every listener's certificate files: the part of building a generation that can fail.
-fn load_tls(config: &Config) -> Result<Vec<Option<ServerTls>>, ServerError> {
-    config
+/// Every certificate file a generation needs, loaded: the part of building one that can fail.
+struct Loaded {
+    listeners: Vec<Option<ServerTls>>,
+    upstreams: Vec<Option<Arc<rustls::ClientConfig>>>,
+}
+
+fn load_tls(config: &Config) -> Result<Loaded, ServerError> {
+    let upstreams = config
+        .upstreams
+        .iter()
+        .map(|u| match &u.tls {
+            Some(t) => crate::tls::client_config(t)
+                .map(Some)
+                .map_err(|source| ServerError::UpstreamTls {
+                    upstream: u.name.clone(),
+                    source,
+                }),
+            None => Ok(None),
+        })
+        .collect::<Result<_, _>>()?;
+    let listeners = config
         .listeners
         .iter()
         .map(|l| match &l.tls {
@@ -258,7 +293,8 @@ fn load_tls(config: &Config) -> Result<Vec<Option<ServerTls>>, ServerError> {
                 }),
             None => Ok(None),
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok(Loaded { listeners, upstreams })
 }
 
 impl State {
@@ -267,7 +303,7 @@ impl State {
     /// reload never touches the running generation's pools.
     fn assemble(
         config: &Config,
-        tls: Vec<Option<ServerTls>>,
+        loaded: Loaded,
         addrs: Vec<(String, SocketAddr)>,
         previous: Option<&State>,
         generation: u64,
@@ -275,11 +311,10 @@ impl State {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
-            .map(|u| {
-                Arc::new(Upstream::new(
-                    u,
-                    previous.and_then(|p| p.upstream(&u.name)).map(|u| &**u),
-                ))
+            .zip(loaded.upstreams)
+            .map(|(u, tls)| {
+                let previous = previous.and_then(|p| p.upstream(&u.name)).map(|u| &**u);
+                Arc::new(Upstream::new(u, tls, previous))
             })
             .collect();
         let authorization = Arc::new(Authorization::new(config.authorization.iter().cloned()));
@@ -302,7 +337,7 @@ impl State {
         };
         let find = |name: &str| upstreams.iter().find(|u| u.name == name).map(Arc::clone);
         let mut listeners = Vec::with_capacity(config.listeners.len());
-        for (l, tls) in config.listeners.iter().zip(tls) {
+        for (l, tls) in config.listeners.iter().zip(loaded.listeners) {
             // Config validation guarantees every named upstream exists; a listener naming none is skipped.
             let Some(upstream) = find(&l.upstream) else {
                 continue;
@@ -324,6 +359,7 @@ impl State {
                     .filter_map(|(n, u)| Some((n.clone(), find(u)?)))
                     .collect(),
                 handshake_timeout: l.handshake_timeout,
+                accept_proxy_protocol: l.accept_proxy_protocol,
                 authorization: Arc::clone(&authorization),
                 limiter: listener_limiter(l, config.rate_limit.as_ref(), global_limiter.as_ref(), epoch),
                 reject_response: l.reject_response.clone(),

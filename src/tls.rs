@@ -128,6 +128,41 @@ pub fn server_config(tls: &TlsConfig) -> Result<ServerTls, TlsError> {
     })
 }
 
+/// The client configuration for TLS to an upstream's backends: verify them against `ca`, and
+/// present a client certificate when one is configured (mTLS to the backend).
+pub fn client_config(tls: &crate::config::UpstreamTlsConfig) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certificates("backend CA", &tls.ca)? {
+        roots.add(cert).map_err(|e| TlsError::BadCa {
+            path: tls.ca.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match &tls.client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = certificates("client certificate", cert)?;
+            let private = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Read {
+                what: "client key",
+                path: key.clone(),
+                reason: pem_reason(e),
+            })?;
+            builder
+                .with_client_auth_cert(chain, private)
+                .map_err(|e| TlsError::KeyMismatch {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    reason: e.to_string(),
+                })?
+        }
+    };
+    Ok(Arc::new(config))
+}
+
 /// Every certificate in a PEM file; an error if there is none.
 fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let read_error = |reason: String| TlsError::Read {
