@@ -1,5 +1,7 @@
 //! The demo backend behind `fulcrum backend`: a tiny HTTP/1.1 server answering every request with
-//! `Hello world from server N` (keep-alive), or a byte echo with `--echo`.
+//! `Hello world from server N` (keep-alive), or a byte echo with `--echo`. A connection that
+//! starts with a PROXY protocol header (an upstream with `proxy_protocol`) has it consumed, and the
+//! greeting adds the client address and identity it announced.
 //!
 //! It exists so a newcomer can see which backend served them, and so tests have a real peer. It
 //! is not a general HTTP server: it reads request heads up to 16 KiB, skips `Content-Length`
@@ -15,6 +17,8 @@ use tracing::debug;
 
 const MAX_HEAD: usize = 16 * 1024;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a new connection may take to show whether it starts with a PROXY header.
+const PROXY_HEADER_DEADLINE: Duration = Duration::from_secs(5);
 
 /// What the demo backend does with a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,15 +39,31 @@ pub async fn serve(socket: TcpListener, name: String, mode: Mode, stop: Cancella
             accepted = socket.accept() => accepted,
         };
         match accepted {
-            Ok((stream, _)) => {
+            Ok((mut stream, _)) => {
                 let _ = stream.set_nodelay(true);
                 let greeting = std::sync::Arc::clone(&greeting);
                 let stop = stop.clone();
                 tracker.spawn(async move {
-                    let (mut read, mut write) = stream.into_split();
                     let served = async {
+                        // A balancer in front may announce the real client with a PROXY header.
+                        let via = crate::connection::read_proxy_header(&mut stream, PROXY_HEADER_DEADLINE)
+                            .await
+                            .ok();
+                        let (mut read, mut write) = stream.into_split();
                         match mode {
-                            Mode::Hello => hello(&mut read, &mut write, &greeting).await,
+                            Mode::Hello => {
+                                let greeting = match via.as_ref().and_then(|h| h.source.map(|s| (s, h))) {
+                                    Some((source, header)) => {
+                                        let identity = header.ssl.as_ref().and_then(|s| s.cn.as_deref());
+                                        format!(
+                                            "{greeting}via PROXY protocol: client {source}{}\n",
+                                            identity.map(|id| format!(", identity {id}")).unwrap_or_default()
+                                        )
+                                    }
+                                    None => greeting.to_string(),
+                                };
+                                hello(&mut read, &mut write, &greeting).await
+                            }
                             Mode::Echo => echo(&mut read, &mut write).await,
                         }
                     };

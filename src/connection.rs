@@ -201,7 +201,7 @@ struct Who {
 
 /// Reads a PROXY protocol header from the start of `stream`, consuming exactly its bytes (it
 /// peeks, so nothing after the header is ever taken), all within `deadline`.
-async fn read_proxy_header(stream: &mut TcpStream, deadline: Duration) -> Result<Header, String> {
+pub(crate) async fn read_proxy_header(stream: &mut TcpStream, deadline: Duration) -> Result<Header, String> {
     let read = async {
         let mut buf = vec![0u8; MAX_HEADER];
         let mut seen = 0;
