@@ -20,8 +20,15 @@
 //! client away. Time is passed in ([`Pool::pick_at`]); this module never reads a clock except in
 //! the [`Pool::pick`] convenience wrapper.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+// `--cfg shuttle` (scripts/concurrency-check) swaps in shuttle's lock so its scheduler can
+// interleave threads at every acquisition; every other build uses std's.
+#[cfg(shuttle)]
+use shuttle::sync::{Mutex, MutexGuard};
+#[cfg(not(shuttle))]
+use std::sync::{Mutex, MutexGuard};
 
 /// Share of its fair load a ramping backend may take at the start of its slow start.
 pub const RAMP_START: f64 = 0.1;

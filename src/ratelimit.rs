@@ -59,9 +59,16 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
+
+// `--cfg shuttle` (scripts/concurrency-check) swaps in shuttle's locks and atomics so its scheduler
+// can interleave threads at every acquisition and counter access; every other build uses std's.
+#[cfg(shuttle)]
+use shuttle::sync::{atomic::AtomicU32, Mutex, MutexGuard};
+#[cfg(not(shuttle))]
+use std::sync::{atomic::AtomicU32, Mutex, MutexGuard};
 
 /// A sensible `max_clients` for callers without a configured value.
 pub const DEFAULT_MAX_CLIENTS: usize = 100_000;
