@@ -243,7 +243,11 @@ impl Direction {
             if self.eof {
                 buffers::give(self.buf.take());
                 // Propagate the half-close: flush, then shut down the sink's write side.
-                ready!(Pin::new(&mut *writer).poll_shutdown(cx)).map_err(DirectionError::Write)?;
+                match ready!(Pin::new(&mut *writer).poll_shutdown(cx)) {
+                    // The peer has already closed both ways: nothing is left to tell it.
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                    other => other.map_err(DirectionError::Write)?,
+                }
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
@@ -430,9 +434,11 @@ mod splice {
                         pipe.give();
                     }
                     // Propagate the half-close.
-                    socket2::SockRef::from(dst)
-                        .shutdown(std::net::Shutdown::Write)
-                        .map_err(DirectionError::Write)?;
+                    match socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
+                        // The peer has already closed both ways: nothing is left to tell it.
+                        Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                        other => other.map_err(DirectionError::Write)?,
+                    }
                     self.done = true;
                     return Poll::Ready(Ok(()));
                 }
