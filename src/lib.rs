@@ -9,6 +9,7 @@
 //! | [`config`] | TOML -> validated [`Config`]; every rule about valid configuration (pure) |
 //! | [`balancer`] | least-connections selection and the lease that is a connection's count (pure) |
 //! | [`proxy`] | the two-way byte relay with half-close and per-side errors |
+//! | [`proxy_protocol`] | PROXY protocol v1/v2 headers: encoding and incremental parsing (pure) |
 //! | [`server`] | binding, accept loops, live state generations, reload, shutdown and drain |
 //! | [`reload`] | reload requests and results, and which open connections lose access |
 //! | [`connection`] | one connection's steps in order: handshake, authz, limit, dial, relay, log |
@@ -50,6 +51,7 @@ pub mod identity;
 pub mod metrics;
 pub mod pki;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod reload;
 pub mod server;
