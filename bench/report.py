@@ -28,6 +28,16 @@ ROWS = [
     ("rss_tls", "kb_per_conn", "RSS per idle proxied connection, mTLS", "RSS mTLS", "kB", False),
 ]
 
+# scenario, metric, label, unit of (metric per CPU-second)
+EFFICIENCY_ROWS = [
+    ("bulk1", "gbps", "bulk TCP, 1 stream", "Gbit/s"),
+    ("bulk8", "gbps", "bulk TCP, 8 streams", "Gbit/s"),
+    ("tls_bulk", "gbps", "bulk into mTLS listener", "Gbit/s"),
+    ("keepalive", "rps", "keep-alive HTTP", "req/s"),
+    ("close", "rps", "new connection per request", "conn/s"),
+    ("handshakes", "hs_per_sec", "mTLS handshakes + echo", "/s"),
+]
+
 CPU_ROWS = [
     ("bulk1", "bulk TCP, 1 stream"),
     ("bulk8", "bulk TCP, 8 streams"),
@@ -127,6 +137,30 @@ def main(raw, meta_path, out_md, out_dat):
         for scenario, label in client:
             m = {t: med(scenario, t, "client_cpu_pct") for t in TARGETS}
             out.append(f"| {label} | " + " | ".join("–" if m[t] is None else f"{m[t]:.0f} %" for t in TARGETS) + " |")
+    # Work per CPU-second of the proxy, per round, then the median: on a shared machine a proxy
+    # that is descheduled does less work but also burns less CPU, so this moves far less than
+    # the raw rates when other processes compete for CPU 0.
+    eff = []
+    for scenario, metric, label, unit in EFFICIENCY_ROWS:
+        m = {}
+        for t in PROXIES:
+            work = values.get((scenario, t, metric), [])
+            cpu = values.get((scenario, t, "cpu_pct"), [])
+            per = [w / (c / 100) for w, c in zip(work, cpu) if c > 0 and not math.isnan(w)]
+            m[t] = statistics.median(per) if per else None
+        if any(v is not None for v in m.values()):
+            eff.append((label, unit, m))
+    if eff:
+        out.append("")
+        out.append("Work per CPU-second of the proxy (median over rounds of value / CPU; less "
+                   "sensitive than the rates above to other load on the machine):")
+        out.append("")
+        out.append("| scenario | unit | fulcrum | HAProxy | nginx | fulcrum / HAProxy | nginx / HAProxy |")
+        out.append("|---|---|---:|---:|---:|---:|---:|")
+        for label, unit, m in eff:
+            cells = " | ".join(fmt(m[t], unit) for t in PROXIES)
+            out.append(f"| {label} | {unit} | {cells} | {ratio(m['fulcrum'], m['haproxy'])} "
+                       f"| {ratio(m['nginx'], m['haproxy'])} |")
     held = sorted({int(v) for (s, t, metric), vs in values.items() if metric == "held" for v in vs})
     out.append("")
     if held:
@@ -137,10 +171,28 @@ def main(raw, meta_path, out_md, out_dat):
         out.append("")
         out.extend(f"- {n}" for n in notes)
     out.append("")
+    out.append("<details><summary>Every round (run order: for each round, each scenario, each "
+               "target)</summary>")
+    out.append("")
+    rounds = sorted({int(l.split("\t")[0]) for l in open(raw) if l.count("\t") == 4})
+    out.append("| scenario | unit | " + " | ".join(TARGETS) + " |")
+    out.append("|---|---|" + "---:|" * len(TARGETS))
+    for scenario, metric, label, short, unit, higher in ROWS:
+        cells = []
+        for t in TARGETS:
+            v = values.get((scenario, t, metric), [])
+            cells.append(" / ".join(fmt(x, unit) for x in v) if v else "–")
+        if any(c != "–" for c in cells):
+            out.append(f"| {label} | {unit} | " + " | ".join(cells) + " |")
+    out.append("")
+    out.append(f"Rounds: {len(rounds)}. Values in round order.")
+    out.append("")
+    out.append("</details>")
+    out.append("")
     out.append("| machine | |")
     out.append("|---|---|")
     for key in ["cpu", "nproc", "kernel", "haproxy", "nginx", "fulcrum", "openssl", "iperf3", "wrk",
-                "fulcrum_workers", "http_backend", "haproxy_splice", "load_at_start", "load_at_end", "date", "command"]:
+                "fulcrum_workers", "http_backend", "haproxy_splice", "load_at_start", "load_at_measure", "load_at_end", "date", "command"]:
         if key in meta:
             val = f"`{meta[key]}`" if key == "command" else meta[key]
             out.append(f"| {key.replace('_', ' ')} | {val} |")

@@ -46,7 +46,10 @@ impl Dialer {
             (None, None, None) => None,
             _ => bail!("TLS needs --ca, --cert and --key together"),
         };
-        Ok(Dialer { addr: target.connect, tls })
+        Ok(Dialer {
+            addr: target.connect,
+            tls,
+        })
     }
 
     /// Connect and (for TLS) complete the handshake, all under `STEP_TIMEOUT`.

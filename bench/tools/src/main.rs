@@ -74,9 +74,7 @@ fn secs(s: f64) -> Duration {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // One worker per CPU the process may run on: under `taskset -c 1` that is one.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
             Command::Sink(args) => servers::run(args, servers::Mode::Sink).await,

@@ -40,9 +40,15 @@ pub async fn run(args: ServerArgs, mode: Mode) -> anyhow::Result<()> {
         _ => None,
     };
     for addr in &args.listen {
-        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
         socket.set_reuseaddr(true)?;
-        socket.bind(*addr).with_context(|| format!("cannot bind {addr}"))?;
+        socket
+            .bind(*addr)
+            .with_context(|| format!("cannot bind {addr}"))?;
         let listener = socket.listen(4096)?;
         let acceptor = acceptor.clone();
         tokio::spawn(async move {

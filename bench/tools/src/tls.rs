@@ -61,8 +61,7 @@ pub fn client(ca: &Path, cert: &Path, key_path: &Path) -> anyhow::Result<Arc<Cli
 /// A server with `cert`/`key` that requires a client certificate signed by `client_ca`.
 pub fn server(cert: &Path, key_path: &Path, client_ca: &Path) -> anyhow::Result<Arc<ServerConfig>> {
     let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(client_ca)?), provider())
-            .build()?;
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(client_ca)?), provider()).build()?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -96,11 +95,7 @@ impl AsyncRead for Conn {
 }
 
 impl AsyncWrite for Conn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
