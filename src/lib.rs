@@ -8,7 +8,6 @@
 //! |---|---|
 //! | [`config`] | TOML -> validated [`Config`]; every rule about valid configuration (pure) |
 //! | [`balancer`] | least-connections selection and the lease that is a connection's count (pure) |
-//! | [`proxy_protocol`] | PROXY protocol v1/v2 headers: encode, parse (pure) |
 //! | [`proxy`] | the two-way byte relay with half-close and per-side errors |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2 headers: encoding and incremental parsing (pure) |
 //! | [`server`] | binding, accept loops, live state generations, reload, shutdown and drain |
