@@ -309,9 +309,13 @@ async fn connect(upstream: &Upstream) -> Result<(TcpStream, Lease, Arc<Backend>)
             Err(e) => {
                 backend.connect_failures.inc();
                 debug!(backend = %backend.label, error = %e, "backend connect failed");
+                tried.push(lease.index());
+                if crate::server::is_resource_exhaustion(&e) {
+                    // Out of descriptors or memory here: says nothing about the backend's health.
+                    continue;
+                }
                 let failure = Failure::from_connect(e, upstream.connect_timeout);
                 health::record(upstream, lease.index(), Source::Traffic, Err(failure));
-                tried.push(lease.index());
             }
         }
     }
