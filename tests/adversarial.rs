@@ -615,10 +615,15 @@ impl Fulcrum {
 
     /// Waits until a stderr line contains `needle`.
     async fn wait_for_line(&mut self, needle: &str) {
+        self.next_line_with(needle).await;
+    }
+
+    /// The next stderr line containing `needle`.
+    async fn next_line_with(&mut self, needle: &str) -> String {
         within(needle, async {
             loop {
                 match self.lines.recv().await {
-                    Some(line) if line.contains(needle) => return,
+                    Some(line) if line.contains(needle) => return line,
                     Some(_) => {}
                     None => panic!("fulcrum's stderr ended before a line with {needle:?}"),
                 }
@@ -797,6 +802,112 @@ backends = ["{backend}"]
         wait_for_sockets(&pid, baseline).await;
         let mut again = connect(main).await;
         assert_eq!(round_trip(&mut again, b"served again").await, b"served again");
+        drop(again);
+        wait_for_sockets(&pid, baseline).await;
+        fulcrum.assert_alive();
+    });
+}
+
+/// Descriptors process `pid` holds with numbers under 32: RLIMIT_NOFILE bounds the numbers a
+/// new descriptor may get, and descriptors inherited above it do not count.
+fn descriptors(pid: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list /proc/PID/fd")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|fd| *fd < 32)
+        .count()
+}
+
+#[test]
+fn dials_failing_for_want_of_local_descriptors_do_not_mark_a_healthy_backend_down() {
+    serially(|| async {
+        let backend = TestBackend::echo().await;
+        let pki = Pki::new(&[]);
+        let dir = TempDir::new("emfile-dial");
+        // `hold` clients cost the child one descriptor each (see the test above).
+        let config = dir.write(
+            "fulcrum.toml",
+            &format!(
+                r#"
+[runtime]
+workers = 1
+
+[[listener]]
+name = "main"
+bind = "127.0.0.1:0"
+upstream = "pool"
+
+[[listener]]
+name = "hold"
+bind = "127.0.0.1:0"
+upstream = "pool"
+handshake_timeout = "1m"
+[listener.tls]
+cert = {cert}
+key = {key}
+
+[[upstream]]
+name = "pool"
+backends = ["{backend}"]
+"#,
+                cert = toml_path(&pki.server_cert),
+                key = toml_path(&pki.server_key),
+                backend = backend.addr,
+            ),
+        );
+        let mut fulcrum =
+            Fulcrum::spawn(&["prlimit", "--nofile=32:32"], &config, &["main", "hold"], false).await;
+        let pid = fulcrum.pid.clone();
+        let baseline = sockets(&pid);
+
+        // Fill the table to exactly one free descriptor, one held client at a time, so that
+        // nothing waits in a backlog.
+        let mut held = Vec::new();
+        for _ in 0..32 {
+            if descriptors(&pid) >= 31 {
+                break;
+            }
+            let before = descriptors(&pid);
+            held.push(connect(fulcrum.addr("hold")).await);
+            wait_until("the child accepted the held client", || {
+                descriptors(&pid) > before
+            })
+            .await;
+        }
+        assert_eq!(
+            descriptors(&pid),
+            31,
+            "the child's table did not fill to one free slot"
+        );
+
+        // Each client is accepted into the last descriptor; its dial finds none left.
+        for _ in 0..4 {
+            let mut client = connect(fulcrum.addr("main")).await;
+            let end = read_until_closed(&mut client).await;
+            assert!(
+                matches!(&end, Ok(b) if b.is_empty()) || end.is_err(),
+                "served without a descriptor?"
+            );
+            let line = fulcrum.next_line_with("connection refused").await;
+            assert!(
+                line.contains("connect_failed"),
+                "refused for another reason: {line}"
+            );
+        }
+        drop(held);
+        wait_for_sockets(&pid, baseline).await;
+
+        // The backend never failed: the next client is served at once, not refused as
+        // no_healthy_backend until probes bring the backend back.
+        let mut again = connect(fulcrum.addr("main")).await;
+        let mut reply = vec![0u8; 5];
+        within("the write", again.write_all(b"again"))
+            .await
+            .expect("write");
+        match within("the echo", again.read_exact(&mut reply)).await {
+            Ok(_) => assert_eq!(reply, b"again"),
+            Err(e) => panic!("refused after the descriptors came back ({e}): the backend was marked down"),
+        }
         drop(again);
         wait_for_sockets(&pid, baseline).await;
         fulcrum.assert_alive();
