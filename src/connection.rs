@@ -389,8 +389,12 @@ async fn connect(upstream: &Upstream, who: &Who) -> Result<(BackendStream, Lease
             Err(failure) => {
                 backend.connect_failures.inc();
                 debug!(backend = %backend.label, error = %failure, "backend connect failed");
-                health::record(upstream, lease.index(), Source::Traffic, Err(failure));
                 tried.push(lease.index());
+                if failure.is_local_exhaustion() {
+                    // Out of descriptors or memory here: says nothing about the backend's health.
+                    continue;
+                }
+                health::record(upstream, lease.index(), Source::Traffic, Err(failure));
             }
         }
     }

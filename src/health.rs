@@ -126,6 +126,15 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Whether the dial failed for want of local resources (descriptors, memory): a fault of
+    /// this process, not of the backend.
+    pub fn is_local_exhaustion(&self) -> bool {
+        match self {
+            Failure::Connect(e) | Failure::Io(e) => crate::server::is_resource_exhaustion(e),
+            _ => false,
+        }
+    }
+
     /// Classifies a failed dial made under `timeout`.
     pub fn from_connect(e: io::Error, timeout: Duration) -> Failure {
         match e.kind() {

@@ -866,7 +866,8 @@ async fn accept_loop(
     debug!(listener = %name, "accept loop stopped");
 }
 
-fn is_resource_exhaustion(e: &io::Error) -> bool {
+/// Whether `e` says this process is out of descriptors, buffers or memory (not the peer's fault).
+pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
     // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12 (Linux).
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
 }
