@@ -194,10 +194,11 @@ fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
     let cancel = token.clone();
     tokio::spawn(async move {
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        tracing::info!("signal received: shutting down (send again to exit at once)");
+        // Cancel before logging: nothing (a broken log pipe included) may stand between the
+        // signal and the shutdown.
         cancel.cancel();
+        tracing::info!("signal received: shutting down (send again to exit at once)");
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        tracing::warn!("second signal: exiting without draining");
         std::process::exit(1);
     });
     Ok(token)
