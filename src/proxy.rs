@@ -64,29 +64,14 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut up = Direction::default();
-    let mut down = Direction::default();
-    let mut stop = pin!(stop);
-    poll_fn(|cx| {
-        if stop.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(RelayError::Cancelled));
-        }
-        let up_done = match up.poll(cx, &mut *client, &mut *backend, &mut progress.client_to_backend) {
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e.blame(Side::Client, Side::Backend))),
-            Poll::Ready(Ok(())) => true,
-            Poll::Pending => false,
-        };
-        let down_done = match down.poll(cx, &mut *backend, &mut *client, &mut progress.backend_to_client) {
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e.blame(Side::Backend, Side::Client))),
-            Poll::Ready(Ok(())) => true,
-            Poll::Pending => false,
-        };
-        if up_done && down_done {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
-        }
-    })
+    drive(
+        client,
+        backend,
+        progress,
+        stop,
+        Direction::default(),
+        Direction::default(),
+    )
     .await
 }
 
@@ -98,8 +83,31 @@ pub async fn relay_tcp(
     progress: &mut Progress,
     stop: impl Future<Output = ()>,
 ) -> Result<(), RelayError> {
-    let mut up = TcpDirection::Splice(splice::Direction::default());
-    let mut down = TcpDirection::Splice(splice::Direction::default());
+    let up = TcpDirection::Splice(splice::Direction::default());
+    let down = TcpDirection::Splice(splice::Direction::default());
+    drive(client, backend, progress, stop, up, down).await
+}
+
+/// Moves bytes one way, from `R` to `W`: buffered for any stream, spliced between TCP sockets.
+trait Pump<R, W> {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut R,
+        dst: &mut W,
+        moved: &mut u64,
+    ) -> Poll<Result<(), DirectionError>>;
+}
+
+/// Polls both directions until both are done, one fails (blamed on its side) or `stop` fires.
+async fn drive<C, B>(
+    client: &mut C,
+    backend: &mut B,
+    progress: &mut Progress,
+    stop: impl Future<Output = ()>,
+    mut up: impl Pump<C, B>,
+    mut down: impl Pump<B, C>,
+) -> Result<(), RelayError> {
     let mut stop = pin!(stop);
     poll_fn(|cx| {
         if stop.as_mut().poll(cx).is_ready() {
@@ -130,7 +138,7 @@ enum TcpDirection {
     Buffered(Direction),
 }
 
-impl TcpDirection {
+impl Pump<TcpStream, TcpStream> for TcpDirection {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
@@ -147,7 +155,7 @@ impl TcpDirection {
             }
         }
         match self {
-            TcpDirection::Buffered(direction) => direction.poll(cx, src, dst, moved),
+            TcpDirection::Buffered(direction) => Pump::poll(direction, cx, src, dst, moved),
             TcpDirection::Splice(_) => Poll::Ready(Err(DirectionError::NoPipe)), // replaced just above
         }
     }
@@ -186,18 +194,18 @@ struct Direction {
     done: bool,
 }
 
-impl Direction {
-    fn poll<R, W>(
+impl<R, W> Pump<R, W> for Direction
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    fn poll(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
         moved: &mut u64,
-    ) -> Poll<Result<(), DirectionError>>
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
+    ) -> Poll<Result<(), DirectionError>> {
         if self.done {
             return Poll::Ready(Ok(()));
         }
