@@ -18,7 +18,7 @@
 
 use std::future::{poll_fn, Future};
 use std::io;
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -77,15 +77,15 @@ where
 
 /// [`relay`] for two plain TCP sockets: zero-copy with splice(2) on Linux, falling back to the
 /// buffered copy per direction when no pipe can be had.
-pub async fn relay_tcp(
-    client: &mut TcpStream,
-    backend: &mut TcpStream,
-    progress: &mut Progress,
-    stop: impl Future<Output = ()>,
-) -> Result<(), RelayError> {
+pub fn relay_tcp<'a>(
+    client: &'a mut TcpStream,
+    backend: &'a mut TcpStream,
+    progress: &'a mut Progress,
+    stop: impl Future<Output = ()> + 'a,
+) -> impl Future<Output = Result<(), RelayError>> + 'a {
     let up = TcpDirection::Splice(splice::Direction::default());
     let down = TcpDirection::Splice(splice::Direction::default());
-    drive(client, backend, progress, stop, up, down).await
+    drive(client, backend, progress, stop, up, down)
 }
 
 /// Moves bytes one way, from `R` to `W`: buffered for any stream, spliced between TCP sockets.
@@ -100,16 +100,16 @@ trait Pump<R, W> {
 }
 
 /// Polls both directions until both are done, one fails (blamed on its side) or `stop` fires.
-async fn drive<C, B>(
-    client: &mut C,
-    backend: &mut B,
-    progress: &mut Progress,
-    stop: impl Future<Output = ()>,
-    mut up: impl Pump<C, B>,
-    mut down: impl Pump<B, C>,
-) -> Result<(), RelayError> {
-    let mut stop = pin!(stop);
-    poll_fn(|cx| {
+fn drive<'a, C, B>(
+    client: &'a mut C,
+    backend: &'a mut B,
+    progress: &'a mut Progress,
+    stop: impl Future<Output = ()> + 'a,
+    mut up: impl Pump<C, B> + 'a,
+    mut down: impl Pump<B, C> + 'a,
+) -> impl Future<Output = Result<(), RelayError>> + 'a {
+    let mut stop = Box::pin(stop);
+    poll_fn(move |cx| {
         if stop.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(RelayError::Cancelled));
         }
@@ -129,7 +129,6 @@ async fn drive<C, B>(
             Poll::Pending
         }
     })
-    .await
 }
 
 /// One direction between TCP sockets: spliced, or buffered once splicing is not possible.
