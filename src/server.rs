@@ -451,6 +451,7 @@ fn listener_limiter(
                 max_concurrent: None,
                 max_clients: crate::config::DEFAULT_MAX_CLIENTS,
                 clients: Default::default(),
+                shared: None,
             });
             Some(RateLimiter::new(policy(&base, Some(o)), epoch))
         }
