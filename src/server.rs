@@ -33,6 +33,7 @@ use crate::health::BackendHealth;
 use crate::metrics::{Counter, Rejections};
 use crate::ratelimit::{RateLimitPolicy, RateLimiter};
 use crate::reload::{Handle, Live, Registry, ReloadCounters, ReloadError, Request};
+use crate::sharedlimit::{Limiter, SharedRateLimiter};
 use crate::tls::ServerTls;
 
 /// Listen backlog for client-facing sockets.
@@ -80,6 +81,8 @@ pub struct State {
     pub(crate) registry: Arc<Registry>,
     /// Reload outcomes (shared by every generation).
     pub reloads: Arc<ReloadCounters>,
+    /// Failed round trips to the shared rate limit's Redis (shared by every generation).
+    pub ratelimit_backend_errors: Arc<crate::metrics::Counter>,
     /// When the server started: the origin of the uptime in `/status` (kept across reloads).
     pub(crate) started: Instant,
     /// Set when shutdown starts: no new connections, open ones are draining.
@@ -105,7 +108,7 @@ pub struct Listener {
     /// Expect a PROXY protocol header first (see [`crate::config::ListenerConfig`]).
     pub accept_proxy_protocol: bool,
     pub authorization: Arc<Authorization>,
-    pub limiter: Option<RateLimiter>,
+    pub limiter: Option<Limiter>,
     pub reject_response: Option<Vec<u8>>,
     /// Counters carry over reloads for a listener that keeps its name.
     pub accepted: Arc<Counter>,
@@ -321,10 +324,17 @@ impl State {
         let registry = previous.map_or_else(Default::default, |p| Arc::clone(&p.registry));
         let reloads = previous.map_or_else(Default::default, |p| Arc::clone(&p.reloads));
         let epoch = std::time::Instant::now();
-        let global_limiter = config
-            .rate_limit
-            .as_ref()
-            .map(|r| RateLimiter::new(policy(r, None), epoch));
+        let ratelimit_backend_errors =
+            previous.map_or_else(Default::default, |p| Arc::clone(&p.ratelimit_backend_errors));
+        let global_limiter = config.rate_limit.as_ref().map(|r| match &r.shared {
+            Some(shared) => Limiter::Shared(Arc::new(SharedRateLimiter::new(
+                policy(r, None),
+                shared,
+                epoch,
+                Arc::clone(&ratelimit_backend_errors),
+            ))),
+            None => Limiter::Local(RateLimiter::new(policy(r, None), epoch)),
+        });
         // The access log is opened once, at start; a reload keeps it (changing it needs a restart).
         let access_log = match previous {
             Some(p) => p.access_log.clone(),
@@ -377,6 +387,7 @@ impl State {
             drain_timeout: config.drain_timeout,
             registry,
             reloads,
+            ratelimit_backend_errors,
             started: previous.map_or_else(Instant::now, |p| p.started),
             draining: AtomicBool::new(false),
             access_log,
@@ -436,13 +447,14 @@ impl State {
     }
 }
 
-/// The limiter a listener uses: its own when it overrides capacity/window, else the shared one.
+/// The limiter a listener uses: its own (per instance) when it overrides capacity/window, else
+/// the global one (cluster-wide with `[rate_limit.shared]`).
 fn listener_limiter(
     listener: &ListenerConfig,
     global: Option<&RateLimitConfig>,
-    shared: Option<&RateLimiter>,
+    shared: Option<&Limiter>,
     epoch: std::time::Instant,
-) -> Option<RateLimiter> {
+) -> Option<Limiter> {
     match &listener.rate_limit {
         Some(o) => {
             let base = global.cloned().unwrap_or(RateLimitConfig {
@@ -453,7 +465,7 @@ fn listener_limiter(
                 clients: Default::default(),
                 shared: None,
             });
-            Some(RateLimiter::new(policy(&base, Some(o)), epoch))
+            Some(Limiter::Local(RateLimiter::new(policy(&base, Some(o)), epoch)))
         }
         None => shared.cloned(),
     }
