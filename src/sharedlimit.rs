@@ -50,7 +50,9 @@ impl Limiter {
     pub async fn check(&self, key: &ClientKey) -> Decision {
         match self {
             Limiter::Local(local) => local.check(key, Instant::now()),
-            Limiter::Shared(shared) => shared.check(key).await,
+            // Boxed: the Redis round trip's state would otherwise sit in every connection's
+            // future, limited ones or not (see connection's size test).
+            Limiter::Shared(shared) => Box::pin(shared.check(key)).await,
         }
     }
 }
