@@ -807,26 +807,26 @@ fn bind_all(name: &str, addr: SocketAddr, workers: usize) -> Result<Vec<(String,
         addr,
         source,
     };
-    let first = bind_listener(addr, workers > 1).map_err(error)?;
+    // SO_REUSEPORT always, even with one worker: a second fulcrum process (an upgrade, or a
+    // second instance on the same host) can then bind the same address and share its traffic.
+    let first = bind_listener(addr).map_err(error)?;
     // Port 0 picks a port for the first socket; its siblings must share it.
     let bound = first.local_addr().map_err(error)?;
     let mut sockets = vec![(name.to_string(), first)];
     for _ in 1..workers {
-        sockets.push((name.to_string(), bind_listener(bound, true).map_err(error)?));
+        sockets.push((name.to_string(), bind_listener(bound).map_err(error)?));
     }
     Ok(sockets)
 }
 
-fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
+fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
+    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }

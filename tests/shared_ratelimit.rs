@@ -275,3 +275,18 @@ async fn measure_connection_setup_with_and_without_the_shared_limiter() {
     }
     drop(redis);
 }
+
+#[tokio::test]
+async fn a_second_instance_can_bind_the_same_address_with_one_worker() {
+    let backend = TestBackend::echo().await;
+    let one_worker = format!(
+        "{}\n[runtime]\nworkers = 1\n",
+        common::one_pool(&[backend.addr], "")
+    );
+    let first = start(&one_worker).await;
+    let addr = first.addr("main");
+    let second = start(&one_worker.replace("127.0.0.1:0", &addr.to_string())).await;
+    assert_eq!(second.addr("main"), addr);
+    let mut stream = common::connect(addr).await;
+    assert_eq!(common::round_trip(&mut stream, b"hi").await, b"hi");
+}
