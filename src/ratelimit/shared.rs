@@ -19,7 +19,10 @@
 //! - Unused local shares die with their window.
 //! - Overrides apply to identities, never to IP keys, as in [`super::RateLimiter`].
 //! - At most `max_clients` keys are tracked; stale entries (older window) are swept when the
-//!   table is full, and a new key at a still-full table is rejected.
+//!   table is full (at most once per window, so a flood of new keys cannot force a sweep per
+//!   call), and a new key at a still-full table is rejected.
+//! - A wall clock stepping back may let a later window's share be used in an earlier window; the
+//!   store's count for each window still bounds what was admitted from it.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -45,7 +48,14 @@ pub struct SharedLimiter {
     window_nanos: u128,
     overrides: HashMap<String, u32>,
     max_clients: usize,
-    entries: Mutex<HashMap<ClientKey, Lease>>,
+    table: Mutex<Table>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    entries: HashMap<ClientKey, Lease>,
+    /// The window of the last stale sweep.
+    last_sweep: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -66,7 +76,7 @@ impl SharedLimiter {
             window_nanos: window.as_nanos().max(1),
             overrides,
             max_clients,
-            entries: Mutex::new(HashMap::new()),
+            table: Mutex::default(),
         }
     }
 
@@ -99,11 +109,15 @@ impl SharedLimiter {
             window,
             amount: Self::share(capacity),
         };
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(lease) = entries.get_mut(key) else {
-            if entries.len() >= self.max_clients {
-                entries.retain(|_, lease| lease.window >= window);
-                if entries.len() >= self.max_clients {
+        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let table = &mut *table;
+        let Some(lease) = table.entries.get_mut(key) else {
+            if table.entries.len() >= self.max_clients {
+                if table.last_sweep.is_none_or(|swept| swept < window) {
+                    table.last_sweep = Some(window);
+                    table.entries.retain(|_, lease| lease.window >= window);
+                }
+                if table.entries.len() >= self.max_clients {
                     return SharedDecision::Reject(RejectReason::TooManyClients);
                 }
             }
@@ -143,9 +157,9 @@ impl SharedLimiter {
         let usable = capacity.saturating_sub(before).min(u64::from(amount)) as u32;
         let exhausted = total >= capacity;
         let current = self.window_index(unix_now).max(window);
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
         if window == current {
-            let lease = entries.entry(key.clone()).or_insert(Lease {
+            let lease = table.entries.entry(key.clone()).or_insert(Lease {
                 window,
                 left: 0,
                 exhausted: false,
@@ -173,7 +187,11 @@ impl SharedLimiter {
 
     /// Number of client keys with a local share (for tests and metrics).
     pub fn tracked_clients(&self) -> usize {
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entries
+            .len()
     }
 }
 
