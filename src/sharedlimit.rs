@@ -3,7 +3,7 @@
 //! [`Limiter::Local`] is the per-instance [`RateLimiter`]. [`Limiter::Shared`] (with
 //! `[rate_limit.shared]`) counts each client's window in Redis, summed over every fulcrum instance
 //! using the same Redis and key prefix. The decisions are made by the pure
-//! [`SharedLimiter`](crate::ratelimit::shared::SharedLimiter) (local shares of a window); this
+//! [`SharedLimiter`] (local shares of a window); this
 //! module only reads the wall clock, talks to Redis, and applies `on_unavailable` when Redis
 //! cannot answer within `timeout`. It must not hold a lock across an await, and no Redis await
 //! may run without the `timeout` deadline, so no connection ever hangs on Redis.
