@@ -234,6 +234,47 @@ async fn with_local_a_dead_redis_falls_back_to_the_per_instance_limit() {
     assert!(server.state.ratelimit_backend_errors.get() >= 1);
 }
 
+#[tokio::test]
+async fn with_deny_a_redis_that_never_answers_refuses_within_the_timeout() {
+    let hole = common::BlackHole::start().await;
+    let backend = TestBackend::echo().await;
+    let url = format!("redis://{}/0", hole.addr);
+    let toml = config(
+        backend.addr,
+        20,
+        &url,
+        "timeout = \"100ms\"\non_unavailable = \"deny\"",
+    );
+    let server = start(&toml).await;
+    // `served` fails the test if the refusal does not come within the hang guard.
+    assert!(!served(&server).await);
+    assert!(!served(&server).await);
+    assert_eq!(backend.accepted(), 0);
+    assert!(server.state.ratelimit_backend_errors.get() >= 1);
+}
+
+#[tokio::test]
+async fn with_allow_an_unreachable_redis_admits_and_counts_the_errors() {
+    let backend = TestBackend::echo().await;
+    let url = format!("redis://{}/0", common::refused_addr());
+    let toml = config(
+        backend.addr,
+        2,
+        &url,
+        "timeout = \"200ms\"\non_unavailable = \"allow\"",
+    );
+    let server = start(&toml).await;
+    for _ in 0..5 {
+        assert!(served(&server).await);
+    }
+    assert!(server.state.ratelimit_backend_errors.get() >= 1);
+    let metrics = fulcrum::metrics::render(&server.state);
+    assert!(
+        metrics.contains("fulcrum_ratelimit_backend_errors_total "),
+        "{metrics}"
+    );
+}
+
 /// Connection setup (connect -> first echoed byte), with and without the shared limiter.
 /// `cargo test --release --test shared_ratelimit -- --ignored --nocapture` prints the numbers
 /// (docs/BENCHMARKS.md).
