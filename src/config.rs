@@ -121,6 +121,36 @@ pub struct RateLimitConfig {
     pub max_clients: usize,
     /// Identity -> capacity, replacing `capacity` for that identity.
     pub clients: HashMap<String, u32>,
+    /// `[rate_limit.shared]`: count in Redis across instances; `None` counts per instance.
+    pub shared: Option<SharedRateLimitConfig>,
+}
+
+/// Default `[rate_limit.shared] key_prefix`.
+pub const DEFAULT_SHARED_KEY_PREFIX: &str = "fulcrum:rl:";
+/// Default `[rate_limit.shared] timeout`: the budget for one limiter round trip to Redis.
+pub const DEFAULT_SHARED_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// `[rate_limit.shared]`: the global limit counted in Redis, summed over every instance.
+#[derive(Clone, Debug)]
+pub struct SharedRateLimitConfig {
+    /// A `redis://` URL (credentials and database in the URL). Validated to parse.
+    pub redis: String,
+    /// Prepended to every key, so several deployments can share one Redis.
+    pub key_prefix: String,
+    /// Budget for one round trip (dial included); past it `on_unavailable` applies.
+    pub timeout: Duration,
+    pub on_unavailable: OnUnavailable,
+}
+
+/// What the shared limiter does when Redis is unreachable, slow or failing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnUnavailable {
+    /// Fall back to this instance's own limiter (same capacity, counted locally).
+    Local,
+    /// Admit the connection (concurrency caps still apply).
+    Allow,
+    /// Refuse the connection as rate limited.
+    Deny,
 }
 
 /// A listener's own `capacity`/`window` (`[listener.rate_limit]`).
@@ -376,12 +406,23 @@ struct RawTls {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRateLimit {
-    capacity: u32,
-    window: String,
+    // Optional only so that a lone `[rate_limit.shared]` gets a clear message.
+    capacity: Option<u32>,
+    window: Option<String>,
     max_concurrent: Option<u32>,
     max_clients: Option<usize>,
     #[serde(default)]
     clients: HashMap<String, u32>,
+    shared: Option<RawSharedRateLimit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSharedRateLimit {
+    redis: String,
+    key_prefix: Option<String>,
+    timeout: Option<String>,
+    on_unavailable: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -557,8 +598,21 @@ impl Validator<'_> {
         }
         let rate_limit = match raw.rate_limit {
             Some(r) => Some(RateLimitConfig {
-                capacity: r.capacity,
-                window: self.duration("rate_limit.window", &r.window)?,
+                capacity: match (r.capacity, &r.shared, &r.window) {
+                    (Some(c), _, _) => c,
+                    (None, Some(_), None) => {
+                        return Err(self.invalid(
+                            "rate_limit.shared",
+                            "[rate_limit.shared]",
+                            "needs [rate_limit] with capacity and window",
+                        ))
+                    }
+                    (None, _, _) => return Err(self.invalid("rate_limit.capacity", "", "required")),
+                },
+                window: match &r.window {
+                    Some(text) => self.duration("rate_limit.window", text)?,
+                    None => return Err(self.invalid("rate_limit.window", "", "required")),
+                },
                 max_concurrent: r.max_concurrent,
                 max_clients: match r.max_clients {
                     Some(0) => return Err(self.invalid("rate_limit.max_clients", 0, "must be at least 1")),
@@ -566,6 +620,10 @@ impl Validator<'_> {
                     None => DEFAULT_MAX_CLIENTS,
                 },
                 clients: r.clients,
+                shared: match r.shared {
+                    Some(shared) => Some(self.shared_rate_limit(shared)?),
+                    None => None,
+                },
             }),
             None => None,
         };
@@ -590,6 +648,48 @@ impl Validator<'_> {
             authorization,
             rate_limit,
             access_log,
+        })
+    }
+
+    fn shared_rate_limit(&self, raw: RawSharedRateLimit) -> Result<SharedRateLimitConfig, ConfigError> {
+        const KEY: &str = "rate_limit.shared.redis";
+        if raw.redis.starts_with("rediss://") {
+            // The redis client is built without TLS for now; refuse rather than send in clear.
+            return Err(self.invalid(
+                KEY,
+                &raw.redis,
+                "rediss:// (TLS) is not supported yet; use redis://",
+            ));
+        }
+        if !raw.redis.starts_with("redis://") {
+            return Err(self.invalid(KEY, &raw.redis, "expected a redis:// URL"));
+        }
+        if let Err(e) = redis::Client::open(raw.redis.as_str()) {
+            return Err(self.invalid(KEY, &raw.redis, e.to_string()));
+        }
+        let timeout = match &raw.timeout {
+            Some(text) => self.duration("rate_limit.shared.timeout", text)?,
+            None => DEFAULT_SHARED_TIMEOUT,
+        };
+        let on_unavailable = match raw.on_unavailable.as_deref() {
+            None | Some("local") => OnUnavailable::Local,
+            Some("allow") => OnUnavailable::Allow,
+            Some("deny") => OnUnavailable::Deny,
+            Some(other) => {
+                return Err(self.invalid(
+                    "rate_limit.shared.on_unavailable",
+                    other,
+                    "expected \"local\", \"allow\" or \"deny\"",
+                ))
+            }
+        };
+        Ok(SharedRateLimitConfig {
+            redis: raw.redis,
+            key_prefix: raw
+                .key_prefix
+                .unwrap_or_else(|| DEFAULT_SHARED_KEY_PREFIX.to_owned()),
+            timeout,
+            on_unavailable,
         })
     }
 

@@ -256,7 +256,7 @@ async fn forward<C: Transport>(
     entry.upstream = Some(upstream.name.clone());
     let permit: Option<Permit> = match &listener.limiter {
         None => None,
-        Some(limiter) => match limiter.check(key, Instant::now()) {
+        Some(limiter) => match limiter.check(key).await {
             Limit::Allow(permit) => Some(permit),
             Limit::Reject(why) => {
                 refused(

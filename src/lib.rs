@@ -18,6 +18,7 @@
 //! | [`identity`] | the client identity rule: verified leaf certificate -> name (pure) |
 //! | [`authz`] | which identities may reach which upstreams, default deny (pure) |
 //! | [`ratelimit`] | per-client fixed-window connection limits and concurrency caps (pure) |
+//! | [`sharedlimit`] | the listener's limiter; the cluster-wide limiter's Redis shell and fallback |
 //! | [`pki`] | development certificates for `fulcrum certs`, the demo and tests |
 //! | [`metrics`] | counters, rejection reasons and Prometheus rendering |
 //! | [`admin`] | the admin HTTP listener (`/`, `/status`, `/metrics`, `/healthz`) |
@@ -55,6 +56,7 @@ pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod reload;
 pub mod server;
+pub mod sharedlimit;
 pub mod status;
 pub mod tls;
 

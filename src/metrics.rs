@@ -197,6 +197,17 @@ pub fn render(state: &State) -> String {
     let _ = writeln!(out, "fulcrum_config_generation {}", state.generation);
     header(
         &mut out,
+        "fulcrum_ratelimit_backend_errors_total",
+        "counter",
+        "Round trips to the shared rate limit's Redis that failed or timed out (on_unavailable applied).",
+    );
+    let _ = writeln!(
+        out,
+        "fulcrum_ratelimit_backend_errors_total {}",
+        state.ratelimit_backend_errors.get()
+    );
+    header(
+        &mut out,
         "fulcrum_access_log_dropped_total",
         "counter",
         "Access log lines dropped because the writer fell behind (the queue was full).",

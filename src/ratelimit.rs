@@ -54,6 +54,8 @@
 //! operation, except for the amortised sweep described above. Checking an already tracked key
 //! does not allocate; releasing a permit takes no lock.
 
+pub mod shared;
+
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::fmt;

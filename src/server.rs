@@ -33,6 +33,7 @@ use crate::health::BackendHealth;
 use crate::metrics::{Counter, Rejections};
 use crate::ratelimit::{RateLimitPolicy, RateLimiter};
 use crate::reload::{Handle, Live, Registry, ReloadCounters, ReloadError, Request};
+use crate::sharedlimit::{Limiter, SharedRateLimiter};
 use crate::tls::ServerTls;
 
 /// Listen backlog for client-facing sockets.
@@ -80,6 +81,8 @@ pub struct State {
     pub(crate) registry: Arc<Registry>,
     /// Reload outcomes (shared by every generation).
     pub reloads: Arc<ReloadCounters>,
+    /// Failed round trips to the shared rate limit's Redis (shared by every generation).
+    pub ratelimit_backend_errors: Arc<crate::metrics::Counter>,
     /// When the server started: the origin of the uptime in `/status` (kept across reloads).
     pub(crate) started: Instant,
     /// Set when shutdown starts: no new connections, open ones are draining.
@@ -105,7 +108,7 @@ pub struct Listener {
     /// Expect a PROXY protocol header first (see [`crate::config::ListenerConfig`]).
     pub accept_proxy_protocol: bool,
     pub authorization: Arc<Authorization>,
-    pub limiter: Option<RateLimiter>,
+    pub limiter: Option<Limiter>,
     pub reject_response: Option<Vec<u8>>,
     /// Counters carry over reloads for a listener that keeps its name.
     pub accepted: Arc<Counter>,
@@ -321,10 +324,17 @@ impl State {
         let registry = previous.map_or_else(Default::default, |p| Arc::clone(&p.registry));
         let reloads = previous.map_or_else(Default::default, |p| Arc::clone(&p.reloads));
         let epoch = std::time::Instant::now();
-        let global_limiter = config
-            .rate_limit
-            .as_ref()
-            .map(|r| RateLimiter::new(policy(r, None), epoch));
+        let ratelimit_backend_errors =
+            previous.map_or_else(Default::default, |p| Arc::clone(&p.ratelimit_backend_errors));
+        let global_limiter = config.rate_limit.as_ref().map(|r| match &r.shared {
+            Some(shared) => Limiter::Shared(Arc::new(SharedRateLimiter::new(
+                policy(r, None),
+                shared,
+                epoch,
+                Arc::clone(&ratelimit_backend_errors),
+            ))),
+            None => Limiter::Local(RateLimiter::new(policy(r, None), epoch)),
+        });
         // The access log is opened once, at start; a reload keeps it (changing it needs a restart).
         let access_log = match previous {
             Some(p) => p.access_log.clone(),
@@ -377,6 +387,7 @@ impl State {
             drain_timeout: config.drain_timeout,
             registry,
             reloads,
+            ratelimit_backend_errors,
             started: previous.map_or_else(Instant::now, |p| p.started),
             draining: AtomicBool::new(false),
             access_log,
@@ -436,13 +447,14 @@ impl State {
     }
 }
 
-/// The limiter a listener uses: its own when it overrides capacity/window, else the shared one.
+/// The limiter a listener uses: its own (per instance) when it overrides capacity/window, else
+/// the global one (cluster-wide with `[rate_limit.shared]`).
 fn listener_limiter(
     listener: &ListenerConfig,
     global: Option<&RateLimitConfig>,
-    shared: Option<&RateLimiter>,
+    shared: Option<&Limiter>,
     epoch: std::time::Instant,
-) -> Option<RateLimiter> {
+) -> Option<Limiter> {
     match &listener.rate_limit {
         Some(o) => {
             let base = global.cloned().unwrap_or(RateLimitConfig {
@@ -451,8 +463,9 @@ fn listener_limiter(
                 max_concurrent: None,
                 max_clients: crate::config::DEFAULT_MAX_CLIENTS,
                 clients: Default::default(),
+                shared: None,
             });
-            Some(RateLimiter::new(policy(&base, Some(o)), epoch))
+            Some(Limiter::Local(RateLimiter::new(policy(&base, Some(o)), epoch)))
         }
         None => shared.cloned(),
     }
@@ -794,26 +807,26 @@ fn bind_all(name: &str, addr: SocketAddr, workers: usize) -> Result<Vec<(String,
         addr,
         source,
     };
-    let first = bind_listener(addr, workers > 1).map_err(error)?;
+    // SO_REUSEPORT always, even with one worker: a second fulcrum process (an upgrade, or a
+    // second instance on the same host) can then bind the same address and share its traffic.
+    let first = bind_listener(addr).map_err(error)?;
     // Port 0 picks a port for the first socket; its siblings must share it.
     let bound = first.local_addr().map_err(error)?;
     let mut sockets = vec![(name.to_string(), first)];
     for _ in 1..workers {
-        sockets.push((name.to_string(), bind_listener(bound, true).map_err(error)?));
+        sockets.push((name.to_string(), bind_listener(bound).map_err(error)?));
     }
     Ok(sockets)
 }
 
-fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
+fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
+    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }

@@ -424,3 +424,58 @@ fn an_unknown_or_empty_access_log_key_is_an_error() {
     let empty = error_of(&format!("{GOOD}\n[access_log]\npath = \"\"\n"));
     assert!(empty.contains("access_log.path"), "{empty}");
 }
+
+const SHARED_BASE: &str = "[[listener]]\nname='a'\nbind='127.0.0.1:0'\nupstream='u'\n[[upstream]]\nname='u'\nbackends=['127.0.0.1:1']\n";
+
+#[test]
+fn a_shared_rate_limit_loads_typed_with_defaults() {
+    let text = format!(
+        "{SHARED_BASE}[rate_limit]\ncapacity = 20\nwindow = '1m'\n[rate_limit.shared]\nredis = 'redis://:secret@127.0.0.1:6379/2'\n"
+    );
+    let config = Config::from_toml(&text, "t").expect("valid");
+    let shared = config.rate_limit.unwrap().shared.expect("shared");
+    assert_eq!(shared.redis, "redis://:secret@127.0.0.1:6379/2");
+    assert_eq!(shared.key_prefix, DEFAULT_SHARED_KEY_PREFIX);
+    assert_eq!(shared.timeout, DEFAULT_SHARED_TIMEOUT);
+    assert_eq!(shared.on_unavailable, OnUnavailable::Local);
+
+    let text = format!(
+        "{SHARED_BASE}[rate_limit]\ncapacity = 20\nwindow = '1m'\n[rate_limit.shared]\nredis = 'redis://127.0.0.1'\nkey_prefix = 'x:'\ntimeout = '20ms'\non_unavailable = 'deny'\n"
+    );
+    let shared = Config::from_toml(&text, "t")
+        .unwrap()
+        .rate_limit
+        .unwrap()
+        .shared
+        .unwrap();
+    assert_eq!(shared.key_prefix, "x:");
+    assert_eq!(shared.timeout, Duration::from_millis(20));
+    assert_eq!(shared.on_unavailable, OnUnavailable::Deny);
+}
+
+#[test]
+fn bad_shared_rate_limits_are_refused_naming_the_key() {
+    let head = format!("{SHARED_BASE}[rate_limit]\ncapacity = 20\nwindow = '1m'\n[rate_limit.shared]\n");
+    for (body, key) in [
+        ("redis = 'http://127.0.0.1'", "rate_limit.shared.redis"),
+        ("redis = 'redis://'", "rate_limit.shared.redis"),
+        ("redis = 'rediss://127.0.0.1'", "rate_limit.shared.redis"),
+        (
+            "redis = 'redis://127.0.0.1'\ntimeout = '0s'",
+            "rate_limit.shared.timeout",
+        ),
+        (
+            "redis = 'redis://127.0.0.1'\non_unavailable = 'maybe'",
+            "rate_limit.shared.on_unavailable",
+        ),
+        ("redis = 'redis://127.0.0.1'\nretries = 3", "retries"),
+        ("key_prefix = 'x'", "redis"),
+    ] {
+        let e = error_of(&format!("{head}{body}\n"));
+        assert!(e.contains(key), "{body}: {e}");
+    }
+    let e = error_of(&format!(
+        "{SHARED_BASE}[rate_limit.shared]\nredis = 'redis://127.0.0.1'\n"
+    ));
+    assert!(e.contains("needs [rate_limit]"), "{e}");
+}

@@ -1,0 +1,262 @@
+//! The limiter a listener uses, and the thin Redis shell of the cluster-wide one.
+//!
+//! [`Limiter::Local`] is the per-instance [`RateLimiter`]. [`Limiter::Shared`] (with
+//! `[rate_limit.shared]`) counts each client's window in Redis, summed over every fulcrum instance
+//! using the same Redis and key prefix. The decisions are made by the pure
+//! [`SharedLimiter`] (local shares of a window); this
+//! module only reads the wall clock, talks to Redis, and applies `on_unavailable` when Redis
+//! cannot answer within `timeout`. It must not hold a lock across an await, and no Redis await
+//! may run without the `timeout` deadline, so no connection ever hangs on Redis.
+//!
+//! Redis keys are `{key_prefix}{client}:{window_index}`, incremented by the claimed share with
+//! `INCRBY` and given a TTL of two windows by the first increment (one Lua script, atomic).
+//! `max_concurrent` stays per instance: it is enforced by a local limiter before any share is
+//! used, so a connection refused for concurrency costs no share.
+//!
+//! After a failed round trip Redis is not tried again for [`RETRY_AFTER`]; meanwhile
+//! `on_unavailable` applies at once. The first success after that brings shared limiting back.
+//! Each change between available and unavailable is logged once.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use redis::aio::MultiplexedConnection;
+
+use crate::config::{OnUnavailable, SharedRateLimitConfig};
+use crate::metrics::Counter;
+use crate::ratelimit::shared::{SharedDecision, SharedLimiter};
+use crate::ratelimit::{ClientKey, Decision, RateLimitPolicy, RateLimiter, RejectReason};
+
+/// How long a failed Redis is left alone before a later connection tries it again.
+pub const RETRY_AFTER: Duration = Duration::from_millis(500);
+
+/// `INCRBY key share`; the increment that creates the key also sets its TTL (two windows).
+const CLAIM_SCRIPT: &str = "local n = redis.call('INCRBY', KEYS[1], ARGV[1]) \
+    if n == tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end \
+    return n";
+
+/// The rate limiter of one listener.
+#[derive(Clone, Debug)]
+pub enum Limiter {
+    /// Counted by this instance alone.
+    Local(RateLimiter),
+    /// Counted in Redis across instances.
+    Shared(Arc<SharedRateLimiter>),
+}
+
+impl Limiter {
+    /// Decides whether `key` may open a connection now. For a shared limiter this may wait for
+    /// one Redis round trip, never longer than the configured `timeout`.
+    pub async fn check(&self, key: &ClientKey) -> Decision {
+        match self {
+            Limiter::Local(local) => local.check(key, Instant::now()),
+            // Boxed: the Redis round trip's state would otherwise sit in every connection's
+            // future, limited ones or not (see connection's size test).
+            Limiter::Shared(shared) => Box::pin(shared.check(key)).await,
+        }
+    }
+}
+
+/// The cluster-wide limiter: local shares of each client's window, claimed from Redis.
+pub struct SharedRateLimiter {
+    core: SharedLimiter,
+    window: Duration,
+    on_unavailable: OnUnavailable,
+    /// The per-instance limiter, used when Redis is unavailable and `on_unavailable = "local"`.
+    fallback: RateLimiter,
+    /// Only `max_concurrent` (its capacity is unlimited).
+    concurrency: RateLimiter,
+    redis: Redis,
+}
+
+impl std::fmt::Debug for SharedRateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedRateLimiter")
+            .field("prefix", &self.redis.prefix)
+            .field("on_unavailable", &self.on_unavailable)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Redis {
+    /// `None` only if the URL failed to parse, which config validation rules out.
+    client: Option<redis::Client>,
+    prefix: String,
+    timeout: Duration,
+    /// The open connection, cloned out for each round trip (it multiplexes).
+    connection: Mutex<Option<MultiplexedConnection>>,
+    health: Mutex<Health>,
+    /// `fulcrum_ratelimit_backend_errors_total`.
+    errors: Arc<Counter>,
+}
+
+struct Health {
+    available: bool,
+    /// While in the future, Redis is not tried.
+    retry_at: Option<Instant>,
+}
+
+impl SharedRateLimiter {
+    /// Builds the limiter for `policy` counted through `shared`. Does no I/O: Redis is dialed by
+    /// the first connection that needs a claim.
+    pub fn new(
+        policy: RateLimitPolicy,
+        shared: &SharedRateLimitConfig,
+        epoch: Instant,
+        errors: Arc<Counter>,
+    ) -> Self {
+        let client = match redis::Client::open(shared.redis.as_str()) {
+            Ok(client) => Some(client),
+            Err(e) => {
+                tracing::error!(error = %e, "shared rate limit: bad redis URL; Redis is unavailable");
+                None
+            }
+        };
+        let concurrency = RateLimiter::new(
+            RateLimitPolicy {
+                capacity: u32::MAX,
+                overrides: Default::default(),
+                ..policy.clone()
+            },
+            epoch,
+        );
+        SharedRateLimiter {
+            core: SharedLimiter::new(
+                policy.capacity,
+                policy.window,
+                policy.overrides.clone(),
+                policy.max_clients,
+            ),
+            window: policy.window,
+            on_unavailable: shared.on_unavailable,
+            fallback: RateLimiter::new(policy, epoch),
+            concurrency,
+            redis: Redis {
+                client,
+                prefix: shared.key_prefix.clone(),
+                timeout: shared.timeout,
+                connection: Mutex::new(None),
+                health: Mutex::new(Health {
+                    available: true,
+                    retry_at: None,
+                }),
+                errors,
+            },
+        }
+    }
+
+    /// Decides for one connection of `key`: local share, else one claim from Redis (bounded by
+    /// `timeout`), else `on_unavailable`.
+    pub async fn check(&self, key: &ClientKey) -> Decision {
+        let key = &match key {
+            ClientKey::Ip(ip) => ClientKey::from_ip(*ip),
+            identity => identity.clone(),
+        };
+        // Concurrency first: a connection refused here costs no share.
+        let permit = match self.concurrency.check(key, Instant::now()) {
+            Decision::Allow(permit) => permit,
+            reject => return reject,
+        };
+        let (window, amount) = match self.core.check(key, unix_now()) {
+            SharedDecision::Admit => return Decision::Allow(permit),
+            SharedDecision::Reject(why) => return Decision::Reject(why),
+            SharedDecision::Claim { window, amount } => (window, amount),
+        };
+        let name = format!("{}{key}:{window}", self.redis.prefix);
+        // Two windows, so a key outlives its window on every instance's clock.
+        let ttl_ms = u64::try_from(self.window.as_millis().saturating_mul(2))
+            .unwrap_or(u64::MAX)
+            .max(1);
+        match self.redis.claim(&name, amount, ttl_ms).await {
+            Some(total) => match self.core.grant(key, window, amount, total, unix_now()) {
+                SharedDecision::Admit => Decision::Allow(permit),
+                SharedDecision::Reject(why) => Decision::Reject(why),
+                // `grant` only admits or rejects.
+                SharedDecision::Claim { .. } => Decision::Reject(RejectReason::Rate),
+            },
+            None => match self.on_unavailable {
+                OnUnavailable::Allow => Decision::Allow(permit),
+                OnUnavailable::Deny => Decision::Reject(RejectReason::Rate),
+                OnUnavailable::Local => {
+                    // The fallback counts concurrency itself.
+                    drop(permit);
+                    self.fallback.check(key, Instant::now())
+                }
+            },
+        }
+    }
+
+    /// Whether the last Redis round trip succeeded (true before the first).
+    pub fn is_available(&self) -> bool {
+        lock(&self.redis.health).available
+    }
+}
+
+impl Redis {
+    /// Adds `amount` to key `name`; returns the new total, or `None` when Redis failed, timed
+    /// out, or is being left alone after a failure.
+    async fn claim(&self, name: &str, amount: u32, ttl_ms: u64) -> Option<u64> {
+        if lock(&self.health).retry_at.is_some_and(|at| Instant::now() < at) {
+            return None;
+        }
+        let outcome = tokio::time::timeout(self.timeout, self.round_trip(name, amount, ttl_ms)).await;
+        let error = match outcome {
+            Ok(Ok(total)) => {
+                let mut health = lock(&self.health);
+                health.retry_at = None;
+                if !health.available {
+                    health.available = true;
+                    tracing::info!("shared rate limit: Redis is available again");
+                }
+                return Some(total);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", self.timeout),
+        };
+        self.errors.inc();
+        *lock(&self.connection) = None;
+        let mut health = lock(&self.health);
+        health.retry_at = Some(Instant::now() + RETRY_AFTER);
+        if health.available {
+            health.available = false;
+            tracing::warn!(%error, "shared rate limit: Redis is unavailable; on_unavailable applies");
+        }
+        None
+    }
+
+    async fn round_trip(&self, name: &str, amount: u32, ttl_ms: u64) -> redis::RedisResult<u64> {
+        let existing = lock(&self.connection).clone();
+        let mut connection = match existing {
+            Some(connection) => connection,
+            None => {
+                let Some(client) = &self.client else {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "bad redis URL",
+                    )));
+                };
+                let connection = client.get_multiplexed_async_connection().await?;
+                *lock(&self.connection) = Some(connection.clone());
+                connection
+            }
+        };
+        redis::cmd("EVAL")
+            .arg(CLAIM_SCRIPT)
+            .arg(1)
+            .arg(name)
+            .arg(amount)
+            .arg(ttl_ms)
+            .query_async(&mut connection)
+            .await
+    }
+}
+
+/// Wall-clock time since the UNIX epoch (zero if the clock is before it).
+fn unix_now() -> Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+/// Locks ignoring poisoning: the sections only assign plain values and cannot panic midway.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
