@@ -250,11 +250,7 @@ where
             if self.eof {
                 buffers::give(self.buf.take());
                 // Propagate the half-close: flush, then shut down the sink's write side.
-                match ready!(Pin::new(&mut *writer).poll_shutdown(cx)) {
-                    // The peer has already closed both ways: nothing is left to tell it.
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
-                    other => other.map_err(DirectionError::Write)?,
-                }
+                half_closed(ready!(Pin::new(&mut *writer).poll_shutdown(cx)))?;
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
@@ -265,6 +261,15 @@ where
 impl Drop for Direction {
     fn drop(&mut self) {
         buffers::give(self.buf.take());
+    }
+}
+
+/// The result of shutting down a sink's write side. A peer that has already closed both ways
+/// has nothing left to be told: that is a clean end, not a write error.
+fn half_closed(result: io::Result<()>) -> Result<(), DirectionError> {
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        other => other.map_err(DirectionError::Write),
     }
 }
 
@@ -441,11 +446,7 @@ mod splice {
                         pipe.give();
                     }
                     // Propagate the half-close.
-                    match socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
-                        // The peer has already closed both ways: nothing is left to tell it.
-                        Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
-                        other => other.map_err(DirectionError::Write)?,
-                    }
+                    super::half_closed(socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write))?;
                     self.done = true;
                     return Poll::Ready(Ok(()));
                 }
