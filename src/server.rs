@@ -8,8 +8,9 @@
 //! builds the next generation of [`State`] with the same code as startup, binds what is new, swaps
 //! it in atomically, and stops what is gone: connections already open keep the generation they
 //! started with, backends that stay keep their pool slot (so their count) and health. On shutdown
-//! the accept loops stop at once (new connections are refused), open connections get
-//! `drain_timeout` to finish, then are cancelled. This module owns sockets and tasks; it does not
+//! the accept loops stop at once (new connections are refused; those the kernel already queued
+//! on a socket are still served), open connections get `drain_timeout` to finish, then are
+//! cancelled. This module owns sockets and tasks; it does not
 //! decide where a connection goes (balancer) or move its bytes (proxy).
 
 use std::io;
@@ -876,7 +877,47 @@ async fn accept_loop(
             Err(e) => debug!(listener = %name, error = %e, "accept failed"),
         }
     }
+    take_backlog(socket, &name, &live, &tracker, &abort);
     debug!(listener = %name, "accept loop stopped");
+}
+
+/// Serves the connections the kernel already completed on `socket`, which closing it would
+/// reset. With SO_REUSEPORT another process may be serving the same port (an upgrade); closing
+/// right after this leaves only connections completed in between to the kernel (moved to a
+/// sibling socket with `net.ipv4.tcp_migrate_req = 1`, reset without it).
+fn take_backlog(
+    socket: TcpListener,
+    name: &str,
+    live: &Live,
+    tracker: &TaskTracker,
+    abort: &CancellationToken,
+) {
+    let Some(listener) = live.state().listener(name).cloned() else {
+        return; // removed by a reload: nothing left to serve its clients with
+    };
+    let Ok(socket) = socket.into_std() else {
+        return;
+    };
+    // The queue holds at most BACKLOG connections; the bound keeps this finite regardless.
+    for _ in 0..BACKLOG {
+        let accepted = socket.accept().and_then(|(stream, peer)| {
+            stream.set_nonblocking(true)?;
+            Ok((TcpStream::from_std(stream)?, peer))
+        });
+        match accepted {
+            Ok((stream, peer)) => {
+                listener.accepted.inc();
+                tracker.spawn(crate::connection::handle(
+                    stream,
+                    peer,
+                    Arc::clone(&listener),
+                    abort.clone(),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+            Err(_) => break, // empty (WouldBlock) or out of resources: close now
+        }
+    }
 }
 
 /// Whether `e` says this process is out of descriptors, buffers or memory (not the peer's fault).

@@ -4,15 +4,15 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 
+use common::process::Fulcrum;
 use common::{
-    connect, payload, round_trip, start, strip_ansi, wait_until_refused, within, within_for, TempConfig,
-    TestBackend, DEADLINE, TRANSFER_DEADLINE,
+    connect, payload, read_to_end, round_trip, start, wait_until_refused, within, within_for, TempConfig,
+    TestBackend, TRANSFER_DEADLINE,
 };
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use fulcrum::{CancellationToken, Config, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 /// A config with one listener `main` -> upstream `pool` -> `backend`, and a drain timeout.
 fn config(backend: SocketAddr, drain_timeout: &str) -> String {
@@ -105,82 +105,55 @@ async fn connections_still_open_at_the_drain_deadline_are_closed_and_run_returns
     assert!(rest.is_empty(), "unexpected bytes after the deadline: {rest:?}");
 }
 
-/// Reads the child's stderr lines into a channel until it closes.
-fn forward_lines(stderr: tokio::process::ChildStderr) -> mpsc::UnboundedReceiver<String> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if tx.send(strip_ansi(&line)).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// The `addr=` field of a listener's `listening` log line.
-fn listening_addr(line: &str) -> Option<SocketAddr> {
-    if !line.contains(" listening ") || !line.contains("listener=main") {
-        return None;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_queued_on_the_socket_when_the_drain_starts_are_served_not_reset() {
+    let echo = TestBackend::echo().await;
+    let config = Config::from_toml(&config(echo.addr, "60s"), "<test>").expect("valid config");
+    let socket = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = socket.local_addr().expect("bound address");
+    // The kernel completes these handshakes and queues them: nothing has accepted them yet.
+    let mut queued = Vec::new();
+    for n in 0..5u8 {
+        let mut client = connect(addr).await;
+        within("send", client.write_all(&[n; 100])).await.expect("send");
+        within("half-close", client.shutdown()).await.expect("half-close");
+        queued.push(client);
     }
-    let value = line.split_whitespace().find_map(|f| f.strip_prefix("addr="))?;
-    value.parse().ok()
+    // Shutdown already requested: the accept loop stops before its first accept, as when a
+    // drain starts with connections still in the queue (an upgrade via SO_REUSEPORT).
+    let server = Server::from_listeners(config, vec![("main".into(), socket)], None).expect("server");
+    let shutdown = CancellationToken::new();
+    shutdown.cancel();
+    let run = tokio::spawn(server.run(shutdown));
+
+    for (n, mut client) in (0u8..).zip(queued) {
+        let echoed = read_to_end(&mut client)
+            .await
+            .expect("queued connection served, not reset");
+        assert_eq!(echoed, [n; 100], "queued connection {n}");
+    }
+    within("run to return", run).await.expect("run");
+    assert_eq!(echo.accepted(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_drains_on_sigterm_and_exits_zero() {
     let echo = TestBackend::echo().await;
     let config = TempConfig::new(&config(echo.addr, "60s"));
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
-        .args(["run", "--config"])
-        .arg(&config.path)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn fulcrum run");
-    let mut lines = forward_lines(child.stderr.take().expect("piped stderr"));
-
-    let mut seen = Vec::new();
-    let addr = within("the `listening` log line", async {
-        loop {
-            let Some(line) = lines.recv().await else {
-                panic!("fulcrum exited before listening; stderr: {seen:#?}");
-            };
-            if let Some(addr) = listening_addr(&line) {
-                return addr;
-            }
-            seen.push(line);
-        }
-    })
-    .await;
+    let mut fulcrum = Fulcrum::run(&config.path);
+    let addr = fulcrum.listening("main").await;
 
     let mut client = connect(addr).await;
     assert_eq!(round_trip(&mut client, b"start").await, b"start");
 
-    let pid = child.id().expect("child is running");
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(kill.success(), "kill -TERM {pid} failed: {kill}");
-
+    fulcrum.signal("TERM");
     wait_until_refused(addr).await;
     assert_refused(addr).await;
     finish_echo_transfer(client, &payload(6, 8 * 1024 * 1024)).await;
 
-    let status = within_for(DEADLINE, "fulcrum to exit after SIGTERM", child.wait())
-        .await
-        .expect("wait for fulcrum");
+    let (status, rest) = fulcrum.exit().await;
     assert!(status.success(), "fulcrum exited with {status}");
     // The shutdown was the graceful one, not the second-signal exit.
-    let mut rest = Vec::new();
-    while let Some(line) = within("the rest of stderr", lines.recv()).await {
-        rest.push(line);
-    }
     assert!(
         rest.iter().any(|l| l.contains("stopped")),
         "no `stopped` line in stderr: {rest:#?}"

@@ -9,16 +9,14 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 
+use common::process::Fulcrum;
 use common::tls::{
     assert_echoes, assert_refused, client_config, connect_tls, toml_path, wait_until, within, EchoBackend,
     Pki, TempDir, PEER_DEADLINE,
 };
-use common::{
-    backend_list, connect, payload, read_to_end, round_trip, sha256, strip_ansi, wait_until_refused,
-};
+use common::{backend_list, connect, payload, read_to_end, round_trip, sha256, wait_until_refused};
 use fulcrum::metrics::Reason;
 use fulcrum::pki::Ca;
 use fulcrum::reload::{Handle, ReloadError};
@@ -26,8 +24,7 @@ use fulcrum::server::{Backend, ServerError, State};
 use fulcrum::{CancellationToken, Config, Server};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bytes sent through a long-lived stream after each reload.
 const CHUNK: usize = 64 * 1024;
@@ -642,52 +639,6 @@ async fn post_reload_on_the_admin_listener_applies_the_file() {
     assert_eq!((first.accepted(), second.accepted()), (0, 2));
 }
 
-/// Reads the child's stderr lines (colours removed) into a channel until it closes.
-fn forward_lines(stderr: tokio::process::ChildStderr) -> mpsc::UnboundedReceiver<String> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if tx.send(strip_ansi(&line)).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// Waits for the first stderr line `pick` accepts; panics with everything seen if the child ends.
-async fn wait_for_line<T>(
-    lines: &mut mpsc::UnboundedReceiver<String>,
-    what: &str,
-    mut pick: impl FnMut(&str) -> Option<T>,
-) -> T {
-    let mut seen = Vec::new();
-    within(what, async {
-        loop {
-            let Some(line) = lines.recv().await else {
-                panic!("fulcrum's stderr ended before {what}; it said: {seen:#?}");
-            };
-            if let Some(found) = pick(&line) {
-                return found;
-            }
-            seen.push(line);
-        }
-    })
-    .await
-}
-
-/// The `addr=` field of listener `main`'s `listening` log line.
-fn listening_addr(line: &str) -> Option<SocketAddr> {
-    if !line.contains(" listening ") || !line.contains("listener=main") {
-        return None;
-    }
-    line.split_whitespace()
-        .find_map(|f| f.strip_prefix("addr="))?
-        .parse()
-        .ok()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_binary() {
     let first = EchoBackend::start().await;
@@ -695,34 +646,20 @@ async fn sighup_reloads_the_binary() {
     let dir = TempDir::new("reload-sighup");
     let listeners = [("main", "127.0.0.1:0")];
     let path: PathBuf = dir.write("fulcrum.toml", &plain_config(&listeners, &[first.addr], ""));
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn fulcrum run");
-    let mut lines = forward_lines(child.stderr.take().expect("piped stderr"));
-    let addr = wait_for_line(&mut lines, "the `listening` log line", listening_addr).await;
-    let pid = child.id().expect("child is running").to_string();
+    let mut fulcrum = Fulcrum::run(&path);
+    let addr = fulcrum.listening("main").await;
 
     let mut held = connect(addr).await;
     assert_eq!(round_trip(&mut held, b"first").await, b"first");
     assert_eq!(first.accepted(), 1);
 
     std::fs::write(&path, plain_config(&listeners, &[second.addr], "")).expect("rewrite config");
-    let kill = std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .expect("run kill");
-    assert!(kill.success(), "kill -HUP {pid} failed: {kill}");
-    wait_for_line(&mut lines, "the `configuration reloaded` log line", |l| {
-        (l.contains("configuration reloaded") && l.contains("generation=2")).then_some(())
-    })
-    .await;
+    fulcrum.signal("HUP");
+    fulcrum
+        .wait_for_line("the `configuration reloaded` log line", |l| {
+            (l.contains("configuration reloaded") && l.contains("generation=2")).then_some(())
+        })
+        .await;
 
     let mut client = connect(addr).await;
     assert_eq!(round_trip(&mut client, b"second").await, b"second");
@@ -738,13 +675,7 @@ async fn sighup_reloads_the_binary() {
     assert_eq!(round_trip(&mut held, b"held").await, b"held");
     drop((client, held));
 
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("run kill");
-    assert!(kill.success(), "kill -TERM {pid} failed: {kill}");
-    let status = within("fulcrum to exit after SIGTERM", child.wait())
-        .await
-        .expect("wait for fulcrum");
+    fulcrum.signal("TERM");
+    let (status, _) = fulcrum.exit().await;
     assert!(status.success(), "fulcrum exited with {status}");
 }

@@ -1,0 +1,102 @@
+//! The real `fulcrum` binary as a child process: started with `run --config`, its stderr read
+//! line by line (colours removed), signalled with `kill`, and awaited under a deadline.
+//!
+//! The child is killed when the handle drops, so a failing test never leaves one behind.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use super::{strip_ansi, within};
+
+/// A running `fulcrum run --config PATH`.
+pub struct Fulcrum {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+impl Fulcrum {
+    /// Starts the binary on `config` with the default log level.
+    pub fn run(config: &Path) -> Fulcrum {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn fulcrum run");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if tx.send(strip_ansi(&line)).is_err() {
+                    break;
+                }
+            }
+        });
+        Fulcrum { child, lines }
+    }
+
+    /// Waits for the first stderr line `pick` accepts; panics with everything seen if stderr ends.
+    pub async fn wait_for_line<T>(&mut self, what: &str, mut pick: impl FnMut(&str) -> Option<T>) -> T {
+        let mut seen = Vec::new();
+        let lines = &mut self.lines;
+        within(what, async {
+            loop {
+                let Some(line) = lines.recv().await else {
+                    panic!("fulcrum's stderr ended before {what}; it said: {seen:#?}");
+                };
+                if let Some(found) = pick(&line) {
+                    return found;
+                }
+                seen.push(line);
+            }
+        })
+        .await
+    }
+
+    /// The address of `listener`'s first `listening` log line.
+    pub async fn listening(&mut self, listener: &str) -> SocketAddr {
+        let field = format!("listener={listener}");
+        self.wait_for_line("the `listening` log line", |line| {
+            if !line.contains(" listening ") || !line.split_whitespace().any(|f| f == field) {
+                return None;
+            }
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix("addr="))?
+                .parse()
+                .ok()
+        })
+        .await
+    }
+
+    /// Sends `signal` (a `kill` name such as "TERM" or "HUP").
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("fulcrum is running").to_string();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid} failed: {status}");
+    }
+
+    /// Waits for the process to exit, then returns its status and the stderr lines not yet read.
+    pub async fn exit(mut self) -> (ExitStatus, Vec<String>) {
+        let status = within("fulcrum to exit", self.child.wait())
+            .await
+            .expect("wait for fulcrum");
+        let mut rest = Vec::new();
+        while let Some(line) = within("the rest of stderr", self.lines.recv()).await {
+            rest.push(line);
+        }
+        (status, rest)
+    }
+}
