@@ -212,5 +212,8 @@ fn init_logging(level: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A closed stderr (its reader gone) must not stop the balancer: by default the subscriber
+        // reports a failed write with eprintln!, which panics on that same closed stderr.
+        .log_internal_errors(false)
         .init();
 }

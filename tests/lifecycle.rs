@@ -159,3 +159,52 @@ async fn the_binary_drains_on_sigterm_and_exits_zero() {
         "no `stopped` line in stderr: {rest:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_and_stops_on_sigterm_after_the_reader_of_its_stderr_is_gone() {
+    let echo = TestBackend::echo().await;
+    // No `listening` line can be read here: bind a known free port instead of port 0.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let text = config(echo.addr, "60s").replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let config = TempConfig::new(&text);
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(["run", "--config"])
+        .arg(&config.path)
+        .env("RUST_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn fulcrum run");
+    drop(child.stderr.take()); // every log line from now on fails with EPIPE
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut client = within("fulcrum to listen", async {
+        loop {
+            if let Ok(stream) = TcpStream::connect(addr).await {
+                return stream;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        round_trip(&mut client, b"logged nowhere").await,
+        b"logged nowhere"
+    );
+    drop(client);
+
+    let pid = child.id().expect("fulcrum is running").to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(kill.success(), "kill -TERM {pid} failed: {kill}");
+    let status = within("fulcrum to exit after SIGTERM", child.wait())
+        .await
+        .expect("wait for fulcrum");
+    assert_eq!(status.code(), Some(0), "fulcrum exited with {status}");
+}
