@@ -504,10 +504,10 @@ impl Server {
             sockets.extend(bind_all(&l.name, l.bind, workers)?);
         }
         let admin = match &config.admin {
+            // SO_REUSEPORT too, so that a new process started with the same config for an
+            // upgrade can bind it; until the old one exits either may answer.
             Some(a) => Some(
-                TcpListener::bind(a.bind)
-                    .await
-                    .map_err(|source| ServerError::AdminBind { addr: a.bind, source })?,
+                bind_listener(a.bind).map_err(|source| ServerError::AdminBind { addr: a.bind, source })?,
             ),
             None => None,
         };

@@ -88,16 +88,16 @@ fn prepare_namespace() {
 
 async fn handover() {
     let echo = TestBackend::echo().await;
-    let [port, old_admin, new_admin] = free_ports();
-    let old_config = TempConfig::new(&config(port, old_admin, echo.addr));
-    let new_config = TempConfig::new(&config(port, new_admin, echo.addr));
+    let [port, admin] = free_ports();
+    // One config for both, as in an upgrade: the listener and the admin socket are shared.
+    let config = TempConfig::new(&config(port, admin, echo.addr));
 
-    let mut old = Fulcrum::run(&old_config.path);
+    let mut old = Fulcrum::run(&config.path);
     let addr = old.listening("main").await;
     let load = Load::start(addr);
     load.wait_for_more("the old process serves", PER_PHASE).await;
 
-    let mut new = Fulcrum::run(&new_config.path);
+    let mut new = Fulcrum::run(&config.path);
     assert_eq!(
         new.listening("main").await,
         addr,
@@ -114,6 +114,11 @@ async fn handover() {
     );
     load.wait_for_more("the new process serves alone", PER_PHASE)
         .await;
+    let health = healthz(SocketAddr::from(([127, 0, 0, 1], admin))).await;
+    assert!(
+        health.starts_with("HTTP/1.1 200"),
+        "the new process's admin socket: {health:?}"
+    );
 
     let (served, refused) = load.stop().await;
     assert_eq!(
@@ -127,13 +132,27 @@ async fn handover() {
     assert!(status.success(), "the new process exited with {status}");
 }
 
-/// Three distinct free ports (nothing else runs in this namespace to take them meanwhile).
-fn free_ports() -> [u16; 3] {
-    let listeners: Vec<_> = (0..3)
+/// The admin socket's answer to `GET /healthz`.
+async fn healthz(admin: SocketAddr) -> String {
+    let exchange = async {
+        let mut stream = TcpStream::connect(admin).await?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    within("GET /healthz", exchange).await.expect("admin answers")
+}
+
+/// Two distinct free ports (nothing else runs in this namespace to take them meanwhile).
+fn free_ports() -> [u16; 2] {
+    let listeners: Vec<_> = (0..2)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
         .collect();
     let port = |i: usize| listeners[i].local_addr().expect("bound address").port();
-    [port(0), port(1), port(2)]
+    [port(0), port(1)]
 }
 
 /// Clients opening one echo connection after another until stopped.
