@@ -7,6 +7,7 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod redis;
 pub mod tls;
 
 use std::future::Future;
@@ -59,6 +60,8 @@ pub struct TestServer {
     addrs: Vec<(String, SocketAddr)>,
     pub admin: Option<SocketAddr>,
     pub state: Arc<State>,
+    /// Reloads the running server.
+    pub handle: fulcrum::reload::Handle,
     shutdown: CancellationToken,
     run: Option<JoinHandle<()>>,
 }
@@ -77,12 +80,14 @@ pub async fn start(toml: &str) -> TestServer {
         .collect();
     let admin = server.admin_addr();
     let state = server.state();
+    let handle = server.handle();
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(server.run(shutdown.clone()));
     TestServer {
         addrs,
         admin,
         state,
+        handle,
         shutdown,
         run: Some(run),
     }
