@@ -64,7 +64,7 @@ pub enum ServerError {
         listener: String,
         source: crate::tls::TlsError,
     },
-    #[error("rate_limit.shared: {0}")]
+    #[error(transparent)]
     SharedRateLimit(#[from] crate::sharedlimit::RedisClientError),
     #[error("access log: cannot open {path}: {source}")]
     AccessLog { path: String, source: io::Error },
