@@ -2,8 +2,11 @@
 //!
 //! This module owns every rule about what a valid configuration is, and the wording of the errors
 //! an operator sees for a bad one (file, key, bad value). It is pure: it never opens sockets, never
-//! resolves host names and reads no file except the one [`Config::load`] is given. `fulcrum check`
-//! and `fulcrum run` both go through [`Config::load`], so they can never disagree.
+//! resolves host names and reads no file except the one [`Config::load`] is given and the
+//! `[rate_limit.shared] password_file` it names (certificate files are loaded by `tls`). `fulcrum
+//! check` and `fulcrum run` both go through [`Config::load`], so they can never disagree. A Redis
+//! password never leaves here in text: [`Secret`] and [`SharedRateLimitConfig`] redact it in Debug,
+//! and errors echo a URL only with its password replaced.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -131,15 +134,79 @@ pub const DEFAULT_SHARED_KEY_PREFIX: &str = "fulcrum:rl:";
 pub const DEFAULT_SHARED_TIMEOUT: Duration = Duration::from_millis(50);
 
 /// `[rate_limit.shared]`: the global limit counted in Redis, summed over every instance.
-#[derive(Clone, Debug)]
+/// Its Debug output shows the URL with any password replaced, and never `password`.
+#[derive(Clone)]
 pub struct SharedRateLimitConfig {
-    /// A `redis://` URL (credentials and database in the URL). Validated to parse.
+    /// A `redis://` or `rediss://` (TLS) URL: host, port, database, optional user name, and the
+    /// password unless `password` is set. Validated to parse.
     pub redis: String,
+    /// Read from `password_file`; given, the URL carries no password (validated).
+    pub password: Option<Secret>,
+    /// `[rate_limit.shared.tls]`; only with `rediss://` (validated). `rediss://` without it
+    /// verifies Redis against the system's roots.
+    pub tls: Option<RedisTlsConfig>,
     /// Prepended to every key, so several deployments can share one Redis.
     pub key_prefix: String,
     /// Budget for one round trip (dial included); past it `on_unavailable` applies.
     pub timeout: Duration,
     pub on_unavailable: OnUnavailable,
+}
+
+impl fmt::Debug for SharedRateLimitConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedRateLimitConfig")
+            .field("redis", &redact_url(&self.redis))
+            .field("password", &self.password)
+            .field("tls", &self.tls)
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("on_unavailable", &self.on_unavailable)
+            .finish()
+    }
+}
+
+/// `[rate_limit.shared.tls]`: how fulcrum verifies Redis, and the certificate it presents.
+/// Paths resolve against the config file's directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisTlsConfig {
+    /// PEM CA bundle trusted instead of the system roots.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key, for a Redis with `tls-auth-clients yes` (both or neither).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// A credential read from a file. Debug prints `<redacted>`; only [`Secret::expose`] gives the
+/// text, for the one place that sends it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret text itself: pass it to the peer that asks for it, nowhere else.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// `url` with the password of its `user:password@` part, if any, replaced by `***`: the form in
+/// which a Redis URL may appear in errors and Debug output. Works on unparsable text too.
+pub fn redact_url(url: &str) -> String {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[after_scheme..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let Some(colon) = rest[..at].find(':') else {
+        return url.to_owned();
+    };
+    let password_start = after_scheme + colon + 1;
+    format!("{}***{}", &url[..password_start], &url[after_scheme + at..])
 }
 
 /// What the shared limiter does when Redis is unreachable, slow or failing.
@@ -420,9 +487,19 @@ struct RawRateLimit {
 #[serde(deny_unknown_fields)]
 struct RawSharedRateLimit {
     redis: String,
+    password_file: Option<PathBuf>,
+    tls: Option<RawRedisTls>,
     key_prefix: Option<String>,
     timeout: Option<String>,
     on_unavailable: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedisTls {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -653,20 +730,49 @@ impl Validator<'_> {
 
     fn shared_rate_limit(&self, raw: RawSharedRateLimit) -> Result<SharedRateLimitConfig, ConfigError> {
         const KEY: &str = "rate_limit.shared.redis";
-        if raw.redis.starts_with("rediss://") {
-            // The redis client is built without TLS for now; refuse rather than send in clear.
+        // Echoed in errors only without its password.
+        let shown = redact_url(&raw.redis);
+        let is_tls = raw.redis.starts_with("rediss://");
+        if !is_tls && !raw.redis.starts_with("redis://") {
+            return Err(self.invalid(KEY, &shown, "expected a redis:// or rediss:// (TLS) URL"));
+        }
+        let info = match redis::IntoConnectionInfo::into_connection_info(raw.redis.as_str()) {
+            Ok(info) => info,
+            Err(e) => return Err(self.invalid(KEY, &shown, e.to_string())),
+        };
+        if let redis::ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
             return Err(self.invalid(
                 KEY,
-                &raw.redis,
-                "rediss:// (TLS) is not supported yet; use redis://",
+                &shown,
+                "#insecure (no certificate verification) is not supported; trust a private CA with \
+                 [rate_limit.shared.tls] ca",
             ));
         }
-        if !raw.redis.starts_with("redis://") {
-            return Err(self.invalid(KEY, &raw.redis, "expected a redis:// URL"));
-        }
-        if let Err(e) = redis::Client::open(raw.redis.as_str()) {
-            return Err(self.invalid(KEY, &raw.redis, e.to_string()));
-        }
+        let password = match raw.password_file {
+            None => None,
+            Some(_) if info.redis_settings().password().is_some() => {
+                return Err(self.invalid(
+                    "rate_limit.shared.password_file",
+                    &shown,
+                    "give the password in the URL or in password_file, not both",
+                ))
+            }
+            Some(path) => Some(self.password_file(&self.base.join(path))?),
+        };
+        let tls = match raw.tls {
+            None => None,
+            Some(_) if !is_tls => {
+                return Err(self.invalid(
+                    "rate_limit.shared.tls",
+                    &shown,
+                    "[rate_limit.shared.tls] needs a rediss:// URL",
+                ))
+            }
+            Some(t) => Some(RedisTlsConfig {
+                ca: t.ca.map(|ca| self.base.join(ca)),
+                client_cert: self.client_cert("rate_limit.shared.tls", t.cert, t.key)?,
+            }),
+        };
         let timeout = match &raw.timeout {
             Some(text) => self.duration("rate_limit.shared.timeout", text)?,
             None => DEFAULT_SHARED_TIMEOUT,
@@ -685,12 +791,40 @@ impl Validator<'_> {
         };
         Ok(SharedRateLimitConfig {
             redis: raw.redis,
+            password,
+            tls,
             key_prefix: raw
                 .key_prefix
                 .unwrap_or_else(|| DEFAULT_SHARED_KEY_PREFIX.to_owned()),
             timeout,
             on_unavailable,
         })
+    }
+
+    /// The password in `path`, without trailing whitespace (a final newline above all).
+    fn password_file(&self, path: &Path) -> Result<Secret, ConfigError> {
+        const KEY: &str = "rate_limit.shared.password_file";
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| self.invalid(KEY, path.display(), format!("cannot read the file: {e}")))?;
+        let password = text.trim_end();
+        if password.is_empty() {
+            return Err(self.invalid(KEY, path.display(), "the file holds no password"));
+        }
+        Ok(Secret(password.to_owned()))
+    }
+
+    /// A client certificate and its key, given together or not at all (`key` names the table).
+    fn client_cert(
+        &self,
+        key: &str,
+        cert: Option<PathBuf>,
+        private_key: Option<PathBuf>,
+    ) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+        match (cert, private_key) {
+            (Some(cert), Some(private_key)) => Ok(Some((self.base.join(cert), self.base.join(private_key)))),
+            (None, None) => Ok(None),
+            _ => Err(self.invalid(key, "cert/key", "give both cert and key, or neither")),
+        }
     }
 
     fn access_log(&self, raw: RawAccessLog) -> Result<AccessLogConfig, ConfigError> {
@@ -754,24 +888,11 @@ impl Validator<'_> {
         };
         let tls = match u.tls {
             None => None,
-            Some(t) => {
-                let client_cert = match (t.cert, t.key) {
-                    (Some(cert), Some(key)) => Some((self.base.join(cert), self.base.join(key))),
-                    (None, None) => None,
-                    _ => {
-                        return Err(self.invalid(
-                            key("tls"),
-                            "cert/key",
-                            "give both cert and key, or neither",
-                        ))
-                    }
-                };
-                Some(UpstreamTlsConfig {
-                    ca: self.base.join(t.ca),
-                    client_cert,
-                    server_name: t.server_name,
-                })
-            }
+            Some(t) => Some(UpstreamTlsConfig {
+                ca: self.base.join(t.ca),
+                client_cert: self.client_cert(&key("tls"), t.cert, t.key)?,
+                server_name: t.server_name,
+            }),
         };
         Ok(UpstreamConfig {
             name: u.name.clone(),

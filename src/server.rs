@@ -65,6 +65,8 @@ pub enum ServerError {
         listener: String,
         source: crate::tls::TlsError,
     },
+    #[error(transparent)]
+    SharedRateLimit(#[from] crate::sharedlimit::RedisClientError),
     #[error("access log: cannot open {path}: {source}")]
     AccessLog { path: String, source: io::Error },
 }
@@ -265,10 +267,12 @@ pub fn validate(config: &Config) -> Result<(), ServerError> {
     Ok(())
 }
 
-/// Every certificate file a generation needs, loaded: the part of building one that can fail.
+/// Every certificate file a generation needs, loaded, and the shared rate limit's redis client
+/// built from its files: the part of building a generation that can fail.
 struct Loaded {
     listeners: Vec<Option<ServerTls>>,
     upstreams: Vec<Option<Arc<rustls::ClientConfig>>>,
+    redis: Option<redis::Client>,
 }
 
 fn load_tls(config: &Config) -> Result<Loaded, ServerError> {
@@ -298,7 +302,15 @@ fn load_tls(config: &Config) -> Result<Loaded, ServerError> {
             None => Ok(None),
         })
         .collect::<Result<_, _>>()?;
-    Ok(Loaded { listeners, upstreams })
+    let redis = match config.rate_limit.as_ref().and_then(|r| r.shared.as_ref()) {
+        Some(shared) => Some(crate::sharedlimit::client(shared)?),
+        None => None,
+    };
+    Ok(Loaded {
+        listeners,
+        upstreams,
+        redis,
+    })
 }
 
 impl State {
@@ -327,15 +339,20 @@ impl State {
         let epoch = std::time::Instant::now();
         let ratelimit_backend_errors =
             previous.map_or_else(Default::default, |p| Arc::clone(&p.ratelimit_backend_errors));
-        let global_limiter = config.rate_limit.as_ref().map(|r| match &r.shared {
-            Some(shared) => Limiter::Shared(Arc::new(SharedRateLimiter::new(
-                policy(r, None),
-                shared,
-                epoch,
-                Arc::clone(&ratelimit_backend_errors),
-            ))),
-            None => Limiter::Local(RateLimiter::new(policy(r, None), epoch)),
-        });
+        let global_limiter = config
+            .rate_limit
+            .as_ref()
+            .map(|r| match (&r.shared, loaded.redis) {
+                (Some(shared), Some(client)) => Limiter::Shared(Arc::new(SharedRateLimiter::new(
+                    policy(r, None),
+                    shared,
+                    client,
+                    epoch,
+                    Arc::clone(&ratelimit_backend_errors),
+                ))),
+                // `load_tls` builds a client exactly when there is `[rate_limit.shared]`.
+                _ => Limiter::Local(RateLimiter::new(policy(r, None), epoch)),
+            });
         // The access log is opened once, at start; a reload keeps it (changing it needs a restart).
         let access_log = match previous {
             Some(p) => p.access_log.clone(),

@@ -16,6 +16,11 @@
 //! After a failed round trip Redis is not tried again for [`RETRY_AFTER`]; meanwhile
 //! `on_unavailable` applies at once. The first success after that brings shared limiting back.
 //! Each change between available and unavailable is logged once.
+//!
+//! [`client`] builds the redis client from the configuration (URL, `password_file`, TLS files)
+//! when a generation is loaded, so `fulcrum check` and a reload fail on what would fail here; a
+//! reload builds a new client, so a changed password or CA applies to the next generation. The
+//! password goes to Redis only: it is in no log line, error or Debug output of this module.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,6 +31,7 @@ use crate::config::{OnUnavailable, SharedRateLimitConfig};
 use crate::metrics::Counter;
 use crate::ratelimit::shared::{SharedDecision, SharedLimiter};
 use crate::ratelimit::{ClientKey, Decision, RateLimitPolicy, RateLimiter, RejectReason};
+use crate::tls::TlsError;
 
 /// How long a failed Redis is left alone before a later connection tries it again.
 pub const RETRY_AFTER: Duration = Duration::from_millis(500);
@@ -34,6 +40,35 @@ pub const RETRY_AFTER: Duration = Duration::from_millis(500);
 const CLAIM_SCRIPT: &str = "local n = redis.call('INCRBY', KEYS[1], ARGV[1]) \
     if n == tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end \
     return n";
+
+/// Why the shared rate limit's Redis client cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisClientError {
+    #[error("[rate_limit.shared.tls]: {0}")]
+    Tls(#[from] TlsError),
+    #[error("[rate_limit.shared] redis: {0}")]
+    Client(String),
+}
+
+/// The redis client for `shared`: its URL, the password from `password_file` if any, and for
+/// `rediss://` the `[rate_limit.shared.tls]` files (checked here). Does no network I/O.
+pub fn client(shared: &SharedRateLimitConfig) -> Result<redis::Client, RedisClientError> {
+    let failed = |e: redis::RedisError| RedisClientError::Client(e.to_string());
+    let mut info = redis::IntoConnectionInfo::into_connection_info(shared.redis.as_str()).map_err(failed)?;
+    if let Some(password) = &shared.password {
+        let settings = info.redis_settings().clone().set_password(password.expose());
+        info = info.set_redis_settings(settings);
+    }
+    if let redis::ConnectionAddr::TcpTls { .. } = info.addr() {
+        // The redis client builds its rustls configuration from the process default provider.
+        crate::tls::install_default_provider();
+    }
+    match &shared.tls {
+        Some(tls) => redis::Client::build_with_tls(info, crate::tls::redis_certificates(tls)?),
+        None => redis::Client::open(info),
+    }
+    .map_err(failed)
+}
 
 /// The rate limiter of one listener.
 #[derive(Clone, Debug)]
@@ -79,8 +114,7 @@ impl std::fmt::Debug for SharedRateLimiter {
 }
 
 struct Redis {
-    /// `None` only if the URL failed to parse, which config validation rules out.
-    client: Option<redis::Client>,
+    client: redis::Client,
     prefix: String,
     timeout: Duration,
     /// The open connection, cloned out for each round trip (it multiplexes).
@@ -97,21 +131,15 @@ struct Health {
 }
 
 impl SharedRateLimiter {
-    /// Builds the limiter for `policy` counted through `shared`. Does no I/O: Redis is dialed by
-    /// the first connection that needs a claim.
+    /// Builds the limiter for `policy` counted through `shared` with `client` (see [`client`]).
+    /// Does no I/O: Redis is dialed by the first connection that needs a claim.
     pub fn new(
         policy: RateLimitPolicy,
         shared: &SharedRateLimitConfig,
+        client: redis::Client,
         epoch: Instant,
         errors: Arc<Counter>,
     ) -> Self {
-        let client = match redis::Client::open(shared.redis.as_str()) {
-            Ok(client) => Some(client),
-            Err(e) => {
-                tracing::error!(error = %e, "shared rate limit: bad redis URL; Redis is unavailable");
-                None
-            }
-        };
         let concurrency = RateLimiter::new(
             RateLimitPolicy {
                 capacity: u32::MAX,
@@ -229,13 +257,7 @@ impl Redis {
         let mut connection = match existing {
             Some(connection) => connection,
             None => {
-                let Some(client) = &self.client else {
-                    return Err(redis::RedisError::from((
-                        redis::ErrorKind::Client,
-                        "bad redis URL",
-                    )));
-                };
-                let connection = client.get_multiplexed_async_connection().await?;
+                let connection = self.client.get_multiplexed_async_connection().await?;
                 *lock(&self.connection) = Some(connection.clone());
                 connection
             }

@@ -2,91 +2,23 @@
 //! in a real `redis-server` that each test starts (and kills) itself, on a free loopback port.
 //!
 //! Windows are an hour long so that none rolls over during a test. Redis being stopped and
-//! restarted is real: the process is killed and started again on the same port.
+//! restarted is real: the process is killed and started again on the same port. The `rediss://`
+//! tests run Redis TLS-only with a CA generated per test, and check each rule both ways: what
+//! is right is served, what is wrong (CA, password, client certificate) makes Redis unavailable,
+//! so `on_unavailable = "deny"` refuses and the error is counted.
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener as StdListener};
-use std::process::{Child, Command, Stdio};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::tls::connect_from;
+use common::redis::{RedisServer, TlsRedis};
+use common::tls::{connect_from, toml_path, Pki};
 use common::{start, within, TestBackend, TestServer, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
-
-/// A `redis-server` child process on `port`, killed on drop.
-struct RedisServer {
-    port: u16,
-    child: Child,
-}
-
-impl RedisServer {
-    /// Starts `redis-server` on a free port and waits until it answers PING.
-    async fn start() -> RedisServer {
-        // redis-server cannot pick a port itself (--port 0 disables TCP): take a free one.
-        let port = StdListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        RedisServer::on(port).await
-    }
-
-    async fn on(port: u16) -> RedisServer {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run redis-server ({e}); install it (.ci/run installs the Debian package redis-server)")
-            });
-        let server = RedisServer { port, child };
-        let start = Instant::now();
-        while !server.pings().await {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "redis-server on port {port} never answered PING"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        server
-    }
-
-    async fn pings(&self) -> bool {
-        let attempt = async {
-            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
-            stream.write_all(b"PING\r\n").await?;
-            let mut reply = [0u8; 7];
-            stream.read_exact(&mut reply).await?;
-            Ok::<_, std::io::Error>(&reply == b"+PONG\r\n")
-        };
-        matches!(
-            tokio::time::timeout(Duration::from_secs(1), attempt).await,
-            Ok(Ok(true))
-        )
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    /// Kills the server and waits for the process to end.
-    fn stop(mut self) -> u16 {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.port
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A plaintext listener `main` in front of `backend`, limited to `capacity` per hour counted in
 /// the Redis at `url`.
@@ -137,23 +69,13 @@ async fn served(server: &TestServer) -> bool {
     served_from(CLIENT, server).await
 }
 
-#[tokio::test]
-async fn two_instances_sharing_redis_serve_exactly_capacity_in_total() {
-    let redis = RedisServer::start().await;
-    let backend = TestBackend::echo().await;
-    let toml = config(
-        backend.addr,
-        20,
-        &redis.url(),
-        "timeout = \"2s\"\non_unavailable = \"deny\"",
-    );
-    let (a, b) = (start(&toml).await, start(&toml).await);
+/// Sends 60 connections of one client to `a` and `b` (two of every three to `a`) and checks
+/// that exactly 20 were served in total, some by each instance: the capacity is shared.
+async fn assert_twenty_served_in_total(a: &TestServer, b: &TestServer, backend: &TestBackend) {
     let mut admitted = [0, 0];
     for i in 0..60 {
-        // Uneven: two of every three connections go to the first instance.
         let which = usize::from(i % 3 == 2);
-        let server = [&a, &b][which];
-        admitted[which] += usize::from(served(server).await);
+        admitted[which] += usize::from(served([a, b][which]).await);
     }
     assert_eq!(
         admitted[0] + admitted[1],
@@ -166,6 +88,21 @@ async fn two_instances_sharing_redis_serve_exactly_capacity_in_total() {
     );
     assert_eq!(backend.accepted(), 20);
     assert_eq!(a.state.ratelimit_backend_errors.get(), 0);
+    assert_eq!(b.state.ratelimit_backend_errors.get(), 0);
+}
+
+#[tokio::test]
+async fn two_instances_sharing_redis_serve_exactly_capacity_in_total() {
+    let redis = RedisServer::start().await;
+    let backend = TestBackend::echo().await;
+    let toml = config(
+        backend.addr,
+        20,
+        &redis.url(),
+        "timeout = \"2s\"\non_unavailable = \"deny\"",
+    );
+    let (a, b) = (start(&toml).await, start(&toml).await);
+    assert_twenty_served_in_total(&a, &b, &backend).await;
     drop(redis);
 }
 
@@ -346,4 +283,180 @@ async fn a_second_instance_can_bind_the_same_address_with_one_worker() {
     assert_eq!(second.addr("main"), addr);
     let mut stream = common::connect(addr).await;
     assert_eq!(common::round_trip(&mut stream, b"hi").await, b"hi");
+}
+
+const REDIS_PASSWORD: &str = "correct horse battery staple";
+
+/// `[rate_limit.shared]` keys for a TLS Redis: a 2s timeout, `on_unavailable = "deny"`, the
+/// `password_file` if given, then a `[rate_limit.shared.tls]` table trusting `ca` and
+/// presenting `client` (cert, key), if either is given.
+fn tls_keys(password_file: Option<&Path>, ca: Option<&Path>, client: Option<&(PathBuf, PathBuf)>) -> String {
+    let mut keys = String::from("timeout = \"2s\"\non_unavailable = \"deny\"\n");
+    if let Some(file) = password_file {
+        keys += &format!("password_file = {}\n", toml_path(file));
+    }
+    if ca.is_some() || client.is_some() {
+        keys += "[rate_limit.shared.tls]\n";
+    }
+    if let Some(ca) = ca {
+        keys += &format!("ca = {}\n", toml_path(ca));
+    }
+    if let Some((cert, key)) = client {
+        keys += &format!("cert = {}\nkey = {}\n", toml_path(cert), toml_path(key));
+    }
+    keys
+}
+
+/// Redis could not be used: the connection was refused (`on_unavailable = "deny"`), never
+/// reached the backend, and the failure shows in `fulcrum_ratelimit_backend_errors_total`.
+async fn assert_refused_as_unavailable(server: &TestServer, backend: &TestBackend) {
+    assert!(!served(server).await, "served although Redis could not be used");
+    assert_eq!(backend.accepted(), 0);
+    let errors = server.state.ratelimit_backend_errors.get();
+    assert!(errors >= 1, "no backend error counted");
+    let metrics = fulcrum::metrics::render(&server.state);
+    assert!(
+        metrics.contains(&format!("fulcrum_ratelimit_backend_errors_total {errors}\n")),
+        "{metrics}"
+    );
+}
+
+/// A TLS-only Redis with a CA of its own, and an echo backend for fulcrum instances to serve.
+struct TlsCase {
+    redis: RedisServer,
+    pki: Pki,
+    backend: TestBackend,
+}
+
+impl TlsCase {
+    /// `auth_clients`: Redis requires a client certificate from the CA; `password`: it requires
+    /// [`REDIS_PASSWORD`].
+    async fn start(auth_clients: bool, password: bool) -> TlsCase {
+        let pki = Pki::new(&[]);
+        let redis = RedisServer::start_tls(TlsRedis {
+            pki: &pki,
+            auth_clients,
+            password: password.then_some(REDIS_PASSWORD),
+        })
+        .await;
+        let backend = TestBackend::echo().await;
+        TlsCase { redis, pki, backend }
+    }
+
+    /// A password file holding `text`.
+    fn password_file(&self, text: &str) -> PathBuf {
+        self.pki.dir.write("redis.pass", text)
+    }
+
+    /// A fulcrum instance with capacity 20 counted in this Redis, `[rate_limit.shared]`
+    /// completed by `keys` (see [`tls_keys`]).
+    async fn fulcrum(&self, keys: &str) -> TestServer {
+        start(&self.toml(keys)).await
+    }
+
+    fn toml(&self, keys: &str) -> String {
+        config(self.backend.addr, 20, &self.redis.url(), keys)
+    }
+}
+
+#[tokio::test]
+async fn two_instances_over_rediss_with_a_password_file_and_a_private_ca_serve_exactly_capacity_in_total() {
+    let case = TlsCase::start(false, true).await;
+    // As an operator's editor would save it: with a final newline.
+    let password_file = case.password_file(&format!("{REDIS_PASSWORD}\n"));
+    let keys = tls_keys(Some(&password_file), Some(&case.pki.ca_file), None);
+    let (a, b) = (case.fulcrum(&keys).await, case.fulcrum(&keys).await);
+    assert_twenty_served_in_total(&a, &b, &case.backend).await;
+}
+
+#[tokio::test]
+async fn over_rediss_a_redis_certificate_from_another_ca_makes_redis_unavailable_and_deny_applies() {
+    let case = TlsCase::start(false, false).await;
+    let other = Pki::new(&[]);
+    let server = case.fulcrum(&tls_keys(None, Some(&other.ca_file), None)).await;
+    assert_refused_as_unavailable(&server, &case.backend).await;
+}
+
+#[tokio::test]
+async fn over_rediss_without_a_ca_only_the_system_roots_are_trusted_so_a_private_ca_is_refused() {
+    let case = TlsCase::start(false, false).await;
+    let server = case.fulcrum(&tls_keys(None, None, None)).await;
+    assert_refused_as_unavailable(&server, &case.backend).await;
+}
+
+#[tokio::test]
+async fn over_rediss_a_wrong_password_makes_redis_unavailable_and_deny_applies() {
+    let case = TlsCase::start(false, true).await;
+    let password_file = case.password_file("not the password\n");
+    let server = case
+        .fulcrum(&tls_keys(Some(&password_file), Some(&case.pki.ca_file), None))
+        .await;
+    assert_refused_as_unavailable(&server, &case.backend).await;
+}
+
+#[tokio::test]
+async fn a_reload_after_the_password_file_is_corrected_brings_shared_limiting_back() {
+    let case = TlsCase::start(false, true).await;
+    let password_file = case.password_file("an old password\n");
+    let keys = tls_keys(Some(&password_file), Some(&case.pki.ca_file), None);
+    let server = case.fulcrum(&keys).await;
+    assert_refused_as_unavailable(&server, &case.backend).await;
+
+    case.password_file(REDIS_PASSWORD);
+    let reloaded = fulcrum::Config::from_toml(&case.toml(&keys), "<test>").expect("valid config");
+    within("the reload", server.handle.reload_with(reloaded))
+        .await
+        .expect("the reload is applied");
+    // The new generation dials Redis with the new password: served, and no new error.
+    let errors = server.state.ratelimit_backend_errors.get();
+    assert!(
+        served(&server).await,
+        "not served after the password was corrected"
+    );
+    assert_eq!(server.state.ratelimit_backend_errors.get(), errors);
+}
+
+#[tokio::test]
+async fn a_redis_requiring_client_certificates_serves_an_instance_presenting_one() {
+    let case = TlsCase::start(true, false).await;
+    let client = case.pki.write_pem("fulcrum-client", &case.pki.client("fulcrum"));
+    let server = case
+        .fulcrum(&tls_keys(None, Some(&case.pki.ca_file), Some(&client)))
+        .await;
+    for _ in 0..3 {
+        assert!(served(&server).await);
+    }
+    assert_eq!(server.state.ratelimit_backend_errors.get(), 0);
+}
+
+#[tokio::test]
+async fn a_redis_requiring_client_certificates_is_unavailable_to_an_instance_presenting_none() {
+    let case = TlsCase::start(true, false).await;
+    let server = case.fulcrum(&tls_keys(None, Some(&case.pki.ca_file), None)).await;
+    assert_refused_as_unavailable(&server, &case.backend).await;
+}
+
+#[test]
+fn fulcrum_check_refuses_redis_tls_files_that_cannot_be_used_naming_them() {
+    let pki = Pki::new(&[]);
+    let missing = pki.dir.path().join("missing-ca.pem");
+    let backend = SocketAddr::from((CLIENT, 1));
+    let check = |ca: &Path| {
+        let toml = config(
+            backend,
+            20,
+            "rediss://127.0.0.1:1/0",
+            &tls_keys(None, Some(ca), None),
+        );
+        let config = fulcrum::Config::from_toml(&toml, "<test>").expect("the config itself is valid");
+        fulcrum::server::validate(&config).map_err(|e| e.to_string())
+    };
+    check(&pki.ca_file).expect("a readable CA passes the check");
+    let e = check(&missing).expect_err("an unreadable CA fails the check");
+    assert!(
+        e.contains("rate_limit.shared") && e.contains("Redis CA") && e.contains("missing-ca.pem"),
+        "{e}"
+    );
+    let e = check(&pki.server_key).expect_err("a CA file without certificates fails the check");
+    assert!(e.contains("no PEM certificate"), "{e}");
 }

@@ -459,7 +459,10 @@ fn bad_shared_rate_limits_are_refused_naming_the_key() {
     for (body, key) in [
         ("redis = 'http://127.0.0.1'", "rate_limit.shared.redis"),
         ("redis = 'redis://'", "rate_limit.shared.redis"),
-        ("redis = 'rediss://127.0.0.1'", "rate_limit.shared.redis"),
+        (
+            "redis = 'rediss://127.0.0.1/#insecure'",
+            "rate_limit.shared.redis",
+        ),
         (
             "redis = 'redis://127.0.0.1'\ntimeout = '0s'",
             "rate_limit.shared.timeout",
@@ -478,4 +481,218 @@ fn bad_shared_rate_limits_are_refused_naming_the_key() {
         "{SHARED_BASE}[rate_limit.shared]\nredis = 'redis://127.0.0.1'\n"
     ));
     assert!(e.contains("needs [rate_limit]"), "{e}");
+}
+
+/// A directory of its own under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("fulcrum-config-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `[rate_limit.shared]` with `body`, parsed as if the config file were in `base`.
+fn shared_in(base: &Path, body: &str) -> Result<SharedRateLimitConfig, ConfigError> {
+    let text =
+        format!("{SHARED_BASE}[rate_limit]\ncapacity = 20\nwindow = '1m'\n[rate_limit.shared]\n{body}\n");
+    let config = Config::parse(&text, "t.toml", base)?;
+    Ok(config.rate_limit.and_then(|r| r.shared).expect("shared"))
+}
+
+fn shared_error(base: &Path, body: &str) -> String {
+    match shared_in(base, body) {
+        Ok(shared) => panic!("accepted but should not be: {body}\n{shared:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_rediss_url_is_accepted_and_without_a_tls_table_trusts_the_system_roots() {
+    let shared = shared_in(Path::new(""), "redis = 'rediss://cache.internal:6380/1'").expect("valid");
+    assert_eq!(shared.redis, "rediss://cache.internal:6380/1");
+    assert_eq!(shared.tls, None);
+    assert!(shared.password.is_none());
+}
+
+#[test]
+fn a_rediss_url_that_skips_certificate_verification_is_refused() {
+    let e = shared_error(Path::new(""), "redis = 'rediss://127.0.0.1:6380/#insecure'");
+    assert!(
+        e.contains("rate_limit.shared.redis") && e.contains("#insecure"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_tls_table_loads_its_paths_resolved_against_the_config_files_directory() {
+    let shared = shared_in(
+        Path::new("etc"),
+        "redis = 'rediss://127.0.0.1:6380'\n[rate_limit.shared.tls]\nca = 'redis-ca.pem'\ncert = '/abs/c.pem'\nkey = 'c.key'",
+    )
+    .expect("valid");
+    let tls = shared.tls.expect("tls");
+    assert_eq!(tls.ca, Some(PathBuf::from("etc/redis-ca.pem")));
+    assert_eq!(
+        tls.client_cert,
+        Some((PathBuf::from("/abs/c.pem"), PathBuf::from("etc/c.key")))
+    );
+    let only_ca = shared_in(
+        Path::new(""),
+        "redis = 'rediss://127.0.0.1:6380'\n[rate_limit.shared.tls]\nca = 'ca.pem'",
+    )
+    .expect("valid");
+    assert_eq!(only_ca.tls.expect("tls").client_cert, None);
+}
+
+#[test]
+fn a_tls_table_with_a_plain_redis_url_is_refused() {
+    let e = shared_error(
+        Path::new(""),
+        "redis = 'redis://127.0.0.1:6379'\n[rate_limit.shared.tls]\nca = 'ca.pem'",
+    );
+    assert!(
+        e.contains("rate_limit.shared.tls") && e.contains("rediss://"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_redis_client_certificate_without_its_key_or_a_key_without_its_certificate_is_refused() {
+    for half in ["cert = 'c.pem'", "key = 'c.key'"] {
+        let e = shared_error(
+            Path::new(""),
+            &format!("redis = 'rediss://127.0.0.1:6380'\n[rate_limit.shared.tls]\nca = 'ca.pem'\n{half}"),
+        );
+        assert!(
+            e.contains("rate_limit.shared.tls") && e.contains("both cert and key"),
+            "{half}: {e}"
+        );
+    }
+}
+
+#[test]
+fn a_password_file_relative_to_the_config_directory_is_read_with_trailing_whitespace_trimmed() {
+    let dir = TempDir::new("password");
+    dir.write("redis.pass", "  s3cret pass \r\n\n");
+    let shared = shared_in(
+        &dir.0,
+        "redis = 'rediss://fulcrum@127.0.0.1:6380/0'\npassword_file = 'redis.pass'",
+    )
+    .expect("valid");
+    // Only trailing whitespace goes: leading and inner spaces may be part of a password.
+    assert_eq!(
+        shared.password.as_ref().map(Secret::expose),
+        Some("  s3cret pass")
+    );
+    assert_eq!(shared.redis, "rediss://fulcrum@127.0.0.1:6380/0");
+}
+
+#[test]
+fn a_password_in_both_the_url_and_a_password_file_is_refused() {
+    let dir = TempDir::new("both");
+    dir.write("redis.pass", "from-file\n");
+    let e = shared_error(
+        &dir.0,
+        "redis = 'redis://user:from-url@127.0.0.1:6379'\npassword_file = 'redis.pass'",
+    );
+    assert!(
+        e.contains("rate_limit.shared.password_file")
+            && e.contains("give the password in the URL or in password_file, not both"),
+        "{e}"
+    );
+    assert!(!e.contains("from-url") && !e.contains("from-file"), "{e}");
+}
+
+#[test]
+fn an_empty_or_blank_password_file_is_refused() {
+    let dir = TempDir::new("empty");
+    for (name, contents) in [("empty.pass", ""), ("blank.pass", " \n\t\n")] {
+        dir.write(name, contents);
+        let e = shared_error(
+            &dir.0,
+            &format!("redis = 'redis://127.0.0.1:6379'\npassword_file = '{name}'"),
+        );
+        assert!(
+            e.contains("rate_limit.shared.password_file") && e.contains(name) && e.contains("no password"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_password_file_is_refused_naming_the_key_and_path() {
+    let dir = TempDir::new("missing");
+    let e = shared_error(
+        &dir.0,
+        "redis = 'redis://127.0.0.1:6379'\npassword_file = 'nope.pass'",
+    );
+    let path = dir.0.join("nope.pass");
+    assert!(
+        e.contains("rate_limit.shared.password_file")
+            && e.contains(&path.display().to_string())
+            && e.contains("cannot read"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_redis_password_is_redacted_in_error_text_and_debug_output() {
+    // Errors that echo the URL echo it without its password.
+    for body in [
+        "redis = 'http://user:hunter2@127.0.0.1:6379'",
+        "redis = 'rediss://:hunter2@127.0.0.1:6379/#insecure'",
+        "redis = 'redis://:hunter2@127.0.0.1:6379'\n[rate_limit.shared.tls]\nca = 'ca.pem'",
+    ] {
+        let e = shared_error(Path::new(""), body);
+        assert!(!e.contains("hunter2") && e.contains(":***@127.0.0.1"), "{e}");
+    }
+    // Debug shows neither the URL's password nor the file's.
+    let with_url = shared_in(Path::new(""), "redis = 'redis://app:hunter2@127.0.0.1:6379/0'").expect("valid");
+    let debug = format!("{with_url:?}");
+    assert!(
+        !debug.contains("hunter2") && debug.contains("redis://app:***@127.0.0.1:6379/0"),
+        "{debug}"
+    );
+    let dir = TempDir::new("debug");
+    dir.write("redis.pass", "hunter2\n");
+    let with_file = shared_in(
+        &dir.0,
+        "redis = 'redis://127.0.0.1:6379'\npassword_file = 'redis.pass'",
+    )
+    .expect("valid");
+    let debug = format!("{with_file:?}");
+    assert!(
+        !debug.contains("hunter2") && debug.contains("<redacted>"),
+        "{debug}"
+    );
+}
+
+#[test]
+fn redacting_a_url_replaces_the_password_and_nothing_else() {
+    for (url, shown) in [
+        ("redis://u:p@h:1/0", "redis://u:***@h:1/0"),
+        ("rediss://:p@h", "rediss://:***@h"),
+        ("redis://u:p@ss@h/0?x=a@b", "redis://u:***@h/0?x=a@b"),
+        ("redis://u@h:1", "redis://u@h:1"),
+        ("redis://h:1/0", "redis://h:1/0"),
+        ("u:p@h", "u:***@h"),
+        ("not a url", "not a url"),
+    ] {
+        assert_eq!(redact_url(url), shown, "{url}");
+    }
 }

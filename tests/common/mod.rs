@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod redis;
 pub mod tls;
 
 use std::future::Future;
@@ -60,6 +61,8 @@ pub struct TestServer {
     addrs: Vec<(String, SocketAddr)>,
     pub admin: Option<SocketAddr>,
     pub state: Arc<State>,
+    /// Reloads the running server.
+    pub handle: fulcrum::reload::Handle,
     shutdown: CancellationToken,
     run: Option<JoinHandle<()>>,
 }
@@ -78,12 +81,14 @@ pub async fn start(toml: &str) -> TestServer {
         .collect();
     let admin = server.admin_addr();
     let state = server.state();
+    let handle = server.handle();
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(server.run(shutdown.clone()));
     TestServer {
         addrs,
         admin,
         state,
+        handle,
         shutdown,
         run: Some(run),
     }
