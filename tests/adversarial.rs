@@ -18,19 +18,18 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::tls::{assert_echoes, connect_tls, toml_path, Pki, TempDir};
 use common::{
-    connect, payload, refused_addr, reset, round_trip, sha256, start, strip_ansi, wait_until, within,
-    within_for, BlackHole, TestBackend, DEADLINE,
+    connect, payload, refused_addr, reset, round_trip, sha256, start, wait_until, within, within_for,
+    BlackHole, TestBackend, DEADLINE,
 };
 use fulcrum::metrics::Reason;
 use rustls::pki_types::ServerName;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -510,12 +509,11 @@ fn fifty_concurrent_resets_on_either_side_reach_the_other_side_as_aborts_with_ex
 // ---------------------------------------------------------------------------------------------
 // The real binary: memory and descriptors
 
-/// `fulcrum run` as a child process (optionally under a wrapper such as `prlimit`), with its
-/// stderr lines forwarded to a channel. Killed on drop.
+/// `fulcrum run` as a child process (optionally under a wrapper such as `prlimit`) with the
+/// addresses it logged. Killed on drop.
 struct Fulcrum {
-    child: tokio::process::Child,
+    process: common::process::Fulcrum,
     pid: String,
-    lines: mpsc::UnboundedReceiver<String>,
     addrs: Vec<(String, SocketAddr)>,
     admin: Option<SocketAddr>,
 }
@@ -524,68 +522,31 @@ impl Fulcrum {
     /// Starts the binary on `config` and waits for the `listening` line of every listener in
     /// `listeners` (and of the admin listener if `admin`).
     async fn spawn(wrapper: &[&str], config: &Path, listeners: &[&str], admin: bool) -> Fulcrum {
-        let binary = env!("CARGO_BIN_EXE_fulcrum");
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = tokio::process::Command::new(program);
-                c.args(args).arg("--").arg(binary);
-                c
-            }
-            None => tokio::process::Command::new(binary),
-        };
-        let mut child = command
-            .args(["run", "--config"])
-            .arg(config)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn fulcrum run");
-        let pid = child.id().expect("child is running").to_string();
-        let (tx, mut lines) = mpsc::unbounded_channel();
-        let stderr = child.stderr.take().expect("piped stderr");
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send(strip_ansi(&line)).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut addrs = Vec::new();
+        let mut process = common::process::Fulcrum::run_under(wrapper, config);
+        let pid = process.pid();
+        let mut addrs: Vec<(String, SocketAddr)> = Vec::new();
         let mut admin_addr = None;
-        let mut seen = Vec::new();
-        within("fulcrum to log its listening addresses", async {
-            while addrs.len() < listeners.len() || (admin && admin_addr.is_none()) {
-                let Some(line) = lines.recv().await else {
-                    panic!("fulcrum's stderr ended before it listened: {seen:#?}");
-                };
-                let addr = line
-                    .split_whitespace()
-                    .find_map(|f| f.strip_prefix("addr="))
-                    .and_then(|a| a.parse::<SocketAddr>().ok());
-                if let Some(addr) = addr {
-                    if line.contains("admin listening") {
-                        admin_addr = Some(addr);
-                    } else if let Some(name) = listeners.iter().find(|n| {
-                        // One line per worker socket (SO_REUSEPORT): keep the first.
-                        line.contains(" listening ")
-                            && line.contains(&format!("listener={n} "))
-                            && !addrs.iter().any(|(known, _)| known == *n)
-                    }) {
-                        addrs.push((name.to_string(), addr));
-                    }
-                }
-                seen.push(line);
+        while addrs.len() < listeners.len() || (admin && admin_addr.is_none()) {
+            let (line, addr) = process
+                .wait_for_line("fulcrum to log its listening addresses", |line| {
+                    let addr = line.split_whitespace().find_map(|f| f.strip_prefix("addr="))?;
+                    Some((line.to_string(), addr.parse::<SocketAddr>().ok()?))
+                })
+                .await;
+            if line.contains("admin listening") {
+                admin_addr = Some(addr);
+            } else if let Some(name) = listeners.iter().find(|n| {
+                // One line per worker socket (SO_REUSEPORT): keep the first.
+                line.contains(" listening ")
+                    && line.contains(&format!("listener={n} "))
+                    && !addrs.iter().any(|(known, _)| known == *n)
+            }) {
+                addrs.push((name.to_string(), addr));
             }
-        })
-        .await;
+        }
         Fulcrum {
-            child,
+            process,
             pid,
-            lines,
             addrs,
             admin: admin_addr,
         }
@@ -620,22 +581,14 @@ impl Fulcrum {
 
     /// The next stderr line containing `needle`.
     async fn next_line_with(&mut self, needle: &str) -> String {
-        within(needle, async {
-            loop {
-                match self.lines.recv().await {
-                    Some(line) if line.contains(needle) => return line,
-                    Some(_) => {}
-                    None => panic!("fulcrum's stderr ended before a line with {needle:?}"),
-                }
-            }
-        })
-        .await
+        self.process
+            .wait_for_line(needle, |line| line.contains(needle).then(|| line.to_string()))
+            .await
     }
 
     /// Asserts the child is still running.
     fn assert_alive(&mut self) {
-        let status = self.child.try_wait().expect("poll the child");
-        assert!(status.is_none(), "fulcrum exited: {status:?}");
+        self.process.assert_alive();
     }
 }
 

@@ -22,7 +22,22 @@ pub struct Fulcrum {
 impl Fulcrum {
     /// Starts the binary on `config` with the default log level.
     pub fn run(config: &Path) -> Fulcrum {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        Fulcrum::run_under(&[], config)
+    }
+
+    /// Starts the binary under `wrapper` (a program and its arguments, such as `prlimit
+    /// --nofile=64:64`, which gets `-- fulcrum run ...`), or directly when `wrapper` is empty.
+    pub fn run_under(wrapper: &[&str], config: &Path) -> Fulcrum {
+        let binary = env!("CARGO_BIN_EXE_fulcrum");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg("--").arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
             .args(["run", "--config"])
             .arg(config)
             .env_remove("RUST_LOG")
@@ -78,9 +93,20 @@ impl Fulcrum {
         .await
     }
 
+    /// The process id, as `kill` and `/proc` take it.
+    pub fn pid(&self) -> String {
+        self.child.id().expect("fulcrum is running").to_string()
+    }
+
+    /// Asserts the process is still running.
+    pub fn assert_alive(&mut self) {
+        let status = self.child.try_wait().expect("poll the child");
+        assert!(status.is_none(), "fulcrum exited: {status:?}");
+    }
+
     /// Sends `signal` (a `kill` name such as "TERM" or "HUP").
     pub fn signal(&self, signal: &str) {
-        let pid = self.child.id().expect("fulcrum is running").to_string();
+        let pid = self.pid();
         let status = std::process::Command::new("kill")
             .args([&format!("-{signal}"), &pid])
             .status()
