@@ -7,34 +7,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+mod common;
+
+use common::{within, TestBackend};
 use fulcrum::{CancellationToken, Config, Server};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-const DEADLINE: Duration = Duration::from_secs(10);
-
-async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
-    match tokio::time::timeout(DEADLINE, future).await {
-        Ok(output) => output,
-        Err(_) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
-    }
-}
-
-/// An echo backend on 127.0.0.1 that runs until the test's runtime ends.
-async fn echo_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo backend");
-    let addr = listener.local_addr().expect("echo backend address");
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = stream.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
-    addr
-}
+use tokio::net::TcpStream;
 
 /// A file path in the temp directory, removed when dropped.
 struct TempPath(PathBuf);
@@ -57,7 +36,8 @@ impl Drop for TempPath {
 #[tokio::test]
 async fn proxied_and_refused_connections_are_each_one_json_line_flushed_by_shutdown() {
     let log = TempPath::new("access");
-    let backend = echo_backend().await;
+    let echo = TestBackend::echo().await;
+    let backend = echo.addr;
     let toml = format!(
         r#"
 [[listener]]

@@ -506,6 +506,35 @@ fn fifty_concurrent_resets_on_either_side_reach_the_other_side_as_aborts_with_ex
     });
 }
 
+/// `head` (top-level keys and tables), then a plain listener `main` and a TLS listener `hold`
+/// with a one-minute handshake deadline, both in front of `backend`. A `hold` client that never
+/// finishes its handshake costs the child exactly one descriptor.
+fn hold_config(head: &str, pki: &Pki, backend: SocketAddr) -> String {
+    format!(
+        r#"{head}
+[[listener]]
+name = "main"
+bind = "127.0.0.1:0"
+upstream = "pool"
+
+[[listener]]
+name = "hold"
+bind = "127.0.0.1:0"
+upstream = "pool"
+handshake_timeout = "1m"
+[listener.tls]
+cert = {cert}
+key = {key}
+
+[[upstream]]
+name = "pool"
+backends = ["{backend}"]
+"#,
+        cert = toml_path(&pki.server_cert),
+        key = toml_path(&pki.server_key),
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // The real binary: memory and descriptors
 
@@ -688,33 +717,7 @@ fn out_of_descriptors_the_binary_backs_off_without_spinning_and_serves_again_aft
         // child reaches its limit with no descriptor to spare, whatever the parity of its base
         // count (a proxied connection costs two, and a single free descriptor would be taken by
         // accept and given back when the dial fails, never exhausting accept).
-        let config = dir.write(
-            "fulcrum.toml",
-            &format!(
-                r#"
-[[listener]]
-name = "main"
-bind = "127.0.0.1:0"
-upstream = "pool"
-
-[[listener]]
-name = "hold"
-bind = "127.0.0.1:0"
-upstream = "pool"
-handshake_timeout = "1m"
-[listener.tls]
-cert = {cert}
-key = {key}
-
-[[upstream]]
-name = "pool"
-backends = ["{backend}"]
-"#,
-                cert = toml_path(&pki.server_cert),
-                key = toml_path(&pki.server_key),
-                backend = backend.addr,
-            ),
-        );
+        let config = dir.write("fulcrum.toml", &hold_config("", &pki, backend.addr));
         let mut fulcrum =
             Fulcrum::spawn(&["prlimit", "--nofile=64:64"], &config, &["main", "hold"], false).await;
         let pid = fulcrum.pid.clone();
@@ -780,33 +783,7 @@ fn dials_failing_for_want_of_local_descriptors_do_not_mark_a_healthy_backend_dow
         // `hold` clients cost the child one descriptor each (see the test above).
         let config = dir.write(
             "fulcrum.toml",
-            &format!(
-                r#"
-[runtime]
-workers = 1
-
-[[listener]]
-name = "main"
-bind = "127.0.0.1:0"
-upstream = "pool"
-
-[[listener]]
-name = "hold"
-bind = "127.0.0.1:0"
-upstream = "pool"
-handshake_timeout = "1m"
-[listener.tls]
-cert = {cert}
-key = {key}
-
-[[upstream]]
-name = "pool"
-backends = ["{backend}"]
-"#,
-                cert = toml_path(&pki.server_cert),
-                key = toml_path(&pki.server_key),
-                backend = backend.addr,
-            ),
+            &hold_config("[runtime]\nworkers = 1\n", &pki, backend.addr),
         );
         let mut fulcrum =
             Fulcrum::spawn(&["prlimit", "--nofile=32:32"], &config, &["main", "hold"], false).await;

@@ -151,12 +151,8 @@ async fn expect_reset(stream: &mut TcpStream, who: &str) {
     panic!("{who} kept receiving data, expected a reset");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_reset_mid_stream_reaches_the_backend_as_a_reset() {
-    let (server, backend) = balancer_and_raw_backend().await;
-    let (mut client, mut backend_side) = proxied_pair(&server, &backend).await;
-
-    // Mid-stream: bytes have gone both ways.
+/// Mid-stream: a request from the client reaches the backend, a partial answer comes back.
+async fn exchange_both_ways(client: &mut TcpStream, backend_side: &mut TcpStream) {
     within("client write", client.write_all(b"request"))
         .await
         .expect("write");
@@ -171,6 +167,14 @@ async fn a_client_reset_mid_stream_reaches_the_backend_as_a_reset() {
     within("client read", client.read_exact(&mut partial))
         .await
         .expect("read");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reset_mid_stream_reaches_the_backend_as_a_reset() {
+    let (server, backend) = balancer_and_raw_backend().await;
+    let (mut client, mut backend_side) = proxied_pair(&server, &backend).await;
+
+    exchange_both_ways(&mut client, &mut backend_side).await;
 
     reset(client);
 
@@ -183,20 +187,7 @@ async fn a_backend_reset_mid_stream_reaches_the_client_as_a_reset() {
     let (server, backend) = balancer_and_raw_backend().await;
     let (mut client, mut backend_side) = proxied_pair(&server, &backend).await;
 
-    within("client write", client.write_all(b"request"))
-        .await
-        .expect("write");
-    let mut request = [0u8; 7];
-    within("backend read", backend_side.read_exact(&mut request))
-        .await
-        .expect("read");
-    within("backend write", backend_side.write_all(b"partial"))
-        .await
-        .expect("write");
-    let mut partial = [0u8; 7];
-    within("client read", client.read_exact(&mut partial))
-        .await
-        .expect("read");
+    exchange_both_ways(&mut client, &mut backend_side).await;
 
     reset(backend_side);
 

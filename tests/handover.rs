@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::process::Fulcrum;
-use common::{wait_until, within, TempConfig, TestBackend, DEADLINE};
+use common::{one_pool, wait_until, within, TempConfig, TestBackend, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -29,23 +29,8 @@ const PER_PHASE: usize = 300;
 const MAX_PER_CLIENT: usize = 20_000;
 
 fn config(port: u16, admin_port: u16, backend: SocketAddr) -> String {
-    format!(
-        r#"
-drain_timeout = "30s"
-
-[admin]
-bind = "127.0.0.1:{admin_port}"
-
-[[listener]]
-name = "main"
-bind = "127.0.0.1:{port}"
-upstream = "pool"
-
-[[upstream]]
-name = "pool"
-backends = ["{backend}"]
-"#
-    )
+    let listener = one_pool(&[backend], "").replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    format!("drain_timeout = \"30s\"\n\n[admin]\nbind = \"127.0.0.1:{admin_port}\"\n{listener}")
 }
 
 #[test]

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 
 use common::process::Fulcrum;
 use common::{
-    connect, payload, read_to_end, round_trip, start, wait_until_refused, within, within_for, TempConfig,
-    TestBackend, TRANSFER_DEADLINE,
+    connect, one_pool, payload, read_to_end, round_trip, start, wait_until_refused, within, within_for,
+    TempConfig, TestBackend, TRANSFER_DEADLINE,
 };
 use fulcrum::{CancellationToken, Config, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,19 +16,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// A config with one listener `main` -> upstream `pool` -> `backend`, and a drain timeout.
 fn config(backend: SocketAddr, drain_timeout: &str) -> String {
+    // Top-level keys come before the tables.
     format!(
-        r#"
-drain_timeout = "{drain_timeout}"
-
-[[listener]]
-name = "main"
-bind = "127.0.0.1:0"
-upstream = "pool"
-
-[[upstream]]
-name = "pool"
-backends = ["{backend}"]
-"#
+        "drain_timeout = \"{drain_timeout}\"\n{}",
+        one_pool(&[backend], "")
     )
 }
 

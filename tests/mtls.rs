@@ -34,23 +34,12 @@ impl Fixture {
     async fn start(min_version: &str, authorization: &str) -> Fixture {
         let pki = Pki::new(&[]);
         let backend = EchoBackend::start().await;
-        let toml = format!(
-            r#"
-[[listener]]
-name = "tls"
-bind = "127.0.0.1:0"
-upstream = "web"
-handshake_timeout = "5s"
-{tls}
-[[upstream]]
-name = "web"
-backends = ["{backend}"]
-
-[authorization]
-{authorization}
-"#,
-            tls = pki.tls_table(&pki.ca_file, min_version),
-            backend = backend.addr,
+        let toml = pki.one_pool_config(
+            &pki.ca_file,
+            min_version,
+            "handshake_timeout = \"5s\"",
+            &[backend.addr],
+            &format!("[authorization]\n{authorization}"),
         );
         let lb = Balancer::start(&toml).await;
         Fixture { lb, backend, pki }

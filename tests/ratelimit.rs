@@ -38,23 +38,7 @@ async fn assert_served_from(source: IpAddr, addr: SocketAddr, what: &str) {
 
 /// An mTLS listener `tls` in front of one echo backend, with `extra` appended to the config.
 async fn mtls_balancer(pki: &Pki, backend: &EchoBackend, listener_keys: &str, extra: &str) -> Balancer {
-    let toml = format!(
-        r#"
-[[listener]]
-name = "tls"
-bind = "127.0.0.1:0"
-upstream = "web"
-{listener_keys}
-{tls}
-[[upstream]]
-name = "web"
-backends = ["{backend}"]
-
-{extra}
-"#,
-        tls = pki.tls_table(&pki.ca_file, "1.2"),
-        backend = backend.addr,
-    );
+    let toml = pki.one_pool_config(&pki.ca_file, "1.2", listener_keys, &[backend.addr], extra);
     Balancer::start(&toml).await
 }
 

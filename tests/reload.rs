@@ -78,23 +78,13 @@ impl Drop for Running {
 
 /// One mTLS listener `tls` (client certificates from `client_ca`) in front of upstream `web`.
 fn mtls_config(pki: &Pki, client_ca: &Path, backends: &[SocketAddr], authorization: &str) -> String {
-    format!(
-        r#"
-[[listener]]
-name = "tls"
-bind = "127.0.0.1:0"
-upstream = "web"
-handshake_timeout = "5s"
-{tls}
-[[upstream]]
-name = "web"
-backends = [{backends}]
-
-[authorization]
-{authorization}
-"#,
-        tls = pki.tls_table(client_ca, "1.2"),
-        backends = backend_list(backends),
+    let authorization = format!("[authorization]\n{authorization}");
+    pki.one_pool_config(
+        client_ca,
+        "1.2",
+        "handshake_timeout = \"5s\"",
+        backends,
+        &authorization,
     )
 }
 

@@ -23,27 +23,11 @@ const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
 /// A plaintext listener `main` in front of `backend`, limited to `capacity` per hour counted in
 /// the Redis at `url`.
 fn config(backend: SocketAddr, capacity: u32, url: &str, shared_extra: &str) -> String {
-    format!(
-        r#"
-[[listener]]
-name = "main"
-bind = "127.0.0.1:0"
-upstream = "pool"
-
-[[upstream]]
-name = "pool"
-backends = ["{backend}"]
-
-[rate_limit]
-capacity = {capacity}
-window = "1h"
-
-[rate_limit.shared]
-redis = "{url}"
-key_prefix = "fulcrum-test:"
-{shared_extra}
-"#
-    )
+    let limit = format!(
+        "[rate_limit]\ncapacity = {capacity}\nwindow = \"1h\"\n\n\
+         [rate_limit.shared]\nredis = \"{url}\"\nkey_prefix = \"fulcrum-test:\"\n{shared_extra}\n"
+    );
+    common::one_pool(&[backend], &limit)
 }
 
 /// One connection from `source`: true if it reached the echo backend, false if it was closed

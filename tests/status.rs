@@ -4,46 +4,19 @@
 //! Self-contained: the helpers (echo backends, raw HTTP GET, polling under a deadline) live here.
 //! Everything binds 127.0.0.1 port 0.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{refused_addr, within, TestBackend, DEADLINE};
 use fulcrum::{CancellationToken, Config, Server};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Bound on any single wait; only reached when something is broken.
-const DEADLINE: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(10);
-
-async fn within<F: Future>(what: &str, future: F) -> F::Output {
-    match tokio::time::timeout(DEADLINE, future).await {
-        Ok(output) => output,
-        Err(_) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
-    }
-}
-
-/// An echo backend on 127.0.0.1 that runs until the test's runtime ends.
-async fn echo_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo backend");
-    let addr = listener.local_addr().expect("echo backend address");
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = stream.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
-    addr
-}
-
-/// A loopback address nothing listens on (bound, then released).
-async fn closed_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    listener.local_addr().expect("address")
-}
 
 struct Running {
     addr: SocketAddr,
@@ -154,7 +127,12 @@ fn backend<'a>(snapshot: &'a Value, address: &SocketAddr) -> &'a Value {
 
 #[tokio::test]
 async fn status_reports_the_connections_held_open_per_backend_with_totals() {
-    let backends = [echo_backend().await, echo_backend().await, echo_backend().await];
+    let echoes = [
+        TestBackend::echo().await,
+        TestBackend::echo().await,
+        TestBackend::echo().await,
+    ];
+    let backends = echoes.each_ref().map(|b| b.addr);
     let server = start(&config(&backends)).await;
     let mut held = Vec::new();
     for _ in 0..5 {
@@ -222,7 +200,7 @@ async fn status_reports_the_connections_held_open_per_backend_with_totals() {
 
 #[tokio::test]
 async fn status_counts_refused_connections_by_reason_and_connect_failures_per_backend() {
-    let dead = closed_port().await;
+    let dead = refused_addr();
     let server = start(&config(&[dead])).await;
     let mut client = TcpStream::connect(server.addr).await.expect("connect balancer");
     let mut rest = Vec::new();
@@ -248,7 +226,8 @@ async fn status_counts_refused_connections_by_reason_and_connect_failures_per_ba
 
 #[tokio::test]
 async fn the_status_page_is_self_contained_html_that_polls_status() {
-    let backends = [echo_backend().await];
+    let echo = TestBackend::echo().await;
+    let backends = [echo.addr];
     let server = start(&config(&backends)).await;
     let (line, headers, body) = get(server.admin, "/").await;
     assert_eq!(line, "HTTP/1.1 200 OK");
@@ -277,7 +256,8 @@ async fn the_status_page_is_self_contained_html_that_polls_status() {
 
 #[tokio::test]
 async fn status_shows_draining_and_the_remaining_connections_while_the_server_drains() {
-    let backends = [echo_backend().await, echo_backend().await];
+    let echoes = [TestBackend::echo().await, TestBackend::echo().await];
+    let backends = echoes.each_ref().map(|b| b.addr);
     let server = start(&config(&backends)).await;
     let first = proxied(server.addr).await;
     let second = proxied(server.addr).await;

@@ -141,6 +141,24 @@ impl Pki {
         )
     }
 
+    /// One mTLS listener `tls` (client certificates from `client_ca`, `listener_keys` added to
+    /// its table) in front of upstream `web` with `backends`, then `rest` (e.g. `[authorization]`).
+    pub fn one_pool_config(
+        &self,
+        client_ca: &Path,
+        min_version: &str,
+        listener_keys: &str,
+        backends: &[SocketAddr],
+        rest: &str,
+    ) -> String {
+        format!(
+            "[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\nupstream = \"web\"\n{listener_keys}\n{tls}\n\
+             [[upstream]]\nname = \"web\"\nbackends = [{backends}]\n\n{rest}\n",
+            tls = self.tls_table(client_ca, min_version),
+            backends = super::backend_list(backends),
+        )
+    }
+
     /// A client configuration trusting this CA and presenting `cert`.
     pub fn client_config(&self, cert: Option<&Pem>) -> Arc<ClientConfig> {
         client_config(
