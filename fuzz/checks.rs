@@ -9,7 +9,7 @@ use fulcrum::proxy_protocol::{self, Parse, MAX_HEADER};
 
 /// Arbitrary bytes, taken as UTF-8, as a configuration file: never panics; an accepted config
 /// names only upstreams it defines.
-pub fn config(data: &[u8]) {
+pub(crate) fn config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
@@ -23,7 +23,7 @@ pub fn config(data: &[u8]) {
 
 /// Arbitrary bytes as a client certificate: never panics; an identity is never empty and never
 /// holds a control character (the identity rule, point 3).
-pub fn identity(data: &[u8]) {
+pub(crate) fn identity(data: &[u8]) {
     if let Ok(identity) = fulcrum::identity::identity_from_der(data) {
         let name = identity.as_str();
         assert!(!name.is_empty());
@@ -34,7 +34,7 @@ pub fn identity(data: &[u8]) {
 /// Arbitrary bytes as the start of a stream: never panics; a complete header claims no more than
 /// the input, parses the same on its own, every shorter prefix is incomplete, and a PROXY TCP
 /// header re-encoded parses back to the same addresses.
-pub fn proxy_protocol(data: &[u8]) {
+pub(crate) fn proxy_protocol(data: &[u8]) {
     let header = match proxy_protocol::parse(data) {
         Ok(Parse::Complete(header)) => header,
         Ok(Parse::Incomplete) => {

@@ -26,42 +26,42 @@ use crate::config::AccessLogConfig;
 use crate::metrics::{Counter, Reason};
 
 /// Entries that may wait for the writer before new ones are dropped.
-pub const CHANNEL_CAPACITY: usize = 8192;
+pub(crate) const CHANNEL_CAPACITY: usize = 8192;
 /// Most entries the writer takes off the channel before it writes and flushes.
 const BATCH: usize = 512;
 /// At most one write-error line per this interval (with the count of failures in between).
-pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What one connection did, filled in as it goes through its steps.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// When the connection ended.
-    pub time: SystemTime,
-    pub listener: String,
-    pub client: SocketAddr,
+    pub(crate) time: SystemTime,
+    pub(crate) listener: String,
+    pub(crate) client: SocketAddr,
     /// The verified client identity (mTLS listeners), once known.
-    pub identity: Option<String>,
+    pub(crate) identity: Option<String>,
     /// The upstream chosen (SNI or the listener's), once known.
-    pub upstream: Option<String>,
+    pub(crate) upstream: Option<String>,
     /// The backend's configured label, once one answered.
-    pub backend: Option<String>,
+    pub(crate) backend: Option<String>,
     /// Bytes from the client to the backend.
-    pub bytes_up: u64,
+    pub(crate) bytes_up: u64,
     /// Bytes from the backend to the client.
-    pub bytes_down: u64,
-    pub duration: Duration,
+    pub(crate) bytes_down: u64,
+    pub(crate) duration: Duration,
     /// How it ended: the `end` of the connection log line (`closed`, `client_reset`, ...), or
     /// `refused`.
-    pub outcome: &'static str,
+    pub(crate) outcome: &'static str,
     /// Why it was refused, when `outcome` is `refused`.
-    pub reason: Option<Reason>,
+    pub(crate) reason: Option<Reason>,
 }
 
 impl Entry {
     /// A connection that has just been accepted. Until a step says otherwise its outcome is
     /// `drain_deadline`: the only ways to end without a refusal or a relay result are the
     /// shutdown's abort during the handshake or the dial.
-    pub fn new(listener: &str, client: SocketAddr) -> Entry {
+    pub(crate) fn new(listener: &str, client: SocketAddr) -> Entry {
         Entry {
             time: SystemTime::UNIX_EPOCH,
             listener: listener.to_string(),
@@ -78,13 +78,13 @@ impl Entry {
     }
 
     /// Marks the connection refused for `reason`.
-    pub fn refuse(&mut self, reason: Reason) {
+    pub(crate) fn refuse(&mut self, reason: Reason) {
         self.outcome = "refused";
         self.reason = Some(reason);
     }
 
     /// The JSON line for this entry, without the newline.
-    pub fn to_line(&self) -> String {
+    pub(crate) fn to_line(&self) -> String {
         let line = Line {
             time: humantime::format_rfc3339_millis(self.time).to_string(),
             listener: &self.listener,
@@ -121,11 +121,11 @@ struct Line<'a> {
 
 /// The sending half, shared by every listener, and the writer's pieces until it starts.
 #[derive(Debug)]
-pub struct AccessLog {
+pub(crate) struct AccessLog {
     target: AccessLogConfig,
     sender: mpsc::Sender<Entry>,
     /// Entries lost because the channel was full (or the writer gone).
-    pub dropped: Counter,
+    pub(crate) dropped: Counter,
     /// The receiver and the opened output, taken once by [`AccessLog::start`].
     writer: Mutex<Writer>,
 }
@@ -144,7 +144,7 @@ enum Output {
 
 impl AccessLog {
     /// A log to `target` with room for `capacity` waiting entries. Opens nothing yet.
-    pub fn new(target: AccessLogConfig, capacity: usize) -> AccessLog {
+    pub(crate) fn new(target: AccessLogConfig, capacity: usize) -> AccessLog {
         let (sender, receiver) = mpsc::channel(capacity.max(1));
         AccessLog {
             target,
@@ -158,7 +158,7 @@ impl AccessLog {
     }
 
     /// Opens (creates, appends to) the log file, so a bad path stops the server at startup.
-    pub fn open(&self) -> io::Result<()> {
+    pub(crate) fn open(&self) -> io::Result<()> {
         let output = match &self.target {
             AccessLogConfig::Stdout => Output::Stdout,
             AccessLogConfig::File(path) => {
@@ -170,7 +170,7 @@ impl AccessLog {
     }
 
     /// Queues an entry without waiting; a full queue drops it and counts the drop.
-    pub fn send(&self, mut entry: Entry) {
+    pub(crate) fn send(&self, mut entry: Entry) {
         entry.time = SystemTime::now();
         if self.sender.try_send(entry).is_err() {
             self.dropped.inc();
@@ -181,7 +181,7 @@ impl AccessLog {
     /// writes until `stop` is cancelled, then drains what is queued, flushes and returns.
     ///
     /// [`open`]: AccessLog::open
-    pub fn start(&self, stop: CancellationToken) -> Option<JoinHandle<()>> {
+    pub(crate) fn start(&self, stop: CancellationToken) -> Option<JoinHandle<()>> {
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let receiver = writer.receiver.take()?;
         let output: Box<dyn AsyncWrite + Send + Unpin> = match writer.output.take()? {

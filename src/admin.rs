@@ -1,5 +1,7 @@
-//! The admin HTTP listener: `/` (the status page), `/status` (JSON), `/metrics` (Prometheus
-//! text), `/healthz` and `POST /reload`.
+//! The admin side: the HTTP listener serving `/` (the status page), `/status` (JSON),
+//! `/metrics` (Prometheus text), `/healthz` and `POST /reload`, and the two read-only views of the
+//! live state it serves: [`status`] (the snapshot and the page) and [`prometheus`] (the metrics
+//! text).
 //!
 //! A deliberately small HTTP/1.1 responder: one request per connection, a bounded request head
 //! (8 KiB) read under a deadline, `Connection: close` on every answer. It reads the current
@@ -16,11 +18,14 @@ use tracing::debug;
 
 use crate::reload::Handle;
 
+pub mod prometheus;
+pub mod status;
+
 const MAX_HEAD: usize = 8 * 1024;
 const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Serves admin requests until `stop` is cancelled.
-pub async fn serve(socket: TcpListener, handle: Handle, stop: CancellationToken) {
+pub(crate) async fn serve(socket: TcpListener, handle: Handle, stop: CancellationToken) {
     let tracker = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -78,7 +83,7 @@ async fn answer(mut stream: TcpStream, handle: &Handle) {
         ("GET", "/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            crate::metrics::render(&handle.state()),
+            prometheus::render(&handle.state()),
         ),
         ("POST", "/reload") => match handle.reload().await {
             Ok(generation) => (
@@ -99,13 +104,9 @@ async fn answer(mut stream: TcpStream, handle: &Handle) {
         ("GET", "/status") => (
             "200 OK",
             "application/json",
-            crate::status::render(&handle.state(), std::time::Instant::now()),
+            status::render(&handle.state(), std::time::Instant::now()),
         ),
-        ("GET", "/") => (
-            "200 OK",
-            "text/html; charset=utf-8",
-            crate::status::PAGE.to_string(),
-        ),
+        ("GET", "/") => ("200 OK", "text/html; charset=utf-8", status::PAGE.to_string()),
         (_, "/" | "/status" | "/metrics" | "/healthz" | "/reload") => (
             "405 Method Not Allowed",
             "text/plain",

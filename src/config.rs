@@ -22,8 +22,6 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default deadline for a client's TLS handshake, from accept to the end of the handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default bound on clients tracked by a rate limiter.
-pub const DEFAULT_MAX_CLIENTS: usize = crate::ratelimit::DEFAULT_MAX_CLIENTS;
 /// Upper bound on `[runtime] workers`.
 pub const MAX_WORKERS: usize = 1024;
 /// Default number of distinct backends tried for one client connection.
@@ -85,8 +83,8 @@ pub struct ListenerConfig {
     pub sni: Vec<(String, String)>,
     /// Deadline for the whole TLS handshake (not per read).
     pub handshake_timeout: Duration,
-    /// This listener's own capacity/window, replacing the global ones.
-    pub rate_limit: Option<RateLimitOverride>,
+    /// The limit on this listener's clients (its own, else the global one); `None`: unlimited.
+    pub rate_limit: Option<ListenerLimit>,
     /// Bytes written to a client refused by the rate limiter before closing (e.g. an HTTP 429).
     pub reject_response: Option<Vec<u8>>,
     /// Expect a PROXY protocol v1/v2 header from a trusted front; its source address is the
@@ -115,17 +113,53 @@ pub enum TlsVersion {
     Tls13,
 }
 
-/// Global per-client connection limits (`[rate_limit]`).
+/// Default bound on clients tracked by a rate limiter.
+pub const DEFAULT_MAX_CLIENTS: usize = 100_000;
+
+/// A per-client connection limit, as a limiter enforces it: the global `[rate_limit]`, or a
+/// listener's own (its `capacity`/`window` over the global rest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitPolicy {
+    /// New connections admitted per client per window. 0 rejects everything.
+    pub capacity: u32,
+    /// Length of one fixed window. Non-zero once validated; a limiter given a zero window treats
+    /// it as one nanosecond rather than panicking.
+    pub window: Duration,
+    /// Open connections allowed per client at once; `None` means no concurrency cap.
+    pub max_concurrent: Option<u32>,
+    /// Upper bound on tracked client keys, so memory stays bounded under a flood of new clients.
+    pub max_clients: usize,
+    /// Identity -> capacity (`[rate_limit.clients]`), replacing `capacity` for that identity.
+    /// Never applies to IP keys.
+    pub overrides: HashMap<String, u32>,
+}
+
+/// The global `[rate_limit]`: its policy, and where it is counted.
 #[derive(Clone, Debug)]
 pub struct RateLimitConfig {
-    pub capacity: u32,
-    pub window: Duration,
-    pub max_concurrent: Option<u32>,
-    pub max_clients: usize,
-    /// Identity -> capacity, replacing `capacity` for that identity.
-    pub clients: HashMap<String, u32>,
+    pub policy: RateLimitPolicy,
     /// `[rate_limit.shared]`: count in Redis across instances; `None` counts per instance.
     pub shared: Option<SharedRateLimitConfig>,
+}
+
+/// How a listener's connections are limited, settled when the config is validated: a
+/// `[listener.rate_limit]` of its own wins over the global `[rate_limit]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenerLimit {
+    /// Counted by the one global limiter, together with every other listener without a limit of
+    /// its own (and across instances with `[rate_limit.shared]`). Holds the global policy.
+    Global(RateLimitPolicy),
+    /// Counted by a limiter of this listener alone, in this instance.
+    Own(RateLimitPolicy),
+}
+
+impl ListenerLimit {
+    /// The policy enforced on this listener's clients.
+    pub fn policy(&self) -> &RateLimitPolicy {
+        match self {
+            ListenerLimit::Global(policy) | ListenerLimit::Own(policy) => policy,
+        }
+    }
 }
 
 /// Default `[rate_limit.shared] key_prefix`.
@@ -218,13 +252,6 @@ pub enum OnUnavailable {
     Allow,
     /// Refuse the connection as rate limited.
     Deny,
-}
-
-/// A listener's own `capacity`/`window` (`[listener.rate_limit]`).
-#[derive(Clone, Debug)]
-pub struct RateLimitOverride {
-    pub capacity: Option<u32>,
-    pub window: Option<Duration>,
 }
 
 /// A group of interchangeable backends.
@@ -571,7 +598,6 @@ impl Validator<'_> {
     }
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let has_global_rate_limit = raw.rate_limit.is_some();
         let workers = match raw.runtime.as_ref().and_then(|r| r.workers) {
             Some(n) if !(1..=MAX_WORKERS).contains(&n) => {
                 return Err(self.invalid("runtime.workers", n, format!("must be 1 to {MAX_WORKERS}")))
@@ -582,6 +608,10 @@ impl Validator<'_> {
         let drain_timeout = match &raw.drain_timeout {
             Some(text) => self.duration("drain_timeout", text)?,
             None => DEFAULT_DRAIN_TIMEOUT,
+        };
+        let rate_limit = match raw.rate_limit {
+            Some(r) => Some(self.rate_limit(r)?),
+            None => None,
         };
         let mut upstreams = Vec::with_capacity(raw.upstream.len());
         for (i, u) in raw.upstream.into_iter().enumerate() {
@@ -636,22 +666,10 @@ impl Validator<'_> {
                 Some(text) => self.duration(&key("handshake_timeout"), text)?,
                 None => DEFAULT_HANDSHAKE_TIMEOUT,
             };
-            let rate_limit = match l.rate_limit {
-                Some(RawRateLimitOverride { capacity: None, .. }) if !has_global_rate_limit => {
-                    return Err(self.invalid(
-                        key("rate_limit.capacity"),
-                        "(missing)",
-                        "required when there is no global [rate_limit]",
-                    ))
-                }
-                Some(o) => Some(RateLimitOverride {
-                    capacity: o.capacity,
-                    window: match &o.window {
-                        Some(text) => Some(self.duration(&key("rate_limit.window"), text)?),
-                        None => None,
-                    },
-                }),
-                None => None,
+            let rate_limit = match (l.rate_limit, &rate_limit) {
+                (Some(own), global) => Some(ListenerLimit::Own(self.listener_rate_limit(&key, own, global)?)),
+                (None, Some(global)) => Some(ListenerLimit::Global(global.policy.clone())),
+                (None, None) => None,
             };
             listeners.push(ListenerConfig {
                 name: l.name,
@@ -673,37 +691,6 @@ impl Validator<'_> {
             }
             authorization.push((identity, allowed));
         }
-        let rate_limit = match raw.rate_limit {
-            Some(r) => Some(RateLimitConfig {
-                capacity: match (r.capacity, &r.shared, &r.window) {
-                    (Some(c), _, _) => c,
-                    (None, Some(_), None) => {
-                        return Err(self.invalid(
-                            "rate_limit.shared",
-                            "[rate_limit.shared]",
-                            "needs [rate_limit] with capacity and window",
-                        ))
-                    }
-                    (None, _, _) => return Err(self.invalid("rate_limit.capacity", "", "required")),
-                },
-                window: match &r.window {
-                    Some(text) => self.duration("rate_limit.window", text)?,
-                    None => return Err(self.invalid("rate_limit.window", "", "required")),
-                },
-                max_concurrent: r.max_concurrent,
-                max_clients: match r.max_clients {
-                    Some(0) => return Err(self.invalid("rate_limit.max_clients", 0, "must be at least 1")),
-                    Some(n) => n,
-                    None => DEFAULT_MAX_CLIENTS,
-                },
-                clients: r.clients,
-                shared: match r.shared {
-                    Some(shared) => Some(self.shared_rate_limit(shared)?),
-                    None => None,
-                },
-            }),
-            None => None,
-        };
         let admin = match raw.admin {
             Some(a) => Some(AdminConfig {
                 bind: self.socket_addr("admin.bind", &a.bind)?,
@@ -725,6 +712,78 @@ impl Validator<'_> {
             authorization,
             rate_limit,
             access_log,
+        })
+    }
+
+    fn rate_limit(&self, r: RawRateLimit) -> Result<RateLimitConfig, ConfigError> {
+        let capacity = match (r.capacity, &r.shared, &r.window) {
+            (Some(c), _, _) => c,
+            (None, Some(_), None) => {
+                return Err(self.invalid(
+                    "rate_limit.shared",
+                    "[rate_limit.shared]",
+                    "needs [rate_limit] with capacity and window",
+                ))
+            }
+            (None, _, _) => return Err(self.invalid("rate_limit.capacity", "", "required")),
+        };
+        let window = match &r.window {
+            Some(text) => self.duration("rate_limit.window", text)?,
+            None => return Err(self.invalid("rate_limit.window", "", "required")),
+        };
+        let max_clients = match r.max_clients {
+            Some(0) => return Err(self.invalid("rate_limit.max_clients", 0, "must be at least 1")),
+            Some(n) => n,
+            None => DEFAULT_MAX_CLIENTS,
+        };
+        Ok(RateLimitConfig {
+            policy: RateLimitPolicy {
+                capacity,
+                window,
+                max_concurrent: r.max_concurrent,
+                max_clients,
+                overrides: r.clients,
+            },
+            shared: match r.shared {
+                Some(shared) => Some(self.shared_rate_limit(shared)?),
+                None => None,
+            },
+        })
+    }
+
+    /// A listener's own policy: its `capacity`/`window` over the global rest (or, without a
+    /// global `[rate_limit]`, a 1 s window and no other limit).
+    fn listener_rate_limit(
+        &self,
+        key: &dyn Fn(&str) -> String,
+        own: RawRateLimitOverride,
+        global: &Option<RateLimitConfig>,
+    ) -> Result<RateLimitPolicy, ConfigError> {
+        let base = match global {
+            Some(global) => global.policy.clone(),
+            None if own.capacity.is_none() => {
+                return Err(self.invalid(
+                    key("rate_limit.capacity"),
+                    "(missing)",
+                    "required when there is no global [rate_limit]",
+                ))
+            }
+            None => RateLimitPolicy {
+                capacity: 0,
+                window: Duration::from_secs(1),
+                max_concurrent: None,
+                max_clients: DEFAULT_MAX_CLIENTS,
+                overrides: HashMap::new(),
+            },
+        };
+        let window = match &own.window {
+            Some(text) => self.duration(&key("rate_limit.window"), text)?,
+            None => base.window,
+        };
+        Ok(RateLimitPolicy {
+            capacity: own.capacity.unwrap_or(base.capacity),
+            window,
+            ..base
         })
     }
 

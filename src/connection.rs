@@ -1,28 +1,33 @@
-//! One client connection's life, from accept to the closing log line.
+//! One client connection's life, from accept to the closing log line, as named phases.
 //!
-//! Steps, in order, each able to end the connection before the next:
-//! 1. TLS handshake (TLS listeners), under the listener's total handshake deadline;
-//! 2. client identity from the verified certificate, and the upstream (SNI or the listener's);
-//! 3. authorization of that identity for that upstream (mTLS listeners; default deny);
-//! 4. the per-client rate limit (key: identity on mTLS listeners, source IP otherwise);
-//! 5. pick a backend and dial it, trying the next least-loaded one on refusal or timeout; each
-//!    dial's outcome feeds the backend's health (passive detection);
-//! 6. relay bytes both ways, until both sides end, the drain deadline, or (with
-//!    `on_down = "close"`) the backend being marked down; 7. one summary log line, and one
-//!    access log entry (see [`crate::accesslog`]) for every connection, refused ones included.
+//! Each phase returns a value that says how the connection goes on, or why it ends:
+//! 1. [`front`]: reading the front, the PROXY header on listeners that accept one (its source is
+//!    then the client for everything after);
+//! 2. [`admit`]: admission on TLS listeners: the handshake under the listener's deadline, the
+//!    client identity from the verified certificate, the upstream (SNI or the listener's), and
+//!    the authorization of that identity for that upstream (mTLS; default deny). [`Admission`]
+//!    is admitted (and registered for revocation) or refused;
+//! 3. [`limit`]: the per-client rate limit (key: identity on mTLS listeners, source IP
+//!    otherwise), a [`Permit`] held for the whole connection;
+//! 4. [`connect`]: pick a backend and dial it, trying the next least-loaded one on refusal or
+//!    timeout; each dial's outcome feeds the backend's health (passive detection);
+//! 5. [`relay`]: bytes both ways until both sides end, the drain deadline, the backend being
+//!    marked down (`on_down = "close"`) or the access being revoked: an [`End`], whose label is
+//!    the `end` field of the closing log line.
 //!
-//! No backend is dialed before steps 1-4 pass. The backend lease and the rate-limit permit are
-//! held for the whole connection, so counts are exact on every path. Failures end this connection
-//! only and are logged once, here. This module owns the order of the steps; the steps themselves
-//! live in tls, identity, authz, ratelimit, balancer and proxy.
+//! Then one summary log line and one access log entry (see [`crate::accesslog`]) for every
+//! connection, refused ones included. No backend is dialed before phases 1-3 pass. The backend
+//! lease and the rate-limit permit are held for the whole connection, so counts are exact on
+//! every path. Failures end this connection only and are logged once, here. This module owns the
+//! order of the phases; their substance lives in tls, identity, authz, ratelimit, balancer, net
+//! and proxy.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
@@ -32,14 +37,16 @@ use crate::accesslog::Entry;
 use crate::authz::Decision as Authz;
 use crate::balancer::Lease;
 use crate::config::OnDown;
-use crate::health::{self, Failure, Source};
+use crate::health::probe::record;
+use crate::health::Source;
 use crate::identity::identity_from_der;
 use crate::metrics::Reason;
-use crate::proxy::{relay, relay_tcp, Progress, RelayError, Side};
-use crate::proxy_protocol::{parse, Header, Parse, SslInfo, MAX_HEADER};
+use crate::net::{BackendStream, Origin};
+use crate::proxy::{relay_tcp, Progress, RelayError, Side};
+use crate::proxy_protocol::SslInfo;
 use crate::ratelimit::{ClientKey, Decision as Limit, Permit};
-use crate::reload::Registration;
-use crate::server::{dial, Backend, Listener, Upstream};
+use crate::state::{Backend, Listener, Registration, Upstream};
+use crate::tls::ServerTls;
 
 /// Deadline for writing a refusal (reject response, TLS close_notify) to a client.
 const REFUSAL_DEADLINE: Duration = Duration::from_secs(1);
@@ -72,6 +79,33 @@ pub(crate) async fn handle(
     }
 }
 
+/// A connection closed without being proxied: why, and the detail for the log line.
+struct Refusal {
+    reason: Reason,
+    detail: String,
+}
+
+impl Refusal {
+    fn new(reason: Reason, detail: impl std::fmt::Display) -> Refusal {
+        Refusal {
+            reason,
+            detail: detail.to_string(),
+        }
+    }
+
+    /// Counts the refusal, notes it for the access log and logs it (throttled).
+    fn record(self, listener: &Listener, entry: &mut Entry) {
+        listener.rejected.inc(self.reason);
+        entry.refuse(self.reason);
+        if let Some(suppressed) = listener.reject_log.admit() {
+            warn!(
+                reason = self.reason.label(),
+                suppressed, "connection refused: {}", self.detail
+            );
+        }
+    }
+}
+
 async fn serve(
     mut client: TcpStream,
     peer: SocketAddr,
@@ -81,24 +115,16 @@ async fn serve(
     entry: &mut Entry,
 ) {
     let local = client.local_addr().unwrap_or(peer);
-    let peer = if listener.accept_proxy_protocol {
-        let header = tokio::select! {
-            _ = abort.cancelled() => return,
-            header = Box::pin(read_proxy_header(&mut client, listener.handshake_timeout)) => header,
-        };
-        match header {
-            // LOCAL or an unsupported family: the front's own connection, keep its address.
-            Ok(header) => header.source.unwrap_or(peer),
-            Err(e) => return refused(listener, entry, Reason::ProxyHeader, &e),
-        }
-    } else {
-        peer
+    let peer = match front(&mut client, peer, listener, abort).await {
+        Some(Ok(peer)) => peer,
+        Some(Err(refusal)) => return refusal.record(listener, entry),
+        None => return,
     };
     if listener.accept_proxy_protocol {
         Span::current().record("client.addr", field::display(peer));
         entry.client = peer;
     }
-    let mut who = Who {
+    let who = Who {
         key: ClientKey::from_ip(peer.ip()),
         addr: peer,
         local,
@@ -109,83 +135,49 @@ async fn serve(
     let Some(tls) = &listener.tls else {
         return forward(client, listener, &listener.upstream, who, abort, started, entry).await;
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
-    let handshake = tokio::select! {
-        _ = abort.cancelled() => return,
-        handshake = Box::pin(tokio::time::timeout(listener.handshake_timeout, acceptor.accept(client))) => handshake,
-    };
-    let mut client = match handshake {
-        // Boxed: a TLS session is large, and the future of every connection would carry its size.
-        Ok(Ok(stream)) => Box::new(stream),
-        Ok(Err(e)) => return refused(listener, entry, Reason::TlsHandshake, &e),
-        Err(_) => {
-            return refused(
-                listener,
-                entry,
-                Reason::TlsHandshake,
-                &"handshake deadline passed",
-            )
+    match admit(client, tls, listener, who, abort, entry).await {
+        Admission::Admitted(admitted) => {
+            let Admitted {
+                client,
+                upstream,
+                who,
+            } = *admitted;
+            // Boxed: the TLS path is larger, and plain connections should not pay for its size.
+            Box::pin(forward(client, listener, &upstream, who, abort, started, entry)).await
         }
-    };
-    let (_, session) = client.get_ref();
-    let upstream = listener.route(session.server_name());
-    entry.upstream = Some(upstream.name.clone());
-    who.authority = session.server_name().map(str::to_string);
-    who.ssl = Some(SslInfo {
-        verified: listener.mutual_tls,
-        client_cert: listener.mutual_tls,
-        version: session.protocol_version().map(|v| match v {
-            rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_string(),
-            rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_string(),
-            other => format!("{other:?}"),
-        }),
-        cipher: session
-            .negotiated_cipher_suite()
-            .map(|s| format!("{:?}", s.suite())),
-        cn: None,
-    });
-    if listener.mutual_tls {
-        let identity = match session.peer_certificates().and_then(|chain| chain.first()) {
-            Some(leaf) => identity_from_der(leaf),
-            // Unreachable with a client verifier configured; refuse rather than assume.
-            None => return refused(listener, entry, Reason::TlsHandshake, &"no client certificate"),
-        };
-        let identity = match identity {
-            Ok(identity) => identity,
-            Err(e) => {
-                refused(listener, entry, Reason::Unauthorized, &e);
-                return close_tls(&mut client).await;
+        Admission::Refused { refusal, client } => {
+            refusal.record(listener, entry);
+            if let Some(mut client) = client {
+                close_tls(&mut client).await;
             }
-        };
-        Span::current().record("client.id", field::display(&identity));
-        entry.identity = Some(identity.to_string());
-        if listener.authorization.check(&identity, &upstream.name) == Authz::Deny {
-            refused(
-                listener,
-                entry,
-                Reason::Unauthorized,
-                &format_args!("{identity} may not reach upstream {:?}", upstream.name),
-            );
-            return close_tls(&mut client).await;
         }
-        // Tracked while open, so that a reload removing this access closes the connection.
-        let chain = session.peer_certificates().unwrap_or_default();
-        who.registration = Some(
-            listener
-                .registry
-                .register(&listener.name, &upstream.name, &identity, chain),
-        );
-        if let Some(ssl) = &mut who.ssl {
-            ssl.cn = Some(identity.to_string());
-        }
-        who.key = ClientKey::Identity(identity.into());
+        Admission::Aborted => {}
     }
-    let upstream = Arc::clone(upstream);
-    // Boxed: the TLS path is larger, and plain connections should not pay for its size.
-    Box::pin(forward(client, listener, &upstream, who, abort, started, entry)).await
 }
 
-/// Who the client is, as far as the steps after the handshake need to know.
+/// Phase 1: the PROXY header on listeners that accept one, whose source is then the client.
+/// `None` when the drain deadline cut it short.
+async fn front(
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    listener: &Listener,
+    abort: &CancellationToken,
+) -> Option<Result<SocketAddr, Refusal>> {
+    if !listener.accept_proxy_protocol {
+        return Some(Ok(peer));
+    }
+    let header = tokio::select! {
+        _ = abort.cancelled() => return None,
+        header = Box::pin(crate::proxy_protocol::reader::read_header(client, listener.handshake_timeout)) => header,
+    };
+    Some(match header {
+        // LOCAL or an unsupported family: the front's own connection, keep its address.
+        Ok(header) => Ok(header.source.unwrap_or(peer)),
+        Err(e) => Err(Refusal::new(Reason::ProxyHeader, e)),
+    })
+}
+
+/// Who the client is, as far as the phases after admission need to know.
 struct Who {
     /// Rate-limit key: the identity on mTLS listeners, else the source IP.
     key: ClientKey,
@@ -201,45 +193,124 @@ struct Who {
     authority: Option<String>,
 }
 
-/// Reads a PROXY protocol header from the start of `stream`, consuming exactly its bytes (it
-/// peeks, so nothing after the header is ever taken), all within `deadline`.
-pub(crate) async fn read_proxy_header(stream: &mut TcpStream, deadline: Duration) -> Result<Header, String> {
-    let read = async {
-        let mut buf = vec![0u8; MAX_HEADER];
-        let mut seen = 0;
-        loop {
-            let n = stream.peek(&mut buf).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                return Err("closed before a complete PROXY header".to_string());
-            }
-            match parse(&buf[..n]) {
-                Ok(Parse::Complete(header)) => {
-                    stream
-                        .read_exact(&mut buf[..header.len])
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    return Ok(header);
-                }
-                Ok(Parse::Incomplete) if n >= MAX_HEADER => {
-                    return Err(format!("PROXY header longer than {MAX_HEADER} bytes"));
-                }
-                Ok(Parse::Incomplete) => {
-                    // Peeking again returns at once with the same bytes: wait a little for more.
-                    if n == seen {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    seen = n;
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    };
-    tokio::time::timeout(deadline, read)
-        .await
-        .map_err(|_| "no complete PROXY header before the deadline".to_string())?
+/// A client through admission, on its way to the limit and a backend.
+struct Admitted {
+    client: Box<TlsStream<TcpStream>>,
+    upstream: Arc<Upstream>,
+    who: Who,
 }
 
-/// Steps 4-7 for a client whose transport is ready.
+/// The outcome of admission on a TLS listener.
+enum Admission {
+    /// Boxed: it carries a TLS session, and the future of every connection would carry its size.
+    Admitted(Box<Admitted>),
+    /// Refused; with the stream when the handshake completed, so that it can be closed cleanly.
+    Refused {
+        refusal: Refusal,
+        client: Option<Box<TlsStream<TcpStream>>>,
+    },
+    /// The drain deadline passed during the handshake.
+    Aborted,
+}
+
+/// Phase 2: handshake -> identity -> authorization. An authorized mTLS connection is
+/// registered, so that a reload removing its access closes it.
+async fn admit(
+    client: TcpStream,
+    tls: &ServerTls,
+    listener: &Listener,
+    mut who: Who,
+    abort: &CancellationToken,
+    entry: &mut Entry,
+) -> Admission {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
+    let handshake = tokio::select! {
+        _ = abort.cancelled() => return Admission::Aborted,
+        handshake = Box::pin(tokio::time::timeout(listener.handshake_timeout, acceptor.accept(client))) => handshake,
+    };
+    let refused = |refusal, client| Admission::Refused { refusal, client };
+    let client = match handshake {
+        Ok(Ok(stream)) => Box::new(stream),
+        Ok(Err(e)) => return refused(Refusal::new(Reason::TlsHandshake, e), None),
+        Err(_) => {
+            return refused(
+                Refusal::new(Reason::TlsHandshake, "handshake deadline passed"),
+                None,
+            )
+        }
+    };
+    let (_, session) = client.get_ref();
+    let upstream = Arc::clone(listener.route(session.server_name()));
+    entry.upstream = Some(upstream.name.clone());
+    who.authority = session.server_name().map(str::to_string);
+    who.ssl = Some(SslInfo {
+        verified: listener.mutual_tls,
+        client_cert: listener.mutual_tls,
+        version: session.protocol_version().map(|v| match v {
+            rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_string(),
+            rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_string(),
+            other => format!("{other:?}"),
+        }),
+        cipher: session
+            .negotiated_cipher_suite()
+            .map(|s| format!("{:?}", s.suite())),
+        cn: None,
+    });
+    if !listener.mutual_tls {
+        return Admission::Admitted(Box::new(Admitted {
+            client,
+            upstream,
+            who,
+        }));
+    }
+    let identity = match session.peer_certificates().and_then(|chain| chain.first()) {
+        Some(leaf) => identity_from_der(leaf),
+        // Unreachable with a client verifier configured; refuse rather than assume.
+        None => return refused(Refusal::new(Reason::TlsHandshake, "no client certificate"), None),
+    };
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err(e) => return refused(Refusal::new(Reason::Unauthorized, e), Some(client)),
+    };
+    Span::current().record("client.id", field::display(&identity));
+    entry.identity = Some(identity.to_string());
+    if listener.authorization.check(&identity, &upstream.name) == Authz::Deny {
+        let detail = format!("{identity} may not reach upstream {:?}", upstream.name);
+        return refused(Refusal::new(Reason::Unauthorized, detail), Some(client));
+    }
+    // Tracked while open, so that a reload removing this access closes the connection.
+    let chain = session.peer_certificates().unwrap_or_default();
+    who.registration = Some(
+        listener
+            .registry
+            .register(&listener.name, &upstream.name, &identity, chain),
+    );
+    if let Some(ssl) = &mut who.ssl {
+        ssl.cn = Some(identity.to_string());
+    }
+    who.key = ClientKey::Identity(identity.into());
+    Admission::Admitted(Box::new(Admitted {
+        client,
+        upstream,
+        who,
+    }))
+}
+
+/// Phase 3: the client's rate limit. `Ok(None)` on a listener without one.
+async fn limit(listener: &Listener, key: &ClientKey) -> Result<Option<Permit>, Refusal> {
+    let Some(limiter) = &listener.limiter else {
+        return Ok(None);
+    };
+    match limiter.check(key).await {
+        Limit::Allow(permit) => Ok(Some(permit)),
+        Limit::Reject(why) => Err(Refusal::new(
+            Reason::RateLimited,
+            format_args!("client {key}: {why}"),
+        )),
+    }
+}
+
+/// Phases 3-5 for a client whose transport is ready, and the closing log line.
 async fn forward<C: Transport>(
     mut client: C,
     listener: &Listener,
@@ -249,43 +320,31 @@ async fn forward<C: Transport>(
     started: Instant,
     entry: &mut Entry,
 ) {
-    let Who {
-        key, registration, ..
-    } = &who;
     Span::current().record("upstream", upstream.name.as_str());
     entry.upstream = Some(upstream.name.clone());
-    let permit: Option<Permit> = match &listener.limiter {
-        None => None,
-        Some(limiter) => match limiter.check(key).await {
-            Limit::Allow(permit) => Some(permit),
-            Limit::Reject(why) => {
-                refused(
-                    listener,
-                    entry,
-                    Reason::RateLimited,
-                    &format_args!("client {key}: {why}"),
-                );
-                if let Some(response) = &listener.reject_response {
-                    let _ = tokio::time::timeout(REFUSAL_DEADLINE, client.write_all(response)).await;
-                }
-                let _ = tokio::time::timeout(REFUSAL_DEADLINE, client.shutdown()).await;
-                return;
+    let permit = match limit(listener, &who.key).await {
+        Ok(permit) => permit,
+        Err(refusal) => {
+            refusal.record(listener, entry);
+            if let Some(response) = &listener.reject_response {
+                let _ = tokio::time::timeout(REFUSAL_DEADLINE, client.write_all(response)).await;
             }
-        },
+            let _ = tokio::time::timeout(REFUSAL_DEADLINE, client.shutdown()).await;
+            return;
+        }
     };
     let connected = tokio::select! {
         _ = abort.cancelled() => return,
         connected = Box::pin(connect(upstream, &who)) => connected,
     };
-    let (mut backend, lease, chosen) = match connected {
+    let Connected {
+        mut backend,
+        lease,
+        chosen,
+    } = match connected {
         Ok(connected) => connected,
         Err(reason) => {
-            refused(
-                listener,
-                entry,
-                reason,
-                &format_args!("upstream {:?}", upstream.name),
-            );
+            Refusal::new(reason, format_args!("upstream {:?}", upstream.name)).record(listener, entry);
             let _ = tokio::time::timeout(REFUSAL_DEADLINE, client.shutdown()).await;
             return;
         }
@@ -293,12 +352,152 @@ async fn forward<C: Transport>(
     chosen.connections.inc();
     Span::current().record("backend.addr", chosen.label.as_str());
     entry.backend = Some(chosen.label.clone());
+    let mut progress = Progress::default();
+    let end = relay(
+        &mut client,
+        &mut backend,
+        upstream,
+        &chosen,
+        &who,
+        abort,
+        &mut progress,
+    )
+    .await;
+    info!(
+        bytes_up = progress.client_to_backend,
+        bytes_down = progress.backend_to_client,
+        duration_ms = started.elapsed().as_millis() as u64,
+        end = end.label(),
+        "connection closed"
+    );
+    entry.bytes_up = progress.client_to_backend;
+    entry.bytes_down = progress.backend_to_client;
+    entry.outcome = end.label();
+    // The concurrency slot first: once the backend count reads zero, the client may reconnect.
+    drop(permit);
+    drop(lease);
+}
+
+/// A backend that answered, with the lease that counts this connection against it.
+struct Connected {
+    backend: BackendStream,
+    lease: Lease,
+    chosen: Arc<Backend>,
+}
+
+/// Phase 4: leases and dials backends until one answers, at most `connect_attempts` distinct
+/// ones. Each dial's outcome feeds the backend's health (passive detection). With no backend in
+/// rotation nothing is dialed: [`Reason::NoHealthyBackend`].
+async fn connect(upstream: &Upstream, who: &Who) -> Result<Connected, Reason> {
+    let origin = Origin {
+        addr: who.addr,
+        local: who.local,
+        ssl: who.ssl.as_ref(),
+        authority: who.authority.as_deref(),
+    };
+    let mut tried: Vec<usize> = Vec::new();
+    for _ in 0..upstream.connect_attempts {
+        let Some(lease) = upstream.pool.pick_at(&tried, Instant::now()) else {
+            break;
+        };
+        let Some(backend) = upstream.backend(lease.index()) else {
+            // A backend a reload added after this connection's generation: not ours to use.
+            tried.push(lease.index());
+            continue;
+        };
+        match crate::net::open(upstream, backend, &origin).await {
+            Ok(stream) => {
+                record(upstream, lease.index(), Source::Traffic, Ok(()));
+                return Ok(Connected {
+                    backend: stream,
+                    lease,
+                    chosen: Arc::clone(backend),
+                });
+            }
+            Err(failure) => {
+                backend.connect_failures.inc();
+                debug!(backend = %backend.label, error = %failure, "backend connect failed");
+                tried.push(lease.index());
+                if crate::net::is_local_exhaustion(&failure) {
+                    // Out of descriptors or memory here: says nothing about the backend's health.
+                    continue;
+                }
+                record(upstream, lease.index(), Source::Traffic, Err(failure));
+            }
+        }
+    }
+    Err(if tried.is_empty() {
+        Reason::NoHealthyBackend
+    } else {
+        Reason::ConnectFailed
+    })
+}
+
+/// How a proxied connection ended: the `end` field of its log line and the access log's
+/// `outcome`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum End {
+    /// Both sides finished cleanly.
+    Closed,
+    /// Shutdown's drain deadline passed while it was open.
+    DrainDeadline,
+    /// A reload took the client's access away.
+    AccessRevoked,
+    /// Its backend was marked down with `on_down = "close"`.
+    BackendDown,
+    ClientReset,
+    ClientError,
+    BackendReset,
+    BackendError,
+}
+
+impl End {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            End::Closed => "closed",
+            End::DrainDeadline => "drain_deadline",
+            End::AccessRevoked => "access_revoked",
+            End::BackendDown => "backend_down",
+            End::ClientReset => "client_reset",
+            End::ClientError => "client_error",
+            End::BackendReset => "backend_reset",
+            End::BackendError => "backend_error",
+        }
+    }
+
+    /// The end for an I/O error on `side`.
+    fn failed(side: Side, e: &io::Error) -> End {
+        let reset = matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+        );
+        match (side, reset) {
+            (Side::Client, true) => End::ClientReset,
+            (Side::Client, false) => End::ClientError,
+            (Side::Backend, true) => End::BackendReset,
+            (Side::Backend, false) => End::BackendError,
+        }
+    }
+}
+
+/// Phase 5: relays until both sides end, or the drain deadline, the backend being marked down
+/// (`on_down = "close"`) or a revocation cuts it. A cut or a failed side resets the other, so
+/// neither mistakes it for a clean end.
+async fn relay<C: Transport>(
+    client: &mut C,
+    backend: &mut BackendStream,
+    upstream: &Upstream,
+    chosen: &Backend,
+    who: &Who,
+    abort: &CancellationToken,
+    progress: &mut Progress,
+) -> End {
     // Taken after the dial: if the backend went down meanwhile, the signal has already fired.
     let backend_down = match upstream.health_check.on_down {
         OnDown::Close => Some(chosen.health.down_signal()),
         OnDown::Keep => None,
     };
-    let revoked = registration.as_ref().map(|r| r.revoked.clone());
+    let revoked = who.registration.as_ref().map(|r| r.revoked.clone());
     let abort_relay = abort.clone();
     let stop = async move {
         let down = async {
@@ -319,27 +518,23 @@ async fn forward<C: Transport>(
             _ = revoked => {}
         }
     };
-
-    let mut progress = Progress::default();
     // Zero-copy between plain sockets, buffered through TLS.
-    let result = match &mut backend {
+    let result = match backend {
         BackendStream::Plain(plain) => match client.as_plain() {
-            Some(tcp) => relay_tcp(tcp, plain, &mut progress, stop).await,
-            None => relay(&mut client, plain, &mut progress, stop).await,
+            Some(tcp) => relay_tcp(tcp, plain, progress, stop).await,
+            None => crate::proxy::relay(client, plain, progress, stop).await,
         },
-        BackendStream::Tls(tls) => relay(&mut client, tls.as_mut(), &mut progress, stop).await,
+        BackendStream::Tls(tls) => crate::proxy::relay(client, tls.as_mut(), progress, stop).await,
     };
-    let end = match &result {
-        Ok(()) => "closed",
-        Err(RelayError::Cancelled) if abort.is_cancelled() => "drain_deadline",
+    match &result {
+        Ok(()) => End::Closed,
+        Err(RelayError::Cancelled) if abort.is_cancelled() => End::DrainDeadline,
         Err(RelayError::Cancelled) => {
-            // The backend was marked down with `on_down = "close"`, or a reload removed the
-            // client's access: reset both sides, so neither mistakes the cut for a clean end.
             let _ = socket2::SockRef::from(client.tcp()).set_linger(Some(Duration::ZERO));
             let _ = socket2::SockRef::from(backend.tcp()).set_linger(Some(Duration::ZERO));
-            match registration {
-                Some(r) if r.revoked.is_cancelled() => "access_revoked",
-                _ => "backend_down",
+            match &who.registration {
+                Some(r) if r.revoked.is_cancelled() => End::AccessRevoked,
+                _ => End::BackendDown,
             }
         }
         Err(RelayError::Io { side, source }) => {
@@ -349,143 +544,13 @@ async fn forward<C: Transport>(
                 Side::Backend => client.tcp(),
             };
             let _ = socket2::SockRef::from(other).set_linger(Some(Duration::ZERO));
-            describe(*side, source)
+            End::failed(*side, source)
         }
-    };
-    info!(
-        bytes_up = progress.client_to_backend,
-        bytes_down = progress.backend_to_client,
-        duration_ms = started.elapsed().as_millis() as u64,
-        end,
-        "connection closed"
-    );
-    entry.bytes_up = progress.client_to_backend;
-    entry.bytes_down = progress.backend_to_client;
-    entry.outcome = end;
-    // The concurrency slot first: once the backend count reads zero, the client may reconnect.
-    drop(permit);
-    drop(lease);
-}
-
-/// Leases and dials backends until one answers, at most `connect_attempts` distinct ones. Each
-/// dial's outcome feeds the backend's health (passive detection). With no backend in rotation
-/// nothing is dialed: [`Reason::NoHealthyBackend`].
-async fn connect(upstream: &Upstream, who: &Who) -> Result<(BackendStream, Lease, Arc<Backend>), Reason> {
-    let mut tried: Vec<usize> = Vec::new();
-    for _ in 0..upstream.connect_attempts {
-        let Some(lease) = upstream.pool.pick_at(&tried, Instant::now()) else {
-            break;
-        };
-        let Some(backend) = upstream.backend(lease.index()) else {
-            // A backend a reload added after this connection's generation: not ours to use.
-            tried.push(lease.index());
-            continue;
-        };
-        match open_backend(upstream, backend, who).await {
-            Ok(stream) => {
-                health::record(upstream, lease.index(), Source::Traffic, Ok(()));
-                return Ok((stream, lease, Arc::clone(backend)));
-            }
-            Err(failure) => {
-                backend.connect_failures.inc();
-                debug!(backend = %backend.label, error = %failure, "backend connect failed");
-                tried.push(lease.index());
-                if failure.is_local_exhaustion() {
-                    // Out of descriptors or memory here: says nothing about the backend's health.
-                    continue;
-                }
-                health::record(upstream, lease.index(), Source::Traffic, Err(failure));
-            }
-        }
-    }
-    Err(if tried.is_empty() {
-        Reason::NoHealthyBackend
-    } else {
-        Reason::ConnectFailed
-    })
-}
-
-/// Dials a backend, sends the PROXY header (before any client byte, and before TLS), and runs
-/// the TLS handshake to it when the upstream asks for one: all within `connect_timeout`.
-async fn open_backend(upstream: &Upstream, backend: &Backend, who: &Who) -> Result<BackendStream, Failure> {
-    let timeout = upstream.connect_timeout;
-    let open = async {
-        let mut stream = dial(&backend.addr, timeout)
-            .await
-            .map_err(|e| Failure::from_connect(e, timeout))?;
-        if let Some(version) = upstream.proxy_protocol {
-            let header = crate::proxy_protocol::encode(
-                version,
-                who.addr,
-                who.local,
-                who.ssl.as_ref(),
-                who.authority.as_deref(),
-            );
-            stream.write_all(&header).await.map_err(Failure::Io)?;
-        }
-        let Some((config, name)) = &upstream.tls else {
-            return Ok(BackendStream::Plain(stream));
-        };
-        let name = match (name, &backend.addr) {
-            (Some(name), _) => name.clone(),
-            (None, crate::config::BackendAddr::Name { host, .. }) => host.clone(),
-            (None, crate::config::BackendAddr::Ip(ip)) => ip.ip().to_string(),
-        };
-        let name = rustls::pki_types::ServerName::try_from(name)
-            .map_err(|e| Failure::Io(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
-            .connect(name, stream)
-            .await
-            .map_err(Failure::Io)?;
-        Ok(BackendStream::Tls(Box::new(tls)))
-    };
-    tokio::time::timeout(timeout, open)
-        .await
-        .map_err(|_| Failure::TimedOut(timeout))?
-}
-
-/// The backend side of a connection: plain TCP, or TLS to the backend (`[upstream.tls]`).
-enum BackendStream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl BackendStream {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            BackendStream::Plain(tcp) => tcp,
-            BackendStream::Tls(tls) => tls.get_ref().0,
-        }
-    }
-}
-
-/// Counts a refusal, notes it for the access log and logs it (throttled).
-fn refused(listener: &Listener, entry: &mut Entry, reason: Reason, detail: &dyn std::fmt::Display) {
-    listener.rejected.inc(reason);
-    entry.refuse(reason);
-    if let Some(suppressed) = listener.reject_log.admit() {
-        warn!(
-            reason = reason.label(),
-            suppressed, "connection refused: {detail}"
-        );
     }
 }
 
 async fn close_tls(client: &mut Box<TlsStream<TcpStream>>) {
     let _ = tokio::time::timeout(REFUSAL_DEADLINE, client.shutdown()).await;
-}
-
-fn describe(side: Side, e: &io::Error) -> &'static str {
-    let reset = matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
-    );
-    match (side, reset) {
-        (Side::Client, true) => "client_reset",
-        (Side::Client, false) => "client_error",
-        (Side::Backend, true) => "backend_reset",
-        (Side::Backend, false) => "backend_error",
-    }
 }
 
 /// A client transport: plain TCP or TLS over TCP. Gives access to the socket underneath (to
@@ -514,36 +579,6 @@ impl Transport for Box<TlsStream<TcpStream>> {
 
     fn as_plain(&mut self) -> Option<&mut TcpStream> {
         None
-    }
-}
-
-/// Lets at most [`LogThrottle::PER_SECOND`] lines through per second; reports how many it held
-/// back since the last line it let through.
-#[derive(Debug, Default)]
-pub(crate) struct LogThrottle {
-    /// Second (since the throttle's first use) of the current budget, and lines used in it.
-    state: std::sync::Mutex<(u64, u32)>,
-    suppressed: AtomicU64,
-    origin: std::sync::OnceLock<Instant>,
-}
-
-impl LogThrottle {
-    const PER_SECOND: u32 = 10;
-
-    /// `Some(suppressed_since_last)` if this line may be logged.
-    pub(crate) fn admit(&self) -> Option<u64> {
-        let second = self.origin.get_or_init(Instant::now).elapsed().as_secs();
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.0 != second {
-            *state = (second, 0);
-        }
-        if state.1 < Self::PER_SECOND {
-            state.1 += 1;
-            Some(self.suppressed.swap(0, Ordering::Relaxed))
-        } else {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            None
-        }
     }
 }
 

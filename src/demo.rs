@@ -17,7 +17,8 @@ use tokio_util::task::TaskTracker;
 use crate::backend::{self, Mode};
 use crate::config::{Config, ConfigError};
 use crate::pki::PkiError;
-use crate::server::{Server, ServerError};
+use crate::server::Server;
+use crate::state::ServerError;
 
 /// Where the demo listens.
 #[derive(Clone, Debug)]

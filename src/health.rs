@@ -1,14 +1,15 @@
 //! Backend health: when a backend leaves the rotation and when it comes back.
 //!
 //! Two halves, as everywhere in fulcrum:
-//! - a pure core: [`HealthState`] counts consecutive successes and failures with hysteresis
+//! - this pure core: [`HealthState`] counts consecutive successes and failures with hysteresis
 //!   (`rise` successes to come up, `fall` failures to go down) and says when the state flips;
-//!   [`check_reply`] and [`jittered`] are the other decisions. No I/O, no clock.
-//! - a thin I/O shell: [`spawn`] starts one probe loop per backend (jittered, each probe bounded by
-//!   the probe `timeout`, so a black-holed backend delays no other probe), and [`record`] applies
-//!   an outcome, from a probe or from real traffic (passive detection), to a backend: rotation in
-//!   the pool, the down signal watched by open connections (`on_down = "close"`), slow start,
-//!   metrics and the one log line per transition.
+//!   [`check_reply`] and [`jittered`] are the other decisions; [`BackendHealth`] is the state a
+//!   live backend carries. No I/O, no clock.
+//! - the thin I/O shell, [`probe`]: one probe loop per backend (jittered, each probe bounded by
+//!   the probe `timeout`, so a black-holed backend delays no other probe), and
+//!   [`probe::record`], which applies an outcome, from a probe or from real traffic (passive
+//!   detection), to a live backend: rotation in the pool, the down signal watched by open
+//!   connections (`on_down = "close"`), slow start, metrics and the one log line per transition.
 //!
 //! Semantics: backends start up. Probe and traffic failures both count toward `fall`; a
 //! successful real connect only resets the failure streak, never counts toward `rise`: a down
@@ -19,17 +20,13 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
 
-use crate::config::{BackendAddr, HealthCheckConfig};
+use crate::config::HealthCheckConfig;
 use crate::metrics::Counter;
-use crate::server::{dial, Upstream};
 
 /// A change of a backend's health.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,15 +123,6 @@ pub enum Failure {
 }
 
 impl Failure {
-    /// Whether the dial failed for want of local resources (descriptors, memory): a fault of
-    /// this process, not of the backend.
-    pub fn is_local_exhaustion(&self) -> bool {
-        match self {
-            Failure::Connect(e) | Failure::Io(e) => crate::server::is_resource_exhaustion(e),
-            _ => false,
-        }
-    }
-
     /// Classifies a failed dial made under `timeout`.
     pub fn from_connect(e: io::Error, timeout: Duration) -> Failure {
         match e.kind() {
@@ -234,152 +222,7 @@ impl Source {
     }
 }
 
-/// Applies one outcome to backend `index` of `upstream`, acting on a transition: rotation, the
-/// down signal, slow start, counters and one log line.
-pub fn record(upstream: &Upstream, index: usize, source: Source, outcome: Result<(), Failure>) {
-    let Some(backend) = upstream.backend(index) else {
-        return;
-    };
-    let health = &backend.health;
-    let mut status = health.lock();
-    let transition = match (&outcome, source) {
-        (Err(_), _) => status.state.observe(false),
-        (Ok(()), Source::Probe) => status.state.observe(true),
-        (Ok(()), Source::Traffic) => {
-            status.state.observe_traffic_success();
-            None
-        }
-    };
-    let streak = status.state.streak();
-    match transition {
-        None => {}
-        Some(Transition::Down) => {
-            upstream.pool.set_in_rotation(index, false);
-            health.up.store(false, Ordering::Relaxed);
-            status.down.cancel();
-            drop(status);
-            health.went_down.inc();
-            let reason = outcome.err().map(|e| e.to_string()).unwrap_or_default();
-            warn!(
-                upstream = %upstream.name,
-                backend = %backend.label,
-                source = source.label(),
-                "backend marked down: {reason} ({streak} consecutive failures)"
-            );
-        }
-        Some(Transition::Up) => {
-            status.down = CancellationToken::new();
-            match upstream.health_check.slow_start {
-                Some(period) => upstream.pool.ramp_up(index, Instant::now(), period),
-                None => upstream.pool.set_in_rotation(index, true),
-            }
-            health.up.store(true, Ordering::Relaxed);
-            drop(status);
-            health.went_up.inc();
-            info!(
-                upstream = %upstream.name,
-                backend = %backend.label,
-                source = source.label(),
-                "backend marked up: passed {streak} consecutive probes"
-            );
-        }
-    }
-}
-
-/// Starts one probe loop per backend of `upstream`, tracked by `tracker`, stopped by `shutdown`
-/// (a reload stops one generation's loops and starts the next one's).
-pub fn spawn(upstream: &Arc<Upstream>, tracker: &TaskTracker, shutdown: &CancellationToken) {
-    for backend in &upstream.backends {
-        tracker.spawn(probe_loop(Arc::clone(upstream), backend.slot, shutdown.clone()));
-    }
-}
-
-/// Probes one backend: first at a random offset in `[0, interval)`, then every `interval`
-/// +-10% (start to start). Without an active health check only a down backend is probed.
-async fn probe_loop(upstream: Arc<Upstream>, index: usize, shutdown: CancellationToken) {
-    let check = &upstream.health_check;
-    let Some(backend) = upstream.backend(index) else {
-        return;
-    };
-    let mut rng = Rng::seeded(index as u64);
-    let mut next = tokio::time::Instant::now() + check.interval.mul_f64(rng.unit());
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(next) => {}
-        }
-        next = tokio::time::Instant::now() + jittered(check.interval, rng.unit());
-        if !check.active && backend.health.is_up() {
-            continue;
-        }
-        let outcome = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            outcome = probe(&backend.addr, check) => outcome,
-        };
-        record(&upstream, index, Source::Probe, outcome);
-    }
-}
-
-/// One probe: connect, write `send`, read the `expect`ed reply, all within `timeout`.
-pub async fn probe(addr: &BackendAddr, check: &HealthCheckConfig) -> Result<(), Failure> {
-    match tokio::time::timeout(check.timeout, exchange(addr, check)).await {
-        Ok(outcome) => outcome,
-        Err(_) => Err(Failure::TimedOut(check.timeout)),
-    }
-}
-
-async fn exchange(addr: &BackendAddr, check: &HealthCheckConfig) -> Result<(), Failure> {
-    let mut stream = dial(addr, check.timeout)
-        .await
-        .map_err(|e| Failure::from_connect(e, check.timeout))?;
-    if !check.send.is_empty() {
-        stream.write_all(&check.send).await.map_err(Failure::Io)?;
-    }
-    if !check.expect.is_empty() {
-        let mut reply = vec![0; check.expect.len()];
-        let mut filled = 0;
-        while filled < reply.len() {
-            let n = stream.read(&mut reply[filled..]).await.map_err(Failure::Io)?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
-            if !check.expect.starts_with(&reply[..filled]) {
-                break;
-            }
-        }
-        check_reply(&check.expect, &reply[..filled])?;
-    }
-    Ok(())
-}
-
-/// xorshift64*: cheap jitter, not for anything secret. Seeded from the clock, the process id and
-/// a per-loop value so that loops started together spread out.
-struct Rng(u64);
-
-impl Rng {
-    fn seeded(salt: u64) -> Rng {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        let seed = nanos ^ (u64::from(std::process::id()) << 32) ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        Rng(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+pub mod probe;
 
 #[cfg(test)]
 mod tests;

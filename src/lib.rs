@@ -4,26 +4,31 @@
 //! round-robin) and bytes are copied both ways, half-close included, until both sides end.
 //!
 //! # Crate map
+//! Modules are listed top (what runs) to bottom (what it reads); every import points down, and
+//! `scripts/module-graph` checks that no module imports, directly or through others, one that
+//! imports it.
+//!
 //! | module | owns |
 //! |---|---|
-//! | [`config`] | TOML -> validated [`Config`]; every rule about valid configuration (pure) |
-//! | [`balancer`] | least-connections selection and the lease that is a connection's count (pure) |
-//! | [`proxy`] | the two-way byte relay with half-close and per-side errors |
-//! | [`proxy_protocol`] | PROXY protocol v1/v2 headers: encoding and incremental parsing (pure) |
-//! | [`server`] | binding, accept loops, live state generations, reload, shutdown and drain |
-//! | [`reload`] | reload requests and results, and which open connections lose access |
-//! | [`connection`] | one connection's steps in order: handshake, authz, limit, dial, relay, log |
-//! | [`health`] | backend health: rise/fall state (pure), probes, passive detection, transitions |
+//! | `server` | binding, accept loops, the run/shutdown/drain sequence, applying reloads ([`Server`]) |
+//! | `connection` | one connection's phases: front, admission, limit, connect, relay, its end |
+//! | [`admin`] | the admin HTTP listener; [`admin::status`] (the `/status` snapshot and page) and [`admin::prometheus`] (`/metrics` text) read the live state |
+//! | [`reload`] | asking for a reload: the [`reload::Handle`], its request and result |
+//! | [`health`] | backend health: rise/fall state and failures (pure); [`health::probe`]: probe loops and applying outcomes |
+//! | `net` | dialing backends: dial, PROXY header, TLS to the backend, resource-exhaustion classification |
+//! | [`state`] | the live model: one generation's listeners, upstreams, backends, the registry of open mTLS connections, [`state::Live`]; [`state::build`]: assembling a generation from a loaded config |
+//! | `accesslog` | the JSON-lines access log: entries, the bounded queue, the writer task |
+//! | [`ratelimit`] | the listener's [`ratelimit::Limiter`]: [`ratelimit::local`] fixed windows (pure), [`ratelimit::shares`] (pure) and [`ratelimit::cluster`] (its Redis shell) |
 //! | [`tls`] | certificate loading and each listener's rustls configuration (TLS policy) |
-//! | [`identity`] | the client identity rule: verified leaf certificate -> name (pure) |
+//! | [`proxy`] | the two-way byte relay with half-close and per-side errors |
+//! | [`proxy_protocol`] | PROXY protocol v1/v2 headers: encoding and parsing (pure); [`proxy_protocol::reader`] reads one off a socket |
+//! | [`balancer`] | least-connections selection and the lease that is a connection's count (pure) |
 //! | [`authz`] | which identities may reach which upstreams, default deny (pure) |
-//! | [`ratelimit`] | per-client fixed-window connection limits and concurrency caps (pure) |
-//! | [`sharedlimit`] | the listener's limiter; the cluster-wide limiter's Redis shell and fallback |
+//! | [`identity`] | the client identity rule: verified leaf certificate -> name (pure) |
+//! | [`metrics`] | counters and rejection reasons |
+//! | `throttle` | the throttle on log lines a peer can cause |
+//! | [`config`] | TOML -> validated [`Config`]; every rule about valid configuration (pure) |
 //! | [`pki`] | development certificates for `fulcrum certs`, the demo and tests |
-//! | [`metrics`] | counters, rejection reasons and Prometheus rendering |
-//! | [`admin`] | the admin HTTP listener (`/`, `/status`, `/metrics`, `/healthz`) |
-//! | [`status`] | the `/status` JSON snapshot of live state (pure) and the status page |
-//! | [`accesslog`] | the JSON-lines access log: entries, the bounded queue, the writer task |
 //! | [`backend`] | the demo backend (`fulcrum backend`) |
 //! | [`demo`] | `fulcrum demo` |
 //!
@@ -37,30 +42,34 @@
 //! # Ok(()) }
 //! ```
 //! The balancer works on its own too: [`balancer::Pool::pick`] returns a [`balancer::Lease`] that
-//! counts against its backend until dropped.
+//! counts against its backend until dropped; so does the rate limiter
+//! ([`ratelimit::RateLimiter`]).
 
-pub mod accesslog;
+mod accesslog;
 pub mod admin;
 pub mod authz;
 pub mod backend;
 pub mod balancer;
 pub mod config;
-pub mod connection;
+mod connection;
 pub mod demo;
 pub mod health;
 pub mod identity;
 pub mod metrics;
+mod net;
 pub mod pki;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod reload;
-pub mod server;
-pub mod sharedlimit;
-pub mod status;
+mod server;
+pub mod state;
+mod throttle;
 pub mod tls;
 
 pub use config::Config;
 pub use server::Server;
+pub use state::build::validate;
+pub use state::ServerError;
 /// Re-exported so library users can stop a [`Server`] without depending on tokio-util.
 pub use tokio_util::sync::CancellationToken;

@@ -99,7 +99,7 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Check { config } => {
             let config = fulcrum::Config::load(&config)?;
-            fulcrum::server::validate(&config)?;
+            fulcrum::validate(&config)?;
             println!(
                 "{}: ok ({} listener(s), {} upstream(s))",
                 config.origin,

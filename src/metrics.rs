@@ -1,14 +1,11 @@
-//! Counters the server keeps and their Prometheus text rendering.
+//! The counters fulcrum keeps, and why connections are refused.
 //!
-//! The counters themselves are plain atomics embedded in the server's state (one per listener,
-//! one per backend), so the connection path never looks anything up by name; this module owns the
-//! rejection reasons, the metric names (a public contract: keep them) and the text format. It
-//! renders on scrape and never blocks a connection.
+//! Counters are plain atomics embedded in the live state (one per listener, one per backend), so
+//! the connection path never looks anything up by name. This module owns the counter types and
+//! the rejection reasons (their labels are public contract); the Prometheus text that exposes
+//! them is rendered on the admin side (`admin::prometheus`). Nothing here does I/O.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-
-use crate::server::State;
 
 /// Why a connection was closed without being proxied. The label values are public contract.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,181 +74,9 @@ impl Rejections {
     }
 }
 
-/// Renders every metric in the Prometheus text exposition format (version 0.0.4).
-pub fn render(state: &State) -> String {
-    let mut out = String::with_capacity(4096);
-    header(
-        &mut out,
-        "fulcrum_connections_total",
-        "counter",
-        "Connections accepted, per listener.",
-    );
-    for l in state.listeners() {
-        let _ = writeln!(
-            out,
-            "fulcrum_connections_total{{listener=\"{}\"}} {}",
-            escape(&l.name),
-            l.accepted.get()
-        );
-    }
-    header(
-        &mut out,
-        "fulcrum_connections_rejected_total",
-        "counter",
-        "Connections closed without being proxied, per listener and reason.",
-    );
-    for l in state.listeners() {
-        for reason in Reason::ALL {
-            let _ = writeln!(
-                out,
-                "fulcrum_connections_rejected_total{{listener=\"{}\",reason=\"{}\"}} {}",
-                escape(&l.name),
-                reason.label(),
-                l.rejected.get(reason)
-            );
-        }
-    }
-    header(
-        &mut out,
-        "fulcrum_backend_active_connections",
-        "gauge",
-        "Connections currently counted against each backend (from selection until both directions close).",
-    );
-    for u in state.upstreams() {
-        let active = u.pool.active_all();
-        for (b, count) in u.backends.iter().zip(active) {
-            let _ = writeln!(
-                out,
-                "fulcrum_backend_active_connections{{upstream=\"{}\",backend=\"{}\"}} {count}",
-                escape(&u.name),
-                escape(&b.label)
-            );
-        }
-    }
-    header(
-        &mut out,
-        "fulcrum_backend_connections_total",
-        "counter",
-        "Connections proxied to each backend (connect succeeded).",
-    );
-    backend_counter(&mut out, state, "fulcrum_backend_connections_total", |b| {
-        b.connections.get()
-    });
-    header(
-        &mut out,
-        "fulcrum_backend_connect_failures_total",
-        "counter",
-        "Failed dials (refused, unreachable or timed out), per backend.",
-    );
-    backend_counter(&mut out, state, "fulcrum_backend_connect_failures_total", |b| {
-        b.connect_failures.get()
-    });
-    header(
-        &mut out,
-        "fulcrum_backend_up",
-        "gauge",
-        "1 if the backend is in rotation by health checks, 0 if marked down.",
-    );
-    backend_counter(&mut out, state, "fulcrum_backend_up", |b| u64::from(b.is_up()));
-    header(
-        &mut out,
-        "fulcrum_backend_health_transitions_total",
-        "counter",
-        "Health state changes per backend, by the state entered.",
-    );
-    for u in state.upstreams() {
-        for b in &u.backends {
-            for (to, count) in [("up", &b.health.went_up), ("down", &b.health.went_down)] {
-                let _ = writeln!(
-                    out,
-                    "fulcrum_backend_health_transitions_total{{upstream=\"{}\",backend=\"{}\",to=\"{to}\"}} {}",
-                    escape(&u.name),
-                    escape(&b.label),
-                    count.get()
-                );
-            }
-        }
-    }
-    header(
-        &mut out,
-        "fulcrum_config_reloads_total",
-        "counter",
-        "Configuration reloads, by result (ok: applied; error: refused, the old one kept serving).",
-    );
-    let _ = writeln!(
-        out,
-        "fulcrum_config_reloads_total{{result=\"ok\"}} {}",
-        state.reloads.ok.get()
-    );
-    let _ = writeln!(
-        out,
-        "fulcrum_config_reloads_total{{result=\"error\"}} {}",
-        state.reloads.failed.get()
-    );
-    header(
-        &mut out,
-        "fulcrum_config_generation",
-        "gauge",
-        "Generation of the running configuration (1 at start).",
-    );
-    let _ = writeln!(out, "fulcrum_config_generation {}", state.generation);
-    header(
-        &mut out,
-        "fulcrum_ratelimit_backend_errors_total",
-        "counter",
-        "Round trips to the shared rate limit's Redis that failed or timed out (on_unavailable applied).",
-    );
-    let _ = writeln!(
-        out,
-        "fulcrum_ratelimit_backend_errors_total {}",
-        state.ratelimit_backend_errors.get()
-    );
-    header(
-        &mut out,
-        "fulcrum_access_log_dropped_total",
-        "counter",
-        "Access log lines dropped because the writer fell behind (the queue was full).",
-    );
-    let _ = writeln!(
-        out,
-        "fulcrum_access_log_dropped_total {}",
-        state.access_log_dropped()
-    );
-    out
-}
-
-fn backend_counter(
-    out: &mut String,
-    state: &State,
-    name: &str,
-    value: impl Fn(&crate::server::Backend) -> u64,
-) {
-    for u in state.upstreams() {
-        for b in &u.backends {
-            let _ = writeln!(
-                out,
-                "{name}{{upstream=\"{}\",backend=\"{}\"}} {}",
-                escape(&u.name),
-                escape(&b.label),
-                value(b)
-            );
-        }
-    }
-}
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-/// Escapes a label value (backslash, double quote, newline).
-fn escape(value: &str) -> std::borrow::Cow<'_, str> {
-    if value.contains(['\\', '"', '\n']) {
-        value
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n")
-            .into()
-    } else {
-        value.into()
-    }
+/// Reload outcomes, carried from generation to generation.
+#[derive(Debug, Default)]
+pub struct ReloadCounters {
+    pub ok: Counter,
+    pub failed: Counter,
 }

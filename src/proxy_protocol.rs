@@ -5,7 +5,7 @@
 //! else. It is pure: it never reads or writes a socket and keeps no state between calls. The
 //! caller reads bytes (within its own deadline), hands everything received so far to [`parse`]
 //! and, once it gets [`Parse::Complete`], consumes exactly [`Header::len`] bytes; whatever follows
-//! is payload.
+//! is payload. Its one I/O edge, reading a header off a socket that way, is [`reader`].
 //!
 //! # What is accepted
 //! - v1: `PROXY TCP4|TCP6 <src> <dst> <sport> <dport>\r\n` or `PROXY UNKNOWN[ <anything>]\r\n`,
@@ -621,6 +621,8 @@ fn crc32c(bytes: &[u8]) -> u32 {
     }
     !crc
 }
+
+pub mod reader;
 
 #[cfg(test)]
 mod tests;

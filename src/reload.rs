@@ -1,24 +1,16 @@
-//! What a live reload needs besides the new state: the handle that asks for one, the result it
-//! reports, and the registry of open mTLS connections whose access a reload may take away.
+//! Asking for a reload: the handle that asks, the request it sends, and the result it reports.
 //!
-//! The reload itself (bind new sockets, build the next generation, swap, restart probes) is run
-//! by the server's run loop, one at a time, so two reloads never interleave; this module only
-//! carries requests to it and decides which connections lose access. It never touches sockets.
+//! The reload itself (bind new sockets, build the next generation, swap, restart probes, revoke
+//! lost access) is run by the server's run loop, one at a time, so two reloads never interleave;
+//! this module only carries requests to it (from SIGHUP, `POST /reload` or library code) and
+//! reads the live state for its callers. It never touches sockets.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
-use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
-use crate::authz::Decision;
 use crate::config::{Config, ConfigError};
-use crate::identity::ClientIdentity;
-use crate::metrics::Counter;
-use crate::server::{ServerError, State};
+use crate::state::{Live, ServerError, State};
 
 /// Why a reload was refused. The old configuration keeps serving in every case.
 #[derive(Debug, thiserror::Error)]
@@ -70,144 +62,5 @@ impl Handle {
     /// The current generation's state.
     pub fn state(&self) -> Arc<State> {
         self.live.state()
-    }
-}
-
-/// The current generation of state, and what outlives generations.
-pub struct Live {
-    current: Mutex<Arc<State>>,
-    /// The file to re-read on reload, if the config came from one.
-    pub(crate) path: Option<PathBuf>,
-}
-
-/// Reload outcomes, carried from generation to generation.
-#[derive(Debug, Default)]
-pub struct ReloadCounters {
-    pub ok: Counter,
-    pub failed: Counter,
-}
-
-impl Live {
-    pub(crate) fn new(state: State, path: Option<PathBuf>) -> Live {
-        Live {
-            current: Mutex::new(Arc::new(state)),
-            path,
-        }
-    }
-
-    pub fn state(&self) -> Arc<State> {
-        Arc::clone(&self.lock())
-    }
-
-    pub(crate) fn swap_arc(&self, state: Arc<State>) -> Arc<State> {
-        std::mem::replace(&mut *self.lock(), state)
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Arc<State>> {
-        // Only an Arc is swapped under this lock; nothing can panic while it is held.
-        self.current.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Open mTLS connections, with what their access was granted on.
-#[derive(Default)]
-pub struct Registry {
-    next: AtomicU64,
-    open: Mutex<HashMap<u64, Entry>>,
-}
-
-struct Entry {
-    listener: String,
-    upstream: String,
-    identity: ClientIdentity,
-    chain: Vec<CertificateDer<'static>>,
-    revoke: CancellationToken,
-}
-
-/// Keeps a connection in the registry; removes it on drop.
-pub struct Registration {
-    registry: Arc<Registry>,
-    id: u64,
-    /// Cancelled when a reload takes this connection's access away.
-    pub revoked: CancellationToken,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.registry.lock().remove(&self.id);
-    }
-}
-
-impl std::fmt::Debug for Registry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").field("open", &self.len()).finish()
-    }
-}
-
-impl Registry {
-    /// Registers an authorized connection.
-    pub fn register(
-        self: &Arc<Self>,
-        listener: &str,
-        upstream: &str,
-        identity: &ClientIdentity,
-        chain: &[CertificateDer<'_>],
-    ) -> Registration {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let revoked = CancellationToken::new();
-        self.lock().insert(
-            id,
-            Entry {
-                listener: listener.to_string(),
-                upstream: upstream.to_string(),
-                identity: identity.clone(),
-                chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
-                revoke: revoked.clone(),
-            },
-        );
-        Registration {
-            registry: Arc::clone(self),
-            id,
-            revoked,
-        }
-    }
-
-    /// Revokes every connection that `next` no longer allows: its identity lost the upstream in
-    /// `[authorization]`, or its certificate no longer verifies under the listener's client CA.
-    /// Connections whose listener or upstream is gone keep running (they drain). Returns how
-    /// many were revoked.
-    pub fn revoke_lost_access(&self, next: &State) -> usize {
-        let open = self.lock();
-        let mut revoked = 0;
-        for entry in open.values() {
-            let Some(listener) = next.listener(&entry.listener) else {
-                continue;
-            };
-            if next.upstream(&entry.upstream).is_none() {
-                continue;
-            }
-            let authorized =
-                listener.authorization.check(&entry.identity, &entry.upstream) == Decision::Allow;
-            let trusted = listener.tls.as_ref().is_none_or(|tls| tls.accepts(&entry.chain));
-            if !(authorized && trusted) {
-                entry.revoke.cancel();
-                revoked += 1;
-            }
-        }
-        revoked
-    }
-
-    /// Open registered connections.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Entry>> {
-        // Inserts and removes only; nothing can panic while the lock is held.
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

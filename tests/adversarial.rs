@@ -55,6 +55,7 @@ where
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit: 1 000 clients and their 1 000 server sides
 /// live in this one process.
+#[allow(unsafe_code)] // getrlimit/setrlimit through libc
 fn raise_descriptor_limit() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -109,6 +110,7 @@ fn cpu_time(pid: &str) -> Duration {
         .collect();
     let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
     // SAFETY: sysconf has no preconditions.
+    #[allow(unsafe_code)]
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_millis(ticks * 1000 / per_second)
 }
@@ -395,7 +397,7 @@ fn malformed_hellos_are_closed_as_handshake_failures_without_a_dial_or_a_spin() 
     });
 }
 
-async fn server_counts_only_handshake_failures(listener: &fulcrum::server::Listener, n: u64) {
+async fn server_counts_only_handshake_failures(listener: &fulcrum::state::Listener, n: u64) {
     wait_until("every malformed client is counted as tls_handshake", || {
         listener.rejected.get(Reason::TlsHandshake) == n
     })
@@ -482,7 +484,7 @@ fn fifty_concurrent_resets_on_either_side_reach_the_other_side_as_aborts_with_ex
         }
 
         server.wait_idle().await;
-        let text = fulcrum::metrics::render(&server.state);
+        let text = fulcrum::admin::prometheus::render(&server.state);
         let backend_labels = format!("{{upstream=\"pool\",backend=\"{backend_addr}\"}}");
         assert_eq!(
             metric(&text, "fulcrum_connections_total{listener=\"main\"}"),

@@ -27,11 +27,17 @@ fn corpus(target: &str) -> PathBuf {
 /// Every seed of `target`, by file name, after running the target's check on it.
 fn replay(target: &str, check: fn(&[u8])) -> Vec<(String, Vec<u8>)> {
     let mut seeds = Vec::new();
-    for entry in fs::read_dir(corpus(target)).unwrap() {
-        let path = entry.unwrap().path();
-        let data = fs::read(&path).unwrap();
+    for entry in fs::read_dir(corpus(target)).expect("corpus directory") {
+        let path = entry.expect("corpus entry").path();
+        let data = fs::read(&path).expect("corpus file");
         check(&data);
-        seeds.push((path.file_name().unwrap().to_string_lossy().into_owned(), data));
+        seeds.push((
+            path.file_name()
+                .expect("file name")
+                .to_string_lossy()
+                .into_owned(),
+            data,
+        ));
     }
     assert!(seeds.len() >= 5, "{target}: only {} seeds", seeds.len());
     assert!(
@@ -79,11 +85,13 @@ fn proxy_protocol_seeds_pass_the_fuzz_checks_and_only_bad_ones_are_refused() {
 }
 
 fn der(pem: &str) -> Vec<u8> {
-    CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .expect("PEM certificate")
+        .to_vec()
 }
 
 fn write(target: &str, name: &str, data: &[u8]) {
-    fs::write(corpus(target).join(name), data).unwrap();
+    fs::write(corpus(target).join(name), data).expect("write seed");
 }
 
 /// CRC-32C for the checksummed seed (the codec's own is private).

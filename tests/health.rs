@@ -13,7 +13,7 @@ use std::time::Duration;
 use fulcrum::config::BackendAddr;
 use fulcrum::health::Failure;
 use fulcrum::metrics::Reason;
-use fulcrum::server::{Backend, State};
+use fulcrum::state::{Backend, State};
 use fulcrum::{CancellationToken, Config, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -115,7 +115,7 @@ impl Proxy {
     }
 
     fn metrics(&self) -> String {
-        fulcrum::metrics::render(&self.state)
+        fulcrum::admin::prometheus::render(&self.state)
     }
 
     fn no_healthy_backend_rejections(&self) -> u64 {
@@ -254,7 +254,7 @@ async fn a_black_holed_backend_is_marked_down_by_the_probe_timeout() {
         timeout: Duration::from_millis(100),
         ..Default::default()
     };
-    let outcome = fulcrum::health::probe(&BackendAddr::Ip(hole_addr), &check).await;
+    let outcome = fulcrum::health::probe::once(&BackendAddr::Ip(hole_addr), &check).await;
     assert!(matches!(outcome, Err(Failure::TimedOut(_))), "{outcome:?}");
     assert_eq!(
         outcome.expect_err("timed out").to_string(),

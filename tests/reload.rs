@@ -20,7 +20,7 @@ use common::{backend_list, connect, payload, read_to_end, round_trip, sha256, wa
 use fulcrum::metrics::Reason;
 use fulcrum::pki::Ca;
 use fulcrum::reload::{Handle, ReloadError};
-use fulcrum::server::{Backend, ServerError, State};
+use fulcrum::state::{Backend, ServerError, State};
 use fulcrum::{CancellationToken, Config, Server};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -309,7 +309,7 @@ async fn an_invalid_config_is_refused_and_the_old_one_keeps_serving() {
     assert_eq!(state.generation, 1);
     assert_eq!(state.reloads.failed.get(), 2);
     assert_eq!(state.reloads.ok.get(), 0);
-    let metrics = fulcrum::metrics::render(&state);
+    let metrics = fulcrum::admin::prometheus::render(&state);
     for line in [
         "fulcrum_config_reloads_total{result=\"error\"} 2",
         "fulcrum_config_reloads_total{result=\"ok\"} 0",

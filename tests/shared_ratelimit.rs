@@ -189,7 +189,7 @@ async fn with_allow_an_unreachable_redis_admits_and_counts_the_errors() {
         assert!(served(&server).await);
     }
     assert!(server.state.ratelimit_backend_errors.get() >= 1);
-    let metrics = fulcrum::metrics::render(&server.state);
+    let metrics = fulcrum::admin::prometheus::render(&server.state);
     assert!(
         metrics.contains("fulcrum_ratelimit_backend_errors_total "),
         "{metrics}"
@@ -298,7 +298,7 @@ async fn assert_refused_as_unavailable(server: &TestServer, backend: &TestBacken
     assert_eq!(backend.accepted(), 0);
     let errors = server.state.ratelimit_backend_errors.get();
     assert!(errors >= 1, "no backend error counted");
-    let metrics = fulcrum::metrics::render(&server.state);
+    let metrics = fulcrum::admin::prometheus::render(&server.state);
     assert!(
         metrics.contains(&format!("fulcrum_ratelimit_backend_errors_total {errors}\n")),
         "{metrics}"
@@ -433,7 +433,7 @@ fn fulcrum_check_refuses_redis_tls_files_that_cannot_be_used_naming_them() {
             &tls_keys(None, Some(ca), None),
         );
         let config = fulcrum::Config::from_toml(&toml, "<test>").expect("the config itself is valid");
-        fulcrum::server::validate(&config).map_err(|e| e.to_string())
+        fulcrum::validate(&config).map_err(|e| e.to_string())
     };
     check(&pki.ca_file).expect("a readable CA passes the check");
     let e = check(&missing).expect_err("an unreadable CA fails the check");

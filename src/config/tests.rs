@@ -198,15 +198,15 @@ fn tls_sni_authorization_and_rate_limit_keys_load_typed() {
         l.reject_response.as_deref(),
         Some(&b"HTTP/1.1 429 Too Many Requests\r\n\r\n"[..])
     );
-    assert_eq!(l.rate_limit.as_ref().and_then(|r| r.capacity), Some(7));
+    assert_eq!(l.rate_limit.as_ref().map(|r| r.policy().capacity), Some(7));
     assert_eq!(config.authorization.len(), 2);
-    let r = config.rate_limit.expect("rate limit");
+    let r = config.rate_limit.expect("rate limit").policy;
     assert_eq!(
         (r.capacity, r.window, r.max_concurrent),
         (100, Duration::from_secs(1), Some(50))
     );
     assert_eq!(r.max_clients, DEFAULT_MAX_CLIENTS);
-    assert_eq!(r.clients.get("batch-job"), Some(&1000));
+    assert_eq!(r.overrides.get("batch-job"), Some(&1000));
 }
 
 #[test]

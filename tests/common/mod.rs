@@ -4,8 +4,9 @@
 //! Everything binds 127.0.0.1 port 0. Every wait on a peer goes through [`within`] or
 //! [`wait_until`], so a bug shows up as a failure naming what was awaited, never as a hung run.
 
-// Each test binary uses a different subset of these helpers.
-#![allow(dead_code)]
+// Each test binary uses a different subset of these helpers. They are test code: `pub` only
+// shares them between the test binaries, and a failed setup may panic.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 pub mod process;
 pub mod redis;
@@ -18,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fulcrum::server::State;
+use fulcrum::state::State;
 use fulcrum::{CancellationToken, Config, Server};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

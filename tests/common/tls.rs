@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use fulcrum::metrics::Reason;
 use fulcrum::pki::{Ca, Pem};
-use fulcrum::server::State;
+use fulcrum::state::State;
 use fulcrum::CancellationToken;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};

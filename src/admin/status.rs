@@ -13,7 +13,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::metrics::Reason;
-use crate::server::State;
+use crate::state::State;
 
 /// The status page served at `/`: no external assets, polls `/status` every second.
 pub const PAGE: &str = include_str!("status.html");

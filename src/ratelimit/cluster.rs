@@ -1,12 +1,11 @@
-//! The limiter a listener uses, and the thin Redis shell of the cluster-wide one.
+//! The thin Redis shell of the cluster-wide limiter (`[rate_limit.shared]`).
 //!
-//! [`Limiter::Local`] is the per-instance [`RateLimiter`]. [`Limiter::Shared`] (with
-//! `[rate_limit.shared]`) counts each client's window in Redis, summed over every fulcrum instance
+//! [`ClusterLimiter`] counts each client's window in Redis, summed over every fulcrum instance
 //! using the same Redis and key prefix. The decisions are made by the pure
-//! [`SharedLimiter`] (local shares of a window); this
-//! module only reads the wall clock, talks to Redis, and applies `on_unavailable` when Redis
-//! cannot answer within `timeout`. It must not hold a lock across an await, and no Redis await
-//! may run without the `timeout` deadline, so no connection ever hangs on Redis.
+//! [`Shares`] (local shares of a window); this module only reads the wall clock, talks to Redis,
+//! and applies `on_unavailable` when Redis cannot answer within `timeout`. It must not hold a lock
+//! across an await, and no Redis await may run without the `timeout` deadline, so no connection
+//! ever hangs on Redis.
 //!
 //! Redis keys are `{key_prefix}{client}:{window_index}`, incremented by the claimed share with
 //! `INCRBY` and given a TTL of two windows by the first increment (one Lua script, atomic).
@@ -17,20 +16,21 @@
 //! `on_unavailable` applies at once. The first success after that brings shared limiting back.
 //! Each change between available and unavailable is logged once.
 //!
-//! [`client`] builds the redis client from the configuration (URL, `password_file`, TLS files)
-//! when a generation is loaded, so `fulcrum check` and a reload fail on what would fail here; a
-//! reload builds a new client, so a changed password or CA applies to the next generation. The
-//! password goes to Redis only: it is in no log line, error or Debug output of this module.
+//! [`redis_client`] builds the redis client from the configuration (URL, `password_file`, TLS
+//! files) when a generation is loaded, so `fulcrum check` and a reload fail on what would fail
+//! here; a reload builds a new client, so a changed password or CA applies to the next
+//! generation. The password goes to Redis only: it is in no log line, error or Debug output of
+//! this module.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::aio::MultiplexedConnection;
 
-use crate::config::{OnUnavailable, SharedRateLimitConfig};
+use super::local::{ClientKey, Decision, RateLimiter, RejectReason};
+use super::shares::{ShareDecision, Shares};
+use crate::config::{OnUnavailable, RateLimitPolicy, SharedRateLimitConfig};
 use crate::metrics::Counter;
-use crate::ratelimit::shared::{SharedDecision, SharedLimiter};
-use crate::ratelimit::{ClientKey, Decision, RateLimitPolicy, RateLimiter, RejectReason};
 use crate::tls::TlsError;
 
 /// How long a failed Redis is left alone before a later connection tries it again.
@@ -52,7 +52,7 @@ pub enum RedisClientError {
 
 /// The redis client for `shared`: its URL, the password from `password_file` if any, and for
 /// `rediss://` the `[rate_limit.shared.tls]` files (checked here). Does no network I/O.
-pub fn client(shared: &SharedRateLimitConfig) -> Result<redis::Client, RedisClientError> {
+pub fn redis_client(shared: &SharedRateLimitConfig) -> Result<redis::Client, RedisClientError> {
     let failed = |e: redis::RedisError| RedisClientError::Client(e.to_string());
     let mut info = redis::IntoConnectionInfo::into_connection_info(shared.redis.as_str()).map_err(failed)?;
     if let Some(password) = &shared.password {
@@ -70,31 +70,9 @@ pub fn client(shared: &SharedRateLimitConfig) -> Result<redis::Client, RedisClie
     .map_err(failed)
 }
 
-/// The rate limiter of one listener.
-#[derive(Clone, Debug)]
-pub enum Limiter {
-    /// Counted by this instance alone.
-    Local(RateLimiter),
-    /// Counted in Redis across instances.
-    Shared(Arc<SharedRateLimiter>),
-}
-
-impl Limiter {
-    /// Decides whether `key` may open a connection now. For a shared limiter this may wait for
-    /// one Redis round trip, never longer than the configured `timeout`.
-    pub async fn check(&self, key: &ClientKey) -> Decision {
-        match self {
-            Limiter::Local(local) => local.check(key, Instant::now()),
-            // Boxed: the Redis round trip's state would otherwise sit in every connection's
-            // future, limited ones or not (see connection's size test).
-            Limiter::Shared(shared) => Box::pin(shared.check(key)).await,
-        }
-    }
-}
-
 /// The cluster-wide limiter: local shares of each client's window, claimed from Redis.
-pub struct SharedRateLimiter {
-    core: SharedLimiter,
+pub struct ClusterLimiter {
+    core: Shares,
     window: Duration,
     on_unavailable: OnUnavailable,
     /// The per-instance limiter, used when Redis is unavailable and `on_unavailable = "local"`.
@@ -104,9 +82,9 @@ pub struct SharedRateLimiter {
     redis: Redis,
 }
 
-impl std::fmt::Debug for SharedRateLimiter {
+impl std::fmt::Debug for ClusterLimiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SharedRateLimiter")
+        f.debug_struct("ClusterLimiter")
             .field("prefix", &self.redis.prefix)
             .field("on_unavailable", &self.on_unavailable)
             .finish_non_exhaustive()
@@ -130,8 +108,9 @@ struct Health {
     retry_at: Option<Instant>,
 }
 
-impl SharedRateLimiter {
-    /// Builds the limiter for `policy` counted through `shared` with `client` (see [`client`]).
+impl ClusterLimiter {
+    /// Builds the limiter for `policy` counted through `shared` with `client` (see
+    /// [`redis_client`]).
     /// Does no I/O: Redis is dialed by the first connection that needs a claim.
     pub fn new(
         policy: RateLimitPolicy,
@@ -148,8 +127,8 @@ impl SharedRateLimiter {
             },
             epoch,
         );
-        SharedRateLimiter {
-            core: SharedLimiter::new(
+        ClusterLimiter {
+            core: Shares::new(
                 policy.capacity,
                 policy.window,
                 policy.overrides.clone(),
@@ -186,9 +165,9 @@ impl SharedRateLimiter {
             reject => return reject,
         };
         let (window, amount) = match self.core.check(key, unix_now()) {
-            SharedDecision::Admit => return Decision::Allow(permit),
-            SharedDecision::Reject(why) => return Decision::Reject(why),
-            SharedDecision::Claim { window, amount } => (window, amount),
+            ShareDecision::Admit => return Decision::Allow(permit),
+            ShareDecision::Reject(why) => return Decision::Reject(why),
+            ShareDecision::Claim { window, amount } => (window, amount),
         };
         let name = format!("{}{key}:{window}", self.redis.prefix);
         // Two windows, so a key outlives its window on every instance's clock.
@@ -197,10 +176,10 @@ impl SharedRateLimiter {
             .max(1);
         match self.redis.claim(&name, amount, ttl_ms).await {
             Some(total) => match self.core.grant(key, window, amount, total, unix_now()) {
-                SharedDecision::Admit => Decision::Allow(permit),
-                SharedDecision::Reject(why) => Decision::Reject(why),
+                ShareDecision::Admit => Decision::Allow(permit),
+                ShareDecision::Reject(why) => Decision::Reject(why),
                 // `grant` only admits or rejects.
-                SharedDecision::Claim { .. } => Decision::Reject(RejectReason::Rate),
+                ShareDecision::Claim { .. } => Decision::Reject(RejectReason::Rate),
             },
             None => match self.on_unavailable {
                 OnUnavailable::Allow => Decision::Allow(permit),

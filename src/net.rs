@@ -1,0 +1,124 @@
+//! Dialing backends: the one place a socket to a backend is opened.
+//!
+//! [`dial`] connects under a deadline (names resolved inside it) with TCP_NODELAY; [`open`] turns
+//! a dial into a ready [`BackendStream`] for a client connection: the PROXY header first (before
+//! any client byte, and before TLS), then the TLS handshake when the upstream asks for one, all
+//! within the upstream's `connect_timeout`. Health probes dial through [`dial`] too, so a probe
+//! and a client reach a backend the same way. [`is_resource_exhaustion`] tells this process's own
+//! lack of descriptors or memory from a backend's fault. This module picks no backend (balancer)
+//! and records no outcome (health).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::config::BackendAddr;
+use crate::health::Failure;
+use crate::proxy_protocol::SslInfo;
+use crate::state::{Backend, Upstream};
+
+/// Dials `addr` under `timeout`, with TCP_NODELAY set on success.
+pub(crate) async fn dial(addr: &BackendAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let connect = async {
+        match addr {
+            BackendAddr::Ip(ip) => TcpStream::connect(ip).await,
+            BackendAddr::Name { host, port } => TcpStream::connect((host.as_str(), *port)).await,
+        }
+    };
+    let stream = tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// The client as a PROXY protocol header describes it to the backend.
+pub(crate) struct Origin<'a> {
+    /// The client's address (from the PROXY header when the listener accepts one).
+    pub(crate) addr: SocketAddr,
+    /// The address the client connected to.
+    pub(crate) local: SocketAddr,
+    /// The client's TLS session, for a PROXY v2 header.
+    pub(crate) ssl: Option<&'a SslInfo>,
+    /// The server name the client asked for (SNI).
+    pub(crate) authority: Option<&'a str>,
+}
+
+/// Dials a backend of `upstream`, sends the PROXY header (before any client byte, and before
+/// TLS), and runs the TLS handshake to it when the upstream asks for one: all within
+/// `connect_timeout`.
+pub(crate) async fn open(
+    upstream: &Upstream,
+    backend: &Backend,
+    origin: &Origin<'_>,
+) -> Result<BackendStream, Failure> {
+    let timeout = upstream.connect_timeout;
+    let open = async {
+        let mut stream = dial(&backend.addr, timeout)
+            .await
+            .map_err(|e| Failure::from_connect(e, timeout))?;
+        if let Some(version) = upstream.proxy_protocol {
+            let header = crate::proxy_protocol::encode(
+                version,
+                origin.addr,
+                origin.local,
+                origin.ssl,
+                origin.authority,
+            );
+            stream.write_all(&header).await.map_err(Failure::Io)?;
+        }
+        let Some((config, name)) = &upstream.tls else {
+            return Ok(BackendStream::Plain(stream));
+        };
+        let name = match (name, &backend.addr) {
+            (Some(name), _) => name.clone(),
+            (None, BackendAddr::Name { host, .. }) => host.clone(),
+            (None, BackendAddr::Ip(ip)) => ip.ip().to_string(),
+        };
+        let name = rustls::pki_types::ServerName::try_from(name)
+            .map_err(|e| Failure::Io(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
+            .connect(name, stream)
+            .await
+            .map_err(Failure::Io)?;
+        Ok(BackendStream::Tls(Box::new(tls)))
+    };
+    tokio::time::timeout(timeout, open)
+        .await
+        .map_err(|_| Failure::TimedOut(timeout))?
+}
+
+/// The backend side of a connection: plain TCP, or TLS to the backend (`[upstream.tls]`).
+pub(crate) enum BackendStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl BackendStream {
+    /// The socket underneath (to reset it).
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        match self {
+            BackendStream::Plain(tcp) => tcp,
+            BackendStream::Tls(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+/// Whether `e` says this process is out of descriptors, buffers or memory (not the peer's fault).
+pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
+    // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12 (Linux).
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+/// Whether a dial failed for want of local resources (descriptors, memory): a fault of this
+/// process, which says nothing about the backend's health.
+pub(crate) fn is_local_exhaustion(failure: &Failure) -> bool {
+    match failure {
+        Failure::Connect(e) | Failure::Io(e) => is_resource_exhaustion(e),
+        _ => false,
+    }
+}

@@ -1,0 +1,435 @@
+//! The live model: one generation of state, and what outlives generations.
+//!
+//! A [`State`] is everything a running configuration is made of: its [`Listener`]s (routing,
+//! TLS, authorization, limiter, counters), its [`Upstream`]s (backends, their pool, dial and
+//! health settings) and each [`Backend`] (address, counters, health). [`Live`] holds the current
+//! generation; a reload swaps in the next one, and every task keeps the generation it started
+//! with. The [`Registry`] of open mTLS connections is shared by every generation, so a reload can
+//! close those whose access it takes away. How a generation is built from a loaded config (pure
+//! once its files are read) is [`build`].
+//!
+//! This module is read by everything that runs (accept loops, connections, probes, the admin
+//! side); it does not bind sockets, spawn tasks or move bytes: the orchestrator that does
+//! (`server`) sits above it.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::CertificateDer;
+use tokio_util::sync::CancellationToken;
+
+use crate::authz::{Authorization, Decision};
+use crate::balancer::Pool;
+use crate::config::{BackendAddr, HealthCheckConfig, UpstreamConfig};
+use crate::health::BackendHealth;
+use crate::identity::ClientIdentity;
+use crate::metrics::{Counter, Rejections, ReloadCounters};
+use crate::ratelimit::Limiter;
+use crate::tls::ServerTls;
+
+pub mod build;
+
+/// Why a generation cannot be brought up, at start or on reload: a file it needs, a socket it
+/// binds, or a client it builds. The running generation is untouched by every one of them.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("listener {name:?}: cannot bind {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("admin: cannot bind {addr}: {source}")]
+    AdminBind { addr: SocketAddr, source: io::Error },
+    #[error("listener {0:?} has no socket: pass one for every configured listener")]
+    MissingListener(String),
+    #[error("upstream {upstream:?}: {source}")]
+    UpstreamTls {
+        upstream: String,
+        source: crate::tls::TlsError,
+    },
+    #[error("listener {listener:?}: {source}")]
+    Tls {
+        listener: String,
+        source: crate::tls::TlsError,
+    },
+    #[error(transparent)]
+    SharedRateLimit(#[from] crate::ratelimit::cluster::RedisClientError),
+    #[error("access log: cannot open {path}: {source}")]
+    AccessLog { path: String, source: io::Error },
+}
+
+/// One generation of live state: listeners, upstreams and their counters. A reload builds the
+/// next one; tasks holding this one keep it.
+#[derive(Debug)]
+pub struct State {
+    /// 1 at startup, +1 per successful reload.
+    pub generation: u64,
+    pub(crate) listeners: Vec<Arc<Listener>>,
+    pub(crate) upstreams: Vec<Arc<Upstream>>,
+    /// How long open connections may run after shutdown starts.
+    pub(crate) drain_timeout: Duration,
+    /// Open mTLS connections (shared by every generation).
+    pub(crate) registry: Arc<Registry>,
+    /// Reload outcomes (shared by every generation).
+    pub reloads: Arc<ReloadCounters>,
+    /// Failed round trips to the shared rate limit's Redis (shared by every generation).
+    pub ratelimit_backend_errors: Arc<Counter>,
+    /// When the server started: the origin of the uptime in `/status` (kept across reloads).
+    pub(crate) started: Instant,
+    /// Set when shutdown starts: no new connections, open ones are draining.
+    pub(crate) draining: AtomicBool,
+    /// `[access_log]`, shared with every listener (opened at start; kept across reloads).
+    pub(crate) access_log: Option<Arc<crate::accesslog::AccessLog>>,
+}
+
+/// A listener's routing, policies and counters.
+pub struct Listener {
+    pub name: String,
+    /// Where connections go unless SNI picks another upstream.
+    pub upstream: Arc<Upstream>,
+    /// Bound address (the first socket's, with port 0 resolved once bound).
+    pub bind: SocketAddr,
+    /// TLS termination; `None` for plaintext.
+    pub tls: Option<ServerTls>,
+    /// Whether clients must present a certificate (and are then authorized by identity).
+    pub mutual_tls: bool,
+    /// Lowercase server name -> upstream.
+    pub sni: Vec<(String, Arc<Upstream>)>,
+    pub handshake_timeout: Duration,
+    /// Expect a PROXY protocol header first (see [`crate::config::ListenerConfig`]).
+    pub accept_proxy_protocol: bool,
+    pub authorization: Arc<Authorization>,
+    pub limiter: Option<Limiter>,
+    pub reject_response: Option<Vec<u8>>,
+    /// Counters carry over reloads for a listener that keeps its name.
+    pub accepted: Arc<Counter>,
+    pub rejected: Arc<Rejections>,
+    pub(crate) registry: Arc<Registry>,
+    /// Keeps a flood of rejections from flooding the log.
+    pub(crate) reject_log: crate::throttle::LogThrottle,
+    /// Where each closed connection's line goes, if `[access_log]` is configured.
+    pub(crate) access_log: Option<Arc<crate::accesslog::AccessLog>>,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("name", &self.name)
+            .field("upstream", &self.upstream.name)
+            .field("tls", &self.tls.is_some())
+            .field("mutual_tls", &self.mutual_tls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Listener {
+    /// The addresses this listener accepts on (SO_REUSEPORT siblings share one).
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        vec![self.bind]
+    }
+
+    /// The upstream for a TLS server name: an SNI entry, else the listener's own upstream.
+    pub fn route(&self, server_name: Option<&str>) -> &Arc<Upstream> {
+        server_name
+            .and_then(|name| {
+                self.sni
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .map(|(_, u)| u)
+            })
+            .unwrap_or(&self.upstream)
+    }
+}
+
+/// An upstream group: its backends, their pool and dial settings.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    /// In configured order. Kept backends are the same `Arc` across reloads.
+    pub backends: Vec<Arc<Backend>>,
+    /// Pool slot -> position in `backends` (`None`: a slot of another generation).
+    pub(crate) slots: Vec<Option<usize>>,
+    /// Shared by every generation of this upstream: a backend's count follows its slot.
+    pub pool: Arc<Pool>,
+    pub connect_timeout: Duration,
+    pub connect_attempts: usize,
+    /// Probe settings, thresholds, `on_down` and slow start (see [`crate::health`]).
+    pub health_check: HealthCheckConfig,
+    /// PROXY protocol header sent to backends before any client byte.
+    pub proxy_protocol: Option<crate::proxy_protocol::Version>,
+    /// TLS to the backends, and the name to verify (default: the backend's host).
+    pub tls: Option<(Arc<rustls::ClientConfig>, Option<String>)>,
+}
+
+/// One backend's address, counters and health. Its active count lives in the pool, at `slot`.
+#[derive(Debug)]
+pub struct Backend {
+    pub addr: BackendAddr,
+    /// Index in the upstream's pool.
+    pub slot: usize,
+    /// The configured `host:port` text: the `backend` label in metrics and logs.
+    pub label: String,
+    pub connections: Counter,
+    pub connect_failures: Counter,
+    /// Rise/fall state, the down signal and transition counters.
+    pub health: BackendHealth,
+}
+
+impl Backend {
+    /// Whether the backend is in rotation as far as health checking goes.
+    pub fn is_up(&self) -> bool {
+        self.health.is_up()
+    }
+}
+
+impl Upstream {
+    /// Builds an upstream, taking over `previous` (the same upstream in the running generation):
+    /// its pool, and the backends that stay, with their counters and health. Backends that go are
+    /// retired from the pool; their open connections drain.
+    pub(crate) fn new(
+        config: &UpstreamConfig,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        previous: Option<&Upstream>,
+    ) -> Upstream {
+        let pool = previous.map_or_else(|| Pool::new(0), |p| Arc::clone(&p.pool));
+        let mut backends = Vec::with_capacity(config.backends.len());
+        for addr in &config.backends {
+            let label = addr.to_string();
+            let kept = previous.and_then(|p| p.backends.iter().find(|b| b.label == label));
+            let backend = match kept {
+                Some(kept) => {
+                    kept.health.reconfigure(&config.health_check);
+                    Arc::clone(kept)
+                }
+                None => Arc::new(Backend {
+                    addr: addr.clone(),
+                    slot: pool.add(),
+                    label,
+                    connections: Counter::default(),
+                    connect_failures: Counter::default(),
+                    health: BackendHealth::new(&config.health_check),
+                }),
+            };
+            backends.push(backend);
+        }
+        for gone in previous.iter().flat_map(|p| &p.backends) {
+            if !backends.iter().any(|b| Arc::ptr_eq(b, gone)) {
+                pool.retire(gone.slot);
+            }
+        }
+        let mut slots = vec![None; pool.len()];
+        for (position, b) in backends.iter().enumerate() {
+            if let Some(slot) = slots.get_mut(b.slot) {
+                *slot = Some(position);
+            }
+        }
+        Upstream {
+            name: config.name.clone(),
+            backends,
+            slots,
+            pool,
+            connect_timeout: config.connect_timeout,
+            connect_attempts: config.connect_attempts,
+            health_check: config.health_check.clone(),
+            proxy_protocol: config.proxy_protocol,
+            tls: tls.map(|c| (c, config.tls.as_ref().and_then(|t| t.server_name.clone()))),
+        }
+    }
+
+    /// The backend at a pool slot, if it belongs to this generation.
+    pub fn backend(&self, slot: usize) -> Option<&Arc<Backend>> {
+        self.backends.get((*self.slots.get(slot)?)?)
+    }
+}
+
+impl State {
+    /// Which configuration this is: 1 for the one the server started with.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether shutdown has started (open connections are draining).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Access log lines dropped because the writer fell behind (0 without an access log).
+    pub fn access_log_dropped(&self) -> u64 {
+        self.access_log.as_ref().map_or(0, |log| log.dropped.get())
+    }
+
+    pub fn listeners(&self) -> impl Iterator<Item = &Arc<Listener>> {
+        self.listeners.iter()
+    }
+
+    pub fn upstreams(&self) -> impl Iterator<Item = &Arc<Upstream>> {
+        self.upstreams.iter()
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&Arc<Listener>> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// Active connections per backend of an upstream, as `(label, count)`.
+    pub fn active_connections(&self, upstream: &str) -> Vec<(String, u32)> {
+        self.upstream(upstream)
+            .map(|u| {
+                u.backends
+                    .iter()
+                    .map(|b| (b.label.clone(), u.pool.active(b.slot)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Sum of active connections over all upstreams.
+    pub fn total_active(&self) -> u64 {
+        self.upstreams
+            .iter()
+            .flat_map(|u| u.pool.active_all())
+            .map(u64::from)
+            .sum()
+    }
+}
+
+/// The current generation of state, and what outlives generations.
+pub struct Live {
+    current: Mutex<Arc<State>>,
+    /// The file to re-read on reload, if the config came from one.
+    pub(crate) path: Option<PathBuf>,
+}
+
+impl Live {
+    pub(crate) fn new(state: State, path: Option<PathBuf>) -> Live {
+        Live {
+            current: Mutex::new(Arc::new(state)),
+            path,
+        }
+    }
+
+    pub fn state(&self) -> Arc<State> {
+        Arc::clone(&self.lock())
+    }
+
+    pub(crate) fn swap_arc(&self, state: Arc<State>) -> Arc<State> {
+        std::mem::replace(&mut *self.lock(), state)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Arc<State>> {
+        // Only an Arc is swapped under this lock; nothing can panic while it is held.
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Open mTLS connections, with what their access was granted on.
+#[derive(Default)]
+pub struct Registry {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, Entry>>,
+}
+
+struct Entry {
+    listener: String,
+    upstream: String,
+    identity: ClientIdentity,
+    chain: Vec<CertificateDer<'static>>,
+    revoke: CancellationToken,
+}
+
+/// Keeps a connection in the registry; removes it on drop.
+pub struct Registration {
+    registry: Arc<Registry>,
+    id: u64,
+    /// Cancelled when a reload takes this connection's access away.
+    pub revoked: CancellationToken,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
+    }
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("open", &self.len()).finish()
+    }
+}
+
+impl Registry {
+    /// Registers an authorized connection.
+    pub fn register(
+        self: &Arc<Self>,
+        listener: &str,
+        upstream: &str,
+        identity: &ClientIdentity,
+        chain: &[CertificateDer<'_>],
+    ) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let revoked = CancellationToken::new();
+        self.lock().insert(
+            id,
+            Entry {
+                listener: listener.to_string(),
+                upstream: upstream.to_string(),
+                identity: identity.clone(),
+                chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
+                revoke: revoked.clone(),
+            },
+        );
+        Registration {
+            registry: Arc::clone(self),
+            id,
+            revoked,
+        }
+    }
+
+    /// Revokes every connection that `next` no longer allows: its identity lost the upstream in
+    /// `[authorization]`, or its certificate no longer verifies under the listener's client CA.
+    /// Connections whose listener or upstream is gone keep running (they drain). Returns how
+    /// many were revoked.
+    pub fn revoke_lost_access(&self, next: &State) -> usize {
+        let open = self.lock();
+        let mut revoked = 0;
+        for entry in open.values() {
+            let Some(listener) = next.listener(&entry.listener) else {
+                continue;
+            };
+            if next.upstream(&entry.upstream).is_none() {
+                continue;
+            }
+            let authorized =
+                listener.authorization.check(&entry.identity, &entry.upstream) == Decision::Allow;
+            let trusted = listener.tls.as_ref().is_none_or(|tls| tls.accepts(&entry.chain));
+            if !(authorized && trusted) {
+                entry.revoke.cancel();
+                revoked += 1;
+            }
+        }
+        revoked
+    }
+
+    /// Open registered connections.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Entry>> {
+        // Inserts and removes only; nothing can panic while the lock is held.
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

@@ -1,0 +1,192 @@
+//! Building a generation: every file it needs loaded (`load`), then assembled from the
+//! validated config (`State::assemble`, infallible), taking over what stays from the running
+//! generation: an upstream's pool, kept backends with their counts and health, listeners'
+//! counters, the registry and the access log.
+//!
+//! `fulcrum check` ([`validate`]), startup and every reload run this same code, so they can never
+//! disagree. Which limiter counts each listener is settled here from the policy `config` gave it:
+//! the one global limiter (cluster-wide with `[rate_limit.shared]`) or one of its own. This
+//! module reads certificate and key files; it binds nothing.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Listener, ServerError, State, Upstream};
+use crate::authz::Authorization;
+use crate::config::{Config, ListenerLimit};
+use crate::ratelimit::{ClusterLimiter, Limiter, RateLimiter};
+use crate::tls::ServerTls;
+
+/// Checks everything `run` would load (config and certificate files) without binding anything.
+/// `fulcrum check` calls this; `Server::bind` and reloads build the same state.
+pub fn validate(config: &Config) -> Result<(), ServerError> {
+    let tls = load(config)?;
+    let addrs = config
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.bind))
+        .collect();
+    State::assemble(config, tls, addrs, None, 1);
+    Ok(())
+}
+
+/// Every certificate file a generation needs, loaded, and the shared rate limit's redis client
+/// built from its files: the part of building a generation that can fail.
+pub(crate) struct Loaded {
+    listeners: Vec<Option<ServerTls>>,
+    upstreams: Vec<Option<Arc<rustls::ClientConfig>>>,
+    redis: Option<redis::Client>,
+}
+
+pub(crate) fn load(config: &Config) -> Result<Loaded, ServerError> {
+    let upstreams = config
+        .upstreams
+        .iter()
+        .map(|u| match &u.tls {
+            Some(t) => crate::tls::client_config(t)
+                .map(Some)
+                .map_err(|source| ServerError::UpstreamTls {
+                    upstream: u.name.clone(),
+                    source,
+                }),
+            None => Ok(None),
+        })
+        .collect::<Result<_, _>>()?;
+    let listeners = config
+        .listeners
+        .iter()
+        .map(|l| match &l.tls {
+            Some(t) => crate::tls::server_config(t)
+                .map(Some)
+                .map_err(|source| ServerError::Tls {
+                    listener: l.name.clone(),
+                    source,
+                }),
+            None => Ok(None),
+        })
+        .collect::<Result<_, _>>()?;
+    let redis = match config.rate_limit.as_ref().and_then(|r| r.shared.as_ref()) {
+        Some(shared) => Some(crate::ratelimit::cluster::redis_client(shared)?),
+        None => None,
+    };
+    Ok(Loaded {
+        listeners,
+        upstreams,
+        redis,
+    })
+}
+
+impl State {
+    /// Builds a generation from a validated config and its loaded TLS settings, taking over what
+    /// stays from `previous`. Infallible: everything that can fail happened before, so a failed
+    /// reload never touches the running generation's pools.
+    pub(crate) fn assemble(
+        config: &Config,
+        loaded: Loaded,
+        addrs: Vec<(String, SocketAddr)>,
+        previous: Option<&State>,
+        generation: u64,
+    ) -> State {
+        let upstreams: Vec<Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .zip(loaded.upstreams)
+            .map(|(u, tls)| {
+                let previous = previous.and_then(|p| p.upstream(&u.name)).map(|u| &**u);
+                Arc::new(Upstream::new(u, tls, previous))
+            })
+            .collect();
+        let authorization = Arc::new(Authorization::new(config.authorization.iter().cloned()));
+        let registry = previous.map_or_else(Default::default, |p| Arc::clone(&p.registry));
+        let reloads = previous.map_or_else(Default::default, |p| Arc::clone(&p.reloads));
+        let epoch = Instant::now();
+        let ratelimit_backend_errors =
+            previous.map_or_else(Default::default, |p| Arc::clone(&p.ratelimit_backend_errors));
+        let global_limiter = config
+            .rate_limit
+            .as_ref()
+            .map(|r| match (&r.shared, loaded.redis) {
+                (Some(shared), Some(client)) => Limiter::Cluster(Arc::new(ClusterLimiter::new(
+                    r.policy.clone(),
+                    shared,
+                    client,
+                    epoch,
+                    Arc::clone(&ratelimit_backend_errors),
+                ))),
+                // `load` builds a client exactly when there is `[rate_limit.shared]`.
+                _ => Limiter::Local(RateLimiter::new(r.policy.clone(), epoch)),
+            });
+        // The access log is opened once, at start; a reload keeps it (changing it needs a restart).
+        let access_log = match previous {
+            Some(p) => p.access_log.clone(),
+            None => config.access_log.as_ref().map(|target| {
+                Arc::new(crate::accesslog::AccessLog::new(
+                    target.clone(),
+                    crate::accesslog::CHANNEL_CAPACITY,
+                ))
+            }),
+        };
+        let find = |name: &str| upstreams.iter().find(|u| u.name == name).map(Arc::clone);
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for (l, tls) in config.listeners.iter().zip(loaded.listeners) {
+            // Config validation guarantees every named upstream exists; a listener naming none is skipped.
+            let Some(upstream) = find(&l.upstream) else {
+                continue;
+            };
+            let old = previous.and_then(|p| p.listener(&l.name));
+            let bind = addrs
+                .iter()
+                .find(|(n, _)| *n == l.name)
+                .map_or(l.bind, |(_, a)| *a);
+            listeners.push(Arc::new(Listener {
+                name: l.name.clone(),
+                bind,
+                upstream,
+                tls,
+                mutual_tls: l.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+                sni: l
+                    .sni
+                    .iter()
+                    .filter_map(|(n, u)| Some((n.clone(), find(u)?)))
+                    .collect(),
+                handshake_timeout: l.handshake_timeout,
+                accept_proxy_protocol: l.accept_proxy_protocol,
+                authorization: Arc::clone(&authorization),
+                limiter: listener_limiter(l.rate_limit.as_ref(), global_limiter.as_ref(), epoch),
+                reject_response: l.reject_response.clone(),
+                accepted: old.map_or_else(Default::default, |o| Arc::clone(&o.accepted)),
+                rejected: old.map_or_else(Default::default, |o| Arc::clone(&o.rejected)),
+                registry: Arc::clone(&registry),
+                reject_log: Default::default(),
+                access_log: access_log.clone(),
+            }));
+        }
+        State {
+            generation,
+            listeners,
+            upstreams,
+            drain_timeout: config.drain_timeout,
+            registry,
+            reloads,
+            ratelimit_backend_errors,
+            started: previous.map_or_else(Instant::now, |p| p.started),
+            draining: AtomicBool::new(false),
+            access_log,
+        }
+    }
+}
+
+/// The limiter counting a listener's clients: the one global limiter, or one of its own.
+fn listener_limiter(
+    limit: Option<&ListenerLimit>,
+    global: Option<&Limiter>,
+    epoch: Instant,
+) -> Option<Limiter> {
+    match limit? {
+        // Config validation gives a listener `Global` only when there is a `[rate_limit]`.
+        ListenerLimit::Global(_) => global.cloned(),
+        ListenerLimit::Own(policy) => Some(Limiter::Local(RateLimiter::new(policy.clone(), epoch))),
+    }
+}
