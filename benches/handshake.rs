@@ -1,6 +1,6 @@
 //! TLS cost with the compiled-in crypto provider: full mTLS handshakes (ECDSA P-256 certificates
-//! from `fulcrum::pki`, client certificate verified) and bulk record throughput, in memory so
-//! that only crypto and protocol work is measured. The server side is timed on its own, which is
+//! from `fulcrum::pki`, client certificate verified), without and with a CRL, resumed ones, and
+//! bulk record throughput, in memory so that only crypto and protocol work is measured. The server side is timed on its own, which is
 //! the proxy's CPU per handshake. Run: `cargo bench --bench handshake`.
 
 use std::io::{Read, Write};
@@ -16,74 +16,74 @@ const BULK_BYTES: usize = 256 * 1024 * 1024;
 
 fn main() {
     let dir = std::env::temp_dir().join(format!("fulcrum-bench-{}", std::process::id()));
-    let pki = fulcrum::pki::generate(&["alice".into()], &[]).expect("pki");
-    fulcrum::pki::write(&dir, &pki, true).expect("write pki");
+    std::fs::create_dir_all(&dir).expect("bench directory");
+    let ca = fulcrum::pki::Ca::new("bench CA").expect("CA");
+    let server_pem = ca.server(&[]).expect("server certificate");
+    let alice = ca.client("alice").expect("client certificate");
+    std::fs::write(dir.join("ca.pem"), ca.cert_pem()).expect("write CA");
+    std::fs::write(dir.join("server.pem"), &server_pem.cert).expect("write server certificate");
+    std::fs::write(dir.join("server.key"), &server_pem.key).expect("write server key");
     let tls = fulcrum::config::TlsConfig {
-        cert: dir.join("server.pem"),
-        key: dir.join("server.key"),
         client_ca: Some(dir.join("ca.pem")),
-        min_version: fulcrum::config::TlsVersion::Tls12,
+        ..fulcrum::config::TlsConfig::new(dir.join("server.pem"), dir.join("server.key"))
     };
     let server_config = fulcrum::tls::server_config(&tls).expect("server config").config;
+    // The same listener with a CRL of the client CA revoking `n` other certificates.
+    let with_crl = |n: usize| {
+        let serials: Vec<Vec<u8>> = (0..n as u64)
+            .map(|i| (i + 1_000_000).to_be_bytes().to_vec())
+            .collect();
+        let crl = ca
+            .crl_of_serials(&serials, std::time::SystemTime::now() + Duration::from_secs(3600))
+            .expect("sign CRL");
+        std::fs::write(dir.join("ca.crl"), crl).expect("write CRL");
+        let tls = fulcrum::config::TlsConfig {
+            crl: Some(dir.join("ca.crl")),
+            ..tls.clone()
+        };
+        fulcrum::tls::server_config(&tls)
+            .expect("server config with CRL")
+            .config
+    };
+    let crl_1 = with_crl(1);
+    let crl_10k = with_crl(10_000);
     let mut roots = RootCertStore::empty();
     roots
-        .add(CertificateDer::from_pem_slice(pki.ca.cert.as_bytes()).expect("ca"))
+        .add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).expect("ca"))
         .expect("root");
-    let client_config = Arc::new(
-        ClientConfig::builder_with_provider(fulcrum::tls::provider())
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_client_auth_cert(
-                vec![CertificateDer::from_pem_slice(pki.clients[0].1.cert.as_bytes()).expect("cert")],
-                PrivateKeyDer::from_pem_slice(pki.clients[0].1.key.as_bytes()).expect("key"),
-            )
-            .expect("client auth"),
-    );
+    let mut client_config = ClientConfig::builder_with_provider(fulcrum::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_slice(alice.cert.as_bytes()).expect("cert")],
+            PrivateKeyDer::from_pem_slice(alice.key.as_bytes()).expect("key"),
+        )
+        .expect("client auth");
+    let resuming = Arc::new(client_config.clone());
+    // Every handshake full: the client forgets its sessions.
+    client_config.resumption = rustls::client::Resumption::disabled();
+    let client_config = Arc::new(client_config);
     let _ = std::fs::remove_dir_all(&dir);
 
-    let mut server_time = Duration::ZERO;
-    let started = Instant::now();
+    let provider = if cfg!(feature = "aws-lc-rs") {
+        "aws-lc-rs"
+    } else {
+        "ring"
+    };
     let mut last = None;
-    for _ in 0..HANDSHAKES {
-        let mut client = ClientConnection::new(
-            Arc::clone(&client_config),
-            ServerName::try_from("localhost").expect("name"),
-        )
-        .expect("client");
-        let mut server = ServerConnection::new(Arc::clone(&server_config)).expect("server");
-        let mut buf = Vec::new();
-        while client.is_handshaking() || server.is_handshaking() {
-            buf.clear();
-            while client.wants_write() {
-                client.write_tls(&mut buf).expect("client write");
-            }
-            let t = Instant::now();
-            let mut rd = &buf[..];
-            while !rd.is_empty() {
-                server.read_tls(&mut rd).expect("server read");
-            }
-            server.process_new_packets().expect("server handshake");
-            let mut out = Vec::new();
-            while server.wants_write() {
-                server.write_tls(&mut out).expect("server write");
-            }
-            server_time += t.elapsed();
-            let mut rd = &out[..];
-            while !rd.is_empty() {
-                client.read_tls(&mut rd).expect("client read");
-            }
-            client.process_new_packets().expect("client handshake");
-        }
-        last = Some((client, server));
+    for (what, server, client) in [
+        ("full mtls handshakes", &server_config, &client_config),
+        ("full mtls handshakes, CRL of 1", &crl_1, &client_config),
+        ("full mtls handshakes, CRL of 10000", &crl_10k, &client_config),
+        ("resumed mtls handshakes", &server_config, &resuming),
+    ] {
+        let (both, server_cpu, pair) = handshakes(server, client);
+        println!(
+            "{what} ({provider}, ECDSA P-256, client cert verified): {both:.0}/s both sides on one core, {server_cpu:.0} per server CPU-second"
+        );
+        last = Some(pair);
     }
-    let total = started.elapsed();
-    println!(
-        "mtls handshakes ({}, ECDSA P-256, client cert verified): {:.0}/s both sides on one core, {:.0} per server CPU-second",
-        if cfg!(feature = "aws-lc-rs") { "aws-lc-rs" } else { "ring" },
-        HANDSHAKES as f64 / total.as_secs_f64(),
-        HANDSHAKES as f64 / server_time.as_secs_f64()
-    );
 
     // Bulk: client -> server application data through TLS records.
     let (mut client, mut server) = last.expect("at least one handshake");
@@ -118,4 +118,53 @@ fn main() {
         client.negotiated_cipher_suite().map(|s| s.suite()),
         moved as f64 * 8.0 / secs / 1e9
     );
+}
+
+/// [`HANDSHAKES`] handshakes in memory: handshakes per second with both sides on this core, per
+/// server CPU-second, and the last connection pair.
+fn handshakes(
+    server_config: &Arc<rustls::ServerConfig>,
+    client_config: &Arc<ClientConfig>,
+) -> (f64, f64, (ClientConnection, ServerConnection)) {
+    let mut server_time = Duration::ZERO;
+    let started = Instant::now();
+    let mut last = None;
+    for _ in 0..HANDSHAKES {
+        let mut client = ClientConnection::new(
+            Arc::clone(client_config),
+            ServerName::try_from("localhost").expect("name"),
+        )
+        .expect("client");
+        let mut server = ServerConnection::new(Arc::clone(server_config)).expect("server");
+        let mut buf = Vec::new();
+        while client.is_handshaking() || server.is_handshaking() {
+            buf.clear();
+            while client.wants_write() {
+                client.write_tls(&mut buf).expect("client write");
+            }
+            let t = Instant::now();
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                server.read_tls(&mut rd).expect("server read");
+            }
+            server.process_new_packets().expect("server handshake");
+            let mut out = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut out).expect("server write");
+            }
+            server_time += t.elapsed();
+            let mut rd = &out[..];
+            while !rd.is_empty() {
+                client.read_tls(&mut rd).expect("client read");
+            }
+            client.process_new_packets().expect("client handshake");
+        }
+        last = Some((client, server));
+    }
+    let total = started.elapsed();
+    (
+        HANDSHAKES as f64 / total.as_secs_f64(),
+        HANDSHAKES as f64 / server_time.as_secs_f64(),
+        last.expect("at least one handshake"),
+    )
 }

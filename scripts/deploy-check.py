@@ -126,6 +126,10 @@ def check_kubernetes(objects, out_dir, certs_dir):
     admin = port(config["admin"]["bind"])
     check(admin == ports.get("admin"), "deployment: port admin is not [admin] bind's")
     check(not config["admin"]["bind"].startswith("127."), "configmap: admin on loopback: probes cannot reach it")
+    check(config.get("reload", {}).get("watch") is True,
+          "configmap: [reload] watch is off: Secret and ConfigMap updates would need a restart")
+    for volume in container.get("volumeMounts", []):
+        check("subPath" not in volume, f"deployment: {volume['name']} uses subPath, which never sees updates")
     for probe in ("readinessProbe", "livenessProbe"):
         get = container[probe]["httpGet"]
         check(get == {"path": "/healthz", "port": "admin"}, f"deployment: {probe} is not GET /healthz on admin")

@@ -24,6 +24,12 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upper bound on `[runtime] workers`.
 pub const MAX_WORKERS: usize = 1024;
+/// Default `[listener.tls] session_cache`: TLS sessions a listener remembers for resumption.
+pub const DEFAULT_SESSION_CACHE: usize = 256;
+/// Default `[listener.tls] session_timeout`: how long a session may be resumed.
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default `[reload] debounce`: quiet time after a watched file changes before reloading.
+pub const DEFAULT_WATCH_DEBOUNCE: Duration = Duration::from_secs(1);
 /// Default number of distinct backends tried for one client connection.
 pub const DEFAULT_CONNECT_ATTEMPTS: usize = 3;
 /// Default time between two health probes of one backend.
@@ -57,6 +63,27 @@ pub struct Config {
     pub rate_limit: Option<RateLimitConfig>,
     /// `[access_log]`: one JSON line per closed connection; `None` writes none.
     pub access_log: Option<AccessLogConfig>,
+    /// `[reload]`: reloading by itself when a file changes.
+    pub reload: ReloadConfig,
+}
+
+/// `[reload]`: whether fulcrum reloads by itself when the config file or a file it names changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReloadConfig {
+    /// `watch`: reload, exactly as SIGHUP does, when a watched file changes (default off).
+    pub watch: bool,
+    /// `debounce`: how long the files must stay unchanged before the reload, so that a set of
+    /// files written one after the other is applied once.
+    pub debounce: Duration,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            watch: false,
+            debounce: DEFAULT_WATCH_DEBOUNCE,
+        }
+    }
 }
 
 /// `[access_log]`: where the per-connection JSON lines go.
@@ -102,6 +129,36 @@ pub struct TlsConfig {
     /// PEM CA bundle; present means client certificates are required and verified (mTLS).
     pub client_ca: Option<PathBuf>,
     pub min_version: TlsVersion,
+    /// PEM file of CRLs (mTLS only): a client certificate they revoke is refused. Each CRL must
+    /// be signed by a certificate of `client_ca`.
+    pub crl: Option<PathBuf>,
+    /// Close an open mTLS connection when its client certificate expires (default true).
+    pub close_on_expiry: bool,
+    /// Whether a certificate without a spiffe URI or DNS SAN may be named by its Common Name
+    /// (default true; see [`crate::identity`]).
+    pub identity_from_cn: bool,
+    /// Sessions remembered for resumption (0: no resumption, every handshake is a full one).
+    pub session_cache: usize,
+    /// How long after its full handshake a session may be resumed.
+    pub session_timeout: Duration,
+}
+
+impl TlsConfig {
+    /// TLS with `cert` and `key`, no client authentication, and every other setting at its
+    /// default (as a `[listener.tls]` table with only those two keys).
+    pub fn new(cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> TlsConfig {
+        TlsConfig {
+            cert: cert.into(),
+            key: key.into(),
+            client_ca: None,
+            min_version: TlsVersion::Tls12,
+            crl: None,
+            close_on_expiry: true,
+            identity_from_cn: true,
+            session_cache: DEFAULT_SESSION_CACHE,
+            session_timeout: DEFAULT_SESSION_TIMEOUT,
+        }
+    }
 }
 
 /// Lowest TLS version a listener accepts.
@@ -184,6 +241,8 @@ pub struct SharedRateLimitConfig {
     /// Budget for one round trip (dial included); past it `on_unavailable` applies.
     pub timeout: Duration,
     pub on_unavailable: OnUnavailable,
+    /// Where `password` was read from (watched with `[reload] watch`).
+    pub password_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for SharedRateLimitConfig {
@@ -195,6 +254,7 @@ impl fmt::Debug for SharedRateLimitConfig {
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
             .field("on_unavailable", &self.on_unavailable)
+            .field("password_file", &self.password_file)
             .finish()
     }
 }
@@ -442,6 +502,43 @@ impl Config {
     pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
         self.upstreams.iter().find(|u| u.name == name)
     }
+
+    /// Every file this configuration is made of: the config file itself and each file it names
+    /// (certificates, keys, CAs, CRLs, the Redis password file), each once, in config order.
+    /// `[reload] watch` watches these. The access log is output, not configuration.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self.path.iter().cloned().collect();
+        for l in &self.listeners {
+            if let Some(t) = &l.tls {
+                files.extend(
+                    [Some(&t.cert), Some(&t.key), t.client_ca.as_ref(), t.crl.as_ref()]
+                        .into_iter()
+                        .flatten()
+                        .cloned(),
+                );
+            }
+        }
+        for u in &self.upstreams {
+            if let Some(t) = &u.tls {
+                files.push(t.ca.clone());
+                if let Some((cert, key)) = &t.client_cert {
+                    files.extend([cert.clone(), key.clone()]);
+                }
+            }
+        }
+        if let Some(shared) = self.rate_limit.as_ref().and_then(|r| r.shared.as_ref()) {
+            files.extend(shared.password_file.iter().cloned());
+            if let Some(t) = &shared.tls {
+                files.extend(t.ca.iter().cloned());
+                if let Some((cert, key)) = &t.client_cert {
+                    files.extend([cert.clone(), key.clone()]);
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        files.retain(|f| seen.insert(f.clone()));
+        files
+    }
 }
 
 #[derive(Deserialize)]
@@ -458,6 +555,14 @@ struct RawConfig {
     authorization: std::collections::BTreeMap<String, Vec<String>>,
     rate_limit: Option<RawRateLimit>,
     access_log: Option<RawAccessLog>,
+    reload: Option<RawReload>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReload {
+    watch: Option<bool>,
+    debounce: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -495,6 +600,11 @@ struct RawTls {
     key: PathBuf,
     client_ca: Option<PathBuf>,
     min_version: Option<String>,
+    crl: Option<PathBuf>,
+    close_on_expiry: Option<bool>,
+    identity_from_cn: Option<bool>,
+    session_cache: Option<usize>,
+    session_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -701,6 +811,16 @@ impl Validator<'_> {
             Some(a) => Some(self.access_log(a)?),
             None => None,
         };
+        let reload = match raw.reload {
+            Some(r) => ReloadConfig {
+                watch: r.watch.unwrap_or(false),
+                debounce: match &r.debounce {
+                    Some(text) => self.duration("reload.debounce", text)?,
+                    None => DEFAULT_WATCH_DEBOUNCE,
+                },
+            },
+            None => ReloadConfig::default(),
+        };
         Ok(Config {
             origin: self.origin.to_string(),
             path: None,
@@ -712,6 +832,7 @@ impl Validator<'_> {
             authorization,
             rate_limit,
             access_log,
+            reload,
         })
     }
 
@@ -816,7 +937,11 @@ impl Validator<'_> {
                     "give the password in the URL or in password_file, not both",
                 ))
             }
-            Some(path) => Some(self.password_file(&self.base.join(path))?),
+            Some(path) => Some((self.password_file(&self.base.join(&path))?, self.base.join(path))),
+        };
+        let (password, password_file) = match password {
+            Some((secret, path)) => (Some(secret), Some(path)),
+            None => (None, None),
         };
         let tls = match raw.tls {
             None => None,
@@ -857,6 +982,7 @@ impl Validator<'_> {
                 .unwrap_or_else(|| DEFAULT_SHARED_KEY_PREFIX.to_owned()),
             timeout,
             on_unavailable,
+            password_file,
         })
     }
 
@@ -902,11 +1028,31 @@ impl Validator<'_> {
                 return Err(self.invalid(format!("{key}.min_version"), other, "expected \"1.2\" or \"1.3\""))
             }
         };
+        if raw.client_ca.is_none() {
+            // Settings of client authentication, given without it: surely a mistake.
+            let mtls_only = [
+                ("crl", raw.crl.as_ref().map(|p| p.display().to_string())),
+                ("close_on_expiry", raw.close_on_expiry.map(|b| b.to_string())),
+                ("identity_from_cn", raw.identity_from_cn.map(|b| b.to_string())),
+            ];
+            if let Some((field, Some(value))) = mtls_only.into_iter().find(|(_, v)| v.is_some()) {
+                return Err(self.invalid(format!("{key}.{field}"), value, "needs client_ca (mutual TLS)"));
+            }
+        }
+        let session_timeout = match &raw.session_timeout {
+            Some(text) => self.duration(&format!("{key}.session_timeout"), text)?,
+            None => DEFAULT_SESSION_TIMEOUT,
+        };
         Ok(TlsConfig {
             cert: self.base.join(raw.cert),
             key: self.base.join(raw.key),
             client_ca: raw.client_ca.map(|p| self.base.join(p)),
             min_version,
+            crl: raw.crl.map(|p| self.base.join(p)),
+            close_on_expiry: raw.close_on_expiry.unwrap_or(true),
+            identity_from_cn: raw.identity_from_cn.unwrap_or(true),
+            session_cache: raw.session_cache.unwrap_or(DEFAULT_SESSION_CACHE),
+            session_timeout,
         })
     }
 

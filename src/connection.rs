@@ -3,17 +3,18 @@
 //! Each phase returns a value that says how the connection goes on, or why it ends:
 //! 1. [`front`]: reading the front, the PROXY header on listeners that accept one (its source is
 //!    then the client for everything after);
-//! 2. [`admit`]: admission on TLS listeners: the handshake under the listener's deadline, the
-//!    client identity from the verified certificate, the upstream (SNI or the listener's), and
-//!    the authorization of that identity for that upstream (mTLS; default deny). [`Admission`]
-//!    is admitted (and registered for revocation) or refused;
+//! 2. [`admit`]: admission on TLS listeners: the handshake under the listener's deadline, then,
+//!    judged against the generation live at that moment, the upstream (SNI or the listener's),
+//!    the client identity from the verified certificate (verified again for a resumed session),
+//!    and the authorization of that identity for that upstream (mTLS; default deny).
+//!    [`Admission`] is admitted (and registered for revocation and expiry) or refused;
 //! 3. [`limit`]: the per-client rate limit (key: identity on mTLS listeners, source IP
 //!    otherwise), a [`Permit`] held for the whole connection;
 //! 4. [`connect`]: pick a backend and dial it, trying the next least-loaded one on refusal or
 //!    timeout; each dial's outcome feeds the backend's health (passive detection);
 //! 5. [`relay`]: bytes both ways until both sides end, the drain deadline, the backend being
-//!    marked down (`on_down = "close"`) or the access being revoked: an [`End`], whose label is
-//!    the `end` field of the closing log line.
+//!    marked down (`on_down = "close"`), the access being revoked or the client certificate
+//!    expiring: an [`End`], whose label is the `end` field of the closing log line.
 //!
 //! Then one summary log line and one access log entry (see [`crate::accesslog`]) for every
 //! connection, refused ones included. No backend is dialed before phases 1-3 pass. The backend
@@ -27,6 +28,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
@@ -39,13 +41,12 @@ use crate::balancer::Lease;
 use crate::config::OnDown;
 use crate::health::probe::record;
 use crate::health::Source;
-use crate::identity::identity_from_der;
-use crate::metrics::Reason;
+use crate::metrics::{HandshakeFailure, Reason};
 use crate::net::{BackendStream, Origin};
 use crate::proxy::{relay_tcp, Progress, RelayError, Side};
 use crate::proxy_protocol::SslInfo;
 use crate::ratelimit::{ClientKey, Decision as Limit, Permit};
-use crate::state::{Backend, Listener, Registration, Upstream};
+use crate::state::{Backend, Cut, Grant, Listener, Live, Registration, State, Upstream};
 use crate::tls::ServerTls;
 
 /// Deadline for writing a refusal (reject response, TLS close_notify) to a client.
@@ -57,6 +58,7 @@ pub(crate) async fn handle(
     client: TcpStream,
     peer: SocketAddr,
     listener: Arc<Listener>,
+    live: Arc<Live>,
     abort: CancellationToken,
 ) {
     let span = info_span!(
@@ -70,7 +72,7 @@ pub(crate) async fn handle(
     let started = Instant::now();
     let _ = client.set_nodelay(true);
     let mut entry = Entry::new(&listener.name, peer);
-    serve(client, peer, &listener, &abort, started, &mut entry)
+    serve(client, peer, &listener, &live, &abort, started, &mut entry)
         .instrument(span)
         .await;
     if let Some(log) = &listener.access_log {
@@ -82,6 +84,8 @@ pub(crate) async fn handle(
 /// A connection closed without being proxied: why, and the detail for the log line.
 struct Refusal {
     reason: Reason,
+    /// Why the TLS handshake (or the check of a resumed session's certificate) failed.
+    handshake: Option<HandshakeFailure>,
     detail: String,
 }
 
@@ -89,6 +93,17 @@ impl Refusal {
     fn new(reason: Reason, detail: impl std::fmt::Display) -> Refusal {
         Refusal {
             reason,
+            handshake: None,
+            detail: detail.to_string(),
+        }
+    }
+
+    /// A failed handshake, counted on `listener` by its cause.
+    fn handshake(listener: &Listener, failure: HandshakeFailure, detail: impl std::fmt::Display) -> Refusal {
+        listener.handshake_failures.inc(failure);
+        Refusal {
+            reason: Reason::TlsHandshake,
+            handshake: Some(failure),
             detail: detail.to_string(),
         }
     }
@@ -100,7 +115,10 @@ impl Refusal {
         if let Some(suppressed) = listener.reject_log.admit() {
             warn!(
                 reason = self.reason.label(),
-                suppressed, "connection refused: {}", self.detail
+                tls_failure = self.handshake.map(HandshakeFailure::label),
+                suppressed,
+                "connection refused: {}",
+                self.detail
             );
         }
     }
@@ -110,6 +128,7 @@ async fn serve(
     mut client: TcpStream,
     peer: SocketAddr,
     listener: &Arc<Listener>,
+    live: &Live,
     abort: &CancellationToken,
     started: Instant,
     entry: &mut Entry,
@@ -135,15 +154,16 @@ async fn serve(
     let Some(tls) = &listener.tls else {
         return forward(client, listener, &listener.upstream, who, abort, started, entry).await;
     };
-    match admit(client, tls, listener, who, abort, entry).await {
+    match admit(client, tls, listener, live, who, abort, entry).await {
         Admission::Admitted(admitted) => {
             let Admitted {
                 client,
+                listener,
                 upstream,
                 who,
             } = *admitted;
             // Boxed: the TLS path is larger, and plain connections should not pay for its size.
-            Box::pin(forward(client, listener, &upstream, who, abort, started, entry)).await
+            Box::pin(forward(client, &listener, &upstream, who, abort, started, entry)).await
         }
         Admission::Refused { refusal, client } => {
             refusal.record(listener, entry);
@@ -196,6 +216,8 @@ struct Who {
 /// A client through admission, on its way to the limit and a backend.
 struct Admitted {
     client: Box<TlsStream<TcpStream>>,
+    /// The listener as the generation live at admission has it.
+    listener: Arc<Listener>,
     upstream: Arc<Upstream>,
     who: Who,
 }
@@ -213,12 +235,14 @@ enum Admission {
     Aborted,
 }
 
-/// Phase 2: handshake -> identity -> authorization. An authorized mTLS connection is
-/// registered, so that a reload removing its access closes it.
+/// Phase 2: handshake -> identity -> authorization, judged against the generation live once
+/// the handshake is done (not the one live at accept). An authorized mTLS connection is
+/// registered, so that a reload removing its access, or its certificate's expiry, closes it.
 async fn admit(
     client: TcpStream,
     tls: &ServerTls,
     listener: &Listener,
+    live: &Live,
     mut who: Who,
     abort: &CancellationToken,
     entry: &mut Entry,
@@ -231,17 +255,17 @@ async fn admit(
     let refused = |refusal, client| Admission::Refused { refusal, client };
     let client = match handshake {
         Ok(Ok(stream)) => Box::new(stream),
-        Ok(Err(e)) => return refused(Refusal::new(Reason::TlsHandshake, e), None),
+        Ok(Err(e)) => {
+            let failure = crate::tls::classify_io(&e);
+            return refused(Refusal::handshake(listener, failure, e), None);
+        }
         Err(_) => {
-            return refused(
-                Refusal::new(Reason::TlsHandshake, "handshake deadline passed"),
-                None,
-            )
+            let refusal =
+                Refusal::handshake(listener, HandshakeFailure::Timeout, "handshake deadline passed");
+            return refused(refusal, None);
         }
     };
     let (_, session) = client.get_ref();
-    let upstream = Arc::clone(listener.route(session.server_name()));
-    entry.upstream = Some(upstream.name.clone());
     who.authority = session.server_name().map(str::to_string);
     who.ssl = Some(SslInfo {
         verified: listener.mutual_tls,
@@ -256,44 +280,141 @@ async fn admit(
             .map(|s| format!("{:?}", s.suite())),
         cn: None,
     });
-    if !listener.mutual_tls {
-        return Admission::Admitted(Box::new(Admitted {
-            client,
-            upstream,
-            who,
-        }));
-    }
-    let identity = match session.peer_certificates().and_then(|chain| chain.first()) {
-        Some(leaf) => identity_from_der(leaf),
-        // Unreachable with a client verifier configured; refuse rather than assume.
-        None => return refused(Refusal::new(Reason::TlsHandshake, "no client certificate"), None),
+    let presented = Presented {
+        chain: session
+            .peer_certificates()
+            .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default(),
+        resumed: session.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+        server_name: who.authority.as_deref(),
+        handshake_tls: tls,
+        accepted_by: listener,
     };
-    let identity = match identity {
-        Ok(identity) => identity,
-        Err(e) => return refused(Refusal::new(Reason::Unauthorized, e), Some(client)),
+    let current = live.state();
+    let first = presented.judge(&current);
+    let (judged, registration) = match live.admit(current.generation, first, |now| presented.judge(now)) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refused(refusal, Some(client)),
     };
-    Span::current().record("client.id", field::display(&identity));
-    entry.identity = Some(identity.to_string());
-    if listener.authorization.check(&identity, &upstream.name) == Authz::Deny {
-        let detail = format!("{identity} may not reach upstream {:?}", upstream.name);
-        return refused(Refusal::new(Reason::Unauthorized, detail), Some(client));
+    entry.upstream = Some(judged.upstream.name.clone());
+    if let Some(identity) = judged.identity {
+        Span::current().record("client.id", field::display(&identity));
+        entry.identity = Some(identity.to_string());
+        if let Some(ssl) = &mut who.ssl {
+            ssl.cn = Some(identity.to_string());
+        }
+        who.key = ClientKey::Identity(identity.into());
     }
-    // Tracked while open, so that a reload removing this access closes the connection.
-    let chain = session.peer_certificates().unwrap_or_default();
-    who.registration = Some(
-        listener
-            .registry
-            .register(&listener.name, &upstream.name, &identity, chain),
-    );
-    if let Some(ssl) = &mut who.ssl {
-        ssl.cn = Some(identity.to_string());
-    }
-    who.key = ClientKey::Identity(identity.into());
+    who.registration = registration;
     Admission::Admitted(Box::new(Admitted {
         client,
-        upstream,
+        listener: judged.listener,
+        upstream: judged.upstream,
         who,
     }))
+}
+
+/// What a finished handshake established, to be judged against a generation.
+struct Presented<'a> {
+    /// The client's certificate chain, leaf first (empty without client authentication).
+    chain: Vec<CertificateDer<'static>>,
+    /// Whether the session was resumed: rustls then checked no certificate.
+    resumed: bool,
+    server_name: Option<&'a str>,
+    /// The TLS configuration the handshake ran with (the accepting generation's).
+    handshake_tls: &'a ServerTls,
+    accepted_by: &'a Listener,
+}
+
+/// Admission's verdict: where the connection goes, and who it is.
+struct Judged {
+    listener: Arc<Listener>,
+    upstream: Arc<Upstream>,
+    identity: Option<crate::identity::ClientIdentity>,
+}
+
+impl Presented<'_> {
+    /// Judges the client by `state`: its listener there (gone: refused), the route, and on mTLS
+    /// listeners the certificate (again, if the session was resumed or the listener's trust
+    /// changed since the handshake), the identity and its authorization. Pure but for counting
+    /// handshake failures.
+    fn judge(&self, state: &State) -> Result<(Judged, Option<Grant>), Refusal> {
+        let name = &self.accepted_by.name;
+        let Some(listener) = state.listener(name) else {
+            return Err(Refusal::new(
+                Reason::Unauthorized,
+                "its listener was removed by a reload",
+            ));
+        };
+        let upstream = Arc::clone(listener.route(self.server_name));
+        if !listener.mutual_tls {
+            let judged = Judged {
+                listener: Arc::clone(listener),
+                upstream,
+                identity: None,
+            };
+            return Ok((judged, None));
+        }
+        let same_trust = listener
+            .tls
+            .as_ref()
+            .is_some_and(|tls| Arc::ptr_eq(&tls.config, &self.handshake_tls.config));
+        if self.resumed || !same_trust {
+            let checked = match &listener.tls {
+                Some(tls) => tls.verify(&self.chain),
+                None => Err(HandshakeFailure::NoCertificate),
+            };
+            if let Err(failure) = checked {
+                let why = if self.resumed {
+                    "resumed session"
+                } else {
+                    "handshake before a reload"
+                };
+                let detail = format_args!(
+                    "{why}: client certificate no longer verifies ({})",
+                    failure.label()
+                );
+                return Err(Refusal::handshake(listener, failure, detail));
+            }
+        }
+        let Some(leaf) = self.chain.first() else {
+            // Unreachable with a client verifier configured; refuse rather than assume.
+            return Err(Refusal::handshake(
+                listener,
+                HandshakeFailure::NoCertificate,
+                "no client certificate",
+            ));
+        };
+        let certified = crate::identity::inspect(leaf, listener.identity_rule)
+            .map_err(|e| Refusal::new(Reason::Unauthorized, e))?;
+        let identity = certified.identity;
+        if listener.authorization.check(&identity, &upstream.name) == Authz::Deny {
+            let detail = format!("{identity} may not reach upstream {:?}", upstream.name);
+            return Err(Refusal::new(Reason::Unauthorized, detail));
+        }
+        // `notAfter` is the last second of validity (RFC 5280, as webpki reads it): the chain
+        // expires one second after the earliest one.
+        let expires = listener.close_on_expiry.then(|| {
+            self.chain[1..]
+                .iter()
+                .filter_map(|der| crate::identity::not_after(der).ok())
+                .fold(certified.not_after, std::cmp::min)
+                + Duration::from_secs(1)
+        });
+        let grant = Grant {
+            listener: name.clone(),
+            upstream: upstream.name.clone(),
+            identity: identity.clone(),
+            chain: self.chain.clone(),
+            expires,
+        };
+        let judged = Judged {
+            listener: Arc::clone(listener),
+            upstream,
+            identity: Some(identity),
+        };
+        Ok((judged, Some(grant)))
+    }
 }
 
 /// Phase 3: the client's rate limit. `Ok(None)` on a listener without one.
@@ -443,6 +564,8 @@ pub(crate) enum End {
     DrainDeadline,
     /// A reload took the client's access away.
     AccessRevoked,
+    /// The client's certificate expired (`close_on_expiry`).
+    CertExpired,
     /// Its backend was marked down with `on_down = "close"`.
     BackendDown,
     ClientReset,
@@ -457,6 +580,7 @@ impl End {
             End::Closed => "closed",
             End::DrainDeadline => "drain_deadline",
             End::AccessRevoked => "access_revoked",
+            End::CertExpired => "cert_expired",
             End::BackendDown => "backend_down",
             End::ClientReset => "client_reset",
             End::ClientError => "client_error",
@@ -497,7 +621,7 @@ async fn relay<C: Transport>(
         OnDown::Close => Some(chosen.health.down_signal()),
         OnDown::Keep => None,
     };
-    let revoked = who.registration.as_ref().map(|r| r.revoked.clone());
+    let cut = who.registration.as_ref().map(|r| Arc::clone(&r.cut));
     let abort_relay = abort.clone();
     let stop = async move {
         let down = async {
@@ -506,16 +630,16 @@ async fn relay<C: Transport>(
                 None => std::future::pending().await,
             }
         };
-        let revoked = async {
-            match revoked {
-                Some(revoked) => revoked.cancelled().await,
+        let cut = async {
+            match cut {
+                Some(cut) => cut.cancelled().await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
             _ = abort_relay.cancelled() => {}
             _ = down => {}
-            _ = revoked => {}
+            _ = cut => {}
         }
     };
     // Zero-copy between plain sockets, buffered through TLS.
@@ -532,9 +656,10 @@ async fn relay<C: Transport>(
         Err(RelayError::Cancelled) => {
             let _ = socket2::SockRef::from(client.tcp()).set_linger(Some(Duration::ZERO));
             let _ = socket2::SockRef::from(backend.tcp()).set_linger(Some(Duration::ZERO));
-            match &who.registration {
-                Some(r) if r.revoked.is_cancelled() => End::AccessRevoked,
-                _ => End::BackendDown,
+            match who.registration.as_ref().and_then(|r| r.cut.reason()) {
+                Some(Cut::AccessRevoked) => End::AccessRevoked,
+                Some(Cut::CertExpired) => End::CertExpired,
+                None => End::BackendDown,
             }
         }
         Err(RelayError::Io { side, source }) => {
@@ -597,7 +722,14 @@ mod tests {
         let config = crate::Config::from_toml(&toml, "t").expect("config");
         let server = crate::Server::bind(config).await.expect("bind server");
         let listener = server.state().listener("a").cloned().expect("listener");
-        let task = super::handle(client, addr, listener, tokio_util::sync::CancellationToken::new());
+        let live = server.live();
+        let task = super::handle(
+            client,
+            addr,
+            listener,
+            live,
+            tokio_util::sync::CancellationToken::new(),
+        );
         let size = std::mem::size_of_val(&task);
         assert!(size <= 4096, "a connection's future is {size} bytes");
     }

@@ -26,6 +26,7 @@
 //! | [`authz`] | which identities may reach which upstreams, default deny (pure) |
 //! | [`identity`] | the client identity rule: verified leaf certificate -> name (pure) |
 //! | [`metrics`] | counters and rejection reasons |
+//! | `watch` | `[reload] watch`: reloading when the config file or a file it names changes |
 //! | `throttle` | the throttle on log lines a peer can cause |
 //! | [`config`] | TOML -> validated [`Config`]; every rule about valid configuration (pure) |
 //! | [`pki`] | development certificates for `fulcrum certs`, the demo and tests |
@@ -66,6 +67,7 @@ mod server;
 pub mod state;
 mod throttle;
 pub mod tls;
+mod watch;
 
 pub use config::Config;
 pub use server::Server;

@@ -99,7 +99,9 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Check { config } => {
             let config = fulcrum::Config::load(&config)?;
-            fulcrum::validate(&config)?;
+            for warning in fulcrum::validate(&config)? {
+                eprintln!("warning: {warning}");
+            }
             println!(
                 "{}: ok ({} listener(s), {} upstream(s))",
                 config.origin,

@@ -74,6 +74,81 @@ impl Rejections {
     }
 }
 
+/// Why a TLS handshake failed: the `reason` of `fulcrum_tls_handshake_failures_total` and of the
+/// refusal's log line. The label values are public contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// An mTLS listener's client presented no certificate.
+    NoCertificate,
+    /// The client's certificate does not chain to the listener's `client_ca` (or its signature
+    /// does not verify).
+    UnknownCa,
+    /// The client's certificate (or one in its chain) is past its `notAfter`.
+    Expired,
+    /// The client's certificate (or one in its chain) is before its `notBefore`.
+    NotYetValid,
+    /// A CRL of `[listener.tls] crl` revokes the client's certificate (or one in its chain).
+    Revoked,
+    /// No CRL of `[listener.tls] crl` covers an issuer in the client's chain.
+    RevocationUnknown,
+    /// The certificate's key usage does not allow client authentication.
+    BadUsage,
+    /// Another certificate fault (malformed, unsupported).
+    BadCertificate,
+    /// The client broke the TLS protocol, offered nothing we accept, or sent an alert.
+    Protocol,
+    /// The client closed or reset the connection during the handshake.
+    Closed,
+    /// The handshake did not finish within `handshake_timeout`.
+    Timeout,
+}
+
+impl HandshakeFailure {
+    pub const ALL: [HandshakeFailure; 11] = [
+        HandshakeFailure::NoCertificate,
+        HandshakeFailure::UnknownCa,
+        HandshakeFailure::Expired,
+        HandshakeFailure::NotYetValid,
+        HandshakeFailure::Revoked,
+        HandshakeFailure::RevocationUnknown,
+        HandshakeFailure::BadUsage,
+        HandshakeFailure::BadCertificate,
+        HandshakeFailure::Protocol,
+        HandshakeFailure::Closed,
+        HandshakeFailure::Timeout,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            HandshakeFailure::NoCertificate => "no_certificate",
+            HandshakeFailure::UnknownCa => "unknown_ca",
+            HandshakeFailure::Expired => "expired",
+            HandshakeFailure::NotYetValid => "not_yet_valid",
+            HandshakeFailure::Revoked => "revoked",
+            HandshakeFailure::RevocationUnknown => "revocation_unknown",
+            HandshakeFailure::BadUsage => "bad_usage",
+            HandshakeFailure::BadCertificate => "bad_certificate",
+            HandshakeFailure::Protocol => "protocol",
+            HandshakeFailure::Closed => "closed",
+            HandshakeFailure::Timeout => "timeout",
+        }
+    }
+}
+
+/// Per-listener handshake failure counts, one per [`HandshakeFailure`].
+#[derive(Debug, Default)]
+pub struct HandshakeFailures([Counter; HandshakeFailure::ALL.len()]);
+
+impl HandshakeFailures {
+    pub fn inc(&self, failure: HandshakeFailure) {
+        self.0[failure as usize].inc();
+    }
+
+    pub fn get(&self, failure: HandshakeFailure) -> u64 {
+        self.0[failure as usize].get()
+    }
+}
+
 /// Reload outcomes, carried from generation to generation.
 #[derive(Debug, Default)]
 pub struct ReloadCounters {

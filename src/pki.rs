@@ -72,6 +72,9 @@ pub enum PkiError {
     /// A certificate or key file could not be written.
     #[error("could not write {}: {error}", path.display())]
     Write { path: PathBuf, error: io::Error },
+    /// A certificate to revoke is not a PEM certificate.
+    #[error("cannot read the serial number of a certificate to revoke: {reason}")]
+    BadCertificate { reason: String },
 }
 
 impl From<rcgen::Error> for PkiError {
@@ -275,6 +278,52 @@ impl Ca {
             key: key.serialize_pem(),
         })
     }
+}
+
+impl Ca {
+    /// A CRL signed by this CA, revoking `revoked` (PEM certificates it issued), issued now and
+    /// due for its next update at `next_update`. PEM (`-----BEGIN X509 CRL-----`).
+    pub fn crl(&self, revoked: &[&str], next_update: SystemTime) -> Result<String, PkiError> {
+        let serials = revoked
+            .iter()
+            .map(|pem| serial_of(pem))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.crl_of_serials(&serials, next_update)
+    }
+
+    /// A CRL signed by this CA revoking the certificates with these serial numbers (big-endian
+    /// bytes), as [`Ca::crl`].
+    pub fn crl_of_serials(&self, serials: &[Vec<u8>], next_update: SystemTime) -> Result<String, PkiError> {
+        let epoch = rcgen::date_time_ymd(1970, 1, 1);
+        let now = SystemTime::now().checked_sub(CLOCK_SKEW).unwrap_or(UNIX_EPOCH);
+        let this_update = epoch + since_epoch(now, "this_update")?;
+        let revoked_certs = serials
+            .iter()
+            .map(|serial| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(serial),
+                revocation_time: this_update,
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update,
+            next_update: epoch + since_epoch(next_update, "next_update")?,
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
+    }
+}
+
+/// The serial number of a PEM certificate, big-endian bytes.
+pub fn serial_of(pem: &str) -> Result<Vec<u8>, PkiError> {
+    let bad = |reason: String| PkiError::BadCertificate { reason };
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    let cert = pem.parse_x509().map_err(|e| bad(e.to_string()))?;
+    Ok(cert.raw_serial().to_vec())
 }
 
 /// A complete development PKI: CA, one server certificate, and named client certificates.

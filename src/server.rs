@@ -17,7 +17,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -140,6 +140,12 @@ impl Server {
         self.live.state()
     }
 
+    /// The live model, for the crate's own tests.
+    #[cfg(test)]
+    pub(crate) fn live(&self) -> Arc<Live> {
+        Arc::clone(&self.live)
+    }
+
     /// A handle to reload the running server and read its current state.
     pub fn handle(&self) -> Handle {
         Handle {
@@ -169,12 +175,16 @@ impl Server {
             abort: CancellationToken::new(),
             accepting: Vec::new(),
             probes: shutdown.child_token(),
+            handle: handle.clone(),
             workers,
         };
         for (name, socket) in sockets {
             tasks.accept(name, socket);
         }
-        tasks.start_probes(&live.state());
+        tasks.start_generation(&live.state());
+        tasks
+            .tracker
+            .spawn(close_at_expiry(Arc::clone(&live.registry), shutdown.clone()));
         let log_stop = CancellationToken::new();
         let log_writer = live
             .state()
@@ -246,8 +256,10 @@ struct Tasks {
     abort: CancellationToken,
     /// Listener name, bound address and the token that stops its accept loop, per socket.
     accepting: Vec<(String, SocketAddr, CancellationToken)>,
-    /// Stops the current generation's probe loops.
+    /// Stops the current generation's probe loops, CRL warning and file watch.
     probes: CancellationToken,
+    /// Asks the run loop for reloads (the file watch uses it).
+    handle: Handle,
     workers: usize,
 }
 
@@ -269,11 +281,26 @@ impl Tasks {
         self.accepting.push((name, addr, stop));
     }
 
-    fn start_probes(&mut self, state: &State) {
+    /// Starts what runs for one generation, stopping the previous generation's: probe loops,
+    /// the CRL `nextUpdate` warning, and the file watch (`[reload] watch`).
+    fn start_generation(&mut self, state: &State) {
         self.probes.cancel();
         self.probes = self.shutdown.child_token();
         for upstream in state.upstreams() {
             crate::health::probe::spawn(upstream, &self.tracker, &self.probes);
+        }
+        self.tracker.spawn(warn_at_crl_next_update(
+            state.crl_deadlines(),
+            self.probes.clone(),
+        ));
+        if state.reload.watch {
+            self.tracker.spawn(crate::watch::run(
+                self.handle.clone(),
+                state.files.clone(),
+                state.loaded.clone(),
+                state.reload.debounce,
+                self.probes.clone(),
+            ));
         }
     }
 
@@ -324,13 +351,6 @@ impl Tasks {
         }
         let generation = current.generation + 1;
         let next = State::assemble(&config, tls, addrs, Some(&current), generation);
-        let revoked = next.registry.revoke_lost_access(&next);
-        if revoked > 0 {
-            info!(
-                revoked,
-                "closed connections whose access the new configuration removes"
-            );
-        }
         // Stop accept loops of listeners that are gone or moved, then start the new ones.
         let keep: Vec<(String, SocketAddr)> = next.listeners().map(|l| (l.name.clone(), l.bind)).collect();
         self.accepting.retain(|(name, addr, stop)| {
@@ -341,8 +361,14 @@ impl Tasks {
             stays
         });
         let next = Arc::new(next);
-        self.start_probes(&next);
-        self.live.swap_arc(Arc::clone(&next));
+        self.start_generation(&next);
+        let revoked = self.live.swap(Arc::clone(&next));
+        if revoked > 0 {
+            info!(
+                revoked,
+                "closed connections whose access the new configuration removes"
+            );
+        }
         for (name, socket) in fresh {
             self.accept(name, socket);
         }
@@ -418,7 +444,13 @@ async fn accept_loop(
                     break; // removed by a reload; its loop is being stopped
                 };
                 listener.accepted.inc();
-                tracker.spawn(crate::connection::handle(stream, peer, listener, abort.clone()));
+                tracker.spawn(crate::connection::handle(
+                    stream,
+                    peer,
+                    listener,
+                    Arc::clone(&live),
+                    abort.clone(),
+                ));
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 warn!(listener = %name, error = %e, ?backoff, "accept failed: out of resources, backing off");
@@ -442,7 +474,7 @@ async fn accept_loop(
 fn take_backlog(
     socket: TcpListener,
     name: &str,
-    live: &Live,
+    live: &Arc<Live>,
     tracker: &TaskTracker,
     abort: &CancellationToken,
 ) {
@@ -465,11 +497,63 @@ fn take_backlog(
                     stream,
                     peer,
                     Arc::clone(&listener),
+                    Arc::clone(live),
                     abort.clone(),
                 ));
             }
             Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
             Err(_) => break, // empty (WouldBlock) or out of resources: close now
         }
+    }
+}
+
+/// The longest the expiry task and the CRL warning sleep at a time: wall-clock deadlines are
+/// slept on the monotonic clock, so a step of the wall clock is noticed within this.
+const WALL_CLOCK_RECHECK: Duration = Duration::from_secs(60);
+
+/// How long from now until the wall-clock time `at` (zero if it has passed), at most
+/// [`WALL_CLOCK_RECHECK`].
+fn until(at: SystemTime) -> Duration {
+    at.duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+        .min(WALL_CLOCK_RECHECK)
+}
+
+/// Closes registered mTLS connections when their client certificate expires
+/// (`close_on_expiry`): one task for the process, sleeping until the earliest expiry in the
+/// registry's ordered set, woken early when a registration brings an earlier one.
+async fn close_at_expiry(registry: Arc<crate::state::Registry>, stop: CancellationToken) {
+    loop {
+        let (expired, next) = registry.expire(SystemTime::now());
+        if expired > 0 {
+            info!(expired, "closed connections whose client certificate expired");
+        }
+        let wait = next.map_or(WALL_CLOCK_RECHECK, until);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = registry.earlier_expiry.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Warns once per CRL when it passes its `nextUpdate` (at once if it already has): the CRL keeps
+/// being applied, but the operator should fetch a fresh one. Stopped with its generation.
+async fn warn_at_crl_next_update(mut deadlines: Vec<(String, String, SystemTime)>, stop: CancellationToken) {
+    deadlines.sort_by_key(|(_, _, at)| *at);
+    for (listener, issuer, at) in deadlines {
+        while SystemTime::now() < at {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(until(at)) => {}
+            }
+        }
+        let next_update = humantime::format_rfc3339_seconds(at);
+        warn!(
+            %listener,
+            %issuer,
+            %next_update,
+            "CRL is past its nextUpdate and is still applied: publish a fresh one and reload"
+        );
     }
 }

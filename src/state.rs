@@ -12,15 +12,16 @@
 //! side); it does not bind sockets, spawn tasks or move bytes: the orchestrator that does
 //! (`server`) sits above it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls::pki_types::CertificateDer;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::authz::{Authorization, Decision};
@@ -28,7 +29,7 @@ use crate::balancer::Pool;
 use crate::config::{BackendAddr, HealthCheckConfig, UpstreamConfig};
 use crate::health::BackendHealth;
 use crate::identity::ClientIdentity;
-use crate::metrics::{Counter, Rejections, ReloadCounters};
+use crate::metrics::{Counter, HandshakeFailures, Rejections, ReloadCounters};
 use crate::ratelimit::Limiter;
 use crate::tls::ServerTls;
 
@@ -74,8 +75,12 @@ pub struct State {
     pub(crate) upstreams: Vec<Arc<Upstream>>,
     /// How long open connections may run after shutdown starts.
     pub(crate) drain_timeout: Duration,
-    /// Open mTLS connections (shared by every generation).
-    pub(crate) registry: Arc<Registry>,
+    /// `[reload]`: whether (and how) this generation's files are watched.
+    pub(crate) reload: crate::config::ReloadConfig,
+    /// The files this generation was built from (the config file and every file it names).
+    pub(crate) files: Vec<PathBuf>,
+    /// With `[reload] watch`: their fingerprint just before they were read.
+    pub(crate) loaded: Vec<Option<u64>>,
     /// Reload outcomes (shared by every generation).
     pub reloads: Arc<ReloadCounters>,
     /// Failed round trips to the shared rate limit's Redis (shared by every generation).
@@ -107,10 +112,15 @@ pub struct Listener {
     pub authorization: Arc<Authorization>,
     pub limiter: Option<Limiter>,
     pub reject_response: Option<Vec<u8>>,
+    /// How certificates become identities (`identity_from_cn`).
+    pub identity_rule: crate::identity::Rule,
+    /// Close mTLS connections when their client certificate expires (`close_on_expiry`).
+    pub close_on_expiry: bool,
     /// Counters carry over reloads for a listener that keeps its name.
     pub accepted: Arc<Counter>,
     pub rejected: Arc<Rejections>,
-    pub(crate) registry: Arc<Registry>,
+    /// Why TLS handshakes failed (`fulcrum_tls_handshake_failures_total`).
+    pub handshake_failures: Arc<HandshakeFailures>,
     /// Keeps a flood of rejections from flooding the log.
     pub(crate) reject_log: crate::throttle::LogThrottle,
     /// Where each closed connection's line goes, if `[access_log]` is configured.
@@ -292,6 +302,19 @@ impl State {
             .unwrap_or_default()
     }
 
+    /// `(listener, CRL issuer, nextUpdate)` of every CRL in force.
+    pub fn crl_deadlines(&self) -> Vec<(String, String, SystemTime)> {
+        self.listeners
+            .iter()
+            .flat_map(|l| {
+                l.tls
+                    .iter()
+                    .flat_map(|tls| &tls.crls)
+                    .filter_map(|crl| crl.next_update.map(|at| (l.name.clone(), crl.issuer.clone(), at)))
+            })
+            .collect()
+    }
+
     /// Sum of active connections over all upstreams.
     pub fn total_active(&self) -> u64 {
         self.upstreams
@@ -302,9 +325,12 @@ impl State {
     }
 }
 
-/// The current generation of state, and what outlives generations.
+/// The current generation of state, and what outlives generations: the registry of open mTLS
+/// connections and the file reloads re-read.
 pub struct Live {
     current: Mutex<Arc<State>>,
+    /// Open mTLS connections, over every generation.
+    pub(crate) registry: Arc<Registry>,
     /// The file to re-read on reload, if the config came from one.
     pub(crate) path: Option<PathBuf>,
 }
@@ -313,6 +339,7 @@ impl Live {
     pub(crate) fn new(state: State, path: Option<PathBuf>) -> Live {
         Live {
             current: Mutex::new(Arc::new(state)),
+            registry: Arc::default(),
             path,
         }
     }
@@ -321,8 +348,49 @@ impl Live {
         Arc::clone(&self.lock())
     }
 
-    pub(crate) fn swap_arc(&self, state: Arc<State>) -> Arc<State> {
-        std::mem::replace(&mut *self.lock(), state)
+    /// Open registered mTLS connections.
+    pub fn registered(&self) -> usize {
+        self.registry.len()
+    }
+
+    /// Admits a connection against the live generation, race-free against reloads.
+    ///
+    /// `first` is what the caller decided against generation `seen` (read before, outside any
+    /// lock, so that certificate checks run unlocked). Under the registry's lock, which
+    /// [`Live::swap`] takes too: if `seen` is still live, `first` stands; otherwise a reload
+    /// came in between and `decide` judges again against the generation now live. A grant is
+    /// registered before the lock is released. So a reload either swaps before this (and the
+    /// connection is judged by the new generation) or after (and its sweep sees the
+    /// registration): no connection is between "authorized" and "registered" for a reload to
+    /// miss.
+    pub(crate) fn admit<T, E>(
+        &self,
+        seen: u64,
+        first: Result<(T, Option<Grant>), E>,
+        decide: impl FnOnce(&Arc<State>) -> Result<(T, Option<Grant>), E>,
+    ) -> Result<(T, Option<Registration>), E> {
+        let mut open = self.registry.lock();
+        let current = self.state();
+        let (value, grant) = if current.generation == seen {
+            first?
+        } else {
+            decide(&current)?
+        };
+        let registration = grant.map(|grant| self.registry.insert(&mut open, grant));
+        Ok((value, registration))
+    }
+
+    /// Makes `next` the live generation, then closes the open connections it no longer allows
+    /// (see [`Registry::revoke_lost_access`]). Returns how many were closed. The swap happens
+    /// under the registry's lock (see [`Live::admit`]); the checks, which verify certificates,
+    /// after it is released.
+    pub(crate) fn swap(&self, next: Arc<State>) -> usize {
+        let open: Vec<Arc<Entry>> = {
+            let open = self.registry.lock();
+            *self.lock() = Arc::clone(&next);
+            open.entries.values().cloned().collect()
+        };
+        Registry::revoke_lost_access(&open, &next)
     }
 
     fn lock(&self) -> MutexGuard<'_, Arc<State>> {
@@ -331,32 +399,90 @@ impl Live {
     }
 }
 
-/// Open mTLS connections, with what their access was granted on.
+/// Why the registry cut an open connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cut {
+    /// A reload took its access away (identity, CA, CRL).
+    AccessRevoked,
+    /// Its client certificate expired (`close_on_expiry`).
+    CertExpired,
+}
+
+/// What an admitted mTLS connection is registered with: what its access was granted on.
+pub(crate) struct Grant {
+    pub(crate) listener: String,
+    pub(crate) upstream: String,
+    pub(crate) identity: ClientIdentity,
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    /// When to close it (the earliest `notAfter` of its chain), with `close_on_expiry`.
+    pub(crate) expires: Option<SystemTime>,
+}
+
+/// The signal a registered connection watches: cancelled with the reason it was cut.
+#[derive(Debug, Default)]
+pub struct CutSignal {
+    token: CancellationToken,
+    reason: OnceLock<Cut>,
+}
+
+impl CutSignal {
+    fn cut(&self, reason: Cut) {
+        // The first reason stands; the token is cancelled either way.
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    /// Completes when the connection is cut.
+    pub async fn cancelled(&self) {
+        self.token.cancelled().await;
+    }
+
+    /// Why the connection was cut, once it has been.
+    pub fn reason(&self) -> Option<Cut> {
+        self.reason.get().copied()
+    }
+}
+
+/// Open mTLS connections, with what their access was granted on, and when their certificates
+/// expire.
 #[derive(Default)]
 pub struct Registry {
     next: AtomicU64,
-    open: Mutex<HashMap<u64, Entry>>,
+    open: Mutex<Open>,
+    /// Told when a registration's expiry comes before every other one (the expiry task then
+    /// sleeps less).
+    pub(crate) earlier_expiry: Notify,
 }
 
-struct Entry {
-    listener: String,
-    upstream: String,
-    identity: ClientIdentity,
-    chain: Vec<CertificateDer<'static>>,
-    revoke: CancellationToken,
+#[derive(Default)]
+struct Open {
+    entries: HashMap<u64, Arc<Entry>>,
+    /// (expiry, id) of registrations with `close_on_expiry`: one ordered timer structure for
+    /// the whole process, not a timer per connection.
+    expiries: BTreeSet<(SystemTime, u64)>,
+}
+
+pub(crate) struct Entry {
+    grant: Grant,
+    cut: Arc<CutSignal>,
 }
 
 /// Keeps a connection in the registry; removes it on drop.
 pub struct Registration {
     registry: Arc<Registry>,
     id: u64,
-    /// Cancelled when a reload takes this connection's access away.
-    pub revoked: CancellationToken,
+    expires: Option<SystemTime>,
+    /// Cancelled when a reload takes this connection's access away or its certificate expires.
+    pub cut: Arc<CutSignal>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry.lock().remove(&self.id);
+        let mut open = self.registry.lock();
+        open.entries.remove(&self.id);
+        if let Some(at) = self.expires {
+            open.expiries.remove(&(at, self.id));
+        }
     }
 }
 
@@ -367,69 +493,89 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// Registers an authorized connection.
-    pub fn register(
-        self: &Arc<Self>,
-        listener: &str,
-        upstream: &str,
-        identity: &ClientIdentity,
-        chain: &[CertificateDer<'_>],
-    ) -> Registration {
+    fn insert(self: &Arc<Self>, open: &mut Open, grant: Grant) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let revoked = CancellationToken::new();
-        self.lock().insert(
+        let cut = Arc::new(CutSignal::default());
+        let expires = grant.expires;
+        if let Some(at) = expires {
+            let earliest = open.expiries.first().is_none_or(|(first, _)| at < *first);
+            open.expiries.insert((at, id));
+            if earliest {
+                self.earlier_expiry.notify_one();
+            }
+        }
+        open.entries.insert(
             id,
-            Entry {
-                listener: listener.to_string(),
-                upstream: upstream.to_string(),
-                identity: identity.clone(),
-                chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
-                revoke: revoked.clone(),
-            },
+            Arc::new(Entry {
+                grant,
+                cut: Arc::clone(&cut),
+            }),
         );
         Registration {
             registry: Arc::clone(self),
             id,
-            revoked,
+            expires,
+            cut,
         }
     }
 
-    /// Revokes every connection that `next` no longer allows: its identity lost the upstream in
-    /// `[authorization]`, or its certificate no longer verifies under the listener's client CA.
-    /// Connections whose listener or upstream is gone keep running (they drain). Returns how
-    /// many were revoked.
-    pub fn revoke_lost_access(&self, next: &State) -> usize {
-        let open = self.lock();
+    /// Cuts every connection of `open` that `next` no longer allows: its identity lost the
+    /// upstream in `[authorization]`, or its certificate no longer verifies under the
+    /// listener's client CA and CRLs. Connections whose listener or upstream is gone keep
+    /// running (they drain). Returns how many were cut.
+    fn revoke_lost_access(open: &[Arc<Entry>], next: &State) -> usize {
         let mut revoked = 0;
-        for entry in open.values() {
-            let Some(listener) = next.listener(&entry.listener) else {
+        for entry in open {
+            let grant = &entry.grant;
+            let Some(listener) = next.listener(&grant.listener) else {
                 continue;
             };
-            if next.upstream(&entry.upstream).is_none() {
+            if next.upstream(&grant.upstream).is_none() {
                 continue;
             }
             let authorized =
-                listener.authorization.check(&entry.identity, &entry.upstream) == Decision::Allow;
-            let trusted = listener.tls.as_ref().is_none_or(|tls| tls.accepts(&entry.chain));
+                listener.authorization.check(&grant.identity, &grant.upstream) == Decision::Allow;
+            let trusted = listener.tls.as_ref().is_none_or(|tls| tls.accepts(&grant.chain));
             if !(authorized && trusted) {
-                entry.revoke.cancel();
+                entry.cut.cut(Cut::AccessRevoked);
                 revoked += 1;
             }
         }
         revoked
     }
 
+    /// Cuts the connections whose certificate expired by `now`; returns how many, and the next
+    /// expiry still ahead.
+    pub(crate) fn expire(&self, now: SystemTime) -> (usize, Option<SystemTime>) {
+        let mut open = self.lock();
+        let mut expired = 0;
+        while let Some(&(at, id)) = open.expiries.first() {
+            if at > now {
+                return (expired, Some(at));
+            }
+            open.expiries.pop_first();
+            if let Some(entry) = open.entries.get(&id) {
+                entry.cut.cut(Cut::CertExpired);
+                expired += 1;
+            }
+        }
+        (expired, None)
+    }
+
     /// Open registered connections.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Entry>> {
-        // Inserts and removes only; nothing can panic while the lock is held.
+    fn lock(&self) -> MutexGuard<'_, Open> {
+        // Map and set updates only; nothing can panic while the lock is held.
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -6,7 +6,7 @@
 
 use std::fmt::Write;
 
-use crate::metrics::Reason;
+use crate::metrics::{HandshakeFailure, Reason};
 use crate::state::{Backend, State};
 
 /// Renders every metric in the Prometheus text exposition format (version 0.0.4).
@@ -40,6 +40,23 @@ pub fn render(state: &State) -> String {
                 escape(&l.name),
                 reason.label(),
                 l.rejected.get(reason)
+            );
+        }
+    }
+    header(
+        &mut out,
+        "fulcrum_tls_handshake_failures_total",
+        "counter",
+        "Failed TLS handshakes (and refused resumed sessions) on TLS listeners, per listener and reason.",
+    );
+    for l in state.listeners().filter(|l| l.tls.is_some()) {
+        for failure in HandshakeFailure::ALL {
+            let _ = writeln!(
+                out,
+                "fulcrum_tls_handshake_failures_total{{listener=\"{}\",reason=\"{}\"}} {}",
+                escape(&l.name),
+                failure.label(),
+                l.handshake_failures.get(failure)
             );
         }
     }

@@ -696,3 +696,87 @@ fn redacting_a_url_replaces_the_password_and_nothing_else() {
         assert_eq!(redact_url(url), shown, "{url}");
     }
 }
+
+#[test]
+fn tls_revocation_resumption_and_identity_keys_load_typed_with_defaults() {
+    let base = "[[listener]]\nname='a'\nbind='127.0.0.1:0'\nupstream='u'\n[listener.tls]\ncert='s.pem'\nkey='s.key'\nclient_ca='ca.pem'\n";
+    let tail = "[[upstream]]\nname='u'\nbackends=['127.0.0.1:1']\n";
+    let defaults = Config::from_toml(&format!("{base}{tail}"), "t").expect("valid");
+    let tls = defaults.listeners[0].tls.clone().expect("tls");
+    assert_eq!(tls.crl, None);
+    assert!(tls.close_on_expiry && tls.identity_from_cn);
+    assert_eq!(
+        (tls.session_cache, tls.session_timeout),
+        (DEFAULT_SESSION_CACHE, DEFAULT_SESSION_TIMEOUT)
+    );
+    assert_eq!(defaults.reload, ReloadConfig::default());
+
+    let text = format!(
+        "{base}crl='ca.crl'\nclose_on_expiry=false\nidentity_from_cn=false\nsession_cache=0\nsession_timeout='1m'\n{tail}[reload]\nwatch=true\ndebounce='250ms'\n"
+    );
+    let config = Config::from_toml(&text, "t").expect("valid");
+    let tls = config.listeners[0].tls.clone().expect("tls");
+    assert_eq!(tls.crl.as_deref(), Some(Path::new("ca.crl")));
+    assert!(!tls.close_on_expiry && !tls.identity_from_cn);
+    assert_eq!(
+        (tls.session_cache, tls.session_timeout),
+        (0, Duration::from_secs(60))
+    );
+    assert_eq!(
+        config.reload,
+        ReloadConfig {
+            watch: true,
+            debounce: Duration::from_millis(250)
+        }
+    );
+}
+
+#[test]
+fn client_authentication_keys_without_client_ca_are_refused() {
+    for key in [
+        "crl = 'ca.crl'",
+        "close_on_expiry = false",
+        "identity_from_cn = false",
+    ] {
+        let text = format!(
+            "[[listener]]\nname='a'\nbind='127.0.0.1:0'\nupstream='u'\n[listener.tls]\ncert='s.pem'\nkey='s.key'\n{key}\n[[upstream]]\nname='u'\nbackends=['127.0.0.1:1']\n"
+        );
+        let e = Config::from_toml(&text, "t").expect_err(key).to_string();
+        let name = key.split(' ').next().unwrap();
+        assert!(
+            e.contains(&format!("tls.{name}")) && e.contains("needs client_ca"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn files_lists_the_config_file_and_every_file_it_names_once() {
+    let dir = TempDir::new("files");
+    dir.write("redis.pass", "secret\n");
+    let path = dir.write(
+        "fulcrum.toml",
+        "[[listener]]\nname='a'\nbind='127.0.0.1:0'\nupstream='u'\n[listener.tls]\ncert='s.pem'\nkey='s.key'\nclient_ca='ca.pem'\ncrl='ca.crl'\n\
+         [[listener]]\nname='b'\nbind='127.0.0.1:0'\nupstream='u'\n[listener.tls]\ncert='s.pem'\nkey='s.key'\n\
+         [[upstream]]\nname='u'\nbackends=['127.0.0.1:1']\n[upstream.tls]\nca='backend-ca.pem'\n\
+         [rate_limit]\ncapacity=1\nwindow='1s'\n[rate_limit.shared]\nredis='redis://127.0.0.1'\npassword_file='redis.pass'\n",
+    );
+    let config = Config::load(&path).expect("valid");
+    let names: Vec<String> = config
+        .files()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "fulcrum.toml",
+            "s.pem",
+            "s.key",
+            "ca.pem",
+            "ca.crl",
+            "backend-ca.pem",
+            "redis.pass"
+        ]
+    );
+}

@@ -95,7 +95,7 @@ fn spiffe_uri_san_wins_over_dns_san_even_when_listed_after_it() {
 }
 
 #[test]
-fn the_first_of_several_spiffe_uri_sans_is_the_identity() {
+fn several_spiffe_uri_sans_are_refused() {
     let der = cert(
         None,
         vec![
@@ -104,7 +104,104 @@ fn the_first_of_several_spiffe_uri_sans_is_the_identity() {
             uri("spiffe://example.org/second"),
         ],
     );
-    assert_eq!(identity(&der), "spiffe://example.org/first");
+    let result = identity_from_der(&der);
+    assert!(
+        matches!(result, Err(IdentityError::SeveralSpiffeIds { count: 2 })),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn one_spiffe_uri_san_beside_other_uris_is_the_identity() {
+    let der = cert(
+        None,
+        vec![
+            uri("https://example.org/"),
+            uri("spiffe://example.org/only"),
+            dns("web"),
+        ],
+    );
+    assert_eq!(identity(&der), "spiffe://example.org/only");
+}
+
+#[test]
+fn a_dns_san_that_looks_like_a_uri_is_refused() {
+    let der = cert(Some("alice"), vec![dns("spiffe://example.org/admin")]);
+    let result = identity_from_der(&der);
+    assert!(
+        matches!(
+            result,
+            Err(IdentityError::LooksLikeUri {
+                field: NameField::Dns,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn a_common_name_that_looks_like_a_uri_is_refused() {
+    let der = cert(Some("spiffe://example.org/admin"), Vec::new());
+    let result = identity_from_der(&der);
+    assert!(
+        matches!(
+            result,
+            Err(IdentityError::LooksLikeUri {
+                field: NameField::CommonName,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn format_characters_are_refused_like_control_characters() {
+    for name in [
+        "al\u{202E}ice",
+        "ali\u{200B}ce",
+        "\u{2066}alice",
+        "alice\u{FEFF}",
+        "a\u{00AD}lice",
+        "a\u{2028}b",
+    ] {
+        let der = cert(Some(name), Vec::new());
+        let result = identity_from_der(&der);
+        assert!(
+            matches!(
+                result,
+                Err(IdentityError::InvalidName {
+                    field: NameField::CommonName,
+                    ..
+                })
+            ),
+            "{name:?}: {result:?}"
+        );
+    }
+    assert_eq!(identity(&cert(Some("zoë"), Vec::new())), "zoë");
+}
+
+#[test]
+fn without_identity_from_cn_a_common_name_alone_is_refused_and_a_san_still_counts() {
+    let rule = Rule {
+        from_common_name: false,
+    };
+    let result = inspect(&cert(Some("alice"), Vec::new()), rule);
+    assert!(matches!(result, Err(IdentityError::NoSan)), "{result:?}");
+    let certified = inspect(&cert(Some("alice"), vec![dns("bob")]), rule).expect("a DNS SAN");
+    assert_eq!(certified.identity.as_str(), "bob");
+}
+
+#[test]
+fn inspect_reads_the_not_after_of_the_certificate() {
+    let mut p = params(Some("alice"), Vec::new());
+    p.not_after = rcgen::date_time_ymd(2031, 5, 17);
+    let der = der(p);
+    let certified = inspect(&der, Rule::default()).expect("identity");
+    let expected = UNIX_EPOCH + Duration::from_secs(1_936_742_400);
+    assert_eq!(certified.not_after, expected);
+    assert_eq!(not_after(&der).expect("parses"), expected);
 }
 
 #[test]
@@ -159,7 +256,7 @@ fn nul_in_common_name_is_refused() {
     );
     assert_eq!(
         err.to_string(),
-        "certificate name is not valid UTF-8 or contains a control character \
+        "certificate name is not valid UTF-8 or contains a control or format character \
          (common name \"ali\\0ce\")"
     );
 }

@@ -1,7 +1,7 @@
 //! Building a generation: every file it needs loaded (`load`), then assembled from the
 //! validated config (`State::assemble`, infallible), taking over what stays from the running
 //! generation: an upstream's pool, kept backends with their counts and health, listeners'
-//! counters, the registry and the access log.
+//! counters and the access log.
 //!
 //! `fulcrum check` ([`validate`]), startup and every reload run this same code, so they can never
 //! disagree. Which limiter counts each listener is settled here from the policy `config` gave it:
@@ -19,28 +19,44 @@ use crate::config::{Config, ListenerLimit};
 use crate::ratelimit::{ClusterLimiter, Limiter, RateLimiter};
 use crate::tls::ServerTls;
 
-/// Checks everything `run` would load (config and certificate files) without binding anything.
+/// Checks everything `run` would load (config and certificate files) without binding anything,
+/// and returns warnings: what loads but an operator should fix (a CRL past its `nextUpdate`).
 /// `fulcrum check` calls this; `Server::bind` and reloads build the same state.
-pub fn validate(config: &Config) -> Result<(), ServerError> {
+pub fn validate(config: &Config) -> Result<Vec<String>, ServerError> {
     let tls = load(config)?;
     let addrs = config
         .listeners
         .iter()
         .map(|l| (l.name.clone(), l.bind))
         .collect();
-    State::assemble(config, tls, addrs, None, 1);
-    Ok(())
+    let state = State::assemble(config, tls, addrs, None, 1);
+    let mut warnings = Vec::new();
+    for (listener, issuer, at) in state.crl_deadlines() {
+        if at <= std::time::SystemTime::now() {
+            warnings.push(format!(
+                "listener {listener:?}: the CRL issued by {issuer} is past its nextUpdate ({}); it is still applied, but publish a fresh one",
+                humantime::format_rfc3339_seconds(at)
+            ));
+        }
+    }
+    Ok(warnings)
 }
 
 /// Every certificate file a generation needs, loaded, and the shared rate limit's redis client
 /// built from its files: the part of building a generation that can fail.
 pub(crate) struct Loaded {
+    /// With `[reload] watch`: the files' fingerprint, taken before any of them is read.
+    fingerprint: crate::watch::Fingerprint,
     listeners: Vec<Option<ServerTls>>,
     upstreams: Vec<Option<Arc<rustls::ClientConfig>>>,
     redis: Option<redis::Client>,
 }
 
 pub(crate) fn load(config: &Config) -> Result<Loaded, ServerError> {
+    let fingerprint = match config.reload.watch {
+        true => crate::watch::fingerprint(&config.files()),
+        false => Vec::new(),
+    };
     let upstreams = config
         .upstreams
         .iter()
@@ -72,6 +88,7 @@ pub(crate) fn load(config: &Config) -> Result<Loaded, ServerError> {
         None => None,
     };
     Ok(Loaded {
+        fingerprint,
         listeners,
         upstreams,
         redis,
@@ -99,7 +116,6 @@ impl State {
             })
             .collect();
         let authorization = Arc::new(Authorization::new(config.authorization.iter().cloned()));
-        let registry = previous.map_or_else(Default::default, |p| Arc::clone(&p.registry));
         let reloads = previous.map_or_else(Default::default, |p| Arc::clone(&p.reloads));
         let epoch = Instant::now();
         let ratelimit_backend_errors =
@@ -158,7 +174,11 @@ impl State {
                 reject_response: l.reject_response.clone(),
                 accepted: old.map_or_else(Default::default, |o| Arc::clone(&o.accepted)),
                 rejected: old.map_or_else(Default::default, |o| Arc::clone(&o.rejected)),
-                registry: Arc::clone(&registry),
+                handshake_failures: old.map_or_else(Default::default, |o| Arc::clone(&o.handshake_failures)),
+                identity_rule: crate::identity::Rule {
+                    from_common_name: l.tls.as_ref().is_none_or(|t| t.identity_from_cn),
+                },
+                close_on_expiry: l.tls.as_ref().is_some_and(|t| t.close_on_expiry),
                 reject_log: Default::default(),
                 access_log: access_log.clone(),
             }));
@@ -168,7 +188,9 @@ impl State {
             listeners,
             upstreams,
             drain_timeout: config.drain_timeout,
-            registry,
+            reload: config.reload.clone(),
+            files: config.files(),
+            loaded: loaded.fingerprint,
             reloads,
             ratelimit_backend_errors,
             started: previous.map_or_else(Instant::now, |p| p.started),

@@ -23,10 +23,8 @@ impl Files {
 
     fn config(&self, cert: &str, key: &str, ca: Option<&str>) -> TlsConfig {
         TlsConfig {
-            cert: self.dir.join(cert),
-            key: self.dir.join(key),
             client_ca: ca.map(|c| self.dir.join(c)),
-            min_version: TlsVersion::Tls12,
+            ..TlsConfig::new(self.dir.join(cert), self.dir.join(key))
         }
     }
 }
@@ -124,4 +122,144 @@ fn redis_tls_files_that_cannot_be_used_are_refused_naming_the_file() {
     assert!(e.contains("Redis CA") && e.contains("nope.pem"), "{e}");
     let e = error(redis_tls(None, Some((&path("server.pem"), &path("other.key")))));
     assert!(e.contains("does not match") && e.contains("other.key"), "{e}");
+}
+
+/// A CA written as `ca.pem` in its own temp dir, with CRL files beside it.
+struct CrlFiles {
+    dir: PathBuf,
+    ca: Ca,
+}
+
+impl CrlFiles {
+    fn new(tag: &str) -> CrlFiles {
+        let dir = std::env::temp_dir().join(format!("fulcrum-crl-test-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = Ca::new("client CA").unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
+        CrlFiles { dir, ca }
+    }
+
+    fn load(&self, crl_text: &str) -> Result<Vec<CrlInfo>, TlsError> {
+        std::fs::write(self.dir.join("list.crl"), crl_text).unwrap();
+        let cas = CertificateDer::pem_slice_iter(self.ca.cert_pem().as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        revocation_lists(&self.dir.join("list.crl"), &cas).map(|(_, info)| info)
+    }
+}
+
+impl Drop for CrlFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_crl_of_the_client_ca_loads_with_its_issuer_and_next_update() {
+    let f = CrlFiles::new("ok");
+    let next = UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+    let alice = f.ca.client("alice").unwrap();
+    let crl = f.ca.crl(&[&alice.cert], next).unwrap();
+    let info = f.load(&format!("{crl}{crl}")).expect("two CRLs of the client CA");
+    assert_eq!(info.len(), 2);
+    assert_eq!(info[0].next_update, Some(next));
+    assert!(info[0].issuer.contains("client CA"), "{}", info[0].issuer);
+}
+
+#[test]
+fn a_crl_of_another_ca_is_refused_naming_its_issuer() {
+    let f = CrlFiles::new("foreign");
+    let other = Ca::new("somebody else").unwrap();
+    let crl = other
+        .crl(&[], SystemTime::now() + Duration::from_secs(60))
+        .unwrap();
+    let e = f
+        .load(&crl)
+        .expect_err("a CRL not signed by the client CA")
+        .to_string();
+    assert!(e.contains("somebody else") && e.contains("not signed"), "{e}");
+}
+
+#[test]
+fn a_crl_file_without_a_crl_or_with_a_corrupt_one_is_refused_naming_the_file() {
+    let f = CrlFiles::new("bad");
+    let e = f.load("").expect_err("no CRL").to_string();
+    assert!(e.contains("list.crl") && e.contains("no PEM CRL"), "{e}");
+    let e = f
+        .load("-----BEGIN X509 CRL-----\nbm90IGEgQ1JM\n-----END X509 CRL-----\n")
+        .expect_err("not a CRL")
+        .to_string();
+    assert!(e.contains("list.crl") && e.contains("cannot be parsed"), "{e}");
+}
+
+#[test]
+fn the_session_cache_forgets_sessions_past_their_timeout_and_the_oldest_when_full() {
+    let cache = SessionCache::new(2, Duration::from_secs(3600));
+    for key in [b"a", b"b", b"c"] {
+        assert!(cache.put(key.to_vec(), key.to_vec()));
+    }
+    assert_eq!(cache.get(b"a"), None, "the oldest session was evicted");
+    assert_eq!(cache.get(b"b"), Some(b"b".to_vec()));
+    assert_eq!(cache.take(b"c"), Some(b"c".to_vec()));
+    assert_eq!(cache.take(b"c"), None, "a taken session is gone");
+
+    let stale = SessionCache::new(8, Duration::ZERO);
+    stale.put(b"k".to_vec(), b"v".to_vec());
+    assert_eq!(stale.get(b"k"), None);
+    assert_eq!(stale.take(b"k"), None);
+}
+
+#[test]
+fn the_order_of_stored_sessions_stays_bounded_when_sessions_are_taken() {
+    let cache = SessionCache::new(4, Duration::from_secs(3600));
+    for i in 0..1000u32 {
+        let key = i.to_be_bytes().to_vec();
+        cache.put(key.clone(), key.clone());
+        assert!(cache.take(&key).is_some());
+    }
+    assert!(cache.lock().order.len() <= 8, "{}", cache.lock().order.len());
+}
+
+#[test]
+fn handshake_errors_are_classified_by_their_cause() {
+    use rustls::Error;
+    let cases = [
+        (Error::NoCertificatesPresented, HandshakeFailure::NoCertificate),
+        (
+            Error::InvalidCertificate(CertificateError::UnknownIssuer),
+            HandshakeFailure::UnknownCa,
+        ),
+        (
+            Error::InvalidCertificate(CertificateError::Expired),
+            HandshakeFailure::Expired,
+        ),
+        (
+            Error::InvalidCertificate(CertificateError::NotValidYet),
+            HandshakeFailure::NotYetValid,
+        ),
+        (
+            Error::InvalidCertificate(CertificateError::Revoked),
+            HandshakeFailure::Revoked,
+        ),
+        (
+            Error::InvalidCertificate(CertificateError::UnknownRevocationStatus),
+            HandshakeFailure::RevocationUnknown,
+        ),
+        (
+            Error::InvalidCertificate(CertificateError::InvalidPurpose),
+            HandshakeFailure::BadUsage,
+        ),
+        (
+            Error::InvalidCertificate(CertificateError::BadEncoding),
+            HandshakeFailure::BadCertificate,
+        ),
+        (Error::DecryptError, HandshakeFailure::Protocol),
+    ];
+    for (error, failure) in cases {
+        assert_eq!(classify(&error), failure, "{error:?}");
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, error);
+        assert_eq!(classify_io(&io), failure);
+    }
+    let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "tls handshake eof");
+    assert_eq!(classify_io(&eof), HandshakeFailure::Closed);
 }

@@ -70,7 +70,15 @@ pub struct TestServer {
 
 /// Binds a server from TOML text and spawns its `run`.
 pub async fn start(toml: &str) -> TestServer {
-    let config = Config::from_toml(toml, "<test>").expect("test config is valid");
+    start_config(Config::from_toml(toml, "<test>").expect("test config is valid")).await
+}
+
+/// Binds a server from a config file (so that it can reload it) and spawns its `run`.
+pub async fn start_file(path: &std::path::Path) -> TestServer {
+    start_config(Config::load(path).unwrap_or_else(|e| panic!("test config: {e}"))).await
+}
+
+async fn start_config(config: Config) -> TestServer {
     let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
     let server = Server::bind(config).await.expect("server binds");
     let addrs = names
@@ -96,6 +104,11 @@ pub async fn start(toml: &str) -> TestServer {
 }
 
 impl TestServer {
+    /// The current generation's state (`state` is the first one's).
+    pub fn current(&self) -> Arc<State> {
+        self.handle.state()
+    }
+
     /// The bound address of a listener.
     pub fn addr(&self, listener: &str) -> SocketAddr {
         self.addrs
