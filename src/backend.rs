@@ -46,7 +46,7 @@ pub async fn serve(socket: TcpListener, name: String, mode: Mode, stop: Cancella
                 tracker.spawn(async move {
                     let served = async {
                         // A balancer in front may announce the real client with a PROXY header.
-                        let via = crate::proxy_protocol::reader::read_header(&mut stream, PROXY_HEADER_DEADLINE)
+                        let via = crate::proxy_protocol::reader::read_header(&mut stream, tokio::time::Instant::now() + PROXY_HEADER_DEADLINE)
                             .await
                             .ok();
                         let (mut read, mut write) = stream.into_split();

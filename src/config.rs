@@ -24,6 +24,14 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upper bound on `[runtime] workers`.
 pub const MAX_WORKERS: usize = 1024;
+/// Default `[[listener]] idle_timeout`: a connection silent both ways this long is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default `[[listener]] max_handshakes_per_source`.
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: u32 = 32;
+/// Default `[rate_limit] ipv4_prefix`: an IPv4 client is its whole address.
+pub const DEFAULT_IPV4_PREFIX: u8 = 32;
+/// Default `[rate_limit] ipv6_prefix`: an IPv6 client is its /64 (what one host usually gets).
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 /// Default `[listener.tls] session_cache`: TLS sessions a listener remembers for resumption.
 pub const DEFAULT_SESSION_CACHE: usize = 256;
 /// Default `[listener.tls] session_timeout`: how long a session may be resumed.
@@ -65,6 +73,123 @@ pub struct Config {
     pub access_log: Option<AccessLogConfig>,
     /// `[reload]`: reloading by itself when a file changes.
     pub reload: ReloadConfig,
+    /// `max_connections`: open client connections for the whole process (the admin listener's
+    /// excepted); `None` derives the cap from the open-file limit when the server binds.
+    pub max_connections: Option<usize>,
+    /// `[rate_limit] ipv4_prefix` / `ipv6_prefix`: how much of a source address names a client
+    /// for every per-source key (rate limit, concurrency cap, handshake limit).
+    pub source_prefixes: SourcePrefixes,
+}
+
+/// The prefix lengths that make a source address a client key: an IPv6 client usually holds a
+/// whole /64, so keying on its full address would give it 2^64 keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourcePrefixes {
+    pub ipv4: u8,
+    pub ipv6: u8,
+}
+
+impl Default for SourcePrefixes {
+    fn default() -> Self {
+        SourcePrefixes {
+            ipv4: DEFAULT_IPV4_PREFIX,
+            ipv6: DEFAULT_IPV6_PREFIX,
+        }
+    }
+}
+
+impl SourcePrefixes {
+    /// `ip` masked to its prefix (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn mask(&self, ip: std::net::IpAddr) -> std::net::IpAddr {
+        use std::net::IpAddr;
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) & mask_bits::<u32>(self.ipv4)).into()),
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & mask_bits::<u128>(self.ipv6)).into()),
+        }
+    }
+}
+
+/// The netmask of `prefix` leading one bits, for a 32- or 128-bit address.
+fn mask_bits<T>(prefix: u8) -> T
+where
+    T: std::ops::Not<Output = T> + std::ops::Shr<u32, Output = T> + From<u8> + Copy,
+{
+    let bits = (std::mem::size_of::<T>() * 8) as u32;
+    let ones = !T::from(0u8);
+    match u32::from(prefix) {
+        0 => T::from(0u8),
+        p if p >= bits => ones,
+        p => !(ones >> p),
+    }
+}
+
+/// A network, `address/prefix`: one entry of `trusted_proxies`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpNet {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    /// Parses `10.0.0.0/8`, `::1/128` or a bare address (one host).
+    pub fn parse(text: &str) -> Result<IpNet, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let addr: std::net::IpAddr = addr
+            .parse()
+            .map_err(|_| "expected an address or address/prefix, e.g. 10.0.0.0/8 or ::1/128".to_string())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(p) if p <= max => p,
+                _ => return Err(format!("the prefix length must be 0 to {max}")),
+            },
+        };
+        Ok(IpNet { addr, prefix })
+    }
+
+    /// Whether `ip` is in this network (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let mask = SourcePrefixes {
+            ipv4: self.prefix,
+            ipv6: self.prefix,
+        };
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.addr.is_ipv4() && mask.mask(ip) == mask.mask(self.addr)
+    }
+}
+
+/// TCP keepalive on one leg of a connection, with `TCP_USER_TIMEOUT` to match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Silence before the first probe.
+    pub idle: Duration,
+    /// Between probes.
+    pub interval: Duration,
+    /// Unanswered probes before the connection is dropped.
+    pub count: u32,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive {
+            idle: Duration::from_secs(60),
+            interval: Duration::from_secs(10),
+            count: 6,
+        }
+    }
+}
+
+impl Keepalive {
+    /// `TCP_USER_TIMEOUT`: how long sent data may stay unacknowledged, the same budget the
+    /// probes give a silent peer (`idle + interval * count`), so that a peer that vanishes while
+    /// data is in flight is dropped as soon as one that vanishes while idle.
+    pub fn user_timeout(&self) -> Duration {
+        self.idle + self.interval * self.count
+    }
 }
 
 /// `[reload]`: whether fulcrum reloads by itself when the config file or a file it names changes.
@@ -117,6 +242,24 @@ pub struct ListenerConfig {
     /// Expect a PROXY protocol v1/v2 header from a trusted front; its source address is the
     /// client's for rate limits, logs and the header fulcrum sends on.
     pub accept_proxy_protocol: bool,
+    /// `trusted_proxies`: with `accept_proxy_protocol`, the fronts allowed to send a header; a
+    /// connection from anywhere else is refused before its header is read. Empty: any peer.
+    pub trusted_proxies: Vec<IpNet>,
+    /// No byte either way for this long closes the connection (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// After one side has sent FIN, the other direction may stay silent this long (`None`:
+    /// only `idle_timeout` applies).
+    pub half_closed_timeout: Option<Duration>,
+    /// A connection is closed at an age in `[max_lifetime - max_lifetime_jitter, max_lifetime]`.
+    pub max_lifetime: Option<Duration>,
+    pub max_lifetime_jitter: Duration,
+    /// TCP keepalive on the client leg (`None`: off).
+    pub tcp_keepalive: Option<Keepalive>,
+    /// Open connections on this listener at once; `None`: only the process cap applies.
+    pub max_connections: Option<usize>,
+    /// Connections from one source (its prefix) in the PROXY-header or TLS-handshake phase at
+    /// once.
+    pub max_handshakes_per_source: u32,
 }
 
 /// TLS settings of a listener. Paths are resolved against the config file's directory.
@@ -331,6 +474,8 @@ pub struct UpstreamConfig {
     pub proxy_protocol: Option<crate::proxy_protocol::Version>,
     /// Connect to backends over TLS (`[upstream.tls]`).
     pub tls: Option<UpstreamTlsConfig>,
+    /// TCP keepalive on the backend leg (`None`: off).
+    pub tcp_keepalive: Option<Keepalive>,
 }
 
 /// `[upstream.tls]`: TLS to the backends, verifying them. Paths resolve like the listener's.
@@ -556,6 +701,23 @@ struct RawConfig {
     rate_limit: Option<RawRateLimit>,
     access_log: Option<RawAccessLog>,
     reload: Option<RawReload>,
+    max_connections: Option<usize>,
+}
+
+/// `tcp_keepalive = false` (or `true`), or a table of its settings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawKeepalive {
+    Switch(bool),
+    Settings(RawKeepaliveSettings),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeepaliveSettings {
+    idle: Option<String>,
+    interval: Option<String>,
+    count: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -591,6 +753,14 @@ struct RawListener {
     reject_response: Option<String>,
     #[serde(default)]
     accept_proxy_protocol: bool,
+    trusted_proxies: Option<Vec<String>>,
+    idle_timeout: Option<String>,
+    half_closed_timeout: Option<String>,
+    max_lifetime: Option<String>,
+    max_lifetime_jitter: Option<String>,
+    tcp_keepalive: Option<RawKeepalive>,
+    max_connections: Option<usize>,
+    max_handshakes_per_source: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -618,6 +788,8 @@ struct RawRateLimit {
     #[serde(default)]
     clients: HashMap<String, u32>,
     shared: Option<RawSharedRateLimit>,
+    ipv4_prefix: Option<u8>,
+    ipv6_prefix: Option<u8>,
 }
 
 #[derive(Deserialize)]
@@ -656,6 +828,7 @@ struct RawUpstream {
     health_check: Option<RawHealthCheck>,
     proxy_protocol: Option<String>,
     tls: Option<RawUpstreamTls>,
+    tcp_keepalive: Option<RawKeepalive>,
 }
 
 #[derive(Deserialize)]
@@ -719,6 +892,10 @@ impl Validator<'_> {
             Some(text) => self.duration("drain_timeout", text)?,
             None => DEFAULT_DRAIN_TIMEOUT,
         };
+        let source_prefixes = match &raw.rate_limit {
+            Some(r) => self.source_prefixes(r)?,
+            None => SourcePrefixes::default(),
+        };
         let rate_limit = match raw.rate_limit {
             Some(r) => Some(self.rate_limit(r)?),
             None => None,
@@ -781,6 +958,67 @@ impl Validator<'_> {
                 (None, Some(global)) => Some(ListenerLimit::Global(global.policy.clone())),
                 (None, None) => None,
             };
+            let trusted_proxies = match &l.trusted_proxies {
+                None => Vec::new(),
+                Some(_) if !l.accept_proxy_protocol => {
+                    return Err(self.invalid(
+                        key("trusted_proxies"),
+                        "[..]",
+                        "only means something with accept_proxy_protocol = true",
+                    ))
+                }
+                Some(list) => list
+                    .iter()
+                    .map(|text| {
+                        IpNet::parse(text)
+                            .map_err(|reason| self.invalid(key("trusted_proxies"), text, reason))
+                    })
+                    .collect::<Result<_, _>>()?,
+            };
+            let idle_timeout = match &l.idle_timeout {
+                Some(text) => self.duration_or_off(&key("idle_timeout"), text)?,
+                None => Some(DEFAULT_IDLE_TIMEOUT),
+            };
+            let half_closed_timeout = match &l.half_closed_timeout {
+                Some(text) => self.duration_or_off(&key("half_closed_timeout"), text)?,
+                None => idle_timeout,
+            };
+            let max_lifetime = match &l.max_lifetime {
+                Some(text) => Some(self.duration(&key("max_lifetime"), text)?),
+                None => None,
+            };
+            let max_lifetime_jitter = match (&l.max_lifetime_jitter, max_lifetime) {
+                (None, Some(lifetime)) => lifetime / 10,
+                (None, None) => Duration::ZERO,
+                (Some(text), None) => {
+                    return Err(self.invalid(key("max_lifetime_jitter"), text, "needs max_lifetime"))
+                }
+                (Some(text), Some(lifetime)) => {
+                    let jitter = self
+                        .duration_or_off(&key("max_lifetime_jitter"), text)?
+                        .unwrap_or_default();
+                    if jitter > lifetime / 2 {
+                        return Err(self.invalid(
+                            key("max_lifetime_jitter"),
+                            text,
+                            "must be at most half of max_lifetime",
+                        ));
+                    }
+                    jitter
+                }
+            };
+            let tcp_keepalive = self.keepalive(&key("tcp_keepalive"), l.tcp_keepalive)?;
+            let max_connections = match l.max_connections {
+                Some(0) => return Err(self.invalid(key("max_connections"), 0, "must be at least 1")),
+                other => other,
+            };
+            let max_handshakes_per_source = match l.max_handshakes_per_source {
+                Some(0) => {
+                    return Err(self.invalid(key("max_handshakes_per_source"), 0, "must be at least 1"))
+                }
+                Some(n) => n,
+                None => DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            };
             listeners.push(ListenerConfig {
                 name: l.name,
                 bind,
@@ -791,6 +1029,14 @@ impl Validator<'_> {
                 rate_limit,
                 reject_response: l.reject_response.map(String::into_bytes),
                 accept_proxy_protocol: l.accept_proxy_protocol,
+                trusted_proxies,
+                idle_timeout,
+                half_closed_timeout,
+                max_lifetime,
+                max_lifetime_jitter,
+                tcp_keepalive,
+                max_connections,
+                max_handshakes_per_source,
             });
         }
         let mut authorization = Vec::with_capacity(raw.authorization.len());
@@ -821,6 +1067,10 @@ impl Validator<'_> {
             },
             None => ReloadConfig::default(),
         };
+        let max_connections = match raw.max_connections {
+            Some(0) => return Err(self.invalid("max_connections", 0, "must be at least 1")),
+            other => other,
+        };
         Ok(Config {
             origin: self.origin.to_string(),
             path: None,
@@ -833,7 +1083,46 @@ impl Validator<'_> {
             rate_limit,
             access_log,
             reload,
+            max_connections,
+            source_prefixes,
         })
+    }
+
+    fn source_prefixes(&self, r: &RawRateLimit) -> Result<SourcePrefixes, ConfigError> {
+        let prefix = |key: &str, value: Option<u8>, max: u8, default: u8| match value {
+            Some(p) if p == 0 || p > max => Err(self.invalid(key, p, format!("must be 1 to {max}"))),
+            Some(p) => Ok(p),
+            None => Ok(default),
+        };
+        Ok(SourcePrefixes {
+            ipv4: prefix("rate_limit.ipv4_prefix", r.ipv4_prefix, 32, DEFAULT_IPV4_PREFIX)?,
+            ipv6: prefix("rate_limit.ipv6_prefix", r.ipv6_prefix, 128, DEFAULT_IPV6_PREFIX)?,
+        })
+    }
+
+    /// `tcp_keepalive`: absent or `true` is on with defaults, `false` is off, a table overrides.
+    fn keepalive(&self, key: &str, raw: Option<RawKeepalive>) -> Result<Option<Keepalive>, ConfigError> {
+        let defaults = Keepalive::default();
+        match raw {
+            None | Some(RawKeepalive::Switch(true)) => Ok(Some(defaults)),
+            Some(RawKeepalive::Switch(false)) => Ok(None),
+            Some(RawKeepalive::Settings(t)) => {
+                let duration = |field: &str, text: &Option<String>, default| match text {
+                    Some(text) => self.duration(&format!("{key}.{field}"), text),
+                    None => Ok(default),
+                };
+                let count = match t.count {
+                    Some(0) => return Err(self.invalid(format!("{key}.count"), 0, "must be at least 1")),
+                    Some(n) => n,
+                    None => defaults.count,
+                };
+                Ok(Some(Keepalive {
+                    idle: duration("idle", &t.idle, defaults.idle)?,
+                    interval: duration("interval", &t.interval, defaults.interval)?,
+                    count,
+                }))
+            }
+        }
     }
 
     fn rate_limit(&self, r: RawRateLimit) -> Result<RateLimitConfig, ConfigError> {
@@ -1099,7 +1388,9 @@ impl Validator<'_> {
                 server_name: t.server_name,
             }),
         };
+        let tcp_keepalive = self.keepalive(&key("tcp_keepalive"), u.tcp_keepalive)?;
         Ok(UpstreamConfig {
+            tcp_keepalive,
             name: u.name.clone(),
             backends,
             connect_timeout,
@@ -1177,6 +1468,18 @@ impl Validator<'_> {
     fn socket_addr(&self, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
         text.parse()
             .map_err(|_| self.invalid(key, text, "expected ip:port, e.g. 127.0.0.1:8080 or [::1]:8080"))
+    }
+
+    /// A duration where zero (`"0s"`) means "off".
+    fn duration_or_off(&self, key: &str, text: &str) -> Result<Option<Duration>, ConfigError> {
+        let d = humantime::parse_duration(text).map_err(|e| {
+            self.invalid(
+                key,
+                text,
+                format!("{e} (expected e.g. \"30s\", \"1h\", or \"0s\" for off)"),
+            )
+        })?;
+        Ok((!d.is_zero()).then_some(d))
     }
 
     fn duration(&self, key: &str, text: &str) -> Result<Duration, ConfigError> {

@@ -38,12 +38,13 @@ use tracing::{debug, field, info, info_span, warn, Instrument, Span};
 use crate::accesslog::Entry;
 use crate::authz::Decision as Authz;
 use crate::balancer::Lease;
+use crate::caps::{InHandshake, Place};
 use crate::config::OnDown;
 use crate::health::probe::record;
 use crate::health::Source;
 use crate::metrics::{HandshakeFailure, Reason};
 use crate::net::{BackendStream, Origin};
-use crate::proxy::{relay_tcp, Progress, RelayError, Side};
+use crate::proxy::{relay_tcp, Progress, RelayError, Side, Timeout, Timeouts};
 use crate::proxy_protocol::SslInfo;
 use crate::ratelimit::{ClientKey, Decision as Limit, Permit};
 use crate::state::{Backend, Cut, Grant, Listener, Live, Registration, State, Upstream};
@@ -59,6 +60,7 @@ pub(crate) async fn handle(
     peer: SocketAddr,
     listener: Arc<Listener>,
     live: Arc<Live>,
+    place: Places,
     abort: CancellationToken,
 ) {
     let span = info_span!(
@@ -71,14 +73,48 @@ pub(crate) async fn handle(
     );
     let started = Instant::now();
     let _ = client.set_nodelay(true);
+    if let Some(settings) = &listener.tcp_keepalive {
+        let _ = crate::net::keepalive(&client, settings);
+    }
     let mut entry = Entry::new(&listener.name, peer);
     serve(client, peer, &listener, &live, &abort, started, &mut entry)
         .instrument(span)
         .await;
+    // The connection's places in the process's and the listener's caps, given back now.
+    drop(place);
     if let Some(log) = &listener.access_log {
         entry.duration = started.elapsed();
         log.send(entry);
     }
+}
+
+/// A connection's places in the process's and its listener's `max_connections`.
+pub(crate) type Places = (Place, Place);
+
+/// Takes the places a new connection of `listener` needs, or refuses it at once, before any
+/// handshake: counted (`max_connections`), logged (throttled) and written to the access log.
+pub(crate) fn take_places(
+    live: &Live,
+    state: &State,
+    listener: &Listener,
+    peer: SocketAddr,
+) -> Option<Places> {
+    let taken = listener
+        .open
+        .take(listener.max_connections.unwrap_or(usize::MAX))
+        .and_then(|in_listener| Some((live.open.take(state.max_connections)?, in_listener)));
+    if taken.is_none() {
+        let mut entry = Entry::new(&listener.name, peer);
+        let cap = match listener.max_connections {
+            Some(cap) if listener.open.get() >= cap => format!("listener max_connections ({cap})"),
+            _ => format!("process max_connections ({})", state.max_connections),
+        };
+        Refusal::new(Reason::MaxConnections, format_args!("{cap} reached")).record(listener, &mut entry);
+        if let Some(log) = &listener.access_log {
+            log.send(entry);
+        }
+    }
+    taken
 }
 
 /// A connection closed without being proxied: why, and the detail for the log line.
@@ -134,7 +170,9 @@ async fn serve(
     entry: &mut Entry,
 ) {
     let local = client.local_addr().unwrap_or(peer);
-    let peer = match front(&mut client, peer, listener, abort).await {
+    // One deadline for the PROXY header and the TLS handshake together.
+    let deadline = tokio::time::Instant::from_std(started) + listener.handshake_timeout;
+    let peer = match front(&mut client, peer, listener, deadline, abort).await {
         Some(Ok(peer)) => peer,
         Some(Err(refusal)) => return refusal.record(listener, entry),
         None => return,
@@ -144,7 +182,7 @@ async fn serve(
         entry.client = peer;
     }
     let who = Who {
-        key: ClientKey::from_ip(peer.ip()),
+        key: ClientKey::from_ip(listener.prefixes.mask(peer.ip())),
         addr: peer,
         local,
         registration: None,
@@ -154,7 +192,7 @@ async fn serve(
     let Some(tls) = &listener.tls else {
         return forward(client, listener, &listener.upstream, who, abort, started, entry).await;
     };
-    match admit(client, tls, listener, live, who, abort, entry).await {
+    match admit(client, tls, listener, live, who, deadline, abort, entry).await {
         Admission::Admitted(admitted) => {
             let Admitted {
                 client,
@@ -175,26 +213,56 @@ async fn serve(
     }
 }
 
-/// Phase 1: the PROXY header on listeners that accept one, whose source is then the client.
+/// Phase 1: the PROXY header on listeners that accept one, whose source is then the client:
+/// only from `trusted_proxies` when the listener names them (others are refused before a byte
+/// is read), else at most `max_handshakes_per_source` at once from one peer; by `deadline`.
 /// `None` when the drain deadline cut it short.
 async fn front(
     client: &mut TcpStream,
     peer: SocketAddr,
     listener: &Listener,
+    deadline: tokio::time::Instant,
     abort: &CancellationToken,
 ) -> Option<Result<SocketAddr, Refusal>> {
     if !listener.accept_proxy_protocol {
         return Some(Ok(peer));
     }
+    let _in_handshake = if listener.trusted_proxies.is_empty() {
+        match in_handshake(listener, peer) {
+            Ok(place) => Some(place),
+            Err(refusal) => return Some(Err(refusal)),
+        }
+    } else if listener.trusted_proxies.iter().any(|net| net.contains(peer.ip())) {
+        None
+    } else {
+        let detail = format_args!("{} is not in trusted_proxies", peer.ip());
+        return Some(Err(Refusal::new(Reason::UntrustedProxy, detail)));
+    };
     let header = tokio::select! {
         _ = abort.cancelled() => return None,
-        header = Box::pin(crate::proxy_protocol::reader::read_header(client, listener.handshake_timeout)) => header,
+        header = Box::pin(crate::proxy_protocol::reader::read_header(client, deadline)) => header,
     };
     Some(match header {
         // LOCAL or an unsupported family: the front's own connection, keep its address.
         Ok(header) => Ok(header.source.unwrap_or(peer)),
         Err(e) => Err(Refusal::new(Reason::ProxyHeader, e)),
     })
+}
+
+/// Counts the connection among `peer`'s source's connections in a handshake phase, or refuses
+/// it when `max_handshakes_per_source` already are.
+fn in_handshake(listener: &Listener, peer: SocketAddr) -> Result<InHandshake, Refusal> {
+    let source = listener.prefixes.mask(peer.ip());
+    listener
+        .handshakes
+        .enter(source, listener.max_handshakes_per_source)
+        .ok_or_else(|| {
+            let detail = format_args!(
+                "{} connections from {source} are already in their handshake",
+                listener.max_handshakes_per_source
+            );
+            Refusal::new(Reason::HandshakeLimit, detail)
+        })
 }
 
 /// Who the client is, as far as the phases after admission need to know.
@@ -238,21 +306,28 @@ enum Admission {
 /// Phase 2: handshake -> identity -> authorization, judged against the generation live once
 /// the handshake is done (not the one live at accept). An authorized mTLS connection is
 /// registered, so that a reload removing its access, or its certificate's expiry, closes it.
+#[allow(clippy::too_many_arguments)] // each is one thing the phase reads; a struct would only rename them
 async fn admit(
     client: TcpStream,
     tls: &ServerTls,
     listener: &Listener,
     live: &Live,
     mut who: Who,
+    deadline: tokio::time::Instant,
     abort: &CancellationToken,
     entry: &mut Entry,
 ) -> Admission {
+    let refused = |refusal, client| Admission::Refused { refusal, client };
+    // Counted until the handshake is over (this function returns).
+    let _in_handshake = match in_handshake(listener, who.addr) {
+        Ok(place) => place,
+        Err(refusal) => return refused(refusal, None),
+    };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
     let handshake = tokio::select! {
         _ = abort.cancelled() => return Admission::Aborted,
-        handshake = Box::pin(tokio::time::timeout(listener.handshake_timeout, acceptor.accept(client))) => handshake,
+        handshake = Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(client))) => handshake,
     };
-    let refused = |refusal, client| Admission::Refused { refusal, client };
     let client = match handshake {
         Ok(Ok(stream)) => Box::new(stream),
         Ok(Err(e)) => {
@@ -474,6 +549,14 @@ async fn forward<C: Transport>(
     Span::current().record("backend.addr", chosen.label.as_str());
     entry.backend = Some(chosen.label.clone());
     let mut progress = Progress::default();
+    let timeouts = Timeouts {
+        idle: listener.idle_timeout,
+        half_closed: listener.half_closed_timeout,
+        deadline: listener.max_lifetime.map(|max| {
+            let age = lifetime(max, listener.max_lifetime_jitter, random_unit());
+            tokio::time::Instant::from_std(started) + age
+        }),
+    };
     let end = relay(
         &mut client,
         &mut backend,
@@ -481,6 +564,7 @@ async fn forward<C: Transport>(
         &chosen,
         &who,
         abort,
+        timeouts,
         &mut progress,
     )
     .await;
@@ -566,6 +650,12 @@ pub(crate) enum End {
     AccessRevoked,
     /// The client's certificate expired (`close_on_expiry`).
     CertExpired,
+    /// No byte either way for `idle_timeout`.
+    IdleTimeout,
+    /// Half-closed, and the other direction silent for `half_closed_timeout`.
+    HalfClosedTimeout,
+    /// Older than `max_lifetime` (less its jitter).
+    MaxLifetime,
     /// Its backend was marked down with `on_down = "close"`.
     BackendDown,
     ClientReset,
@@ -581,6 +671,9 @@ impl End {
             End::DrainDeadline => "drain_deadline",
             End::AccessRevoked => "access_revoked",
             End::CertExpired => "cert_expired",
+            End::IdleTimeout => "idle_timeout",
+            End::HalfClosedTimeout => "half_closed_timeout",
+            End::MaxLifetime => "max_lifetime",
             End::BackendDown => "backend_down",
             End::ClientReset => "client_reset",
             End::ClientError => "client_error",
@@ -604,9 +697,25 @@ impl End {
     }
 }
 
+/// The age at which a connection is closed for `max_lifetime`: `max - jitter * unit`, `unit`
+/// uniform in [0, 1), so that connections opened together are closed over `jitter`, never after
+/// `max`.
+fn lifetime(max: Duration, jitter: Duration, unit: f64) -> Duration {
+    max.saturating_sub(jitter.mul_f64(unit.clamp(0.0, 1.0)))
+}
+
+/// A number uniform in [0, 1) that differs between connections (not for anything secret).
+fn random_unit() -> f64 {
+    use std::hash::BuildHasher;
+    let bits = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// Phase 5: relays until both sides end, or the drain deadline, the backend being marked down
-/// (`on_down = "close"`) or a revocation cuts it. A cut or a failed side resets the other, so
-/// neither mistakes it for a clean end.
+/// (`on_down = "close"`), a revocation, the certificate's expiry or one of `timeouts` cuts it.
+/// A cut or a failed side resets the other, so neither mistakes it for a clean end; a timeout
+/// closes both cleanly.
+#[allow(clippy::too_many_arguments)] // each is one thing the phase reads; a struct would only rename them
 async fn relay<C: Transport>(
     client: &mut C,
     backend: &mut BackendStream,
@@ -614,6 +723,7 @@ async fn relay<C: Transport>(
     chosen: &Backend,
     who: &Who,
     abort: &CancellationToken,
+    timeouts: Timeouts,
     progress: &mut Progress,
 ) -> End {
     // Taken after the dial: if the backend went down meanwhile, the signal has already fired.
@@ -645,13 +755,16 @@ async fn relay<C: Transport>(
     // Zero-copy between plain sockets, buffered through TLS.
     let result = match backend {
         BackendStream::Plain(plain) => match client.as_plain() {
-            Some(tcp) => relay_tcp(tcp, plain, progress, stop).await,
-            None => crate::proxy::relay(client, plain, progress, stop).await,
+            Some(tcp) => relay_tcp(tcp, plain, progress, stop, timeouts).await,
+            None => crate::proxy::relay(client, plain, progress, stop, timeouts).await,
         },
-        BackendStream::Tls(tls) => crate::proxy::relay(client, tls.as_mut(), progress, stop).await,
+        BackendStream::Tls(tls) => crate::proxy::relay(client, tls.as_mut(), progress, stop, timeouts).await,
     };
     match &result {
         Ok(()) => End::Closed,
+        Err(RelayError::TimedOut(Timeout::Idle)) => End::IdleTimeout,
+        Err(RelayError::TimedOut(Timeout::HalfClosed)) => End::HalfClosedTimeout,
+        Err(RelayError::TimedOut(Timeout::Lifetime)) => End::MaxLifetime,
         Err(RelayError::Cancelled) if abort.is_cancelled() => End::DrainDeadline,
         Err(RelayError::Cancelled) => {
             let _ = socket2::SockRef::from(client.tcp()).set_linger(Some(Duration::ZERO));
@@ -709,6 +822,23 @@ impl Transport for Box<TlsStream<TcpStream>> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn a_lifetime_lies_within_the_jitter_below_max_lifetime() {
+        let (max, jitter) = (Duration::from_secs(600), Duration::from_secs(60));
+        assert_eq!(super::lifetime(max, jitter, 0.0), max);
+        assert_eq!(super::lifetime(max, jitter, 0.5), Duration::from_secs(570));
+        assert!(super::lifetime(max, jitter, 0.999_999) > Duration::from_secs(540));
+        assert_eq!(
+            super::lifetime(max, jitter, 7.0),
+            Duration::from_secs(540),
+            "clamped"
+        );
+        let unit = super::random_unit();
+        assert!((0.0..1.0).contains(&unit), "{unit}");
+    }
+
     /// Every open connection is one task holding this future: its size is most of what an idle
     /// connection costs (issue: memory per idle connection on par with HAProxy's ~3.3 kB).
     #[tokio::test]
@@ -723,11 +853,13 @@ mod tests {
         let server = crate::Server::bind(config).await.expect("bind server");
         let listener = server.state().listener("a").cloned().expect("listener");
         let live = server.live();
+        let places = super::take_places(&live, &live.state(), &listener, addr).expect("places");
         let task = super::handle(
             client,
             addr,
             listener,
             live,
+            places,
             tokio_util::sync::CancellationToken::new(),
         );
         let size = std::mem::size_of_val(&task);

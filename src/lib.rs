@@ -22,6 +22,7 @@
 //! | [`tls`] | certificate loading and each listener's rustls configuration (TLS policy) |
 //! | [`proxy`] | the two-way byte relay with half-close and per-side errors |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2 headers: encoding and parsing (pure); [`proxy_protocol::reader`] reads one off a socket |
+//! | [`caps`] | caps on open connections (process, listener) and on handshakes per source; RAII places (pure) |
 //! | [`balancer`] | least-connections selection and the lease that is a connection's count (pure) |
 //! | [`authz`] | which identities may reach which upstreams, default deny (pure) |
 //! | [`identity`] | the client identity rule: verified leaf certificate -> name (pure) |
@@ -51,6 +52,7 @@ pub mod admin;
 pub mod authz;
 pub mod backend;
 pub mod balancer;
+pub mod caps;
 pub mod config;
 mod connection;
 pub mod demo;

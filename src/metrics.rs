@@ -22,16 +22,27 @@ pub enum Reason {
     RateLimited,
     /// `accept_proxy_protocol`: a missing, malformed or late PROXY protocol header.
     ProxyHeader,
+    /// The process's or the listener's `max_connections` was reached (closed before any
+    /// handshake).
+    MaxConnections,
+    /// `max_handshakes_per_source` connections from the client's source are already in the
+    /// PROXY-header or TLS-handshake phase.
+    HandshakeLimit,
+    /// `trusted_proxies`: a peer that is not a trusted front (refused before its header is read).
+    UntrustedProxy,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 9] = [
         Reason::ConnectFailed,
         Reason::NoHealthyBackend,
         Reason::TlsHandshake,
         Reason::Unauthorized,
         Reason::RateLimited,
         Reason::ProxyHeader,
+        Reason::MaxConnections,
+        Reason::HandshakeLimit,
+        Reason::UntrustedProxy,
     ];
 
     pub fn label(self) -> &'static str {
@@ -42,6 +53,9 @@ impl Reason {
             Reason::Unauthorized => "unauthorized",
             Reason::RateLimited => "rate_limited",
             Reason::ProxyHeader => "proxy_header",
+            Reason::MaxConnections => "max_connections",
+            Reason::HandshakeLimit => "handshake_limit",
+            Reason::UntrustedProxy => "untrusted_proxy",
         }
     }
 }

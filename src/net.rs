@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::config::BackendAddr;
+use crate::config::{BackendAddr, Keepalive};
 use crate::health::Failure;
 use crate::proxy_protocol::SslInfo;
 use crate::state::{Backend, Upstream};
@@ -61,6 +61,9 @@ pub(crate) async fn open(
         let mut stream = dial(&backend.addr, timeout)
             .await
             .map_err(|e| Failure::from_connect(e, timeout))?;
+        if let Some(settings) = &upstream.tcp_keepalive {
+            keepalive(&stream, settings).map_err(Failure::Io)?;
+        }
         if let Some(version) = upstream.proxy_protocol {
             let header = crate::proxy_protocol::encode(
                 version,
@@ -106,6 +109,26 @@ impl BackendStream {
             BackendStream::Tls(tls) => tls.get_ref().0,
         }
     }
+}
+
+/// Turns on TCP keepalive on `stream` as `settings` say, with `TCP_USER_TIMEOUT` to match, so a
+/// peer that vanished is noticed whether the connection is idle or has data in flight.
+pub(crate) fn keepalive(stream: &TcpStream, settings: &Keepalive) -> io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(settings.idle)
+        .with_interval(settings.interval)
+        .with_retries(settings.count);
+    socket.set_tcp_keepalive(&probes)?;
+    socket.set_tcp_user_timeout(Some(settings.user_timeout()))
+}
+
+/// This process's soft limit on open files (`Max open files` in `/proc/self/limits`), if it
+/// can be read and is not unlimited.
+pub(crate) fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// Whether `e` says this process is out of descriptors, buffers or memory (not the peer's fault).

@@ -20,6 +20,7 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -50,15 +51,64 @@ pub enum RelayError {
     Io { side: Side, source: io::Error },
     #[error("cancelled")]
     Cancelled,
+    #[error("{0:?} timeout")]
+    TimedOut(Timeout),
 }
 
-/// Copies client <-> backend until both directions have ended, an I/O error occurs, or `stop`
-/// completes (then [`RelayError::Cancelled`]).
+/// Which of [`Timeouts`] ended a relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timeout {
+    /// No byte either way for `idle`.
+    Idle,
+    /// After one direction ended, no byte for `half_closed`.
+    HalfClosed,
+    /// `deadline` passed.
+    Lifetime,
+}
+
+/// When a relay gives up on a connection that has gone quiet or old.
+///
+/// Cheap by construction: the relay notes the time only when it moved bytes, and keeps one
+/// timer that it re-arms lazily. When the timer fires early (bytes moved since it was set), it
+/// is set once to the new deadline, so a busy connection re-arms at most once per `idle`
+/// period, never per read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    /// No byte in either direction for this long ends the relay.
+    pub idle: Option<Duration>,
+    /// Once one direction has ended, the other may stay silent at most this long.
+    pub half_closed: Option<Duration>,
+    /// The relay ends at this instant, whatever moves.
+    pub deadline: Option<tokio::time::Instant>,
+}
+
+impl Timeouts {
+    /// The next instant a timeout is due, and which, for a relay last active at `last`.
+    fn due(&self, last: tokio::time::Instant, half_closed: bool) -> Option<(tokio::time::Instant, Timeout)> {
+        let quiet = match (half_closed, self.half_closed) {
+            (true, Some(half)) if self.idle.is_none_or(|idle| half < idle) => {
+                Some((half, Timeout::HalfClosed))
+            }
+            _ => self.idle.map(|idle| (idle, Timeout::Idle)),
+        };
+        let quiet = quiet.map(|(d, which)| (last + d, which));
+        match (quiet, self.deadline) {
+            (Some((at, which)), Some(end)) if at < end => Some((at, which)),
+            (_, Some(end)) => Some((end, Timeout::Lifetime)),
+            (quiet, None) => quiet,
+        }
+    }
+}
+
+/// Copies client <-> backend until both directions have ended, an I/O error occurs, `stop`
+/// completes (then [`RelayError::Cancelled`]) or one of `timeouts` is due
+/// ([`RelayError::TimedOut`]).
 pub async fn relay<C, B>(
     client: &mut C,
     backend: &mut B,
     progress: &mut Progress,
     stop: impl Future<Output = ()>,
+    timeouts: Timeouts,
 ) -> Result<(), RelayError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -69,6 +119,7 @@ where
         backend,
         progress,
         stop,
+        timeouts,
         Direction::default(),
         Direction::default(),
     )
@@ -82,10 +133,11 @@ pub fn relay_tcp<'a>(
     backend: &'a mut TcpStream,
     progress: &'a mut Progress,
     stop: impl Future<Output = ()> + 'a,
+    timeouts: Timeouts,
 ) -> impl Future<Output = Result<(), RelayError>> + 'a {
     let up = TcpDirection::Splice(splice::Direction::default());
     let down = TcpDirection::Splice(splice::Direction::default());
-    drive(client, backend, progress, stop, up, down)
+    drive(client, backend, progress, stop, timeouts, up, down)
 }
 
 /// Moves bytes one way, from `R` to `W`: buffered for any stream, spliced between TCP sockets.
@@ -99,20 +151,24 @@ trait Pump<R, W> {
     ) -> Poll<Result<(), DirectionError>>;
 }
 
-/// Polls both directions until both are done, one fails (blamed on its side) or `stop` fires.
+/// Polls both directions until both are done, one fails (blamed on its side), `stop` fires or a
+/// timeout is due.
 fn drive<'a, C, B>(
     client: &'a mut C,
     backend: &'a mut B,
     progress: &'a mut Progress,
     stop: impl Future<Output = ()> + 'a,
+    timeouts: Timeouts,
     mut up: impl Pump<C, B> + 'a,
     mut down: impl Pump<B, C> + 'a,
 ) -> impl Future<Output = Result<(), RelayError>> + 'a {
     let mut stop = Box::pin(stop);
+    let mut clock = Clock::default();
     poll_fn(move |cx| {
         if stop.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(RelayError::Cancelled));
         }
+        let before = progress.client_to_backend + progress.backend_to_client;
         let up_done = match up.poll(cx, &mut *client, &mut *backend, &mut progress.client_to_backend) {
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e.blame(Side::Client, Side::Backend))),
             Poll::Ready(Ok(())) => true,
@@ -124,11 +180,59 @@ fn drive<'a, C, B>(
             Poll::Pending => false,
         };
         if up_done && down_done {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok(()));
         }
+        let moved = progress.client_to_backend + progress.backend_to_client != before;
+        clock
+            .poll(cx, &timeouts, moved, up_done || down_done)
+            .map(|timeout| Err(RelayError::TimedOut(timeout)))
     })
+}
+
+/// A relay's sense of time: when it last moved bytes, and its one timer.
+#[derive(Default)]
+struct Clock {
+    /// When bytes last moved or a direction ended (`None`: not since the relay started).
+    last: Option<tokio::time::Instant>,
+    half_closed: bool,
+    /// Set at the first poll that needs it; re-armed lazily (see [`Timeouts`]).
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Clock {
+    /// Notes activity, and completes with the timeout that is due, if one is.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        timeouts: &Timeouts,
+        moved: bool,
+        half_closed: bool,
+    ) -> Poll<Timeout> {
+        if moved || half_closed != self.half_closed || self.last.is_none() {
+            self.last = Some(tokio::time::Instant::now());
+            self.half_closed = half_closed;
+        }
+        let Some(last) = self.last else {
+            return Poll::Pending;
+        };
+        let Some((at, which)) = timeouts.due(last, half_closed) else {
+            return Poll::Pending;
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if timer.deadline() > at {
+            timer.as_mut().reset(at);
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            if tokio::time::Instant::now() >= at {
+                return Poll::Ready(which);
+            }
+            // Fired for an older deadline: bytes moved since. Once more, to the current one.
+            timer.as_mut().reset(at);
+        }
+        Poll::Pending
+    }
 }
 
 /// One direction between TCP sockets: spliced, or buffered once splicing is not possible.

@@ -32,6 +32,14 @@ pub enum Limiter {
 }
 
 impl Limiter {
+    /// The limiter that counts open connections (`max_concurrent`) in this instance.
+    pub fn open_counts(&self) -> &RateLimiter {
+        match self {
+            Limiter::Local(local) => local,
+            Limiter::Cluster(cluster) => cluster.concurrency(),
+        }
+    }
+
     /// Decides whether `key` may open a connection now. A cluster limiter may wait for one Redis
     /// round trip, never longer than the configured `timeout`.
     pub async fn check(&self, key: &ClientKey) -> Decision {

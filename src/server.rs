@@ -440,17 +440,11 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = MIN_BACKOFF;
-                let Some(listener) = live.state().listener(&name).cloned() else {
+                let state = live.state();
+                let Some(listener) = state.listener(&name) else {
                     break; // removed by a reload; its loop is being stopped
                 };
-                listener.accepted.inc();
-                tracker.spawn(crate::connection::handle(
-                    stream,
-                    peer,
-                    listener,
-                    Arc::clone(&live),
-                    abort.clone(),
-                ));
+                serve(stream, peer, listener, &state, &live, &tracker, &abort);
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 warn!(listener = %name, error = %e, ?backoff, "accept failed: out of resources, backing off");
@@ -467,6 +461,30 @@ async fn accept_loop(
     debug!(listener = %name, "accept loop stopped");
 }
 
+/// Counts an accepted connection and spawns its task, or, over a `max_connections` cap, refuses
+/// it at once (no task, no handshake).
+fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: &Arc<Listener>,
+    state: &State,
+    live: &Arc<Live>,
+    tracker: &TaskTracker,
+    abort: &CancellationToken,
+) {
+    listener.accepted.inc();
+    if let Some(places) = crate::connection::take_places(live, state, listener, peer) {
+        tracker.spawn(crate::connection::handle(
+            stream,
+            peer,
+            Arc::clone(listener),
+            Arc::clone(live),
+            places,
+            abort.clone(),
+        ));
+    }
+}
+
 /// Serves the connections the kernel already completed on `socket`, which closing it would
 /// reset. With SO_REUSEPORT another process may be serving the same port (an upgrade); closing
 /// right after this leaves only connections completed in between to the kernel (moved to a
@@ -478,7 +496,8 @@ fn take_backlog(
     tracker: &TaskTracker,
     abort: &CancellationToken,
 ) {
-    let Some(listener) = live.state().listener(name).cloned() else {
+    let state = live.state();
+    let Some(listener) = state.listener(name) else {
         return; // removed by a reload: nothing left to serve its clients with
     };
     let Ok(socket) = socket.into_std() else {
@@ -491,16 +510,7 @@ fn take_backlog(
             Ok((TcpStream::from_std(stream)?, peer))
         });
         match accepted {
-            Ok((stream, peer)) => {
-                listener.accepted.inc();
-                tracker.spawn(crate::connection::handle(
-                    stream,
-                    peer,
-                    Arc::clone(&listener),
-                    Arc::clone(live),
-                    abort.clone(),
-                ));
-            }
+            Ok((stream, peer)) => serve(stream, peer, listener, &state, live, tracker, abort),
             Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
             Err(_) => break, // empty (WouldBlock) or out of resources: close now
         }

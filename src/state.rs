@@ -75,6 +75,10 @@ pub struct State {
     pub(crate) upstreams: Vec<Arc<Upstream>>,
     /// How long open connections may run after shutdown starts.
     pub(crate) drain_timeout: Duration,
+    /// Cap on open client connections for the whole process.
+    pub max_connections: usize,
+    /// The global rate limiter, if any: a reload takes over its counts.
+    pub(crate) global_limiter: Option<Limiter>,
     /// `[reload]`: whether (and how) this generation's files are watched.
     pub(crate) reload: crate::config::ReloadConfig,
     /// The files this generation was built from (the config file and every file it names).
@@ -111,7 +115,28 @@ pub struct Listener {
     pub accept_proxy_protocol: bool,
     pub authorization: Arc<Authorization>,
     pub limiter: Option<Limiter>,
+    /// `limiter` when it is this listener's own (`[listener.rate_limit]`): a reload takes over
+    /// its counts.
+    pub(crate) own_limiter: Option<crate::ratelimit::RateLimiter>,
     pub reject_response: Option<Vec<u8>>,
+    /// With `accept_proxy_protocol`: the fronts allowed to send a header (empty: any).
+    pub trusted_proxies: Vec<crate::config::IpNet>,
+    /// When a quiet, half-closed or old connection is closed (see [`crate::proxy::Timeouts`]).
+    pub idle_timeout: Option<Duration>,
+    pub half_closed_timeout: Option<Duration>,
+    pub max_lifetime: Option<Duration>,
+    pub max_lifetime_jitter: Duration,
+    /// TCP keepalive on the client leg.
+    pub tcp_keepalive: Option<crate::config::Keepalive>,
+    /// Cap on this listener's open connections (`None`: only the process cap).
+    pub max_connections: Option<usize>,
+    pub max_handshakes_per_source: u32,
+    /// How much of a source address is one client.
+    pub prefixes: crate::config::SourcePrefixes,
+    /// Open connections of this listener (carried over reloads with the name).
+    pub open: Arc<crate::caps::Gauge>,
+    /// Connections in their PROXY-header or TLS-handshake phase, per source (carried over too).
+    pub handshakes: Arc<crate::caps::Handshakes>,
     /// How certificates become identities (`identity_from_cn`).
     pub identity_rule: crate::identity::Rule,
     /// Close mTLS connections when their client certificate expires (`close_on_expiry`).
@@ -175,6 +200,8 @@ pub struct Upstream {
     pub proxy_protocol: Option<crate::proxy_protocol::Version>,
     /// TLS to the backends, and the name to verify (default: the backend's host).
     pub tls: Option<(Arc<rustls::ClientConfig>, Option<String>)>,
+    /// TCP keepalive on the backend leg.
+    pub tcp_keepalive: Option<crate::config::Keepalive>,
 }
 
 /// One backend's address, counters and health. Its active count lives in the pool, at `slot`.
@@ -249,6 +276,7 @@ impl Upstream {
             health_check: config.health_check.clone(),
             proxy_protocol: config.proxy_protocol,
             tls: tls.map(|c| (c, config.tls.as_ref().and_then(|t| t.server_name.clone()))),
+            tcp_keepalive: config.tcp_keepalive,
         }
     }
 
@@ -331,6 +359,8 @@ pub struct Live {
     current: Mutex<Arc<State>>,
     /// Open mTLS connections, over every generation.
     pub(crate) registry: Arc<Registry>,
+    /// Open client connections of the process, over every generation.
+    pub open: Arc<crate::caps::Gauge>,
     /// The file to re-read on reload, if the config came from one.
     pub(crate) path: Option<PathBuf>,
 }
@@ -340,6 +370,7 @@ impl Live {
         Live {
             current: Mutex::new(Arc::new(state)),
             registry: Arc::default(),
+            open: Arc::default(),
             path,
         }
     }

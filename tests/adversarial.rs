@@ -14,6 +14,8 @@
 
 mod common;
 
+use common::cpu_time;
+
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -95,24 +97,6 @@ async fn wait_for_sockets(pid: &str, baseline: usize) {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-/// CPU time (user + system) process `pid` has used so far.
-fn cpu_time(pid: &str) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
-    // Fields after the command name (which may hold spaces) start at field 3; utime and stime
-    // are fields 14 and 15, in clock ticks.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .expect("stat has a command name")
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    // SAFETY: sysconf has no preconditions.
-    #[allow(unsafe_code)]
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_millis(ticks * 1000 / per_second)
 }
 
 /// CPU used and wall time elapsed since a [`CpuWindow::open`], for a spin detector.
@@ -205,6 +189,8 @@ async fn assert_reset(stream: &mut TcpStream, side: &str) {
 
 /// A mTLS listener `main` (handshake deadline `handshake_timeout`) in front of `backend`, with
 /// `alice` authorized.
+/// Every client of these tests comes from 127.0.0.1: the per-source handshake limit (tested in
+/// tests/limits.rs) is lifted so that the deadlines are what ends the silent ones.
 fn mtls_config(pki: &Pki, backend: SocketAddr, handshake_timeout: &str) -> String {
     format!(
         r#"
@@ -213,6 +199,7 @@ name = "main"
 bind = "127.0.0.1:0"
 upstream = "pool"
 handshake_timeout = "{handshake_timeout}"
+max_handshakes_per_source = 100000
 {tls}
 [[upstream]]
 name = "pool"
@@ -508,12 +495,15 @@ fn fifty_concurrent_resets_on_either_side_reach_the_other_side_as_aborts_with_ex
     });
 }
 
-/// `head` (top-level keys and tables), then a plain listener `main` and a TLS listener `hold`
-/// with a one-minute handshake deadline, both in front of `backend`. A `hold` client that never
-/// finishes its handshake costs the child exactly one descriptor.
+/// `head` (top-level tables), then a plain listener `main` and a TLS listener `hold` with a
+/// one-minute handshake deadline, both in front of `backend`. A `hold` client that never
+/// finishes its handshake costs the child exactly one descriptor. The connection caps that
+/// refuse clients before the descriptor table is full (tested in tests/limits.rs) are lifted:
+/// these tests are about what happens when it is.
 fn hold_config(head: &str, pki: &Pki, backend: SocketAddr) -> String {
     format!(
-        r#"{head}
+        r#"max_connections = 1000000
+{head}
 [[listener]]
 name = "main"
 bind = "127.0.0.1:0"
@@ -524,6 +514,7 @@ name = "hold"
 bind = "127.0.0.1:0"
 upstream = "pool"
 handshake_timeout = "1m"
+max_handshakes_per_source = 100000
 [listener.tls]
 cert = {cert}
 key = {key}

@@ -61,9 +61,8 @@ fn access_log(pki: &Pki) -> PathBuf {
 
 /// `(identity, outcome)` of every access log entry written so far.
 fn outcomes(pki: &Pki) -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(access_log(pki)).unwrap_or_default();
-    text.lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+    common::access_log(&access_log(pki))
+        .iter()
         .map(|v| {
             (
                 v["identity"].as_str().unwrap_or_default().to_string(),

@@ -780,3 +780,130 @@ fn files_lists_the_config_file_and_every_file_it_names_once() {
         ]
     );
 }
+
+const ONE: &str = "[[upstream]]\nname='u'\nbackends=['127.0.0.1:1']\n";
+
+fn listener(keys: &str) -> Result<Config, ConfigError> {
+    Config::from_toml(
+        &format!("[[listener]]\nname='a'\nbind='127.0.0.1:0'\nupstream='u'\n{keys}\n{ONE}"),
+        "t",
+    )
+}
+
+#[test]
+fn connection_bounds_default_to_an_hour_of_idle_keepalive_on_and_no_lifetime() {
+    let config = listener("").expect("valid");
+    let l = &config.listeners[0];
+    assert_eq!(
+        (l.idle_timeout, l.half_closed_timeout),
+        (Some(DEFAULT_IDLE_TIMEOUT), Some(DEFAULT_IDLE_TIMEOUT))
+    );
+    assert_eq!((l.max_lifetime, l.max_lifetime_jitter), (None, Duration::ZERO));
+    assert_eq!(l.tcp_keepalive, Some(Keepalive::default()));
+    assert_eq!(config.upstreams[0].tcp_keepalive, Some(Keepalive::default()));
+    assert_eq!((l.max_connections, config.max_connections), (None, None));
+    assert_eq!(l.max_handshakes_per_source, DEFAULT_MAX_HANDSHAKES_PER_SOURCE);
+    assert_eq!(config.source_prefixes, SourcePrefixes { ipv4: 32, ipv6: 64 });
+    assert_eq!(Keepalive::default().user_timeout(), Duration::from_secs(120));
+}
+
+#[test]
+fn connection_bounds_load_typed_and_zero_turns_a_timeout_off() {
+    let config = listener(
+        "idle_timeout = '0s'\nhalf_closed_timeout = '30s'\nmax_lifetime = '1h'\nmax_connections = 9\n\
+         max_handshakes_per_source = 4\ntcp_keepalive = { idle = '30s', count = 2 }\n",
+    )
+    .expect("valid");
+    let l = &config.listeners[0];
+    assert_eq!(
+        (l.idle_timeout, l.half_closed_timeout),
+        (None, Some(Duration::from_secs(30)))
+    );
+    assert_eq!(
+        (l.max_lifetime, l.max_lifetime_jitter),
+        (Some(Duration::from_secs(3600)), Duration::from_secs(360))
+    );
+    assert_eq!((l.max_connections, l.max_handshakes_per_source), (Some(9), 4));
+    let keepalive = l.tcp_keepalive.expect("on");
+    assert_eq!(
+        (keepalive.idle, keepalive.interval, keepalive.count),
+        (Duration::from_secs(30), Duration::from_secs(10), 2)
+    );
+    assert_eq!(
+        listener("tcp_keepalive = false").expect("valid").listeners[0].tcp_keepalive,
+        None
+    );
+}
+
+#[test]
+fn bad_connection_bounds_are_refused_naming_the_key() {
+    for (keys, key, why) in [
+        (
+            "max_lifetime = '1h'\nmax_lifetime_jitter = '31m'",
+            "max_lifetime_jitter",
+            "at most half",
+        ),
+        (
+            "max_lifetime_jitter = '1m'",
+            "max_lifetime_jitter",
+            "needs max_lifetime",
+        ),
+        ("max_connections = 0", "max_connections", "at least 1"),
+        (
+            "max_handshakes_per_source = 0",
+            "max_handshakes_per_source",
+            "at least 1",
+        ),
+        (
+            "trusted_proxies = ['10.0.0.0/8']",
+            "trusted_proxies",
+            "accept_proxy_protocol",
+        ),
+        (
+            "accept_proxy_protocol = true\ntrusted_proxies = ['10.0.0.0/33']",
+            "trusted_proxies",
+            "0 to 32",
+        ),
+        ("idle_timeout = 'soon'", "idle_timeout", "expected"),
+        (
+            "tcp_keepalive = { count = 0 }",
+            "tcp_keepalive.count",
+            "at least 1",
+        ),
+    ] {
+        let e = listener(keys).expect_err(keys).to_string();
+        assert!(e.contains(key) && e.contains(why), "{keys}: {e}");
+    }
+    let e = Config::from_toml(
+        &format!("max_connections = 0\n[[listener]]\nname='a'\nbind='127.0.0.1:0'\nupstream='u'\n{ONE}"),
+        "t",
+    )
+    .expect_err("zero")
+    .to_string();
+    assert!(e.contains("max_connections"), "{e}");
+    let e = listener("[rate_limit]\ncapacity = 1\nwindow = '1s'\nipv6_prefix = 129")
+        .expect_err("prefix")
+        .to_string();
+    assert!(
+        e.contains("rate_limit.ipv6_prefix") && e.contains("1 to 128"),
+        "{e}"
+    );
+}
+
+#[test]
+fn source_prefixes_mask_addresses_and_trusted_proxies_match_networks() {
+    let prefixes = SourcePrefixes { ipv4: 24, ipv6: 64 };
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    assert_eq!(prefixes.mask(ip("192.0.2.77")), ip("192.0.2.0"));
+    assert_eq!(prefixes.mask(ip("::ffff:192.0.2.77")), ip("192.0.2.0"));
+    assert_eq!(prefixes.mask(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
+    assert_eq!(SourcePrefixes::default().mask(ip("192.0.2.77")), ip("192.0.2.77"));
+    let net = IpNet::parse("10.0.0.0/8").unwrap();
+    assert!(net.contains(ip("10.200.3.4")) && net.contains(ip("::ffff:10.0.0.1")));
+    assert!(!net.contains(ip("11.0.0.1")) && !net.contains(ip("::1")));
+    let host = IpNet::parse("::1").unwrap();
+    assert_eq!(host.prefix, 128);
+    assert!(host.contains(ip("::1")) && !host.contains(ip("::2")));
+    assert!(IpNet::parse("0.0.0.0/0").unwrap().contains(ip("203.0.113.9")));
+    assert!(IpNet::parse("10.0.0.0/x").is_err() && IpNet::parse("ten").is_err());
+}

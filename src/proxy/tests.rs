@@ -12,6 +12,7 @@ async fn bytes_flow_both_ways_and_half_close_propagates() {
             &mut backend_far,
             &mut progress,
             std::future::pending(),
+            Timeouts::default(),
         )
         .await;
         (result.is_ok(), progress)
@@ -46,9 +47,15 @@ async fn cancellation_ends_the_relay_and_keeps_the_counts() {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let mut progress = Progress::default();
-        let result = relay(&mut client_far, &mut backend_far, &mut progress, async {
-            let _ = rx.await;
-        })
+        let result = relay(
+            &mut client_far,
+            &mut backend_far,
+            &mut progress,
+            async {
+                let _ = rx.await;
+            },
+            Timeouts::default(),
+        )
         .await;
         (result, progress)
     });
@@ -80,6 +87,7 @@ async fn spliced_tcp_relay_moves_a_mebibyte_each_way_with_half_close() {
             &mut backend_far,
             &mut progress,
             std::future::pending(),
+            Timeouts::default(),
         )
         .await;
         (result.is_ok(), progress)
@@ -134,6 +142,7 @@ async fn a_reset_on_one_tcp_side_is_reported_against_that_side() {
         &mut backend_far,
         &mut progress,
         std::future::pending(),
+        Timeouts::default(),
     )
     .await;
     assert!(
@@ -146,4 +155,113 @@ async fn a_reset_on_one_tcp_side_is_reported_against_that_side() {
         ),
         "{result:?}"
     );
+}
+
+#[test]
+fn the_due_timeout_is_the_earliest_of_quiet_and_lifetime_and_half_closed_only_when_shorter() {
+    let t0 = tokio::time::Instant::now();
+    let s = Duration::from_secs;
+    let timeouts = Timeouts {
+        idle: Some(s(60)),
+        half_closed: Some(s(10)),
+        deadline: Some(t0 + s(30)),
+    };
+    assert_eq!(timeouts.due(t0, false), Some((t0 + s(30), Timeout::Lifetime)));
+    assert_eq!(timeouts.due(t0, true), Some((t0 + s(10), Timeout::HalfClosed)));
+    let no_lifetime = Timeouts {
+        deadline: None,
+        ..timeouts
+    };
+    assert_eq!(no_lifetime.due(t0, false), Some((t0 + s(60), Timeout::Idle)));
+    let longer_half = Timeouts {
+        half_closed: Some(s(600)),
+        ..no_lifetime
+    };
+    assert_eq!(longer_half.due(t0, true), Some((t0 + s(60), Timeout::Idle)));
+    assert_eq!(Timeouts::default().due(t0, true), None);
+}
+
+/// A relay between two duplex pipes with `timeouts`, on paused time; the test keeps both far
+/// ends and gets the relay's result.
+fn paused_relay(
+    timeouts: Timeouts,
+) -> (
+    tokio::io::DuplexStream,
+    tokio::io::DuplexStream,
+    tokio::task::JoinHandle<Result<(), RelayError>>,
+) {
+    let (client, mut client_far) = tokio::io::duplex(64);
+    let (backend, mut backend_far) = tokio::io::duplex(64);
+    let task = tokio::spawn(async move {
+        let mut progress = Progress::default();
+        relay(
+            &mut client_far,
+            &mut backend_far,
+            &mut progress,
+            std::future::pending(),
+            timeouts,
+        )
+        .await
+    });
+    (client, backend, task)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quiet_relay_ends_at_idle_and_traffic_pushes_the_deadline_back() {
+    let idle = Duration::from_secs(60);
+    let started = tokio::time::Instant::now();
+    let (mut client, mut backend, task) = paused_relay(Timeouts {
+        idle: Some(idle),
+        ..Timeouts::default()
+    });
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        client.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        backend.read_exact(&mut got).await.unwrap();
+    }
+    let result = task.await.unwrap();
+    assert!(
+        matches!(result, Err(RelayError::TimedOut(Timeout::Idle))),
+        "{result:?}"
+    );
+    // Last bytes at 120 s, so the end at 180 s.
+    assert_eq!(started.elapsed().as_secs(), 180);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_half_closed_relay_ends_at_half_closed_and_a_lifetime_ends_a_busy_one() {
+    let started = tokio::time::Instant::now();
+    let (mut client, _backend, task) = paused_relay(Timeouts {
+        idle: Some(Duration::from_secs(3600)),
+        half_closed: Some(Duration::from_secs(5)),
+        deadline: None,
+    });
+    client.shutdown().await.unwrap();
+    let result = task.await.unwrap();
+    assert!(
+        matches!(result, Err(RelayError::TimedOut(Timeout::HalfClosed))),
+        "{result:?}"
+    );
+    assert_eq!(started.elapsed().as_secs(), 5);
+
+    let started = tokio::time::Instant::now();
+    let (mut client, mut backend, task) = paused_relay(Timeouts {
+        idle: Some(Duration::from_secs(10)),
+        half_closed: None,
+        deadline: Some(started + Duration::from_secs(25)),
+    });
+    let busy = tokio::spawn(async move {
+        let mut got = [0u8; 1];
+        while client.write_all(b"x").await.is_ok() && backend.read_exact(&mut got).await.is_ok() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let result = task.await.unwrap();
+    assert!(
+        matches!(result, Err(RelayError::TimedOut(Timeout::Lifetime))),
+        "{result:?}"
+    );
+    assert_eq!(started.elapsed().as_secs(), 25);
+    busy.abort();
 }

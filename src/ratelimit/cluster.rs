@@ -72,7 +72,10 @@ pub fn redis_client(shared: &SharedRateLimitConfig) -> Result<redis::Client, Red
 
 /// The cluster-wide limiter: local shares of each client's window, claimed from Redis.
 pub struct ClusterLimiter {
-    core: Shares,
+    /// Shared with the limiter this one replaced on a reload when the policy and key prefix
+    /// stayed the same (the local shares are still good).
+    core: Arc<Shares>,
+    policy: RateLimitPolicy,
     window: Duration,
     on_unavailable: OnUnavailable,
     /// The per-instance limiter, used when Redis is unavailable and `on_unavailable = "local"`.
@@ -110,16 +113,20 @@ struct Health {
 
 impl ClusterLimiter {
     /// Builds the limiter for `policy` counted through `shared` with `client` (see
-    /// [`redis_client`]).
-    /// Does no I/O: Redis is dialed by the first connection that needs a claim.
+    /// [`redis_client`]), taking over from `previous` (the limiter a reload replaces): its open
+    /// connection counts always, its local shares and fallback counts when the policy and key
+    /// prefix are the same. Does no I/O: Redis is dialed by the first connection that needs a
+    /// claim.
     pub fn new(
         policy: RateLimitPolicy,
         shared: &SharedRateLimitConfig,
         client: redis::Client,
         epoch: Instant,
         errors: Arc<Counter>,
+        previous: Option<&ClusterLimiter>,
     ) -> Self {
-        let concurrency = RateLimiter::new(
+        let concurrency = RateLimiter::carry_over(
+            previous.map(|p| &p.concurrency),
             RateLimitPolicy {
                 capacity: u32::MAX,
                 overrides: Default::default(),
@@ -127,16 +134,22 @@ impl ClusterLimiter {
             },
             epoch,
         );
-        ClusterLimiter {
-            core: Shares::new(
+        let same = previous.filter(|p| p.policy == policy && p.redis.prefix == shared.key_prefix);
+        let core = match same {
+            Some(previous) => Arc::clone(&previous.core),
+            None => Arc::new(Shares::new(
                 policy.capacity,
                 policy.window,
                 policy.overrides.clone(),
                 policy.max_clients,
-            ),
+            )),
+        };
+        ClusterLimiter {
+            core,
             window: policy.window,
             on_unavailable: shared.on_unavailable,
-            fallback: RateLimiter::new(policy, epoch),
+            fallback: RateLimiter::carry_over(previous.map(|p| &p.fallback), policy.clone(), epoch),
+            policy,
             concurrency,
             redis: Redis {
                 client,
@@ -191,6 +204,11 @@ impl ClusterLimiter {
                 }
             },
         }
+    }
+
+    /// The limiter counting open connections (`max_concurrent`), per instance.
+    pub fn concurrency(&self) -> &RateLimiter {
+        &self.concurrency
     }
 
     /// Whether the last Redis round trip succeeded (true before the first).

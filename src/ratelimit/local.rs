@@ -312,6 +312,67 @@ impl RateLimiter {
         decision
     }
 
+    /// The limiter to use for `policy` after a reload. With the same policy as `previous`, that
+    /// very limiter: windows and counts go on as if there had been no reload. With another
+    /// policy, a new limiter whose windows start now but which takes over the open connections
+    /// `previous` counts (when both have `max_concurrent`), so a reload never frees a
+    /// concurrency slot that is still held.
+    pub fn carry_over(
+        previous: Option<&RateLimiter>,
+        policy: RateLimitPolicy,
+        epoch: Instant,
+    ) -> RateLimiter {
+        match previous {
+            Some(previous) if previous.inner.policy == policy => previous.clone(),
+            Some(previous) => {
+                let next = RateLimiter::new(policy, epoch);
+                next.adopt_open_counts(previous, epoch);
+                next
+            }
+            None => RateLimiter::new(policy, epoch),
+        }
+    }
+
+    /// Tracks every client that has connections open in `previous`, sharing its counter of
+    /// open connections (so the permits `previous` gave out release slots here too).
+    fn adopt_open_counts(&self, previous: &RateLimiter, now: Instant) {
+        let inner = &*self.inner;
+        if inner.policy.max_concurrent.is_none() {
+            return;
+        }
+        let window = inner.window_index(now);
+        for shard in previous.inner.shards.iter() {
+            let open: Vec<(ClientKey, Arc<AtomicU32>)> = lock(&shard.state)
+                .entries
+                .iter()
+                .filter_map(|(key, entry)| {
+                    let open = entry.open.as_ref()?;
+                    (open.load(Ordering::Acquire) > 0).then(|| (key.clone(), Arc::clone(open)))
+                })
+                .collect();
+            for (key, open) in open {
+                let target = inner.shard(&key);
+                let mut state = lock(&target.state);
+                if state.entries.len() >= target.limit {
+                    continue; // a smaller table: the clients that do not fit start uncounted
+                }
+                let mut entry = Entry::new(window, inner.capacity_for(&key), false);
+                entry.open = Some(open);
+                state.entries.insert(key, entry);
+            }
+        }
+    }
+
+    /// Open connections counted for `key` (0 if it is not tracked or nothing is capped).
+    pub fn open_connections(&self, key: &ClientKey) -> u32 {
+        let shard = self.inner.shard(key);
+        lock(&shard.state)
+            .entries
+            .get(key)
+            .and_then(|e| e.open.as_ref())
+            .map_or(0, |open| open.load(Ordering::Acquire))
+    }
+
     /// Number of client keys currently tracked (for tests and metrics).
     pub fn tracked_clients(&self) -> usize {
         self.inner

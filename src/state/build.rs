@@ -120,20 +120,29 @@ impl State {
         let epoch = Instant::now();
         let ratelimit_backend_errors =
             previous.map_or_else(Default::default, |p| Arc::clone(&p.ratelimit_backend_errors));
-        let global_limiter = config
-            .rate_limit
-            .as_ref()
-            .map(|r| match (&r.shared, loaded.redis) {
+        let global_limiter = config.rate_limit.as_ref().map(|r| {
+            // A reload takes over the counts (see `RateLimiter::carry_over`).
+            let previous = previous.and_then(|p| p.global_limiter.as_ref());
+            match (&r.shared, loaded.redis) {
                 (Some(shared), Some(client)) => Limiter::Cluster(Arc::new(ClusterLimiter::new(
                     r.policy.clone(),
                     shared,
                     client,
                     epoch,
                     Arc::clone(&ratelimit_backend_errors),
+                    previous.and_then(|l| match l {
+                        Limiter::Cluster(cluster) => Some(&**cluster),
+                        Limiter::Local(_) => None,
+                    }),
                 ))),
                 // `load` builds a client exactly when there is `[rate_limit.shared]`.
-                _ => Limiter::Local(RateLimiter::new(r.policy.clone(), epoch)),
-            });
+                _ => Limiter::Local(RateLimiter::carry_over(
+                    previous.map(Limiter::open_counts),
+                    r.policy.clone(),
+                    epoch,
+                )),
+            }
+        });
         // The access log is opened once, at start; a reload keeps it (changing it needs a restart).
         let access_log = match previous {
             Some(p) => p.access_log.clone(),
@@ -156,6 +165,16 @@ impl State {
                 .iter()
                 .find(|(n, _)| *n == l.name)
                 .map_or(l.bind, |(_, a)| *a);
+            let limiter = listener_limiter(
+                l.rate_limit.as_ref(),
+                global_limiter.as_ref(),
+                old.and_then(|o| o.own_limiter.as_ref()),
+                epoch,
+            );
+            let own_limiter = match (&l.rate_limit, &limiter) {
+                (Some(ListenerLimit::Own(_)), Some(Limiter::Local(own))) => Some(own.clone()),
+                _ => None,
+            };
             listeners.push(Arc::new(Listener {
                 name: l.name.clone(),
                 bind,
@@ -170,7 +189,8 @@ impl State {
                 handshake_timeout: l.handshake_timeout,
                 accept_proxy_protocol: l.accept_proxy_protocol,
                 authorization: Arc::clone(&authorization),
-                limiter: listener_limiter(l.rate_limit.as_ref(), global_limiter.as_ref(), epoch),
+                limiter,
+                own_limiter,
                 reject_response: l.reject_response.clone(),
                 accepted: old.map_or_else(Default::default, |o| Arc::clone(&o.accepted)),
                 rejected: old.map_or_else(Default::default, |o| Arc::clone(&o.rejected)),
@@ -179,6 +199,17 @@ impl State {
                     from_common_name: l.tls.as_ref().is_none_or(|t| t.identity_from_cn),
                 },
                 close_on_expiry: l.tls.as_ref().is_some_and(|t| t.close_on_expiry),
+                trusted_proxies: l.trusted_proxies.clone(),
+                idle_timeout: l.idle_timeout,
+                half_closed_timeout: l.half_closed_timeout,
+                max_lifetime: l.max_lifetime,
+                max_lifetime_jitter: l.max_lifetime_jitter,
+                tcp_keepalive: l.tcp_keepalive,
+                max_connections: l.max_connections,
+                max_handshakes_per_source: l.max_handshakes_per_source,
+                prefixes: config.source_prefixes,
+                open: old.map_or_else(Default::default, |o| Arc::clone(&o.open)),
+                handshakes: old.map_or_else(Default::default, |o| Arc::clone(&o.handshakes)),
                 reject_log: Default::default(),
                 access_log: access_log.clone(),
             }));
@@ -188,6 +219,10 @@ impl State {
             listeners,
             upstreams,
             drain_timeout: config.drain_timeout,
+            max_connections: config.max_connections.unwrap_or_else(|| {
+                crate::caps::default_max_connections(crate::net::open_file_limit().unwrap_or(1024))
+            }),
+            global_limiter,
             reload: config.reload.clone(),
             files: config.files(),
             loaded: loaded.fingerprint,
@@ -200,15 +235,21 @@ impl State {
     }
 }
 
-/// The limiter counting a listener's clients: the one global limiter, or one of its own.
+/// The limiter counting a listener's clients: the one global limiter, or one of its own (taking
+/// over the counts of `previous`, the listener's own limiter before the reload).
 fn listener_limiter(
     limit: Option<&ListenerLimit>,
     global: Option<&Limiter>,
+    previous: Option<&RateLimiter>,
     epoch: Instant,
 ) -> Option<Limiter> {
     match limit? {
         // Config validation gives a listener `Global` only when there is a `[rate_limit]`.
         ListenerLimit::Global(_) => global.cloned(),
-        ListenerLimit::Own(policy) => Some(Limiter::Local(RateLimiter::new(policy.clone(), epoch))),
+        ListenerLimit::Own(policy) => Some(Limiter::Local(RateLimiter::carry_over(
+            previous,
+            policy.clone(),
+            epoch,
+        ))),
     }
 }

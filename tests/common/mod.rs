@@ -171,6 +171,9 @@ pub enum Behavior {
     BannerThenEcho(Vec<u8>),
     /// Read one chunk, then reset the connection (SO_LINGER 0, then close).
     ResetAfterFirstRead,
+    /// Read and discard everything, never write, keep the connection open after the client's
+    /// end of stream.
+    Silent,
 }
 
 /// A backend on 127.0.0.1 that counts the connections it accepted.
@@ -251,6 +254,12 @@ async fn serve(stream: TcpStream, behavior: Behavior) -> io::Result<()> {
             let _ = stream.read(&mut buf).await?;
             reset(stream);
             Ok(())
+        }
+        Behavior::Silent => {
+            let mut stream = stream;
+            let mut buf = [0u8; 1024];
+            while stream.read(&mut buf).await? > 0 {}
+            std::future::pending().await
         }
     }
 }
@@ -477,4 +486,43 @@ pub fn strip_ansi(line: &str) -> String {
         }
     }
     out
+}
+
+/// Every entry of the access log at `path` so far, parsed (a line not yet complete is skipped).
+pub fn access_log(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+/// Waits until the access log at `path` holds `count` entries whose `outcome` is `outcome`.
+pub async fn wait_for_outcomes(path: &std::path::Path, outcome: &str, count: usize) {
+    wait_until(&format!("{count} access log entries ending {outcome}"), || {
+        access_log(path)
+            .iter()
+            .filter(|e| e["outcome"] == outcome)
+            .count()
+            == count
+    })
+    .await;
+}
+
+/// CPU time (user + system) process `pid` has used so far.
+pub fn cpu_time(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    // Fields after the command name (which may hold spaces) start at field 3; utime and stime
+    // are fields 14 and 15, in clock ticks.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("stat has a command name")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // SAFETY: sysconf has no preconditions.
+    #[allow(unsafe_code)]
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
 }

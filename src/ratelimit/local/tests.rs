@@ -344,3 +344,40 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn after_a_reload_with_the_same_policy_the_same_limiter_goes_on() {
+    let epoch = Instant::now();
+    let limiter = RateLimiter::new(policy(2, Some(5)), epoch);
+    let key = ClientKey::Identity("alice".into());
+    let _held = [limiter.check(&key, epoch), limiter.check(&key, epoch)];
+    let next = RateLimiter::carry_over(Some(&limiter), policy(2, Some(5)), Instant::now());
+    assert!(
+        matches!(next.check(&key, epoch), Decision::Reject(RejectReason::Rate)),
+        "the window's count went on"
+    );
+}
+
+#[test]
+fn after_a_reload_with_another_policy_open_connections_still_count_and_release() {
+    let epoch = Instant::now();
+    let limiter = RateLimiter::new(policy(10, Some(2)), epoch);
+    let key = ClientKey::Identity("alice".into());
+    let held = [limiter.check(&key, epoch), limiter.check(&key, epoch)];
+    let next = RateLimiter::carry_over(Some(&limiter), policy(20, Some(2)), epoch);
+    assert_eq!(next.open_connections(&key), 2);
+    assert!(matches!(
+        next.check(&key, epoch),
+        Decision::Reject(RejectReason::Concurrency)
+    ));
+    drop(held);
+    assert_eq!(
+        next.open_connections(&key),
+        0,
+        "the old permits release the new limiter's slots"
+    );
+    assert!(
+        matches!(next.check(&key, epoch), Decision::Allow(_)),
+        "and the window restarted"
+    );
+}
