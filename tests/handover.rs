@@ -19,8 +19,6 @@ use common::{one_pool, wait_until, within, TempConfig, TestBackend, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Set in the environment of the copy of this test that runs inside the namespace.
-const IN_NAMESPACE: &str = "FULCRUM_TEST_IN_NETNS";
 /// Concurrent clients, each opening one short connection after another.
 const CLIENTS: usize = 8;
 /// Connections each phase must see served before the test moves on.
@@ -35,20 +33,8 @@ fn config(port: u16, admin_port: u16, backend: SocketAddr) -> String {
 
 #[test]
 fn an_old_process_drains_while_a_new_one_on_the_same_port_serves_and_no_client_is_refused() {
-    if std::env::var_os(IN_NAMESPACE).is_none() {
-        let name = "an_old_process_drains_while_a_new_one_on_the_same_port_serves_and_no_client_is_refused";
-        let status = std::process::Command::new("unshare")
-            .args(["--net", "--map-root-user"])
-            .arg(std::env::current_exe().expect("path of this test binary"))
-            .args([name, "--exact", "--nocapture", "--test-threads=1"])
-            .env(IN_NAMESPACE, "1")
-            .status()
-            .unwrap_or_else(|e| panic!("cannot run `unshare` (util-linux): {e}"));
-        assert!(
-            status.success(),
-            "the test inside its network namespace failed ({status}); see its output above. \
-             It needs `unshare --net --map-root-user` to work (root, or unprivileged user namespaces)"
-        );
+    let name = "an_old_process_drains_while_a_new_one_on_the_same_port_serves_and_no_client_is_refused";
+    if !common::in_own_network_namespace(name) {
         return;
     }
     prepare_namespace();
@@ -62,11 +48,7 @@ fn an_old_process_drains_while_a_new_one_on_the_same_port_serves_and_no_client_i
 
 /// Loopback up and queued connections moved between SO_REUSEPORT siblings, in this namespace only.
 fn prepare_namespace() {
-    let up = std::process::Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run `ip` (iproute2): {e}"));
-    assert!(up.success(), "`ip link set lo up` failed: {up}");
+    common::ip(&["link", "set", "lo", "up"]);
     std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")
         .expect("set net.ipv4.tcp_migrate_req in the test's namespace (Linux 5.14+)");
 }

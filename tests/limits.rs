@@ -45,15 +45,6 @@ fn rejected(lb: &TestServer, reason: Reason) -> u64 {
         .get(reason)
 }
 
-/// Asserts the server ends `stream` (end of stream or reset) without sending data.
-async fn assert_closed<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, what: &str) {
-    let mut buf = [0u8; 16];
-    match within(what, stream.read(&mut buf)).await {
-        Ok(0) | Err(_) => {}
-        Ok(n) => panic!("{what}: {n} bytes instead of the end of the connection"),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Timeouts
 
@@ -69,7 +60,7 @@ async fn a_connection_silent_both_ways_is_closed_at_idle_timeout_while_an_active
     let opened = Instant::now();
 
     // The active one sends something every 100 ms, until the silent one has been closed.
-    let mut closed = Box::pin(assert_closed(&mut silent, "the silent connection"));
+    let mut closed = Box::pin(common::assert_ends(&mut silent, "the silent connection"));
     let mut i = 0u8;
     loop {
         tokio::select! {
@@ -104,7 +95,7 @@ async fn a_half_closed_connection_is_closed_at_half_closed_timeout() {
         .await
         .expect("shutdown");
     // The backend neither answers nor closes: the other direction stays silent.
-    assert_closed(&mut client, "the half-closed connection").await;
+    common::assert_ends(&mut client, "the half-closed connection").await;
     wait_for_outcomes(&log(&dir), "half_closed_timeout", 1).await;
     lb.wait_idle().await;
 }
@@ -248,7 +239,7 @@ async fn over_max_connections_a_connection_is_refused_before_any_handshake_and_a
     // The sixth: not a byte of a ServerHello, the connection simply ends.
     let mut sixth = connect(addr).await;
     let _ = sixth.write_all(b"\x16\x03\x01").await;
-    assert_closed(&mut sixth, "the sixth connection").await;
+    common::assert_ends(&mut sixth, "the sixth connection").await;
     assert_eq!(rejected(&lb, Reason::MaxConnections), 1);
     assert_eq!(rejected(&lb, Reason::TlsHandshake), 0, "a handshake was started");
     assert_eq!(echo.accepted(), 5);
@@ -293,7 +284,7 @@ async fn the_process_cap_counts_every_listener_together() {
         open.push(stream);
     }
     let mut fourth = connect(lb.addr("second")).await;
-    assert_closed(&mut fourth, "the fourth connection").await;
+    common::assert_ends(&mut fourth, "the fourth connection").await;
     let second = lb
         .current()
         .listener("second")
@@ -405,48 +396,23 @@ async fn only_max_handshakes_per_source_silent_tls_clients_are_held_and_a_good_c
 // ---------------------------------------------------------------------------------------------
 // IPv6 prefixes
 
-/// Set in the environment of the copy of a test that runs inside its own network namespace.
-const IN_NAMESPACE: &str = "FULCRUM_TEST_IN_NETNS";
-
-/// Runs test `name` of this binary again inside a network namespace of its own, with loopback
-/// up and `2001:db8:1::/64` and `2001:db8:2::/64` routed to it as local addresses.
-fn in_namespace(name: &str) -> bool {
-    if std::env::var_os(IN_NAMESPACE).is_some() {
-        for args in [
-            &["link", "set", "lo", "up"][..],
-            &["-6", "route", "add", "local", "2001:db8:1::/64", "dev", "lo"],
-            &["-6", "route", "add", "local", "2001:db8:2::/64", "dev", "lo"],
-        ] {
-            let status = std::process::Command::new("ip")
-                .args(args)
-                .status()
-                .unwrap_or_else(|e| panic!("cannot run `ip` (iproute2): {e}"));
-            assert!(status.success(), "ip {args:?}: {status}");
-        }
-        // Clients bind addresses of those prefixes without each being configured.
-        std::fs::write("/proc/sys/net/ipv6/ip_nonlocal_bind", "1")
-            .expect("ip_nonlocal_bind in the namespace");
-        return true;
-    }
-    let status = std::process::Command::new("unshare")
-        .args(["--net", "--map-root-user"])
-        .arg(std::env::current_exe().expect("path of this test binary"))
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(IN_NAMESPACE, "1")
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run `unshare` (util-linux): {e}"));
-    assert!(
-        status.success(),
-        "the test inside its network namespace failed ({status})"
-    );
-    false
+/// In a network namespace of the test's own: loopback up, `2001:db8:1::/64` and
+/// `2001:db8:2::/64` routed to it as local addresses that clients may bind.
+fn prepare_ipv6_namespace() {
+    common::ip(&["link", "set", "lo", "up"]);
+    common::ip(&["-6", "route", "add", "local", "2001:db8:1::/64", "dev", "lo"]);
+    common::ip(&["-6", "route", "add", "local", "2001:db8:2::/64", "dev", "lo"]);
+    std::fs::write("/proc/sys/net/ipv6/ip_nonlocal_bind", "1").expect("ip_nonlocal_bind in the namespace");
 }
 
 #[test]
 fn clients_of_one_ipv6_64_count_as_one_client_and_another_64_is_separate() {
-    if !in_namespace("clients_of_one_ipv6_64_count_as_one_client_and_another_64_is_separate") {
+    if !common::in_own_network_namespace(
+        "clients_of_one_ipv6_64_count_as_one_client_and_another_64_is_separate",
+    ) {
         return;
     }
+    prepare_ipv6_namespace();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -561,7 +527,7 @@ async fn a_peer_outside_trusted_proxies_is_refused_before_its_header_is_read() {
     let addr = lb.addr("main");
     let mut untrusted = connect_from("127.0.0.1".parse().expect("address"), addr).await;
     let _ = untrusted.write_all(HEADER).await;
-    assert_closed(&mut untrusted, "the untrusted peer").await;
+    common::assert_ends(&mut untrusted, "the untrusted peer").await;
     assert_eq!(rejected(&lb, Reason::UntrustedProxy), 1);
     assert_eq!(echo.accepted(), 0, "the backend was dialed");
 
@@ -611,7 +577,7 @@ async fn a_header_trickling_in_ends_at_the_one_deadline_it_shares_with_the_tls_h
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
-    assert_closed(&mut read, "the trickling header").await;
+    common::assert_ends(&mut read, "the trickling header").await;
     let elapsed = started.elapsed();
     trickle.abort();
     let used = common::cpu_time(&pid) - cpu;
@@ -636,7 +602,7 @@ async fn a_header_trickling_in_ends_at_the_one_deadline_it_shares_with_the_tls_h
     within("the header", stream.write_all(HEADER))
         .await
         .expect("write");
-    assert_closed(&mut stream, "the silent TLS client").await;
+    common::assert_ends(&mut stream, "the silent TLS client").await;
     let elapsed = started.elapsed();
     assert!(
         elapsed < Duration::from_millis(1500),

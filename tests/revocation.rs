@@ -107,15 +107,6 @@ fn handshake_failures(lb: &TestServer, failure: HandshakeFailure) -> u64 {
         .get(failure)
 }
 
-/// Asserts the server ended `stream` (end of stream or reset) without sending data.
-async fn assert_closed_by_server<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, whose: &str) {
-    let mut buf = [0u8; 16];
-    match within(&format!("{whose} connection to be closed"), stream.read(&mut buf)).await {
-        Ok(0) | Err(_) => {}
-        Ok(n) => panic!("{whose} connection returned {n} bytes instead of closing"),
-    }
-}
-
 /// A client certificate for `name` valid from a minute ago until `lifetime` from now.
 fn short_lived(pki: &Pki, name: &str, lifetime: Duration) -> Pem {
     let spec = LeafSpec {
@@ -271,8 +262,8 @@ async fn revoking_a_client_with_open_connections_closes_exactly_its_connections_
         .await
         .expect("reload with the new CRL");
 
-    assert_closed_by_server(&mut a1, "alice's first").await;
-    assert_closed_by_server(&mut a2, "alice's second").await;
+    common::assert_ends(&mut a1, "alice's first connection").await;
+    common::assert_ends(&mut a2, "alice's second connection").await;
     assert_echoes(&mut b, b"bob keeps flowing").await;
     wait_until("both of alice's connections logged as access_revoked", || {
         outcomes(&pki)
@@ -496,7 +487,7 @@ async fn a_connection_is_closed_when_its_certificate_expires_unless_close_on_exp
     assert_echoes(&mut closing, b"before expiry").await;
     assert_echoes(&mut kept, b"before expiry").await;
 
-    assert_closed_by_server(&mut closing, "the expiring").await;
+    common::assert_ends(&mut closing, "the expiring connection").await;
     assert!(
         SystemTime::now() >= not_after(&alice),
         "closed before the certificate expired"
@@ -698,7 +689,7 @@ async fn each_handshake_failure_is_counted_by_its_reason() {
     let mut silent = within("connect", TcpStream::connect(addr))
         .await
         .expect("connect");
-    assert_closed_by_server(&mut silent, "the silent").await;
+    common::assert_ends(&mut silent, "the silent connection").await;
     for failure in [
         HandshakeFailure::Protocol,
         HandshakeFailure::Closed,

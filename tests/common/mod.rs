@@ -526,3 +526,46 @@ pub fn cpu_time(pid: &str) -> Duration {
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_millis(ticks * 1000 / per_second)
 }
+
+/// Set in the environment of the copy of a test that runs inside its own network namespace.
+const IN_NAMESPACE: &str = "FULCRUM_TEST_IN_NETNS";
+
+/// Whether this is the copy of test `name` running in a network namespace of its own. If not,
+/// runs that copy (`unshare --net --map-root-user`, this test binary, only `name`), asserts it
+/// passed, and returns false: the caller then returns. The copy sets the namespace up itself.
+pub fn in_own_network_namespace(name: &str) -> bool {
+    if std::env::var_os(IN_NAMESPACE).is_some() {
+        return true;
+    }
+    let status = std::process::Command::new("unshare")
+        .args(["--net", "--map-root-user"])
+        .arg(std::env::current_exe().expect("path of this test binary"))
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(IN_NAMESPACE, "1")
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run `unshare` (util-linux): {e}"));
+    assert!(
+        status.success(),
+        "the test inside its network namespace failed ({status}); see its output above. \
+         It needs `unshare --net --map-root-user` to work (root, or unprivileged user namespaces)"
+    );
+    false
+}
+
+/// Runs `ip ARGS` (iproute2) and asserts it succeeded.
+pub fn ip(args: &[&str]) {
+    let status = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run `ip` (iproute2): {e}"));
+    assert!(status.success(), "`ip {}` failed: {status}", args.join(" "));
+}
+
+/// Asserts the peer ends `stream` (end of stream or reset) without sending data.
+pub async fn assert_ends<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, what: &str) {
+    let mut buf = [0u8; 16];
+    match within(&format!("{what} to end"), stream.read(&mut buf)).await {
+        Ok(0) | Err(_) => {}
+        Ok(n) => panic!("{what}: {n} bytes instead of the end of the connection"),
+    }
+}
