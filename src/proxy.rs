@@ -200,17 +200,18 @@ struct Clock {
 }
 
 impl Clock {
-    /// Notes activity, and completes with the timeout that is due, if one is.
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-        timeouts: &Timeouts,
-        moved: bool,
-        half_closed: bool,
-    ) -> Poll<Timeout> {
+    /// Notes activity, and completes with the timeout that is due, if one is. Cheap on the busy
+    /// path: a poll that moved bytes reads the clock once and never touches the timer (whose
+    /// waker, registered at an earlier poll, stays valid for this task); the timer is looked at
+    /// only when it may have fired, and re-armed only then.
+    fn poll(&mut self, cx: &mut Context<'_>, timeouts: &Timeouts, moved: bool, half_closed: bool) -> Poll<Timeout> {
         if moved || half_closed != self.half_closed || self.last.is_none() {
-            self.last = Some(tokio::time::Instant::now());
+            let now = tokio::time::Instant::now();
+            self.last = Some(now);
             self.half_closed = half_closed;
+            if timeouts.deadline.is_some_and(|end| now >= end) {
+                return Poll::Ready(Timeout::Lifetime);
+            }
         }
         let Some(last) = self.last else {
             return Poll::Pending;
@@ -218,10 +219,13 @@ impl Clock {
         let Some((at, which)) = timeouts.due(last, half_closed) else {
             return Poll::Pending;
         };
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        let timer = match &mut self.timer {
+            Some(timer) if !timer.is_elapsed() && timer.deadline() <= at => return Poll::Pending,
+            Some(timer) => timer,
+            None => self.timer.insert(Box::pin(tokio::time::sleep_until(at))),
+        };
         if timer.deadline() > at {
+            // Due earlier than armed (the relay just half-closed).
             timer.as_mut().reset(at);
         }
         while timer.as_mut().poll(cx).is_ready() {
