@@ -23,6 +23,7 @@ CLUSTER = DEPLOY / "cluster"
 
 CONFIG_DIR = "/etc/fulcrum/config"
 CERTS_DIR = "/etc/fulcrum/certs"
+ADMIN_DIR = "/etc/fulcrum/admin"
 
 problems = []
 
@@ -98,7 +99,8 @@ def check_kubernetes(objects, out_dir, certs_dir):
     volumes = {v["name"]: v for v in pod["volumes"]}
     check(args == ["run", "--config", f"{CONFIG_DIR}/fulcrum.toml"], f"deployment: args {args}")
     for name, path, source, ref in [("config", CONFIG_DIR, "configMap", "fulcrum-config"),
-                                    ("certs", CERTS_DIR, "secret", "fulcrum-certs")]:
+                                    ("certs", CERTS_DIR, "secret", "fulcrum-certs"),
+                                    ("admin", ADMIN_DIR, "secret", "fulcrum-admin")]:
         check(mounts.get(name) == path, f"deployment: volume {name} not mounted at {path}")
         vol = volumes.get(name, {}).get(source, {})
         check(ref in (vol.get("name"), vol.get("secretName")), f"deployment: volume {name} is not {ref}")
@@ -126,6 +128,11 @@ def check_kubernetes(objects, out_dir, certs_dir):
     admin = port(config["admin"]["bind"])
     check(admin == ports.get("admin"), "deployment: port admin is not [admin] bind's")
     check(not config["admin"]["bind"].startswith("127."), "configmap: admin on loopback: probes cannot reach it")
+    admin_secret = objects.get(("Secret", "fulcrum-admin"), {})
+    admin_files = set(admin_secret.get("stringData") or {}) | set(admin_secret.get("data") or {})
+    token_file = config["admin"].get("token_file", "")
+    check(token_file.startswith(ADMIN_DIR + "/") and token_file[len(ADMIN_DIR) + 1:] in admin_files,
+          f"configmap: [admin] token_file = {token_file!r} is not a file of the fulcrum-admin Secret")
     check(config.get("reload", {}).get("watch") is True,
           "configmap: [reload] watch is off: Secret and ConfigMap updates would need a restart")
     for volume in container.get("volumeMounts", []):
@@ -158,7 +165,8 @@ def check_kubernetes(objects, out_dir, certs_dir):
     check(shared.get("redis", "").startswith(f"redis://redis:{redis_port}/"),
           "configmap: [rate_limit.shared] redis is not the redis Service")
 
-    rewritten = text.replace(CERTS_DIR + "/", str(certs_dir) + "/")
+    (certs_dir / "admin.token").write_text("deploy-check token\n")
+    rewritten = text.replace(CERTS_DIR + "/", str(certs_dir) + "/").replace(ADMIN_DIR + "/token", str(certs_dir) + "/admin.token")
     (out_dir / "configmap-fulcrum.toml").write_text(rewritten)
 
 

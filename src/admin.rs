@@ -1,144 +1,372 @@
-//! The admin side: the HTTP listener serving `/` (the status page), `/status` (JSON),
-//! `/metrics` (Prometheus text), `/healthz` and `POST /reload`, and the two read-only views of the
-//! live state it serves: [`status`] (the snapshot and the page) and [`prometheus`] (the metrics
-//! text).
+//! The admin side: the HTTP API on a TCP address and/or a Unix socket, serving `/` (the status
+//! page), `/status` (JSON), `/metrics` (Prometheus text), `/healthz`, `POST /reload` and
+//! `POST /upstreams/{upstream}/backends/{backend}/state`, and the read-only views of the live
+//! state it serves: [`status`] (the snapshot and the page) and [`prometheus`] (the metrics text).
 //!
-//! A deliberately small HTTP/1.1 responder: one request per connection, a bounded request head
-//! (8 KiB) read under a deadline, `Connection: close` on every answer. It reads the current
-//! generation's state per request; its only write is asking the server to reload, which the run
-//! loop applies. It never runs on a client connection's path.
+//! HTTP is hyper's (HTTP/1.1), routing axum's; this module is the policy around them: at most
+//! [`MAX_CONNECTIONS`] admin connections at once (more are closed at once), request heads and
+//! bodies bounded, every connection under [`REQUEST_DEADLINE`], and every request judged by
+//! [`guard`] (token, CSRF and DNS rebinding rules) before a handler runs. It reads the current
+//! generation per request; its writes are asking the server to reload and setting a backend's
+//! admin state. It never runs on a client connection's path.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderValue, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
+use crate::health::AdminState;
 use crate::reload::Handle;
 
+pub mod guard;
 pub mod prometheus;
 pub mod status;
 
-const MAX_HEAD: usize = 8 * 1024;
-const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+use guard::{Verdict, Via, Who};
 
-/// Serves admin requests until `stop` is cancelled.
-pub(crate) async fn serve(socket: TcpListener, handle: Handle, stop: CancellationToken) {
+/// Admin connections served at once; more are closed as soon as they are accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Everything one admin connection may take, request head to the last byte of the answer.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+/// Largest request body accepted (the only bodies are small JSON objects).
+const MAX_BODY: usize = 16 * 1024;
+/// Largest request head (request line and headers).
+const MAX_HEAD: usize = 16 * 1024;
+
+/// The sockets the admin API is served on.
+#[derive(Debug, Default)]
+pub(crate) struct Sockets {
+    pub(crate) tcp: Option<TcpListener>,
+    /// The Unix socket and its path (removed when serving stops).
+    pub(crate) unix: Option<(UnixListener, PathBuf)>,
+}
+
+/// What every handler can reach.
+#[derive(Clone)]
+struct Admin {
+    handle: Handle,
+}
+
+/// Serves the admin API on `sockets` until `stop` is cancelled, then waits for the requests in
+/// flight.
+pub(crate) async fn serve(sockets: Sockets, handle: Handle, stop: CancellationToken) {
+    let router = router(Admin { handle });
     let tracker = TaskTracker::new();
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => break,
-            accepted = socket.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let handle = handle.clone();
-                tracker.spawn(async move {
-                    if tokio::time::timeout(REQUEST_DEADLINE, answer(stream, &handle))
-                        .await
-                        .is_err()
-                    {
-                        debug!("admin request timed out");
-                    }
-                });
-            }
-            Err(e) => {
-                debug!(error = %e, "admin accept failed");
-                // Back off so a full descriptor table cannot make this loop spin.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let Sockets { tcp, unix } = sockets;
+    let unix_path = unix.as_ref().map(|(_, path)| path.clone());
+    if let Some(tcp) = tcp {
+        tracker.spawn(accept_tcp(
+            tcp,
+            router.clone(),
+            Arc::clone(&slots),
+            tracker.clone(),
+            stop.clone(),
+        ));
+    }
+    if let Some((unix, _)) = unix {
+        tracker.spawn(accept_unix(unix, router, slots, tracker.clone(), stop.clone()));
     }
     tracker.close();
     tracker.wait().await;
+    if let Some(path) = unix_path {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
-async fn answer(mut stream: TcpStream, handle: &Handle) {
-    let mut head = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() > MAX_HEAD {
-            let _ = respond(
-                &mut stream,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                "request head too large\n",
-            )
-            .await;
-            return;
-        }
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => head.extend_from_slice(&chunk[..n]),
+async fn accept_tcp(
+    socket: TcpListener,
+    router: Router,
+    slots: Arc<Semaphore>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = socket.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _)) => connection(stream, Via::Tcp, &router, &slots, &tracker, &stop),
+            Err(e) => accept_failed(&e).await,
         }
     }
-    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let (status, kind, body) = match (method, path) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            prometheus::render(&handle.state()),
-        ),
-        ("POST", "/reload") => match handle.reload().await {
-            Ok(generation) => (
-                "200 OK",
-                "application/json",
-                format!("{{\"result\":\"ok\",\"generation\":{generation}}}\n"),
-            ),
-            Err(e) => (
-                "422 Unprocessable Entity",
-                "application/json",
-                format!(
-                    "{{\"result\":\"error\",\"error\":{}}}\n",
-                    json_string(&e.to_string())
-                ),
-            ),
-        },
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        ("GET", "/status") => (
-            "200 OK",
-            "application/json",
-            status::render(&handle.state(), std::time::Instant::now()),
-        ),
-        ("GET", "/") => ("200 OK", "text/html; charset=utf-8", status::PAGE.to_string()),
-        (_, "/" | "/status" | "/metrics" | "/healthz" | "/reload") => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "method not allowed\n".into(),
-        ),
-        _ => ("404 Not Found", "text/plain", "not found\n".into()),
+}
+
+async fn accept_unix(
+    socket: UnixListener,
+    router: Router,
+    slots: Arc<Semaphore>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = socket.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _)) => connection(stream, Via::Socket, &router, &slots, &tracker, &stop),
+            Err(e) => accept_failed(&e).await,
+        }
+    }
+}
+
+async fn accept_failed(e: &std::io::Error) {
+    debug!(error = %e, "admin accept failed");
+    // Back off so that a full descriptor table cannot make the loop spin.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// Serves one admin connection (HTTP/1.1, one request) under [`REQUEST_DEADLINE`], if a slot is
+/// free; otherwise it is closed at once.
+fn connection<S>(
+    stream: S,
+    via: Via,
+    router: &Router,
+    slots: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+    stop: &CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Ok(slot) = Arc::clone(slots).try_acquire_owned() else {
+        debug!("admin connection refused: {MAX_CONNECTIONS} already open");
+        return;
     };
-    let _ = respond(&mut stream, status, kind, &body).await;
+    // Every request knows how it arrived, for the guard.
+    let service = hyper_util::service::TowerToHyperService::new(router.clone().layer(axum::Extension(via)));
+    let stop = stop.clone();
+    tracker.spawn(async move {
+        // One request per connection, answered with `Connection: close`, as before: admin
+        // clients are scripts and probes that read to the end.
+        let http = hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
+            .timer(TokioTimer::new())
+            .header_read_timeout(REQUEST_DEADLINE)
+            .max_buf_size(MAX_HEAD.max(8192))
+            .serve_connection(TokioIo::new(stream), service);
+        let mut http = std::pin::pin!(http);
+        tokio::select! {
+            served = tokio::time::timeout(REQUEST_DEADLINE, http.as_mut()) => {
+                if served.is_err() {
+                    debug!("admin connection closed at its deadline");
+                }
+            }
+            _ = stop.cancelled() => {
+                http.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(1), http).await;
+            }
+        }
+        drop(slot);
+    });
 }
 
-/// A JSON string literal for `text`.
-fn json_string(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
+fn router(admin: Admin) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/status", get(status_json))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/reload", post(reload))
+        .route(
+            "/upstreams/{upstream}/backends/{backend}/state",
+            post(backend_state),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(admin.clone(), guarded))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(admin)
+}
+
+/// Applies [`guard::check`] to every request; a refused one never reaches a handler.
+async fn guarded(
+    State(admin): State<Admin>,
+    axum::Extension(via): axum::Extension<Via>,
+    mut request: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    let state = admin.handle.state();
+    let Some(settings) = state.admin.as_ref() else {
+        return text(StatusCode::NOT_FOUND, "no [admin] in the configuration\n");
+    };
+    let headers = request.headers();
+    let value = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let verdict = guard::check(
+        settings,
+        via,
+        &guard::Request {
+            method: request.method().as_str(),
+            path: request.uri().path(),
+            host: value(header::HOST),
+            origin: value(header::ORIGIN),
+            authorization: value(header::AUTHORIZATION),
+            content_type: value(header::CONTENT_TYPE),
+        },
+    );
+    match verdict {
+        Verdict::Allow(who) => {
+            request.extensions_mut().insert(who);
+            next.run(request).await
+        }
+        Verdict::Unauthorized(why) => {
+            let mut response = text(StatusCode::UNAUTHORIZED, &format!("{why}\n"));
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer, Basic realm=\"fulcrum admin\""),
+            );
+            response
+        }
+        Verdict::Forbidden(why) => {
+            debug!(path = %request.uri().path(), "admin request forbidden: {why}");
+            text(StatusCode::FORBIDDEN, &format!("{why}\n"))
         }
     }
-    out.push('"');
-    out
 }
 
-async fn respond(stream: &mut TcpStream, status: &str, kind: &str, body: &str) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+/// A response with `Cache-Control: no-store` (every admin answer is live state).
+fn respond(status: StatusCode, kind: &'static str, body: String) -> Response {
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn text(status: StatusCode, body: &str) -> Response {
+    respond(status, "text/plain", body.to_string())
+}
+
+fn json(status: StatusCode, body: String) -> Response {
+    respond(status, "application/json", body)
+}
+
+async fn page() -> Response {
+    respond(
+        StatusCode::OK,
+        "text/html; charset=utf-8",
+        status::PAGE.to_string(),
+    )
+}
+
+async fn status_json(State(admin): State<Admin>) -> Response {
+    json(
+        StatusCode::OK,
+        status::render(&admin.handle.state(), std::time::Instant::now()),
+    )
+}
+
+async fn metrics(State(admin): State<Admin>) -> Response {
+    respond(
+        StatusCode::OK,
+        "text/plain; version=0.0.4; charset=utf-8",
+        prometheus::render(&admin.handle.state()),
+    )
+}
+
+async fn healthz() -> Response {
+    text(StatusCode::OK, "ok\n")
+}
+
+async fn reload(State(admin): State<Admin>, axum::Extension(who): axum::Extension<Who>) -> Response {
+    info!(by = who.label(), "POST /reload: reloading configuration");
+    match admin.handle.reload().await {
+        Ok(generation) => json(
+            StatusCode::OK,
+            format!("{{\"result\":\"ok\",\"generation\":{generation}}}\n"),
+        ),
+        Err(e) => json(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "{{\"result\":\"error\",\"error\":{}}}\n",
+                serde_json::Value::String(e.to_string())
+            ),
+        ),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateBody {
+    state: String,
+}
+
+async fn backend_state(
+    State(admin): State<Admin>,
+    axum::Extension(who): axum::Extension<Who>,
+    Path((upstream, backend)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let wanted = serde_json::from_slice::<StateBody>(&body)
+        .ok()
+        .and_then(|b| AdminState::parse(&b.state));
+    let Some(wanted) = wanted else {
+        let why = "expected a JSON body {\"state\": \"ready\" | \"drain\" | \"maint\"}";
+        return error(StatusCode::BAD_REQUEST, why);
+    };
+    let state = admin.handle.state();
+    let Some(group) = state.upstream(&upstream) else {
+        return error(StatusCode::NOT_FOUND, &format!("no upstream {upstream:?}"));
+    };
+    let Some(slot) = group.backends.iter().find(|b| b.label == backend).map(|b| b.slot) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("upstream {upstream:?} has no backend {backend:?}"),
+        );
+    };
+    match crate::health::probe::set_admin_state(group, slot, wanted, who.label()) {
+        Some(before) => json(
+            StatusCode::OK,
+            serde_json::json!({
+                "result": "ok",
+                "upstream": upstream,
+                "backend": backend,
+                "state": wanted.label(),
+                "previous": before.label(),
+            })
+            .to_string()
+                + "\n",
+        ),
+        None => error(StatusCode::NOT_FOUND, "the backend left the configuration"),
+    }
+}
+
+fn error(status: StatusCode, why: &str) -> Response {
+    json(
+        status,
+        serde_json::json!({"result": "error", "error": why}).to_string() + "\n",
+    )
+}
+
+async fn not_found() -> Response {
+    text(StatusCode::NOT_FOUND, "not found\n")
+}
+
+async fn method_not_allowed() -> Response {
+    text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+}
+
+/// Warns once at startup about an admin listener reachable from the network.
+pub(crate) fn warn_if_exposed(settings: &crate::config::AdminConfig, addr: std::net::SocketAddr) {
+    if !addr.ip().to_canonical().is_loopback() {
+        if settings.token.is_some() {
+            warn!(%addr, "admin listener is not on a loopback address: every endpoint but /healthz (and /metrics unless metrics_auth) needs the token");
+        } else {
+            warn!(%addr, "admin listener is not on a loopback address without [admin] token_file: /status and /metrics are open to the network, mutating endpoints are refused");
+        }
+    }
 }

@@ -431,12 +431,14 @@ impl fmt::Debug for Secret {
 }
 
 /// `url` with the password of its `user:password@` part, if any, replaced by `***`: the form in
-/// which a Redis URL may appear in errors and Debug output. Works on unparsable text too.
+/// which a Redis URL may appear in errors and Debug output. Works on unparsable text too: a
+/// password may hold `/`, `?`, `#` or `@`, so the user information is taken to end at the
+/// *last* `@` (and the authority at the first `/`, `?` or `#` after it); a URL with an `@` in
+/// its path or query is then redacted further than needed, never less.
 pub fn redact_url(url: &str) -> String {
     let after_scheme = url.find("://").map_or(0, |i| i + 3);
     let rest = &url[after_scheme..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
+    let Some(at) = rest.rfind('@') else {
         return url.to_owned();
     };
     let Some(colon) = rest[..at].find(':') else {
@@ -538,10 +540,31 @@ pub enum OnDown {
     Close,
 }
 
-/// The admin HTTP listener (metrics).
+/// `[admin]`: the admin HTTP API, on a TCP address, a Unix socket, or both.
 #[derive(Clone, Debug)]
 pub struct AdminConfig {
-    pub bind: SocketAddr,
+    /// `bind`: a TCP address (loopback recommended).
+    pub bind: Option<SocketAddr>,
+    /// `socket`: a Unix socket path, created mode 0660: the file's permissions are the
+    /// authentication of requests that come through it.
+    pub socket: Option<PathBuf>,
+    /// From `token_file`: the bearer token every endpoint but `/healthz` (and `/metrics`
+    /// unless `metrics_auth`) requires over TCP. Never printed.
+    pub token: Option<Secret>,
+    /// Where the token was read from (watched with `[reload] watch`).
+    pub token_file: Option<PathBuf>,
+    /// `metrics_auth`: `/metrics` needs the token too.
+    pub metrics_auth: bool,
+    /// `allowed_hosts`: host names (lowercase) a request's `Host` may name, besides IP literals
+    /// and `localhost` (DNS rebinding protection).
+    pub allowed_hosts: Vec<String>,
+}
+
+impl AdminConfig {
+    /// Whether the TCP listener is reachable from other machines (not loopback).
+    pub fn is_exposed(&self) -> bool {
+        self.bind.is_some_and(|a| !a.ip().to_canonical().is_loopback())
+    }
 }
 
 /// A backend address as configured: `ip:port` or `host:port`. The configured text is kept as
@@ -632,7 +655,7 @@ impl Config {
     fn parse(text: &str, origin: &str, base: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             origin: origin.to_string(),
-            message: e.to_string().trim_end().to_string(),
+            message: syntax_message(text, &e),
         })?;
         Validator { origin, base }.config(raw)
     }
@@ -680,10 +703,39 @@ impl Config {
                 }
             }
         }
+        if let Some(admin) = &self.admin {
+            files.extend(admin.token_file.iter().cloned());
+        }
         let mut seen = std::collections::HashSet::new();
         files.retain(|f| seen.insert(f.clone()));
         files
     }
+}
+
+/// The message for a TOML syntax error: toml's own, which quotes the offending line, unless that
+/// line may hold a secret (a URL with a password, a `password`/`token`/`secret` key): then only
+/// where and what, so that no secret reaches a terminal, a log or a `POST /reload` answer.
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    let full = e.to_string().trim_end().to_string();
+    let Some(span) = e.span() else {
+        return full;
+    };
+    let start = text[..span.start.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let line = &text[start..end];
+    let lower = line.to_ascii_lowercase();
+    let secret = (lower.contains("://") && lower.contains('@'))
+        || ["password", "token", "secret"].iter().any(|k| lower.contains(k));
+    if !secret {
+        return full;
+    }
+    let line_number = text[..start].matches('\n').count() + 1;
+    format!(
+        "TOML parse error at line {line_number}: {} (the line is not shown: it may hold a secret)",
+        e.message().trim_end()
+    )
 }
 
 #[derive(Deserialize)]
@@ -856,7 +908,13 @@ struct RawHealthCheck {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
-    bind: String,
+    bind: Option<String>,
+    socket: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    #[serde(default)]
+    metrics_auth: bool,
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
 }
 
 /// Turns raw structs into typed ones; carries the origin for error messages.
@@ -1048,9 +1106,7 @@ impl Validator<'_> {
             authorization.push((identity, allowed));
         }
         let admin = match raw.admin {
-            Some(a) => Some(AdminConfig {
-                bind: self.socket_addr("admin.bind", &a.bind)?,
-            }),
+            Some(a) => Some(self.admin(a)?),
             None => None,
         };
         let access_log = match raw.access_log {
@@ -1085,6 +1141,57 @@ impl Validator<'_> {
             reload,
             max_connections,
             source_prefixes,
+        })
+    }
+
+    fn admin(&self, a: RawAdmin) -> Result<AdminConfig, ConfigError> {
+        if a.bind.is_none() && a.socket.is_none() {
+            return Err(self.invalid(
+                "admin",
+                "[admin]",
+                "give bind (a TCP address), socket (a Unix socket path), or both",
+            ));
+        }
+        let bind = match &a.bind {
+            Some(text) => Some(self.socket_addr("admin.bind", text)?),
+            None => None,
+        };
+        let (token, token_file) = match a.token_file {
+            Some(path) => {
+                let path = self.base.join(path);
+                (
+                    Some(self.secret_file("admin.token_file", &path, "token")?),
+                    Some(path),
+                )
+            }
+            None => (None, None),
+        };
+        if a.metrics_auth && token.is_none() {
+            return Err(self.invalid("admin.metrics_auth", "true", "needs token_file"));
+        }
+        let mut allowed_hosts = Vec::with_capacity(a.allowed_hosts.len());
+        for host in a.allowed_hosts {
+            let valid = !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .split('.')
+                    .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+            if !valid {
+                return Err(self.invalid(
+                    "admin.allowed_hosts",
+                    &host,
+                    "expected a host name (no port, no scheme)",
+                ));
+            }
+            allowed_hosts.push(host.to_ascii_lowercase());
+        }
+        Ok(AdminConfig {
+            bind,
+            socket: a.socket.map(|p| self.base.join(p)),
+            token,
+            token_file,
+            metrics_auth: a.metrics_auth,
+            allowed_hosts,
         })
     }
 
@@ -1277,14 +1384,18 @@ impl Validator<'_> {
 
     /// The password in `path`, without trailing whitespace (a final newline above all).
     fn password_file(&self, path: &Path) -> Result<Secret, ConfigError> {
-        const KEY: &str = "rate_limit.shared.password_file";
+        self.secret_file("rate_limit.shared.password_file", path, "password")
+    }
+
+    /// The secret (`what`) in the file `path` names for `key`, without trailing whitespace.
+    fn secret_file(&self, key: &str, path: &Path, what: &str) -> Result<Secret, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| self.invalid(KEY, path.display(), format!("cannot read the file: {e}")))?;
-        let password = text.trim_end();
-        if password.is_empty() {
-            return Err(self.invalid(KEY, path.display(), "the file holds no password"));
+            .map_err(|e| self.invalid(key, path.display(), format!("cannot read the file: {e}")))?;
+        let secret = text.trim_end();
+        if secret.is_empty() {
+            return Err(self.invalid(key, path.display(), format!("the file holds no {what}")));
         }
-        Ok(Secret(password.to_owned()))
+        Ok(Secret(secret.to_owned()))
     }
 
     /// A client certificate and its key, given together or not at all (`key` names the table).

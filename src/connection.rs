@@ -41,7 +41,7 @@ use crate::balancer::Lease;
 use crate::caps::{InHandshake, Place};
 use crate::config::OnDown;
 use crate::health::probe::record;
-use crate::health::Source;
+use crate::health::{AdminState, Source};
 use crate::metrics::{HandshakeFailure, Reason};
 use crate::net::{BackendStream, Origin};
 use crate::proxy::{relay_tcp, Progress, RelayError, Side, Timeout, Timeouts};
@@ -658,6 +658,8 @@ pub(crate) enum End {
     MaxLifetime,
     /// Its backend was marked down with `on_down = "close"`.
     BackendDown,
+    /// An operator put its backend in `maint`.
+    BackendMaint,
     ClientReset,
     ClientError,
     BackendReset,
@@ -675,6 +677,7 @@ impl End {
             End::HalfClosedTimeout => "half_closed_timeout",
             End::MaxLifetime => "max_lifetime",
             End::BackendDown => "backend_down",
+            End::BackendMaint => "backend_maint",
             End::ClientReset => "client_reset",
             End::ClientError => "client_error",
             End::BackendReset => "backend_reset",
@@ -732,6 +735,7 @@ async fn relay<C: Transport>(
         OnDown::Keep => None,
     };
     let cut = who.registration.as_ref().map(|r| Arc::clone(&r.cut));
+    let maint = chosen.health.maint_signal();
     let abort_relay = abort.clone();
     let stop = async move {
         let down = async {
@@ -750,6 +754,7 @@ async fn relay<C: Transport>(
             _ = abort_relay.cancelled() => {}
             _ = down => {}
             _ = cut => {}
+            _ = maint.cancelled() => {}
         }
     };
     // Zero-copy between plain sockets, buffered through TLS.
@@ -772,6 +777,7 @@ async fn relay<C: Transport>(
             match who.registration.as_ref().and_then(|r| r.cut.reason()) {
                 Some(Cut::AccessRevoked) => End::AccessRevoked,
                 Some(Cut::CertExpired) => End::CertExpired,
+                None if chosen.health.admin_state() == AdminState::Maint => End::BackendMaint,
                 None => End::BackendDown,
             }
         }

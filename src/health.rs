@@ -153,12 +153,46 @@ pub fn jittered(interval: Duration, unit: f64) -> Duration {
     interval.mul_f64(0.9 + 0.2 * unit.clamp(0.0, 1.0))
 }
 
-/// Health of one backend, shared by its probe loop and the connections that use it.
+/// What an operator set for a backend through the admin API (kept across reloads while the
+/// backend stays). Health checks go on whatever it is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AdminState {
+    /// In rotation when healthy.
+    #[default]
+    Ready,
+    /// No new connections; open ones go on.
+    Drain,
+    /// No new connections, and open ones are closed.
+    Maint,
+}
+
+impl AdminState {
+    pub const ALL: [AdminState; 3] = [AdminState::Ready, AdminState::Drain, AdminState::Maint];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            AdminState::Ready => "ready",
+            AdminState::Drain => "drain",
+            AdminState::Maint => "maint",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<AdminState> {
+        AdminState::ALL.into_iter().find(|s| s.label() == text)
+    }
+}
+
+/// Health of one backend, shared by its probe loop and the connections that use it, with the
+/// state an operator set: a backend takes new connections when it is up and `ready`.
 #[derive(Debug)]
 pub struct BackendHealth {
     status: Mutex<Status>,
     /// Mirror of `status.state.is_up()`, readable without the lock (metrics).
     up: AtomicBool,
+    /// Mirror of `status.admin`, readable without the lock.
+    admin: std::sync::atomic::AtomicU8,
+    /// Admin state changes, for `fulcrum_backend_admin_state_changes_total`.
+    pub admin_changes: Counter,
     /// Transitions to up, for `fulcrum_backend_health_transitions_total{to="up"}`.
     pub went_up: Counter,
     /// Transitions to down, for `fulcrum_backend_health_transitions_total{to="down"}`.
@@ -170,6 +204,9 @@ struct Status {
     state: HealthState,
     /// Cancelled when the backend goes down; replaced by a fresh one when it comes back.
     down: CancellationToken,
+    admin: AdminState,
+    /// Cancelled when the backend is put in `maint`; replaced when it leaves.
+    maint: CancellationToken,
 }
 
 impl BackendHealth {
@@ -178,8 +215,12 @@ impl BackendHealth {
             status: Mutex::new(Status {
                 state: HealthState::new(check.rise, check.fall),
                 down: CancellationToken::new(),
+                admin: AdminState::Ready,
+                maint: CancellationToken::new(),
             }),
             up: AtomicBool::new(true),
+            admin: std::sync::atomic::AtomicU8::new(AdminState::Ready as u8),
+            admin_changes: Counter::default(),
             went_up: Counter::default(),
             went_down: Counter::default(),
         }
@@ -197,6 +238,25 @@ impl BackendHealth {
     /// A signal that fires when the backend is next marked down (at once if it is down now).
     pub fn down_signal(&self) -> CancellationToken {
         self.lock().down.clone()
+    }
+
+    /// A signal that fires when the backend is next put in `maint` (at once if it is now).
+    pub fn maint_signal(&self) -> CancellationToken {
+        self.lock().maint.clone()
+    }
+
+    /// The state an operator set.
+    pub fn admin_state(&self) -> AdminState {
+        match self.admin.load(Ordering::Relaxed) {
+            1 => AdminState::Drain,
+            2 => AdminState::Maint,
+            _ => AdminState::Ready,
+        }
+    }
+
+    /// Whether the backend should take new connections: up and `ready`.
+    pub fn takes_connections(&self) -> bool {
+        self.is_up() && self.admin_state() == AdminState::Ready
     }
 
     fn lock(&self) -> MutexGuard<'_, Status> {

@@ -12,7 +12,7 @@
 //! |---|---|
 //! | `server` | binding, accept loops, the run/shutdown/drain sequence, applying reloads ([`Server`]) |
 //! | `connection` | one connection's phases: front, admission, limit, connect, relay, its end |
-//! | [`admin`] | the admin HTTP listener; [`admin::status`] (the `/status` snapshot and page) and [`admin::prometheus`] (`/metrics` text) read the live state |
+//! | [`admin`] | the admin HTTP API (hyper + axum, TCP and Unix socket); [`admin::guard`] its token, CSRF and DNS rebinding rules (pure); [`admin::status`] (the `/status` snapshot and page) and [`admin::prometheus`] (`/metrics` text) read the live state |
 //! | [`reload`] | asking for a reload: the [`reload::Handle`], its request and result |
 //! | [`health`] | backend health: rise/fall state and failures (pure); [`health::probe`]: probe loops and applying outcomes |
 //! | `net` | dialing backends: dial, PROXY header, TLS to the backend, resource-exhaustion classification |
@@ -30,6 +30,7 @@
 //! | `watch` | `[reload] watch`: reloading when the config file or a file it names changes |
 //! | `throttle` | the throttle on log lines a peer can cause |
 //! | [`config`] | TOML -> validated [`Config`]; every rule about valid configuration (pure) |
+//! | [`ctl`] | `fulcrum ctl`: a client of the admin API |
 //! | [`pki`] | development certificates for `fulcrum certs`, the demo and tests |
 //! | [`backend`] | the demo backend (`fulcrum backend`) |
 //! | [`demo`] | `fulcrum demo` |
@@ -55,6 +56,7 @@ pub mod balancer;
 pub mod caps;
 pub mod config;
 mod connection;
+pub mod ctl;
 pub mod demo;
 pub mod health;
 pub mod identity;

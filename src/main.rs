@@ -64,6 +64,23 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Talk to a running balancer's admin API: status, reload, and backend states.
+    Ctl {
+        /// The admin API's TCP address.
+        #[arg(long, default_value = "127.0.0.1:9000", conflicts_with = "socket")]
+        admin: SocketAddr,
+        /// The admin API's Unix socket (`[admin] socket`) instead of TCP.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// A file holding the admin token (`[admin] token_file`).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Print the API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
     /// Start three demo backends and an mTLS balancer on localhost; Ctrl-C stops.
     Demo {
         /// Address of the demo's mTLS listener.
@@ -75,8 +92,32 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Listeners, upstreams and backends with their health, admin state and counts.
+    Status,
+    /// Re-read the config file and apply it (as SIGHUP).
+    Reload,
+    /// Take a backend out of rotation; its open connections go on.
+    Drain { upstream: String, backend: String },
+    /// Take a backend out of rotation and close its open connections.
+    Maint { upstream: String, backend: String },
+    /// Return a backend to rotation (if it is healthy).
+    Ready { upstream: String, backend: String },
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Command::Ctl {
+        admin,
+        socket,
+        token_file,
+        json,
+        command,
+    } = cli.command
+    {
+        return ctl(admin, socket, token_file, json, command);
+    }
     init_logging(&cli.log_level);
     match run(cli.command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -91,6 +132,45 @@ fn main() -> std::process::ExitCode {
             }
             eprintln!("error: {message}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `fulcrum ctl`: exit 0 on success, 1 when the admin API refused, 2 when it could not be reached.
+fn ctl(
+    admin: SocketAddr,
+    socket: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    json: bool,
+    command: CtlCommand,
+) -> std::process::ExitCode {
+    use fulcrum::ctl::{Command as Ask, Target};
+    use fulcrum::health::AdminState;
+    let target = socket.map_or(Target::Tcp(admin), Target::Socket);
+    let set = |upstream, backend, state| Ask::Set {
+        upstream,
+        backend,
+        state,
+    };
+    let ask = match command {
+        CtlCommand::Status => Ask::Status,
+        CtlCommand::Reload => Ask::Reload,
+        CtlCommand::Drain { upstream, backend } => set(upstream, backend, AdminState::Drain),
+        CtlCommand::Maint { upstream, backend } => set(upstream, backend, AdminState::Maint),
+        CtlCommand::Ready { upstream, backend } => set(upstream, backend, AdminState::Ready),
+    };
+    let outcome = match runtime(1) {
+        Ok(runtime) => runtime.block_on(fulcrum::ctl::run(&target, token_file.as_ref(), &ask, json)),
+        Err(e) => Err(fulcrum::ctl::CtlError::Unreachable(e.to_string())),
+    };
+    match outcome {
+        Ok(text) => {
+            println!("{text}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(e.exit_code())
         }
     }
 }
@@ -144,6 +224,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             fulcrum::backend::serve(socket, name, mode, shutdown_on_signal()?).await;
             Ok(())
         }),
+        // `main` answers `ctl` itself, with its own exit codes, before it gets here.
+        Command::Ctl { .. } => anyhow::bail!("fulcrum ctl is not run here"),
         Command::Demo { listen, admin } => runtime(default_workers())?.block_on(async {
             let options = fulcrum::demo::DemoOptions { listen, admin };
             fulcrum::demo::run(options, shutdown_on_signal()?).await?;

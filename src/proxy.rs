@@ -204,7 +204,13 @@ impl Clock {
     /// path: a poll that moved bytes reads the clock once and never touches the timer (whose
     /// waker, registered at an earlier poll, stays valid for this task); the timer is looked at
     /// only when it may have fired, and re-armed only then.
-    fn poll(&mut self, cx: &mut Context<'_>, timeouts: &Timeouts, moved: bool, half_closed: bool) -> Poll<Timeout> {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        timeouts: &Timeouts,
+        moved: bool,
+        half_closed: bool,
+    ) -> Poll<Timeout> {
         if moved || half_closed != self.half_closed || self.last.is_none() {
             let now = tokio::time::Instant::now();
             self.last = Some(now);

@@ -41,6 +41,8 @@ pub struct Server {
     live: Arc<Live>,
     sockets: Vec<(String, TcpListener)>,
     admin: Option<TcpListener>,
+    /// `[admin] socket`, bound (std: it becomes tokio's once `run` is on the runtime) and its path.
+    admin_unix: Option<(std::os::unix::net::UnixListener, std::path::PathBuf)>,
     /// Workers: SO_REUSEPORT sockets per listener bound on reload.
     workers: usize,
     requests: mpsc::Sender<Request>,
@@ -57,12 +59,12 @@ impl Server {
         for l in &config.listeners {
             sockets.extend(bind_all(&l.name, l.bind, workers)?);
         }
-        let admin = match &config.admin {
+        let admin = match config.admin.as_ref().and_then(|a| a.bind) {
             // SO_REUSEPORT too, so that a new process started with the same config for an
             // upgrade can bind it; until the old one exits either may answer.
-            Some(a) => Some(
-                bind_listener(a.bind).map_err(|source| ServerError::AdminBind { addr: a.bind, source })?,
-            ),
+            Some(addr) => {
+                Some(bind_listener(addr).map_err(|source| ServerError::AdminBind { addr, source })?)
+            }
             None => None,
         };
         let mut server = Server::from_listeners(config, sockets, admin)?;
@@ -96,11 +98,15 @@ impl Server {
                 warn!(listener = %l.name, "mTLS listener but [authorization] is empty: every client will be refused");
             }
         }
-        if let Some(addr) = admin.as_ref().and_then(|s| s.local_addr().ok()) {
-            if !addr.ip().to_canonical().is_loopback() {
-                warn!(%addr, "admin listener is not on a loopback address: /status and /metrics are open to the network");
-            }
+        if let (Some(settings), Some(addr)) =
+            (&config.admin, admin.as_ref().and_then(|s| s.local_addr().ok()))
+        {
+            crate::admin::warn_if_exposed(settings, addr);
         }
+        let admin_unix = match config.admin.as_ref().and_then(|a| a.socket.as_ref()) {
+            Some(path) => Some((bind_unix(path)?, path.clone())),
+            None => None,
+        };
         if let Some(log) = &state.access_log {
             log.open().map_err(|source| ServerError::AccessLog {
                 path: match &config.access_log {
@@ -115,6 +121,7 @@ impl Server {
             live: Arc::new(Live::new(state, config.path.clone())),
             sockets,
             admin,
+            admin_unix,
             workers: 1,
             requests,
             inbox,
@@ -163,6 +170,7 @@ impl Server {
             live,
             sockets,
             admin,
+            admin_unix,
             workers,
             requests,
             mut inbox,
@@ -192,11 +200,24 @@ impl Server {
             .as_ref()
             .and_then(|log| log.start(log_stop.clone()));
         let admin_stop = CancellationToken::new();
-        let admin_task = admin.map(|socket| {
-            if let Ok(addr) = socket.local_addr() {
+        let unix = admin_unix.and_then(
+            |(socket, path)| match tokio::net::UnixListener::from_std(socket) {
+                Ok(socket) => Some((socket, path)),
+                Err(e) => {
+                    error!(path = %path.display(), error = %e, "admin socket cannot be served");
+                    None
+                }
+            },
+        );
+        let admin_task = (admin.is_some() || unix.is_some()).then(|| {
+            if let Some(addr) = admin.as_ref().and_then(|s| s.local_addr().ok()) {
                 info!(%addr, "admin listening");
             }
-            tokio::spawn(crate::admin::serve(socket, handle, admin_stop.clone()))
+            if let Some((_, path)) = &unix {
+                info!(path = %path.display(), "admin listening on a Unix socket");
+            }
+            let sockets = crate::admin::Sockets { tcp: admin, unix };
+            tokio::spawn(crate::admin::serve(sockets, handle, admin_stop.clone()))
         });
 
         loop {
@@ -398,6 +419,31 @@ fn bind_all(name: &str, addr: SocketAddr, workers: usize) -> Result<Vec<(String,
         sockets.push((name.to_string(), bind_listener(bound).map_err(error)?));
     }
     Ok(sockets)
+}
+
+/// Binds the admin Unix socket at `path`, mode 0660 (its permissions are the authentication). A
+/// socket file left there by a process that is gone (or by one being upgraded) is replaced;
+/// anything else at `path` is an error.
+fn bind_unix(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener, ServerError> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    let error = |source| ServerError::AdminSocket {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(error)?,
+        Ok(_) => {
+            return Err(error(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a socket",
+            )))
+        }
+        Err(_) => {}
+    }
+    let socket = std::os::unix::net::UnixListener::bind(path).map_err(error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(error)?;
+    socket.set_nonblocking(true).map_err(error)?;
+    Ok(socket)
 }
 
 fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {

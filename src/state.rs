@@ -47,6 +47,8 @@ pub enum ServerError {
     },
     #[error("admin: cannot bind {addr}: {source}")]
     AdminBind { addr: SocketAddr, source: io::Error },
+    #[error("admin: cannot serve the Unix socket {}: {source}", path.display())]
+    AdminSocket { path: PathBuf, source: io::Error },
     #[error("listener {0:?} has no socket: pass one for every configured listener")]
     MissingListener(String),
     #[error("upstream {upstream:?}: {source}")]
@@ -77,6 +79,8 @@ pub struct State {
     pub(crate) drain_timeout: Duration,
     /// Cap on open client connections for the whole process.
     pub max_connections: usize,
+    /// `[admin]`: its token and request rules (the sockets are bound once, at start).
+    pub admin: Option<crate::config::AdminConfig>,
     /// The global rate limiter, if any: a reload takes over its counts.
     pub(crate) global_limiter: Option<Limiter>,
     /// `[reload]`: whether (and how) this generation's files are watched.

@@ -155,7 +155,7 @@ async fn scrape(admin: SocketAddr) -> String {
     let mut stream = connect(admin).await;
     within(
         "request write",
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: fulcrum\r\n\r\n"),
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n"),
     )
     .await
     .expect("write request");

@@ -562,8 +562,9 @@ async fn a_listener_added_by_reload_accepts_and_a_removed_one_refuses() {
 /// Sends one HTTP/1.1 request to the admin listener; returns the status line and the body.
 async fn admin_request(admin: SocketAddr, method: &str, path: &str) -> (String, String) {
     let mut stream = connect(admin).await;
+    // Mutating requests carry a JSON content type (the admin API's CSRF rule).
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
     within("the admin request", stream.write_all(request.as_bytes()))
         .await

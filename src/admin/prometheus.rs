@@ -123,6 +123,39 @@ pub fn render(state: &State) -> String {
     }
     header(
         &mut out,
+        "fulcrum_backend_admin_state",
+        "gauge",
+        "1 for the admin state an operator set for the backend (ready, drain, maint), 0 for the others.",
+    );
+    for u in state.upstreams() {
+        for b in &u.backends {
+            let current = b.health.admin_state();
+            for s in crate::health::AdminState::ALL {
+                let _ = writeln!(
+                    out,
+                    "fulcrum_backend_admin_state{{upstream=\"{}\",backend=\"{}\",state=\"{}\"}} {}",
+                    escape(&u.name),
+                    escape(&b.label),
+                    s.label(),
+                    u8::from(s == current)
+                );
+            }
+        }
+    }
+    header(
+        &mut out,
+        "fulcrum_backend_admin_state_changes_total",
+        "counter",
+        "Admin state changes of each backend (POST /upstreams/{upstream}/backends/{backend}/state).",
+    );
+    backend_counter(
+        &mut out,
+        state,
+        "fulcrum_backend_admin_state_changes_total",
+        |b| b.health.admin_changes.get(),
+    );
+    header(
+        &mut out,
         "fulcrum_config_reloads_total",
         "counter",
         "Configuration reloads, by result (ok: applied; error: refused, the old one kept serving).",

@@ -70,6 +70,9 @@ pub struct BackendStatus {
     pub address: String,
     /// `"up"` (in rotation) or `"down"` (marked down by health checks).
     pub health: &'static str,
+    /// What an operator set: `"ready"`, `"drain"` (no new connections) or `"maint"` (no new
+    /// connections, open ones closed).
+    pub admin_state: &'static str,
     /// Connections counted against it now (from selection until both directions close).
     pub active: u32,
     /// Connections proxied to it (connect succeeded), since start.
@@ -107,6 +110,7 @@ pub fn snapshot(state: &State, now: Instant) -> Status {
                 .map(|(b, active)| BackendStatus {
                     address: b.label.clone(),
                     health: if b.is_up() { "up" } else { "down" },
+                    admin_state: b.health.admin_state().label(),
                     active,
                     connections_total: b.connections.get(),
                     connect_failures_total: b.connect_failures.get(),

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::{check_reply, jittered, Failure, Source, Transition};
+use super::{check_reply, jittered, AdminState, Failure, Source, Transition};
 use crate::config::{BackendAddr, HealthCheckConfig};
 use crate::net::dial;
 use crate::state::Upstream;
@@ -55,9 +55,9 @@ pub fn record(upstream: &Upstream, index: usize, source: Source, outcome: Result
         }
         Some(Transition::Up) => {
             status.down = CancellationToken::new();
-            match upstream.health_check.slow_start {
-                Some(period) => upstream.pool.ramp_up(index, Instant::now(), period),
-                None => upstream.pool.set_in_rotation(index, true),
+            // Drained or in maintenance, it stays out of rotation until an operator says ready.
+            if status.admin == AdminState::Ready {
+                back_in_rotation(upstream, index);
             }
             health.up.store(true, Ordering::Relaxed);
             drop(status);
@@ -70,6 +70,57 @@ pub fn record(upstream: &Upstream, index: usize, source: Source, outcome: Result
             );
         }
     }
+}
+
+/// Puts backend `index` back in rotation, ramping it in when the upstream has slow start.
+fn back_in_rotation(upstream: &Upstream, index: usize) {
+    match upstream.health_check.slow_start {
+        Some(period) => upstream.pool.ramp_up(index, Instant::now(), period),
+        None => upstream.pool.set_in_rotation(index, true),
+    }
+}
+
+/// Sets the admin state of backend `index` of `upstream` (an operator's request through the
+/// admin API, `who` for the log line): `drain` takes it out of rotation, `maint` also closes
+/// its open connections, `ready` returns it to rotation if it is healthy. Returns the state it
+/// had, or `None` if the backend is not in this generation.
+pub fn set_admin_state(
+    upstream: &Upstream,
+    index: usize,
+    state: AdminState,
+    who: &str,
+) -> Option<AdminState> {
+    let backend = upstream.backend(index)?;
+    let health = &backend.health;
+    let mut status = health.lock();
+    let before = status.admin;
+    status.admin = state;
+    health.admin.store(state as u8, Ordering::Relaxed);
+    match state {
+        AdminState::Ready if before != AdminState::Ready && status.state.is_up() => {
+            back_in_rotation(upstream, index)
+        }
+        AdminState::Ready => {}
+        AdminState::Drain | AdminState::Maint => upstream.pool.set_in_rotation(index, false),
+    }
+    if state == AdminState::Maint {
+        status.maint.cancel();
+    } else if before == AdminState::Maint {
+        status.maint = CancellationToken::new();
+    }
+    drop(status);
+    if before != state {
+        health.admin_changes.inc();
+    }
+    info!(
+        upstream = %upstream.name,
+        backend = %backend.label,
+        from = before.label(),
+        to = state.label(),
+        by = who,
+        "backend admin state set"
+    );
+    Some(before)
 }
 
 /// Starts one probe loop per backend of `upstream`, tracked by `tracker`, stopped by `shutdown`

@@ -53,7 +53,16 @@ pub enum RedisClientError {
 /// The redis client for `shared`: its URL, the password from `password_file` if any, and for
 /// `rediss://` the `[rate_limit.shared.tls]` files (checked here). Does no network I/O.
 pub fn redis_client(shared: &SharedRateLimitConfig) -> Result<redis::Client, RedisClientError> {
-    let failed = |e: redis::RedisError| RedisClientError::Client(e.to_string());
+    // Whatever the redis crate says, the password and the URL's password never show.
+    let failed = |e: redis::RedisError| {
+        let mut message = e
+            .to_string()
+            .replace(&shared.redis, &crate::config::redact_url(&shared.redis));
+        if let Some(password) = &shared.password {
+            message = message.replace(password.expose(), "***");
+        }
+        RedisClientError::Client(message)
+    };
     let mut info = redis::IntoConnectionInfo::into_connection_info(shared.redis.as_str()).map_err(failed)?;
     if let Some(password) = &shared.password {
         let settings = info.redis_settings().clone().set_password(password.expose());

@@ -20,7 +20,8 @@ use crate::ratelimit::{ClusterLimiter, Limiter, RateLimiter};
 use crate::tls::ServerTls;
 
 /// Checks everything `run` would load (config and certificate files) without binding anything,
-/// and returns warnings: what loads but an operator should fix (a CRL past its `nextUpdate`).
+/// and returns warnings: what loads but an operator should fix (a CRL past its `nextUpdate`, an
+/// admin listener open to the network without a token).
 /// `fulcrum check` calls this; `Server::bind` and reloads build the same state.
 pub fn validate(config: &Config) -> Result<Vec<String>, ServerError> {
     let tls = load(config)?;
@@ -31,6 +32,18 @@ pub fn validate(config: &Config) -> Result<Vec<String>, ServerError> {
         .collect();
     let state = State::assemble(config, tls, addrs, None, 1);
     let mut warnings = Vec::new();
+    if let Some(admin) = config
+        .admin
+        .as_ref()
+        .filter(|a| a.is_exposed() && a.token.is_none())
+    {
+        let addr = admin.bind.map(|a| a.to_string()).unwrap_or_default();
+        warnings.push(format!(
+            "[admin] bind = {addr:?} is not a loopback address and there is no token_file: anyone who can reach it \
+             reads /status and /metrics, and mutating endpoints (POST /reload, backend states) are refused; \
+             set [admin] token_file (or bind to loopback, or use [admin] socket)"
+        ));
+    }
     for (listener, issuer, at) in state.crl_deadlines() {
         if at <= std::time::SystemTime::now() {
             warnings.push(format!(
@@ -223,6 +236,7 @@ impl State {
                 crate::caps::default_max_connections(crate::net::open_file_limit().unwrap_or(1024))
             }),
             global_limiter,
+            admin: config.admin.clone(),
             reload: config.reload.clone(),
             files: config.files(),
             loaded: loaded.fingerprint,

@@ -1,0 +1,312 @@
+//! `fulcrum ctl`: a client of the admin API, so operators need no curl recipes.
+//!
+//! [`run`] sends one request (hyper's HTTP/1.1 client, over TCP or the admin Unix socket, with
+//! the token when one is given, under [`DEADLINE`]) and turns the answer into text for a person
+//! or, with `--json`, the API's own JSON. [`CtlError`] says which exit code applies: 1 when the
+//! admin API refused (401, 403, 404, 422, ...), 2 when it could not be reached. This module is a
+//! client only; the rules it meets are `admin`'s.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+use crate::health::AdminState;
+
+/// Everything one `fulcrum ctl` call may take.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Where the admin API is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Tcp(SocketAddr),
+    Socket(PathBuf),
+}
+
+/// What to ask.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Status,
+    Reload,
+    /// Set a backend's admin state.
+    Set {
+        upstream: String,
+        backend: String,
+        state: AdminState,
+    },
+}
+
+/// Why a `fulcrum ctl` call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// The admin API answered with an error status.
+    #[error("{status}: {message}")]
+    Refused { status: u16, message: String },
+    /// The admin API could not be reached (or the token file read).
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+impl CtlError {
+    /// The process exit code: 1 refused, 2 unreachable.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CtlError::Refused { .. } => 1,
+            CtlError::Unreachable(_) => 2,
+        }
+    }
+}
+
+/// Runs `command` against `target`, with the token in `token_file` if given; returns what to
+/// print: the API's JSON with `json`, else text for a person.
+pub async fn run(
+    target: &Target,
+    token_file: Option<&PathBuf>,
+    command: &Command,
+    json: bool,
+) -> Result<String, CtlError> {
+    let token = match token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                CtlError::Unreachable(format!("cannot read the token file {}: {e}", path.display()))
+            })?;
+            Some(text.trim_end().to_string())
+        }
+        None => None,
+    };
+    let (method, path, body) = match command {
+        Command::Status => ("GET", "/status".to_string(), None),
+        Command::Reload => ("POST", "/reload".to_string(), Some(String::new())),
+        Command::Set {
+            upstream,
+            backend,
+            state,
+        } => (
+            "POST",
+            format!(
+                "/upstreams/{}/backends/{}/state",
+                encode(upstream),
+                encode(backend)
+            ),
+            Some(serde_json::json!({ "state": state.label() }).to_string()),
+        ),
+    };
+    let call = request(target, token.as_deref(), method, &path, body);
+    let (status, text) = tokio::time::timeout(DEADLINE, call)
+        .await
+        .map_err(|_| CtlError::Unreachable(format!("no answer within {DEADLINE:?}")))??;
+    if !(200..300).contains(&status) {
+        let message = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| text.trim().to_string());
+        return Err(CtlError::Refused { status, message });
+    }
+    if json {
+        return Ok(text.trim_end().to_string());
+    }
+    let value: Value = serde_json::from_str(&text).map_err(|e| {
+        CtlError::Unreachable(format!("the admin API answered something other than JSON: {e}"))
+    })?;
+    Ok(match command {
+        Command::Status => describe_status(&value),
+        Command::Reload => format!("reloaded: generation {}", value["generation"]),
+        Command::Set {
+            upstream, backend, ..
+        } => format!(
+            "upstream {upstream} backend {backend}: {} (was {})",
+            value["state"].as_str().unwrap_or("?"),
+            value["previous"].as_str().unwrap_or("?")
+        ),
+    })
+}
+
+/// One HTTP/1.1 exchange; the status and the body.
+async fn request(
+    target: &Target,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+) -> Result<(u16, String), CtlError> {
+    let unreachable = |what: String| CtlError::Unreachable(what);
+    let host = match target {
+        Target::Tcp(addr) => addr.to_string(),
+        Target::Socket(_) => "localhost".to_string(),
+    };
+    let mut builder = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, host);
+    if let Some(token) = token {
+        builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    if body.is_some() {
+        builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
+    let request = builder
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .map_err(|e| unreachable(format!("cannot build the request: {e}")))?;
+    let response = match target {
+        Target::Tcp(addr) => {
+            let stream = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| unreachable(format!("cannot connect to the admin API at {addr}: {e}")))?;
+            exchange(stream, request).await?
+        }
+        Target::Socket(path) => {
+            let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+                unreachable(format!(
+                    "cannot connect to the admin socket {}: {e}",
+                    path.display()
+                ))
+            })?;
+            exchange(stream, request).await?
+        }
+    };
+    Ok(response)
+}
+
+async fn exchange<S>(stream: S, request: hyper::Request<Full<Bytes>>) -> Result<(u16, String), CtlError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let broken = |e: hyper::Error| CtlError::Unreachable(format!("the admin API connection failed: {e}"));
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(broken)?;
+    let driver = tokio::spawn(connection);
+    let response = sender.send_request(request).await.map_err(broken)?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.map_err(broken)?.to_bytes();
+    driver.abort();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Percent-encodes a path segment (backend labels hold `:` and, for IPv6, brackets).
+fn encode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    out
+}
+
+/// `/status` as text: the generation, then each listener, then each upstream and its backends.
+fn describe_status(status: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "generation {}, up {}, {} active connection(s){}",
+        status["generation"],
+        humantime::format_duration(Duration::from_secs(
+            status["uptime_seconds"].as_u64().unwrap_or(0)
+        )),
+        status["active_connections"],
+        if status["draining"].as_bool() == Some(true) {
+            ", draining"
+        } else {
+            ", serving"
+        }
+    );
+    for l in status["listeners"].as_array().into_iter().flatten() {
+        let refused: Vec<String> = l["rejected"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        let binds: Vec<&str> = l["bind"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let _ = writeln!(
+            out,
+            "listener {} {} -> {}{}, accepted {}, refused {}",
+            l["name"].as_str().unwrap_or("?"),
+            binds.join(","),
+            l["upstream"].as_str().unwrap_or("?"),
+            match (l["mtls"].as_bool(), l["tls"].as_bool()) {
+                (Some(true), _) => " (mTLS)",
+                (_, Some(true)) => " (TLS)",
+                _ => "",
+            },
+            l["accepted"],
+            if refused.is_empty() {
+                "0".to_string()
+            } else {
+                refused.join(", ")
+            }
+        );
+    }
+    for u in status["upstreams"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "upstream {}: {} active",
+            u["name"].as_str().unwrap_or("?"),
+            u["active"]
+        );
+        for b in u["backends"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "  {:<24} {:<5} {:<6} {} active, {} connections, {} connect failures",
+                b["address"].as_str().unwrap_or("?"),
+                b["health"].as_str().unwrap_or("?"),
+                b["admin_state"].as_str().unwrap_or("?"),
+                b["active"],
+                b["connections_total"],
+                b["connect_failures_total"]
+            );
+        }
+    }
+    out.trim_end().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_labels_are_percent_encoded_as_path_segments() {
+        assert_eq!(encode("127.0.0.1:8080"), "127.0.0.1%3A8080");
+        assert_eq!(encode("[::1]:80"), "%5B%3A%3A1%5D%3A80");
+        assert_eq!(encode("app-0.app:8080"), "app-0.app%3A8080");
+    }
+
+    #[test]
+    fn a_status_reads_as_one_line_per_listener_and_backend() {
+        let status = serde_json::json!({
+            "generation": 2, "uptime_seconds": 61, "active_connections": 1, "draining": false,
+            "listeners": [{"name": "web", "bind": ["127.0.0.1:8443"], "upstream": "web", "tls": true,
+                           "mtls": true, "accepted": 5, "rejected": {"rate_limited": 2, "unauthorized": 0}}],
+            "upstreams": [{"name": "web", "active": 1, "backends": [{"address": "127.0.0.1:9001",
+                           "health": "up", "admin_state": "drain", "active": 1, "connections_total": 4,
+                           "connect_failures_total": 0}]}]
+        });
+        let text = describe_status(&status);
+        assert!(
+            text.starts_with("generation 2, up 1m 1s, 1 active connection(s), serving"),
+            "{text}"
+        );
+        assert!(
+            text.contains("listener web 127.0.0.1:8443 -> web (mTLS), accepted 5, refused rate_limited 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("127.0.0.1:9001") && text.contains("drain"),
+            "{text}"
+        );
+    }
+}
