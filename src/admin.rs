@@ -12,6 +12,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -69,16 +70,27 @@ pub(crate) async fn serve(sockets: Sockets, handle: Handle, stop: CancellationTo
     let Sockets { tcp, unix } = sockets;
     let unix_path = unix.as_ref().map(|(_, path)| path.clone());
     if let Some(tcp) = tcp {
-        tracker.spawn(accept_tcp(
-            tcp,
-            router.clone(),
-            Arc::clone(&slots),
+        let accept = move |cx: &mut Context<'_>| tcp.poll_accept(cx).map_ok(|(stream, _)| stream);
+        let (router, slots) = (router.clone(), Arc::clone(&slots));
+        tracker.spawn(accept_loop(
+            accept,
+            Via::Tcp,
+            router,
+            slots,
             tracker.clone(),
             stop.clone(),
         ));
     }
     if let Some((unix, _)) = unix {
-        tracker.spawn(accept_unix(unix, router, slots, tracker.clone(), stop.clone()));
+        let accept = move |cx: &mut Context<'_>| unix.poll_accept(cx).map_ok(|(stream, _)| stream);
+        tracker.spawn(accept_loop(
+            accept,
+            Via::Socket,
+            router,
+            slots,
+            tracker.clone(),
+            stop.clone(),
+        ));
     }
     tracker.close();
     tracker.wait().await;
@@ -87,39 +99,24 @@ pub(crate) async fn serve(sockets: Sockets, handle: Handle, stop: CancellationTo
     }
 }
 
-async fn accept_tcp(
-    socket: TcpListener,
+/// Accepts admin connections with `accept` (one listener's `poll_accept`) until `stop`.
+async fn accept_loop<S>(
+    mut accept: impl FnMut(&mut Context<'_>) -> Poll<std::io::Result<S>>,
+    via: Via,
     router: Router,
     slots: Arc<Semaphore>,
     tracker: TaskTracker,
     stop: CancellationToken,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
-            accepted = socket.accept() => accepted,
+            accepted = std::future::poll_fn(&mut accept) => accepted,
         };
         match accepted {
-            Ok((stream, _)) => connection(stream, Via::Tcp, &router, &slots, &tracker, &stop),
-            Err(e) => accept_failed(&e).await,
-        }
-    }
-}
-
-async fn accept_unix(
-    socket: UnixListener,
-    router: Router,
-    slots: Arc<Semaphore>,
-    tracker: TaskTracker,
-    stop: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = socket.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, _)) => connection(stream, Via::Socket, &router, &slots, &tracker, &stop),
+            Ok(stream) => connection(stream, via, &router, &slots, &tracker, &stop),
             Err(e) => accept_failed(&e).await,
         }
     }
