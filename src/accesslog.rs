@@ -41,8 +41,10 @@ pub(crate) struct Entry {
     pub(crate) client: SocketAddr,
     /// The verified client identity (mTLS listeners), once known.
     pub(crate) identity: Option<String>,
-    /// The upstream chosen (SNI or the listener's), once known.
+    /// The upstream chosen (SNI, ALPN or the listener's), once known.
     pub(crate) upstream: Option<String>,
+    /// The protocol negotiated by ALPN, if any.
+    pub(crate) alpn: Option<String>,
     /// The backend's configured label, once one answered.
     pub(crate) backend: Option<String>,
     /// Bytes from the client to the backend.
@@ -68,6 +70,7 @@ impl Entry {
             client,
             identity: None,
             upstream: None,
+            alpn: None,
             backend: None,
             bytes_up: 0,
             bytes_down: 0,
@@ -91,6 +94,7 @@ impl Entry {
             client: self.client,
             identity: self.identity.as_deref(),
             upstream: self.upstream.as_deref(),
+            alpn: self.alpn.as_deref(),
             backend: self.backend.as_deref(),
             bytes_up: self.bytes_up,
             bytes_down: self.bytes_down,
@@ -111,6 +115,8 @@ struct Line<'a> {
     client: SocketAddr,
     identity: Option<&'a str>,
     upstream: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alpn: Option<&'a str>,
     backend: Option<&'a str>,
     bytes_up: u64,
     bytes_down: u64,

@@ -233,6 +233,8 @@ pub struct ListenerConfig {
     pub tls: Option<TlsConfig>,
     /// Server name (lowercase) -> upstream, for TLS listeners serving several upstreams.
     pub sni: Vec<(String, String)>,
+    /// `[listener.alpn]`: negotiated protocol -> upstream (an SNI route wins over it).
+    pub alpn_routes: Vec<(String, String)>,
     /// Deadline for the whole TLS handshake (not per read).
     pub handshake_timeout: Duration,
     /// The limit on this listener's clients (its own, else the global one); `None`: unlimited.
@@ -284,6 +286,12 @@ pub struct TlsConfig {
     pub session_cache: usize,
     /// How long after its full handshake a session may be resumed.
     pub session_timeout: Duration,
+    /// `alpn`: the application protocols offered by ALPN, in order of preference (empty: no
+    /// ALPN, as a plain L4 balancer must not promise a protocol its backends may not speak).
+    pub alpn: Vec<String>,
+    /// `alpn_required`: a client that offers no ALPN at all is refused (without it, it is served
+    /// by the listener's own upstream).
+    pub alpn_required: bool,
 }
 
 impl TlsConfig {
@@ -300,6 +308,8 @@ impl TlsConfig {
             identity_from_cn: true,
             session_cache: DEFAULT_SESSION_CACHE,
             session_timeout: DEFAULT_SESSION_TIMEOUT,
+            alpn: Vec::new(),
+            alpn_required: false,
         }
     }
 }
@@ -489,6 +499,20 @@ pub struct UpstreamTlsConfig {
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// Name checked in the backends' certificates (and sent as SNI); default: the backend's host.
     pub server_name: Option<String>,
+    /// What is offered by ALPN to the backends.
+    pub alpn: UpstreamAlpn,
+}
+
+/// `[upstream.tls] alpn`: what fulcrum offers the backends by ALPN.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum UpstreamAlpn {
+    /// Nothing (the default).
+    #[default]
+    None,
+    /// `"client"`: the protocol the client negotiated with fulcrum (nothing if it negotiated none).
+    Client,
+    /// A fixed list, in order of preference.
+    Fixed(Vec<String>),
 }
 
 /// `[upstream.health_check]`: how backends are probed and when they change state.
@@ -800,6 +824,8 @@ struct RawListener {
     tls: Option<RawTls>,
     #[serde(default)]
     sni: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    alpn: std::collections::BTreeMap<String, String>,
     handshake_timeout: Option<String>,
     rate_limit: Option<RawRateLimitOverride>,
     reject_response: Option<String>,
@@ -827,6 +853,8 @@ struct RawTls {
     identity_from_cn: Option<bool>,
     session_cache: Option<usize>,
     session_timeout: Option<String>,
+    alpn: Option<Vec<String>>,
+    alpn_required: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -890,6 +918,15 @@ struct RawUpstreamTls {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     server_name: Option<String>,
+    alpn: Option<RawUpstreamAlpn>,
+}
+
+/// `alpn = "client"` or `alpn = ["h2", ...]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawUpstreamAlpn {
+    Client(String),
+    Fixed(Vec<String>),
 }
 
 #[derive(Deserialize)]
@@ -1007,6 +1044,22 @@ impl Validator<'_> {
                 }
                 sni.push((server_name.to_ascii_lowercase(), upstream));
             }
+            let mut alpn_routes = Vec::with_capacity(l.alpn.len());
+            for (protocol, upstream) in l.alpn {
+                let k = key(&format!("alpn.{protocol:?}"));
+                let offered = tls.as_ref().is_some_and(|t| t.alpn.contains(&protocol));
+                if !offered {
+                    return Err(self.invalid(
+                        k,
+                        &upstream,
+                        "routes a protocol that [listener.tls] alpn does not offer",
+                    ));
+                }
+                if !known(&upstream) {
+                    return Err(self.invalid(k, &upstream, "no [[upstream]] has this name"));
+                }
+                alpn_routes.push((protocol, upstream));
+            }
             let handshake_timeout = match &l.handshake_timeout {
                 Some(text) => self.duration(&key("handshake_timeout"), text)?,
                 None => DEFAULT_HANDSHAKE_TIMEOUT,
@@ -1083,6 +1136,7 @@ impl Validator<'_> {
                 upstream: l.upstream,
                 tls,
                 sni,
+                alpn_routes,
                 handshake_timeout,
                 rate_limit,
                 reject_response: l.reject_response.map(String::into_bytes),
@@ -1443,6 +1497,15 @@ impl Validator<'_> {
             Some(text) => self.duration(&format!("{key}.session_timeout"), text)?,
             None => DEFAULT_SESSION_TIMEOUT,
         };
+        let alpn = self.alpn_list(&format!("{key}.alpn"), raw.alpn.unwrap_or_default())?;
+        let alpn_required = raw.alpn_required.unwrap_or(false);
+        if alpn_required && alpn.is_empty() {
+            return Err(self.invalid(
+                format!("{key}.alpn_required"),
+                "true",
+                "needs alpn (the protocols to offer)",
+            ));
+        }
         Ok(TlsConfig {
             cert: self.base.join(raw.cert),
             key: self.base.join(raw.key),
@@ -1453,7 +1516,24 @@ impl Validator<'_> {
             identity_from_cn: raw.identity_from_cn.unwrap_or(true),
             session_cache: raw.session_cache.unwrap_or(DEFAULT_SESSION_CACHE),
             session_timeout,
+            alpn,
+            alpn_required,
         })
+    }
+
+    /// ALPN protocol ids: 1 to 255 bytes each (RFC 7301), no duplicates.
+    fn alpn_list(&self, key: &str, list: Vec<String>) -> Result<Vec<String>, ConfigError> {
+        let mut out: Vec<String> = Vec::with_capacity(list.len());
+        for id in list {
+            if id.is_empty() || id.len() > 255 {
+                return Err(self.invalid(key, &id, "an ALPN protocol id is 1 to 255 bytes"));
+            }
+            if out.contains(&id) {
+                return Err(self.invalid(key, &id, "listed twice"));
+            }
+            out.push(id);
+        }
+        Ok(out)
     }
 
     fn upstream(&self, i: usize, u: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
@@ -1497,6 +1577,20 @@ impl Validator<'_> {
                 ca: self.base.join(t.ca),
                 client_cert: self.client_cert(&key("tls"), t.cert, t.key)?,
                 server_name: t.server_name,
+                alpn: match t.alpn {
+                    None => UpstreamAlpn::None,
+                    Some(RawUpstreamAlpn::Client(word)) if word == "client" => UpstreamAlpn::Client,
+                    Some(RawUpstreamAlpn::Client(word)) => {
+                        return Err(self.invalid(
+                            key("tls.alpn"),
+                            word,
+                            "expected \"client\" or a list of protocols",
+                        ))
+                    }
+                    Some(RawUpstreamAlpn::Fixed(list)) => {
+                        UpstreamAlpn::Fixed(self.alpn_list(&key("tls.alpn"), list)?)
+                    }
+                },
             }),
         };
         let tcp_keepalive = self.keepalive(&key("tcp_keepalive"), u.tcp_keepalive)?;

@@ -70,6 +70,7 @@ pub(crate) async fn handle(
         client.id = field::Empty,
         upstream = field::Empty,
         backend.addr = field::Empty,
+        alpn = field::Empty,
     );
     let started = Instant::now();
     let _ = client.set_nodelay(true);
@@ -354,7 +355,14 @@ async fn admit(
             .negotiated_cipher_suite()
             .map(|s| format!("{:?}", s.suite())),
         cn: None,
+        alpn: session.alpn_protocol().map(<[u8]>::to_vec),
     });
+    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    if let Some(protocol) = &alpn {
+        let shown = String::from_utf8_lossy(protocol);
+        Span::current().record("alpn", field::display(&shown));
+        entry.alpn = Some(shown.into_owned());
+    }
     let presented = Presented {
         chain: session
             .peer_certificates()
@@ -362,6 +370,7 @@ async fn admit(
             .unwrap_or_default(),
         resumed: session.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
         server_name: who.authority.as_deref(),
+        alpn: alpn.as_deref(),
         handshake_tls: tls,
         accepted_by: listener,
     };
@@ -396,6 +405,8 @@ struct Presented<'a> {
     /// Whether the session was resumed: rustls then checked no certificate.
     resumed: bool,
     server_name: Option<&'a str>,
+    /// The protocol negotiated by ALPN.
+    alpn: Option<&'a [u8]>,
     /// The TLS configuration the handshake ran with (the accepting generation's).
     handshake_tls: &'a ServerTls,
     accepted_by: &'a Listener,
@@ -421,7 +432,11 @@ impl Presented<'_> {
                 "its listener was removed by a reload",
             ));
         };
-        let upstream = Arc::clone(listener.route(self.server_name));
+        if listener.alpn_required && self.alpn.is_none() {
+            let detail = "the client offered no ALPN protocol (alpn_required)";
+            return Err(Refusal::handshake(listener, HandshakeFailure::NoAlpn, detail));
+        }
+        let upstream = Arc::clone(listener.route(self.server_name, self.alpn));
         if !listener.mutual_tls {
             let judged = Judged {
                 listener: Arc::clone(listener),

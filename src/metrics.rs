@@ -109,6 +109,10 @@ pub enum HandshakeFailure {
     BadUsage,
     /// Another certificate fault (malformed, unsupported).
     BadCertificate,
+    /// The client offered ALPN protocols, none of which the listener speaks (`alpn`).
+    NoApplicationProtocol,
+    /// The client offered no ALPN at all, on a listener with `alpn_required`.
+    NoAlpn,
     /// The client broke the TLS protocol, offered nothing we accept, or sent an alert.
     Protocol,
     /// The client closed or reset the connection during the handshake.
@@ -118,7 +122,7 @@ pub enum HandshakeFailure {
 }
 
 impl HandshakeFailure {
-    pub const ALL: [HandshakeFailure; 11] = [
+    pub const ALL: [HandshakeFailure; 13] = [
         HandshakeFailure::NoCertificate,
         HandshakeFailure::UnknownCa,
         HandshakeFailure::Expired,
@@ -127,6 +131,8 @@ impl HandshakeFailure {
         HandshakeFailure::RevocationUnknown,
         HandshakeFailure::BadUsage,
         HandshakeFailure::BadCertificate,
+        HandshakeFailure::NoApplicationProtocol,
+        HandshakeFailure::NoAlpn,
         HandshakeFailure::Protocol,
         HandshakeFailure::Closed,
         HandshakeFailure::Timeout,
@@ -142,6 +148,8 @@ impl HandshakeFailure {
             HandshakeFailure::RevocationUnknown => "revocation_unknown",
             HandshakeFailure::BadUsage => "bad_usage",
             HandshakeFailure::BadCertificate => "bad_certificate",
+            HandshakeFailure::NoApplicationProtocol => "no_application_protocol",
+            HandshakeFailure::NoAlpn => "no_alpn",
             HandshakeFailure::Protocol => "protocol",
             HandshakeFailure::Closed => "closed",
             HandshakeFailure::Timeout => "timeout",

@@ -10,7 +10,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -74,17 +73,18 @@ pub(crate) async fn open(
             );
             stream.write_all(&header).await.map_err(Failure::Io)?;
         }
-        let Some((config, name)) = &upstream.tls else {
+        let Some(tls) = &upstream.tls else {
             return Ok(BackendStream::Plain(stream));
         };
-        let name = match (name, &backend.addr) {
+        let config = tls.config_for(origin.ssl.and_then(|s| s.alpn.as_deref()));
+        let name = match (&tls.server_name, &backend.addr) {
             (Some(name), _) => name.clone(),
             (None, BackendAddr::Name { host, .. }) => host.clone(),
             (None, BackendAddr::Ip(ip)) => ip.ip().to_string(),
         };
         let name = rustls::pki_types::ServerName::try_from(name)
             .map_err(|e| Failure::Io(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
+        let tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, stream)
             .await
             .map_err(Failure::Io)?;

@@ -45,6 +45,9 @@ pub struct SslInfo {
     pub cipher: Option<String>,
     /// `PP2_SUBTYPE_SSL_CN`: fulcrum puts the client identity here.
     pub cn: Option<String>,
+    /// The protocol negotiated by ALPN: written as its own `PP2_TYPE_ALPN` TLV (not a sub-TLV
+    /// of `PP2_TYPE_SSL`), read back here when the header also has an SSL TLV.
+    pub alpn: Option<Vec<u8>>,
 }
 
 /// A parsed header.
@@ -62,10 +65,15 @@ pub struct Header {
     pub authority: Option<String>,
     /// `PP2_TYPE_SSL`: the client's TLS session (v2 only).
     pub ssl: Option<SslInfo>,
+    /// `PP2_TYPE_ALPN`: the application protocol the client negotiated (v2 only).
+    pub alpn: Option<Vec<u8>>,
 }
 
 /// The outcome of [`parse`] on the bytes received so far.
 #[derive(Debug, PartialEq, Eq)]
+// Returned once per parse and consumed at once, never stored: the size of `Complete` costs
+// nothing, and boxing it would cost an allocation per header.
+#[allow(clippy::large_enum_variant)]
 pub enum Parse {
     /// Need more bytes (the caller reads more, within its deadline and [`MAX_HEADER`]).
     Incomplete,
@@ -125,6 +133,7 @@ const INET_BLOCK: usize = 12;
 const INET6_BLOCK: usize = 36;
 const UNIX_BLOCK: usize = 216;
 
+const PP2_TYPE_ALPN: u8 = 0x01;
 const PP2_TYPE_AUTHORITY: u8 = 0x02;
 const PP2_TYPE_CRC32C: u8 = 0x03;
 const PP2_TYPE_SSL: u8 = 0x20;
@@ -144,8 +153,8 @@ const MAX_TLV_VALUE: usize = 1000;
 ///
 /// v1 ignores `ssl` and `authority`. Mixed address families are written as IPv6 (IPv4-mapped):
 /// `TCP6` in v1, `AF_INET6` in v2. v2 adds `PP2_TYPE_AUTHORITY` (the SNI) when given and
-/// `PP2_TYPE_SSL` with its sub-TLVs when `ssl` is given; string values longer than 1000 bytes
-/// are omitted (see `MAX_TLV_VALUE`). IPv6 flow info and scope ids are not carried.
+/// `PP2_TYPE_SSL` with its sub-TLVs when `ssl` is given, and `PP2_TYPE_ALPN` when `ssl` names a
+/// negotiated protocol; string values longer than 1000 bytes are omitted (see `MAX_TLV_VALUE`). IPv6 flow info and scope ids are not carried.
 pub fn encode(
     version: Version,
     source: SocketAddr,
@@ -226,8 +235,14 @@ fn encode_v2(
         }
         push_tlv(&mut out, PP2_TYPE_SSL, &value);
     }
-    // At most 16 + 36 + 3 + 1000 + 3 + 5 + 3 * 1003 = 4072 bytes (MAX_TLV_VALUE), so the
-    // length always fits in the u16 field and under MAX_HEADER.
+    // The ALPN protocol id (at most 255 bytes by RFC 7301), when it still fits under MAX_HEADER.
+    if let Some(alpn) = ssl.and_then(|s| s.alpn.as_deref()) {
+        if alpn.len() <= 255 && out.len() + 3 + alpn.len() <= MAX_HEADER {
+            push_tlv(&mut out, PP2_TYPE_ALPN, alpn);
+        }
+    }
+    // At most 16 + 36 + 3 + 1000 + 3 + 5 + 3 * 1003 = 4072 bytes (MAX_TLV_VALUE) before the
+    // ALPN, which is only added under MAX_HEADER, so the length always fits in the u16 field.
     let len = u16::try_from(out.len() - V2_FIXED).unwrap_or(u16::MAX);
     out[14..16].copy_from_slice(&len.to_be_bytes());
     out
@@ -289,6 +304,7 @@ fn parse_v1(buf: &[u8]) -> Result<Parse, ProxyHeaderError> {
         destination,
         authority: None,
         ssl: None,
+        alpn: None,
     }))
 }
 
@@ -468,6 +484,7 @@ fn parse_v2(buf: &[u8]) -> Result<Parse, ProxyHeaderError> {
         destination: None,
         authority: None,
         ssl: None,
+        alpn: None,
     };
     if local {
         return Ok(Parse::Complete(parsed));
@@ -477,6 +494,9 @@ fn parse_v2(buf: &[u8]) -> Result<Parse, ProxyHeaderError> {
         (parsed.source, parsed.destination) = v2_addresses(fam >> 4, addresses);
     }
     read_tlvs(header, V2_FIXED + block, &mut parsed)?;
+    if let Some(ssl) = &mut parsed.ssl {
+        ssl.alpn.clone_from(&parsed.alpn);
+    }
     Ok(Parse::Complete(parsed))
 }
 
@@ -541,6 +561,7 @@ fn read_tlvs(header: &[u8], start: usize, parsed: &mut Header) -> Result<(), Pro
         let (kind, value, offset) = tlv?;
         match kind {
             PP2_TYPE_AUTHORITY => set_once(&mut parsed.authority, utf8(kind, value)?, "authority")?,
+            PP2_TYPE_ALPN => set_once(&mut parsed.alpn, value.to_vec(), "ALPN")?,
             PP2_TYPE_SSL => {
                 if parsed.ssl.is_some() {
                     return Err(ProxyHeaderError::Tlv("duplicate SSL TLV".into()));
@@ -598,7 +619,7 @@ fn utf8(kind: u8, value: &[u8]) -> Result<String, ProxyHeaderError> {
 }
 
 /// Stores a value that may appear once: a second copy could disagree with the first.
-fn set_once(slot: &mut Option<String>, value: String, what: &str) -> Result<(), ProxyHeaderError> {
+fn set_once<T>(slot: &mut Option<T>, value: T, what: &str) -> Result<(), ProxyHeaderError> {
     if slot.is_some() {
         return Err(ProxyHeaderError::Tlv(format!("duplicate {what}")));
     }

@@ -114,6 +114,10 @@ pub struct Listener {
     pub mutual_tls: bool,
     /// Lowercase server name -> upstream.
     pub sni: Vec<(String, Arc<Upstream>)>,
+    /// Negotiated ALPN protocol -> upstream (`[listener.alpn]`).
+    pub alpn_routes: Vec<(Vec<u8>, Arc<Upstream>)>,
+    /// `[listener.tls] alpn_required`.
+    pub alpn_required: bool,
     pub handshake_timeout: Duration,
     /// Expect a PROXY protocol header first (see [`crate::config::ListenerConfig`]).
     pub accept_proxy_protocol: bool,
@@ -173,16 +177,17 @@ impl Listener {
         vec![self.bind]
     }
 
-    /// The upstream for a TLS server name: an SNI entry, else the listener's own upstream.
-    pub fn route(&self, server_name: Option<&str>) -> &Arc<Upstream> {
-        server_name
-            .and_then(|name| {
-                self.sni
-                    .iter()
-                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                    .map(|(_, u)| u)
-            })
-            .unwrap_or(&self.upstream)
+    /// The upstream for a TLS server name and negotiated protocol: an SNI entry, else an ALPN
+    /// entry (SNI wins when both match), else the listener's own upstream.
+    pub fn route(&self, server_name: Option<&str>, alpn: Option<&[u8]>) -> &Arc<Upstream> {
+        let by_name = server_name.and_then(|name| {
+            self.sni
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, u)| u)
+        });
+        let by_protocol = || alpn.and_then(|p| self.alpn_routes.iter().find(|(a, _)| a == p).map(|(_, u)| u));
+        by_name.or_else(by_protocol).unwrap_or(&self.upstream)
     }
 }
 
@@ -202,8 +207,8 @@ pub struct Upstream {
     pub health_check: HealthCheckConfig,
     /// PROXY protocol header sent to backends before any client byte.
     pub proxy_protocol: Option<crate::proxy_protocol::Version>,
-    /// TLS to the backends, and the name to verify (default: the backend's host).
-    pub tls: Option<(Arc<rustls::ClientConfig>, Option<String>)>,
+    /// TLS to the backends (`[upstream.tls]`).
+    pub tls: Option<crate::tls::UpstreamTls>,
     /// TCP keepalive on the backend leg.
     pub tcp_keepalive: Option<crate::config::Keepalive>,
 }
@@ -235,7 +240,7 @@ impl Upstream {
     /// retired from the pool; their open connections drain.
     pub(crate) fn new(
         config: &UpstreamConfig,
-        tls: Option<Arc<rustls::ClientConfig>>,
+        tls: Option<crate::tls::UpstreamTls>,
         previous: Option<&Upstream>,
     ) -> Upstream {
         let pool = previous.map_or_else(|| Pool::new(0), |p| Arc::clone(&p.pool));
@@ -279,7 +284,7 @@ impl Upstream {
             connect_attempts: config.connect_attempts,
             health_check: config.health_check.clone(),
             proxy_protocol: config.proxy_protocol,
-            tls: tls.map(|c| (c, config.tls.as_ref().and_then(|t| t.server_name.clone()))),
+            tls,
             tcp_keepalive: config.tcp_keepalive,
         }
     }

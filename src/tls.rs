@@ -172,6 +172,7 @@ pub fn classify(error: &rustls::Error) -> HandshakeFailure {
             _ => HandshakeFailure::BadCertificate,
         },
         Error::InvalidCertRevocationList(_) => HandshakeFailure::BadCertificate,
+        Error::NoApplicationProtocol => HandshakeFailure::NoApplicationProtocol,
         _ => HandshakeFailure::Protocol,
     }
 }
@@ -230,6 +231,8 @@ pub fn server_config(tls: &TlsConfig) -> Result<ServerTls, TlsError> {
             reason: e.to_string(),
         })?;
     config.ignore_client_order = true;
+    // Offered in this order; a client offering only others gets `no_application_protocol`.
+    config.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     if tls.session_cache == 0 {
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
@@ -488,12 +491,51 @@ impl StoresServerSessions for SessionCache {
     }
 }
 
-/// The client configuration for TLS to an upstream's backends: verify them against `ca`, and
-/// present a client certificate when one is configured (mTLS to the backend).
-pub fn client_config(tls: &crate::config::UpstreamTlsConfig) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+/// The client configuration for TLS to an upstream's backends: verify them against `ca`,
+/// present a client certificate when one is configured (mTLS to the backend), and offer the
+/// configured ALPN protocols (with `alpn = "client"`, see [`UpstreamTls::config_for`]).
+pub fn client_config(tls: &crate::config::UpstreamTlsConfig) -> Result<UpstreamTls, TlsError> {
     let roots = trust_anchors("backend CA", &tls.ca, &read("backend CA", &tls.ca)?)?;
     let identity = tls.client_cert.as_ref().map(ClientIdentity::read).transpose()?;
-    Ok(Arc::new(checked_client_config(roots, identity.as_ref())?))
+    let mut config = checked_client_config(roots, identity.as_ref())?;
+    if let crate::config::UpstreamAlpn::Fixed(list) = &tls.alpn {
+        config.alpn_protocols = list.iter().map(|p| p.as_bytes().to_vec()).collect();
+    }
+    Ok(UpstreamTls {
+        config: Arc::new(config),
+        server_name: tls.server_name.clone(),
+        pass_client_alpn: tls.alpn == crate::config::UpstreamAlpn::Client,
+        by_protocol: Mutex::default(),
+    })
+}
+
+/// TLS to an upstream's backends.
+#[derive(Debug)]
+pub struct UpstreamTls {
+    pub config: Arc<rustls::ClientConfig>,
+    /// The name to verify (default: the backend's host).
+    pub server_name: Option<String>,
+    /// `alpn = "client"`: offer the backend the protocol the client negotiated.
+    pass_client_alpn: bool,
+    /// With `pass_client_alpn`, the configuration per protocol, made at first use. Bounded: the
+    /// protocols are those the listeners offer.
+    by_protocol: Mutex<HashMap<Vec<u8>, Arc<rustls::ClientConfig>>>,
+}
+
+impl UpstreamTls {
+    /// The configuration to dial a backend with for a client that negotiated `client_alpn`.
+    pub fn config_for(&self, client_alpn: Option<&[u8]>) -> Arc<rustls::ClientConfig> {
+        let Some(protocol) = client_alpn.filter(|_| self.pass_client_alpn) else {
+            return Arc::clone(&self.config);
+        };
+        let mut by_protocol = self.by_protocol.lock().unwrap_or_else(|p| p.into_inner());
+        let config = by_protocol.entry(protocol.to_vec()).or_insert_with(|| {
+            let mut config = (*self.config).clone();
+            config.alpn_protocols = vec![protocol.to_vec()];
+            Arc::new(config)
+        });
+        Arc::clone(config)
+    }
 }
 
 /// The TLS files for the shared rate limit's Redis, checked like [`client_config`] checks an

@@ -167,6 +167,7 @@ fn regenerate_seed_corpora() {
         version: Some("TLSv1.3".into()),
         cipher: Some("TLS13_AES_128_GCM_SHA256".into()),
         cn: Some("alice".into()),
+        alpn: None,
     };
     pp(
         "v2-ssl-authority.bin",

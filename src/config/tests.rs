@@ -937,3 +937,51 @@ fn an_unparsable_redis_url_is_echoed_without_its_password() {
     assert!(!e.contains("se/cr") && !e.contains("et@"), "{e}");
     assert!(e.contains("***"), "{e}");
 }
+
+#[test]
+fn alpn_keys_load_and_bad_ones_are_refused_naming_the_key() {
+    let tls = "[listener.tls]\ncert='s.pem'\nkey='s.key'\n";
+    let config = listener(&format!(
+        "{tls}alpn = ['h2', 'http/1.1']\nalpn_required = true\n[listener.alpn]\n'h2' = 'u'\n"
+    ))
+    .expect("valid");
+    let l = &config.listeners[0];
+    let t = l.tls.as_ref().expect("tls");
+    assert_eq!(
+        (t.alpn.clone(), t.alpn_required),
+        (vec!["h2".to_string(), "http/1.1".to_string()], true)
+    );
+    assert_eq!(l.alpn_routes, vec![("h2".to_string(), "u".to_string())]);
+    for (keys, key, why) in [
+        ("alpn_required = true\n", "alpn_required", "needs alpn"),
+        ("alpn = ['h2', 'h2']\n", "alpn", "twice"),
+        ("alpn = ['']\n", "alpn", "1 to 255"),
+        (
+            "alpn = ['h2']\n[listener.alpn]\n'http/1.1' = 'u'\n",
+            "alpn.\"http/1.1\"",
+            "does not offer",
+        ),
+        (
+            "alpn = ['h2']\n[listener.alpn]\n'h2' = 'nope'\n",
+            "alpn.\"h2\"",
+            "no [[upstream]]",
+        ),
+    ] {
+        let e = listener(&format!("{tls}{keys}")).expect_err(keys).to_string();
+        assert!(e.contains(key) && e.contains(why), "{keys}: {e}");
+    }
+    let upstream = |alpn: &str| {
+        Config::from_toml(
+            &format!("[[listener]]\nname='a'\nbind='127.0.0.1:0'\nupstream='u'\n[[upstream]]\nname='u'\nbackends=['127.0.0.1:1']\n[upstream.tls]\nca='ca.pem'\nalpn = {alpn}\n"),
+            "t",
+        )
+    };
+    let tls_of = |c: Config| c.upstreams[0].tls.clone().expect("tls").alpn;
+    assert_eq!(tls_of(upstream("'client'").expect("valid")), UpstreamAlpn::Client);
+    assert_eq!(
+        tls_of(upstream("['h2']").expect("valid")),
+        UpstreamAlpn::Fixed(vec!["h2".into()])
+    );
+    let e = upstream("'server'").expect_err("bad word").to_string();
+    assert!(e.contains("tls.alpn") && e.contains("client"), "{e}");
+}

@@ -341,6 +341,7 @@ fn v2_authority_and_ssl_tlvs_match_the_hand_written_layout() {
         version: Some("TLSv1.3".into()),
         cipher: Some("X".into()),
         cn: Some("alice".into()),
+        alpn: None,
     };
     let out = encode(
         Version::V2,
@@ -388,6 +389,7 @@ fn v2_values_longer_than_1000_bytes_are_left_out_and_the_header_stays_under_the_
         version: Some(long.clone()),
         cipher: Some(long.clone()),
         cn: Some(long.clone()),
+        alpn: None,
     };
     let out = encode(
         Version::V2,
@@ -548,7 +550,7 @@ fn duplicate_or_non_utf8_authority_is_rejected() {
 fn unknown_tlv_types_and_ssl_sub_types_are_skipped() {
     #[rustfmt::skip]
     let tlvs = [
-        0x01, 0x00, 0x02, b'h', b'2',  // ALPN
+        0x01, 0x00, 0x02, b'h', b'2',  // ALPN (read, not skipped)
         0x04, 0x00, 0x03, 0, 0, 0,     // NOOP
         0x05, 0x00, 0x01, 0x42,        // UNIQUE_ID
         0x30, 0x00, 0x00,              // NETNS, empty
@@ -557,11 +559,13 @@ fn unknown_tlv_types_and_ssl_sub_types_are_skipped() {
     ];
     let header = complete(&v4_with_tlvs(&tlvs));
     assert_eq!(header.authority, None);
+    assert_eq!(header.alpn.as_deref(), Some(&b"h2"[..]));
     assert_eq!(
         header.ssl,
         Some(SslInfo {
             verified: false,
             client_cert: false,
+            alpn: Some(b"h2".to_vec()),
             ..SslInfo::default()
         })
     );
@@ -595,6 +599,7 @@ fn sample_headers() -> Vec<Vec<u8>> {
         version: Some("TLSv1.3".into()),
         cipher: None,
         cn: Some("alice".into()),
+        alpn: None,
     };
     vec![
         b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n".to_vec(),
@@ -678,6 +683,7 @@ fn ssl_info() -> impl Strategy<Value = SslInfo> {
             version,
             cipher,
             cn,
+            alpn: None,
         },
     )
 }
@@ -735,4 +741,25 @@ proptest! {
             prop_assert_eq!(header.source.is_some(), header.destination.is_some());
         }
     }
+}
+
+#[test]
+fn v2_carries_the_negotiated_alpn_as_its_own_tlv() {
+    let ssl = SslInfo {
+        cn: Some("alice".into()),
+        alpn: Some(b"h2".to_vec()),
+        ..SslInfo::default()
+    };
+    let src: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+    let dst: SocketAddr = "198.51.100.1:443".parse().unwrap();
+    let bytes = encode(Version::V2, src, dst, Some(&ssl), None);
+    assert!(
+        bytes.windows(5).any(|w| w == [0x01, 0x00, 0x02, b'h', b'2']),
+        "PP2_TYPE_ALPN, length 2, h2"
+    );
+    let header = complete(&bytes);
+    assert_eq!(header.alpn.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(header.ssl, Some(ssl));
+    let without = complete(&encode(Version::V2, src, dst, None, None));
+    assert_eq!(without.alpn, None);
 }

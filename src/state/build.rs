@@ -61,7 +61,7 @@ pub(crate) struct Loaded {
     /// With `[reload] watch`: the files' fingerprint, taken before any of them is read.
     fingerprint: crate::watch::Fingerprint,
     listeners: Vec<Option<ServerTls>>,
-    upstreams: Vec<Option<Arc<rustls::ClientConfig>>>,
+    upstreams: Vec<Option<crate::tls::UpstreamTls>>,
     redis: Option<redis::Client>,
 }
 
@@ -199,6 +199,12 @@ impl State {
                     .iter()
                     .filter_map(|(n, u)| Some((n.clone(), find(u)?)))
                     .collect(),
+                alpn_routes: l
+                    .alpn_routes
+                    .iter()
+                    .filter_map(|(p, u)| Some((p.as_bytes().to_vec(), find(u)?)))
+                    .collect(),
+                alpn_required: l.tls.as_ref().is_some_and(|t| t.alpn_required),
                 handshake_timeout: l.handshake_timeout,
                 accept_proxy_protocol: l.accept_proxy_protocol,
                 authorization: Arc::clone(&authorization),
