@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::balancer::MAX_WEIGHT;
 use crate::health::AdminState;
 use crate::reload::Handle;
 
@@ -296,10 +297,12 @@ async fn reload(State(admin): State<Admin>, axum::Extension(who): axum::Extensio
     }
 }
 
+/// `{"state": ...}`, `{"weight": ...}` or both.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StateBody {
-    state: String,
+    state: Option<String>,
+    weight: Option<u32>,
 }
 
 async fn backend_state(
@@ -308,13 +311,20 @@ async fn backend_state(
     Path((upstream, backend)): Path<(String, String)>,
     body: axum::body::Bytes,
 ) -> Response {
-    let wanted = serde_json::from_slice::<StateBody>(&body)
-        .ok()
-        .and_then(|b| AdminState::parse(&b.state));
-    let Some(wanted) = wanted else {
-        let why = "expected a JSON body {\"state\": \"ready\" | \"drain\" | \"maint\"}";
-        return error(StatusCode::BAD_REQUEST, why);
+    const EXPECTED: &str =
+        "expected a JSON body {\"state\": \"ready\" | \"drain\" | \"maint\"} and/or {\"weight\": 1 to 256}";
+    let Ok(body) = serde_json::from_slice::<StateBody>(&body) else {
+        return error(StatusCode::BAD_REQUEST, EXPECTED);
     };
+    let wanted = match body.state.as_deref().map(AdminState::parse) {
+        Some(None) => return error(StatusCode::BAD_REQUEST, EXPECTED),
+        Some(Some(state)) => Some(state),
+        None => None,
+    };
+    let weight = body.weight;
+    if (wanted.is_none() && weight.is_none()) || weight.is_some_and(|w| !(1..=MAX_WEIGHT).contains(&w)) {
+        return error(StatusCode::BAD_REQUEST, EXPECTED);
+    }
     let state = admin.handle.state();
     let Some(group) = state.upstream(&upstream) else {
         return error(StatusCode::NOT_FOUND, &format!("no upstream {upstream:?}"));
@@ -325,21 +335,26 @@ async fn backend_state(
             &format!("upstream {upstream:?} has no backend {backend:?}"),
         );
     };
-    match crate::health::probe::set_admin_state(group, slot, wanted, who.label()) {
-        Some(before) => json(
-            StatusCode::OK,
-            serde_json::json!({
-                "result": "ok",
-                "upstream": upstream,
-                "backend": backend,
-                "state": wanted.label(),
-                "previous": before.label(),
-            })
-            .to_string()
-                + "\n",
-        ),
-        None => error(StatusCode::NOT_FOUND, "the backend left the configuration"),
+    let mut reply = serde_json::json!({"result": "ok", "upstream": upstream, "backend": backend});
+    if let Some(weight) = weight {
+        let Some(spec) = group.pool.spec(slot) else {
+            return error(StatusCode::NOT_FOUND, "the backend left the configuration");
+        };
+        group.pool.respec(slot, crate::balancer::Spec { weight, ..spec });
+        info!(upstream = %upstream, backend = %backend, from = spec.weight, to = weight, by = who.label(), "backend weight set");
+        reply["weight"] = weight.into();
+        reply["previous_weight"] = spec.weight.into();
     }
+    if let Some(wanted) = wanted {
+        match crate::health::probe::set_admin_state(group, slot, wanted, who.label()) {
+            Some(before) => {
+                reply["state"] = wanted.label().into();
+                reply["previous"] = before.label().into();
+            }
+            None => return error(StatusCode::NOT_FOUND, "the backend left the configuration"),
+        }
+    }
+    json(StatusCode::OK, reply.to_string() + "\n")
 }
 
 fn error(status: StatusCode, why: &str) -> Response {

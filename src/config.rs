@@ -38,6 +38,12 @@ pub const DEFAULT_SESSION_CACHE: usize = 256;
 pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default `[reload] debounce`: quiet time after a watched file changes before reloading.
 pub const DEFAULT_WATCH_DEBOUNCE: Duration = Duration::from_secs(1);
+/// Default `[[upstream]] queue_timeout`: how long a client may wait for a backend below its cap.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest `[[upstream]] queue_size`.
+pub const MAX_QUEUE_SIZE: usize = 100_000;
+/// Default `[[upstream]] discover_interval`: how often a `discover` name is resolved again.
+pub const DEFAULT_DISCOVER_INTERVAL: Duration = Duration::from_secs(10);
 /// Default number of distinct backends tried for one client connection.
 pub const DEFAULT_CONNECT_ATTEMPTS: usize = 3;
 /// Default time between two health probes of one backend.
@@ -79,6 +85,8 @@ pub struct Config {
     /// `[rate_limit] ipv4_prefix` / `ipv6_prefix`: how much of a source address names a client
     /// for every per-source key (rate limit, concurrency cap, handshake limit).
     pub source_prefixes: SourcePrefixes,
+    /// `[dns]`: how `discover` names are resolved.
+    pub dns: DnsConfig,
 }
 
 /// The prefix lengths that make a source address a client key: an IPv6 client usually holds a
@@ -473,8 +481,14 @@ pub enum OnUnavailable {
 #[derive(Clone, Debug)]
 pub struct UpstreamConfig {
     pub name: String,
-    /// Non-empty, no duplicates.
-    pub backends: Vec<BackendAddr>,
+    /// No duplicates; empty exactly when the backends are discovered (`discover`).
+    pub backends: Vec<BackendConfig>,
+    /// `discover = "host:port"`: one backend per A/AAAA record of the name.
+    pub discover: Option<Discover>,
+    /// Callers that may wait for a backend below its `max_connections` (0: refuse at once).
+    pub queue_size: usize,
+    /// How long one may wait in that queue.
+    pub queue_timeout: Duration,
     /// Deadline for one dial (name resolution included).
     pub connect_timeout: Duration,
     /// How many distinct backends one client connection may try before it is closed.
@@ -488,6 +502,52 @@ pub struct UpstreamConfig {
     pub tls: Option<UpstreamTlsConfig>,
     /// TCP keepalive on the backend leg (`None`: off).
     pub tcp_keepalive: Option<Keepalive>,
+}
+
+/// One configured backend: a plain `"host:port"` string, or a table with its weight, cap and role.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub addr: BackendAddr,
+    /// 1 to 256: its share of connections relative to the others (default 1).
+    pub weight: u32,
+    /// Connections it may hold at once (`None`: unlimited).
+    pub max_connections: Option<u32>,
+    /// A standby: receives connections only when no primary can take them.
+    pub backup: bool,
+}
+
+impl BackendConfig {
+    /// A backend with the defaults: weight 1, no cap, primary.
+    pub fn new(addr: BackendAddr) -> BackendConfig {
+        BackendConfig {
+            addr,
+            weight: 1,
+            max_connections: None,
+            backup: false,
+        }
+    }
+}
+
+/// `[[upstream]] discover`: backends are the addresses a name resolves to, re-resolved every
+/// `interval` (sooner when the records' TTL is shorter).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Discover {
+    pub host: String,
+    pub port: u16,
+    pub interval: Duration,
+}
+
+impl fmt::Display for Discover {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// `[dns]`: the resolver used by `discover`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Name servers to ask (empty: the system's, from `/etc/resolv.conf`).
+    pub servers: Vec<SocketAddr>,
 }
 
 /// `[upstream.tls]`: TLS to the backends, verifying them. Paths resolve like the listener's.
@@ -778,6 +838,53 @@ struct RawConfig {
     access_log: Option<RawAccessLog>,
     reload: Option<RawReload>,
     max_connections: Option<usize>,
+    dns: Option<RawDns>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    #[serde(default)]
+    servers: Vec<String>,
+}
+
+/// A backend: `"host:port"` or `{ addr = "host:port", weight, max_connections, backup }`.
+enum RawBackend {
+    Addr(String),
+    Table(RawBackendTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackendTable {
+    addr: String,
+    weight: Option<u32>,
+    max_connections: Option<u32>,
+    #[serde(default)]
+    backup: bool,
+}
+
+impl<'de> Deserialize<'de> for RawBackend {
+    // By hand rather than `untagged`, so that a mistyped table says which field is wrong.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawBackend;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "\"host:port\" or a table { addr = \"host:port\", weight, max_connections, backup }",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<RawBackend, E> {
+                Ok(RawBackend::Addr(text.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawBackend, A::Error> {
+                RawBackendTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawBackend::Table)
+            }
+        }
+        deserializer.deserialize_any(Visit)
+    }
 }
 
 /// `tcp_keepalive = false` (or `true`), or a table of its settings.
@@ -902,7 +1009,11 @@ struct RawRateLimitOverride {
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
     name: String,
-    backends: Vec<String>,
+    backends: Option<Vec<RawBackend>>,
+    discover: Option<String>,
+    discover_interval: Option<String>,
+    queue_size: Option<usize>,
+    queue_timeout: Option<String>,
     connect_timeout: Option<String>,
     connect_attempts: Option<usize>,
     health_check: Option<RawHealthCheck>,
@@ -995,6 +1106,7 @@ impl Validator<'_> {
             Some(r) => Some(self.rate_limit(r)?),
             None => None,
         };
+        let dns = self.dns(raw.dns)?;
         let mut upstreams = Vec::with_capacity(raw.upstream.len());
         for (i, u) in raw.upstream.into_iter().enumerate() {
             let upstream = self.upstream(i, u)?;
@@ -1195,6 +1307,7 @@ impl Validator<'_> {
             reload,
             max_connections,
             source_prefixes,
+            dns,
         })
     }
 
@@ -1539,17 +1652,48 @@ impl Validator<'_> {
     fn upstream(&self, i: usize, u: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
         let key = |field: &str| format!("upstream[{i}] ({:?}).{field}", u.name);
         self.name(&key("name"), &u.name)?;
-        if u.backends.is_empty() {
-            return Err(self.invalid(key("backends"), "[]", "an upstream needs at least one backend"));
-        }
-        let mut backends: Vec<BackendAddr> = Vec::with_capacity(u.backends.len());
-        for text in &u.backends {
-            let addr =
-                BackendAddr::parse(text).map_err(|reason| self.invalid(key("backends"), text, reason))?;
-            if backends.contains(&addr) {
-                return Err(self.invalid(key("backends"), text, "backend listed twice"));
+        let (backends, discover) = match (u.backends, &u.discover) {
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    key("discover"),
+                    u.discover.as_deref().unwrap_or_default(),
+                    "an upstream has either backends or discover, not both",
+                ))
             }
-            backends.push(addr);
+            (None, None) => {
+                return Err(self.invalid(
+                    key("backends"),
+                    "(missing)",
+                    "an upstream needs backends = [...] or discover = \"host:port\"",
+                ))
+            }
+            (Some(list), None) => (self.backends(&key("backends"), list)?, None),
+            (None, Some(target)) => (
+                Vec::new(),
+                Some(self.discover(&key, target, u.discover_interval.as_deref())?),
+            ),
+        };
+        if u.discover_interval.is_some() && discover.is_none() {
+            return Err(self.invalid(
+                key("discover_interval"),
+                u.discover_interval.as_deref().unwrap_or_default(),
+                "only means something with discover",
+            ));
+        }
+        let queue_size = u.queue_size.unwrap_or(0);
+        if queue_size > MAX_QUEUE_SIZE {
+            return Err(self.invalid(
+                key("queue_size"),
+                queue_size,
+                format!("must be at most {MAX_QUEUE_SIZE}"),
+            ));
+        }
+        let queue_timeout = match &u.queue_timeout {
+            Some(text) => self.duration(&key("queue_timeout"), text)?,
+            None => DEFAULT_QUEUE_TIMEOUT,
+        };
+        if queue_timeout.is_zero() {
+            return Err(self.invalid(key("queue_timeout"), "0s", "must be longer than zero"));
         }
         let connect_timeout = match &u.connect_timeout {
             Some(text) => self.duration(&key("connect_timeout"), text)?,
@@ -1598,12 +1742,104 @@ impl Validator<'_> {
             tcp_keepalive,
             name: u.name.clone(),
             backends,
+            discover,
+            queue_size,
+            queue_timeout,
             connect_timeout,
             connect_attempts,
             health_check,
             proxy_protocol,
             tls,
         })
+    }
+
+    fn backends(&self, key: &str, list: Vec<RawBackend>) -> Result<Vec<BackendConfig>, ConfigError> {
+        if list.is_empty() {
+            return Err(self.invalid(key, "[]", "an upstream needs at least one backend"));
+        }
+        let mut backends: Vec<BackendConfig> = Vec::with_capacity(list.len());
+        for raw in list {
+            let backend = match raw {
+                RawBackend::Addr(text) => BackendConfig::new(
+                    BackendAddr::parse(&text).map_err(|reason| self.invalid(key, &text, reason))?,
+                ),
+                RawBackend::Table(t) => {
+                    let addr =
+                        BackendAddr::parse(&t.addr).map_err(|reason| self.invalid(key, &t.addr, reason))?;
+                    let weight = t.weight.unwrap_or(1);
+                    if !(1..=crate::balancer::MAX_WEIGHT).contains(&weight) {
+                        let k = format!("{key} ({:?}).weight", t.addr);
+                        return Err(self.invalid(
+                            k,
+                            weight,
+                            format!("must be 1 to {}", crate::balancer::MAX_WEIGHT),
+                        ));
+                    }
+                    if t.max_connections == Some(0) {
+                        let k = format!("{key} ({:?}).max_connections", t.addr);
+                        return Err(self.invalid(k, 0, "must be at least 1 (leave it out for no cap)"));
+                    }
+                    BackendConfig {
+                        addr,
+                        weight,
+                        max_connections: t.max_connections,
+                        backup: t.backup,
+                    }
+                }
+            };
+            if backends.iter().any(|b| b.addr == backend.addr) {
+                return Err(self.invalid(key, backend.addr.to_string(), "backend listed twice"));
+            }
+            backends.push(backend);
+        }
+        if backends.iter().all(|b| b.backup) {
+            return Err(self.invalid(
+                key,
+                "[..]",
+                "every backend is a backup: at least one must be a primary",
+            ));
+        }
+        Ok(backends)
+    }
+
+    fn discover(
+        &self,
+        key: &impl Fn(&str) -> String,
+        target: &str,
+        interval: Option<&str>,
+    ) -> Result<Discover, ConfigError> {
+        let (host, port) = match BackendAddr::parse(target) {
+            Ok(BackendAddr::Name { host, port }) => (host, port),
+            Ok(BackendAddr::Ip(_)) => {
+                return Err(self.invalid(
+                    key("discover"),
+                    target,
+                    "expected a name to resolve; list addresses in backends",
+                ))
+            }
+            Err(reason) => return Err(self.invalid(key("discover"), target, reason)),
+        };
+        let interval = match interval {
+            Some(text) => self.duration(&key("discover_interval"), text)?,
+            None => DEFAULT_DISCOVER_INTERVAL,
+        };
+        if interval.is_zero() {
+            return Err(self.invalid(key("discover_interval"), "0s", "must be longer than zero"));
+        }
+        Ok(Discover { host, port, interval })
+    }
+
+    fn dns(&self, raw: Option<RawDns>) -> Result<DnsConfig, ConfigError> {
+        let mut servers = Vec::new();
+        for text in raw.map(|d| d.servers).unwrap_or_default() {
+            // A bare address means port 53.
+            let addr = match text.parse::<std::net::IpAddr>() {
+                Ok(ip) => SocketAddr::new(ip, 53),
+                Err(_) => self.socket_addr("dns.servers", &text)?,
+            };
+            servers.push(addr);
+        }
+        Ok(DnsConfig { servers })
     }
 
     fn health_check(&self, key: &str, raw: RawHealthCheck) -> Result<HealthCheckConfig, ConfigError> {

@@ -37,7 +37,7 @@ use tracing::{debug, field, info, info_span, warn, Instrument, Span};
 
 use crate::accesslog::Entry;
 use crate::authz::Decision as Authz;
-use crate::balancer::Lease;
+use crate::balancer::{Choice, Lease};
 use crate::caps::{InHandshake, Place};
 use crate::config::OnDown;
 use crate::health::probe::record;
@@ -607,7 +607,8 @@ struct Connected {
 
 /// Phase 4: leases and dials backends until one answers, at most `connect_attempts` distinct
 /// ones. Each dial's outcome feeds the backend's health (passive detection). With no backend in
-/// rotation nothing is dialed: [`Reason::NoHealthyBackend`].
+/// rotation nothing is dialed: [`Reason::NoHealthyBackend`]. With every backend at its
+/// `max_connections`, the client waits in the upstream's queue (holding no lease) or is refused.
 async fn connect(upstream: &Upstream, who: &Who) -> Result<Connected, Reason> {
     let origin = Origin {
         addr: who.addr,
@@ -617,8 +618,13 @@ async fn connect(upstream: &Upstream, who: &Who) -> Result<Connected, Reason> {
     };
     let mut tried: Vec<usize> = Vec::new();
     for _ in 0..upstream.connect_attempts {
-        let Some(lease) = upstream.pool.pick_at(&tried, Instant::now()) else {
-            break;
+        let lease = match upstream
+            .pool
+            .choose(&tried, Instant::now(), upstream.queue_size > 0)
+        {
+            Choice::Leased(lease) => lease,
+            Choice::Full => queue(upstream, &tried).await?,
+            Choice::Nothing => break,
         };
         let Some(backend) = upstream.backend(lease.index()) else {
             // A backend a reload added after this connection's generation: not ours to use.
@@ -651,6 +657,18 @@ async fn connect(upstream: &Upstream, who: &Who) -> Result<Connected, Reason> {
     } else {
         Reason::ConnectFailed
     })
+}
+
+/// Waits in the upstream's queue, behind those already waiting, for a backend below its cap:
+/// at most `queue_timeout`. The rate-limit permit is already held; no lease is until served.
+async fn queue(upstream: &Upstream, tried: &[usize]) -> Result<Lease, Reason> {
+    let Ok(wait) = upstream.pool.wait(tried, upstream.queue_size) else {
+        return Err(Reason::QueueFull);
+    };
+    let since = Instant::now();
+    let served = tokio::time::timeout(upstream.queue_timeout, wait).await;
+    upstream.queue_waits.record(since.elapsed());
+    served.map_err(|_| Reason::QueueTimeout)
 }
 
 /// How a proxied connection ended: the `end` field of its log line and the access log's

@@ -39,6 +39,12 @@ pub enum Command {
         backend: String,
         state: AdminState,
     },
+    /// Set a backend's weight (until a reload changes its configured weight).
+    Weight {
+        upstream: String,
+        backend: String,
+        weight: u32,
+    },
 }
 
 /// Why a `fulcrum ctl` call failed.
@@ -86,15 +92,12 @@ pub async fn run(
             upstream,
             backend,
             state,
-        } => (
-            "POST",
-            format!(
-                "/upstreams/{}/backends/{}/state",
-                encode(upstream),
-                encode(backend)
-            ),
-            Some(serde_json::json!({ "state": state.label() }).to_string()),
-        ),
+        } => backend_call(upstream, backend, serde_json::json!({ "state": state.label() })),
+        Command::Weight {
+            upstream,
+            backend,
+            weight,
+        } => backend_call(upstream, backend, serde_json::json!({ "weight": weight })),
     };
     let call = request(target, token.as_deref(), method, &path, body);
     let (status, text) = tokio::time::timeout(DEADLINE, call)
@@ -122,6 +125,12 @@ pub async fn run(
             "upstream {upstream} backend {backend}: {} (was {})",
             value["state"].as_str().unwrap_or("?"),
             value["previous"].as_str().unwrap_or("?")
+        ),
+        Command::Weight {
+            upstream, backend, ..
+        } => format!(
+            "upstream {upstream} backend {backend}: weight {} (was {})",
+            value["weight"], value["previous_weight"]
         ),
     })
 }
@@ -188,6 +197,20 @@ where
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// The call that changes one backend's runtime state or weight.
+fn backend_call(
+    upstream: &str,
+    backend: &str,
+    body: serde_json::Value,
+) -> (&'static str, String, Option<String>) {
+    let path = format!(
+        "/upstreams/{}/backends/{}/state",
+        encode(upstream),
+        encode(backend)
+    );
+    ("POST", path, Some(body.to_string()))
+}
+
 /// Percent-encodes a path segment (backend labels hold `:` and, for IPv6, brackets).
 fn encode(segment: &str) -> String {
     let mut out = String::with_capacity(segment.len());
@@ -252,16 +275,34 @@ fn describe_status(status: &Value) -> String {
         );
     }
     for u in status["upstreams"].as_array().into_iter().flatten() {
+        let queue = match u["queue_size"].as_u64() {
+            Some(size) if size > 0 => format!(", {} of {size} queued", u["queue_length"]),
+            _ => String::new(),
+        };
+        let discover = match u["discover"]["name"].as_str() {
+            Some(name) => format!(" (from DNS: {name})"),
+            None => String::new(),
+        };
         let _ = writeln!(
             out,
-            "upstream {}: {} active",
+            "upstream {}{discover}: {} active{queue}",
             u["name"].as_str().unwrap_or("?"),
             u["active"]
         );
         for b in u["backends"].as_array().into_iter().flatten() {
+            let mut extra = String::new();
+            if b["weight"].as_u64().is_some_and(|w| w != 1) {
+                let _ = write!(extra, ", weight {}", b["weight"]);
+            }
+            if let Some(max) = b["max_connections"].as_u64() {
+                let _ = write!(extra, ", max {max}");
+            }
+            if b["backup"].as_bool() == Some(true) {
+                extra.push_str(", backup");
+            }
             let _ = writeln!(
                 out,
-                "  {:<24} {:<5} {:<6} {} active, {} connections, {} connect failures",
+                "  {:<24} {:<5} {:<6} {} active, {} connections, {} connect failures{extra}",
                 b["address"].as_str().unwrap_or("?"),
                 b["health"].as_str().unwrap_or("?"),
                 b["admin_state"].as_str().unwrap_or("?"),

@@ -16,18 +16,19 @@
 //! | [`reload`] | asking for a reload: the [`reload::Handle`], its request and result |
 //! | [`health`] | backend health: rise/fall state and failures (pure); [`health::probe`]: probe loops and applying outcomes |
 //! | `net` | dialing backends: dial, PROXY header, TLS to the backend, resource-exhaustion classification |
-//! | [`state`] | the live model: one generation's listeners, upstreams, backends, the registry of open mTLS connections, [`state::Live`]; [`state::build`]: assembling a generation from a loaded config |
+//! | [`state`] | the live model: one generation's listeners, upstreams, backends, the registry of open mTLS connections, [`state::Live`], the discovered address sets; [`state::build`]: assembling a generation from a loaded config |
 //! | `accesslog` | the JSON-lines access log: entries, the bounded queue, the writer task |
 //! | [`ratelimit`] | the listener's [`ratelimit::Limiter`]: [`ratelimit::local`] fixed windows (pure), [`ratelimit::shares`] (pure) and [`ratelimit::cluster`] (its Redis shell) |
 //! | [`tls`] | certificate loading and each listener's rustls configuration (TLS policy) |
 //! | [`proxy`] | the two-way byte relay with half-close and per-side errors |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2 headers: encoding and parsing (pure); [`proxy_protocol::reader`] reads one off a socket |
 //! | [`caps`] | caps on open connections (process, listener) and on handshakes per source; RAII places (pure) |
-//! | [`balancer`] | least-connections selection and the lease that is a connection's count (pure) |
+//! | [`balancer`] | weighted least-connections selection, caps, backups, the queue, and the lease that is a connection's count (pure) |
 //! | [`authz`] | which identities may reach which upstreams, default deny (pure) |
 //! | [`identity`] | the client identity rule: verified leaf certificate -> name (pure) |
 //! | [`metrics`] | counters and rejection reasons |
 //! | `watch` | `[reload] watch`: reloading when the config file or a file it names changes |
+//! | `discovery` | `discover`: resolving upstreams' names (hickory) and rebuilding when their address sets change |
 //! | `throttle` | the throttle on log lines a peer can cause |
 //! | [`config`] | TOML -> validated [`Config`]; every rule about valid configuration (pure) |
 //! | [`ctl`] | `fulcrum ctl`: a client of the admin API |
@@ -58,6 +59,7 @@ pub mod config;
 mod connection;
 pub mod ctl;
 pub mod demo;
+mod discovery;
 pub mod health;
 pub mod identity;
 pub mod metrics;

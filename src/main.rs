@@ -104,6 +104,12 @@ enum CtlCommand {
     Maint { upstream: String, backend: String },
     /// Return a backend to rotation (if it is healthy).
     Ready { upstream: String, backend: String },
+    /// Set a backend's weight (1 to 256) until a reload changes its configured weight.
+    Weight {
+        upstream: String,
+        backend: String,
+        weight: u32,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -158,6 +164,15 @@ fn ctl(
         CtlCommand::Drain { upstream, backend } => set(upstream, backend, AdminState::Drain),
         CtlCommand::Maint { upstream, backend } => set(upstream, backend, AdminState::Maint),
         CtlCommand::Ready { upstream, backend } => set(upstream, backend, AdminState::Ready),
+        CtlCommand::Weight {
+            upstream,
+            backend,
+            weight,
+        } => Ask::Weight {
+            upstream,
+            backend,
+            weight,
+        },
     };
     let outcome = match runtime(1) {
         Ok(runtime) => runtime.block_on(fulcrum::ctl::run(&target, token_file.as_ref(), &ask, json)),

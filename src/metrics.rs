@@ -30,10 +30,15 @@ pub enum Reason {
     HandshakeLimit,
     /// `trusted_proxies`: a peer that is not a trusted front (refused before its header is read).
     UntrustedProxy,
+    /// Every backend is at its `max_connections` and the upstream's queue is full (or
+    /// `queue_size` is 0).
+    QueueFull,
+    /// Waited `queue_timeout` in the upstream's queue without a backend freeing a slot.
+    QueueTimeout,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 11] = [
         Reason::ConnectFailed,
         Reason::NoHealthyBackend,
         Reason::TlsHandshake,
@@ -43,6 +48,8 @@ impl Reason {
         Reason::MaxConnections,
         Reason::HandshakeLimit,
         Reason::UntrustedProxy,
+        Reason::QueueFull,
+        Reason::QueueTimeout,
     ];
 
     pub fn label(self) -> &'static str {
@@ -56,6 +63,8 @@ impl Reason {
             Reason::MaxConnections => "max_connections",
             Reason::HandshakeLimit => "handshake_limit",
             Reason::UntrustedProxy => "untrusted_proxy",
+            Reason::QueueFull => "queue_full",
+            Reason::QueueTimeout => "queue_timeout",
         }
     }
 }
@@ -71,6 +80,26 @@ impl Counter {
 
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
+    }
+
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Waits in an upstream's queue that ended (served or timed out), and their total length:
+/// `fulcrum_upstream_queue_wait_seconds` (`_count`, `_sum`).
+#[derive(Debug, Default)]
+pub struct QueueWaits {
+    pub ended: Counter,
+    pub micros: Counter,
+}
+
+impl QueueWaits {
+    pub fn record(&self, waited: std::time::Duration) {
+        self.ended.inc();
+        self.micros
+            .add(u64::try_from(waited.as_micros()).unwrap_or(u64::MAX));
     }
 }
 

@@ -2,8 +2,9 @@
 //!
 //! The reload itself (bind new sockets, build the next generation, swap, restart probes, revoke
 //! lost access) is run by the server's run loop, one at a time, so two reloads never interleave;
-//! this module only carries requests to it (from SIGHUP, `POST /reload` or library code) and
-//! reads the live state for its callers. It never touches sockets.
+//! this module only carries requests to it (from SIGHUP, `POST /reload`, the file watch, a
+//! changed `discover` set or library code) and reads the live state for its callers. It never
+//! touches sockets.
 
 use std::sync::Arc;
 
@@ -25,9 +26,19 @@ pub enum ReloadError {
     NotRunning,
 }
 
-/// One reload request: re-read the file (`None`) or apply the given config.
+/// What a request asks the run loop to do.
+pub(crate) enum Change {
+    /// Re-read the config file.
+    Reread,
+    /// Apply a config built in code.
+    Apply(Box<Config>),
+    /// Build the running config again with the backends `discover` found (no file is read).
+    Rediscover,
+}
+
+/// One request, and where its result goes.
 pub(crate) struct Request {
-    pub(crate) config: Option<Config>,
+    pub(crate) change: Change,
     pub(crate) reply: oneshot::Sender<Result<u64, ReloadError>>,
 }
 
@@ -42,18 +53,23 @@ impl Handle {
     /// Re-reads the config file (and every certificate file it names) and applies it. Returns
     /// the new generation, or why the reload was refused.
     pub async fn reload(&self) -> Result<u64, ReloadError> {
-        self.send(None).await
+        self.send(Change::Reread).await
     }
 
     /// Applies a configuration built in code.
     pub async fn reload_with(&self, config: Config) -> Result<u64, ReloadError> {
-        self.send(Some(config)).await
+        self.send(Change::Apply(Box::new(config))).await
     }
 
-    async fn send(&self, config: Option<Config>) -> Result<u64, ReloadError> {
+    /// Builds the running configuration again with the discovered backends now on record.
+    pub(crate) async fn rediscover(&self) -> Result<u64, ReloadError> {
+        self.send(Change::Rediscover).await
+    }
+
+    async fn send(&self, change: Change) -> Result<u64, ReloadError> {
         let (reply, answer) = oneshot::channel();
         self.requests
-            .send(Request { config, reply })
+            .send(Request { change, reply })
             .await
             .map_err(|_| ReloadError::NotRunning)?;
         answer.await.map_err(|_| ReloadError::NotRunning)?

@@ -27,9 +27,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::net::is_resource_exhaustion;
-use crate::reload::{Handle, ReloadError, Request};
-use crate::state::build::load;
-use crate::state::{Listener, Live, ServerError, State};
+use crate::reload::{Change, Handle, ReloadError, Request};
+use crate::state::build::{load, Loaded};
+use crate::state::{Discovered, Listener, Live, ServerError, State};
 
 /// Listen backlog for client-facing sockets.
 const BACKLOG: i32 = 1024;
@@ -67,7 +67,10 @@ impl Server {
             }
             None => None,
         };
-        let mut server = Server::from_listeners(config, sockets, admin)?;
+        // Discovering upstreams start with the addresses their names resolve to now.
+        let discovered = Arc::new(Discovered::default());
+        crate::discovery::resolve_new(&config, &discovered).await;
+        let mut server = Server::build(config, sockets, admin, discovered)?;
         server.workers = workers;
         Ok(server)
     }
@@ -76,10 +79,20 @@ impl Server {
     /// than one, e.g. SO_REUSEPORT siblings, each get an accept loop); the listeners' `bind`
     /// addresses are then ignored. `admin` serves the admin API if given. Listeners added by a
     /// later reload are bound by the server.
+    /// Discovering upstreams start empty and fill in once their names resolve.
     pub fn from_listeners(
         config: Config,
         sockets: Vec<(String, TcpListener)>,
         admin: Option<TcpListener>,
+    ) -> Result<Server, ServerError> {
+        Server::build(config, sockets, admin, Arc::default())
+    }
+
+    fn build(
+        config: Config,
+        sockets: Vec<(String, TcpListener)>,
+        admin: Option<TcpListener>,
+        discovered: Arc<Discovered>,
     ) -> Result<Server, ServerError> {
         let tls = load(&config)?;
         let mut addrs = Vec::with_capacity(config.listeners.len());
@@ -90,7 +103,7 @@ impl Server {
             };
             addrs.push((l.name.clone(), socket.local_addr().unwrap_or(l.bind)));
         }
-        let state = State::assemble(&config, tls, addrs, None, 1);
+        let state = State::assemble(&config, tls, addrs, None, 1, discovered);
         for l in &state.listeners {
             if !l.mutual_tls {
                 info!(listener = %l.name, "listener accepts clients without certificates: no identity authorization applies");
@@ -224,7 +237,11 @@ impl Server {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(request) = inbox.recv() => {
-                    let result = tasks.reload(request.config);
+                    let result = match request.change {
+                        Change::Reread => tasks.reload(None).await,
+                        Change::Apply(config) => tasks.reload(Some(*config)).await,
+                        Change::Rediscover => Ok(tasks.rediscover()),
+                    };
                     let _ = request.reply.send(result);
                 }
             }
@@ -303,12 +320,22 @@ impl Tasks {
     }
 
     /// Starts what runs for one generation, stopping the previous generation's: probe loops,
-    /// the CRL `nextUpdate` warning, and the file watch (`[reload] watch`).
+    /// discovery loops, the CRL `nextUpdate` warning, and the file watch (`[reload] watch`).
     fn start_generation(&mut self, state: &State) {
         self.probes.cancel();
         self.probes = self.shutdown.child_token();
         for upstream in state.upstreams() {
             crate::health::probe::spawn(upstream, &self.tracker, &self.probes);
+            if let Some(target) = &upstream.discover {
+                self.tracker.spawn(crate::discovery::run(
+                    self.handle.clone(),
+                    Arc::clone(&state.discovered),
+                    upstream.name.clone(),
+                    target.clone(),
+                    state.config.dns.clone(),
+                    self.probes.clone(),
+                ));
+            }
         }
         self.tracker.spawn(warn_at_crl_next_update(
             state.crl_deadlines(),
@@ -327,8 +354,21 @@ impl Tasks {
 
     /// Applies a reload: load (the same code as startup), bind what is new, swap, then stop what
     /// is gone. Any failure before the swap leaves the running generation untouched.
-    fn reload(&mut self, config: Option<Config>) -> Result<u64, ReloadError> {
-        let result = self.try_reload(config);
+    async fn reload(&mut self, config: Option<Config>) -> Result<u64, ReloadError> {
+        let result = match config {
+            Some(config) => Ok(config),
+            None => {
+                Config::load(self.live.path.as_deref().ok_or(ReloadError::NoFile)?).map_err(ReloadError::from)
+            }
+        };
+        let result = match result {
+            Ok(config) => {
+                // A name the running generation does not discover yet is resolved first.
+                crate::discovery::resolve_new(&config, &self.live.state().discovered).await;
+                self.try_reload(config)
+            }
+            Err(e) => Err(e),
+        };
         match &result {
             Ok(generation) => {
                 self.live.state().reloads.ok.inc();
@@ -342,11 +382,28 @@ impl Tasks {
         result
     }
 
-    fn try_reload(&mut self, config: Option<Config>) -> Result<u64, ReloadError> {
-        let config = match config {
-            Some(config) => config,
-            None => Config::load(self.live.path.as_deref().ok_or(ReloadError::NoFile)?)?,
-        };
+    /// Builds the running configuration again, reading no file, with the backends `discover`
+    /// has on record now: a changed set takes effect the way a reload's would.
+    fn rediscover(&mut self) -> u64 {
+        let current = self.live.state();
+        let generation = current.generation + 1;
+        let addrs = current.listeners().map(|l| (l.name.clone(), l.bind)).collect();
+        let next = State::assemble(
+            &current.config,
+            Loaded::reuse(&current),
+            addrs,
+            Some(&current),
+            generation,
+            Arc::clone(&current.discovered),
+        );
+        let next = Arc::new(next);
+        self.start_generation(&next);
+        self.live.swap(next);
+        info!(generation, "rebuilt with the discovered backends");
+        generation
+    }
+
+    fn try_reload(&mut self, config: Config) -> Result<u64, ReloadError> {
         let tls = load(&config)?;
         // A listener keeps its sockets if its name and configured address are unchanged.
         let current = self.live.state();
@@ -371,7 +428,8 @@ impl Tasks {
             }
         }
         let generation = current.generation + 1;
-        let next = State::assemble(&config, tls, addrs, Some(&current), generation);
+        let discovered = Arc::clone(&current.discovered);
+        let next = State::assemble(&config, tls, addrs, Some(&current), generation, discovered);
         // Stop accept loops of listeners that are gone or moved, then start the new ones.
         let keep: Vec<(String, SocketAddr)> = next.listeners().map(|l| (l.name.clone(), l.bind)).collect();
         self.accepting.retain(|(name, addr, stop)| {

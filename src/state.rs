@@ -25,15 +25,18 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::authz::{Authorization, Decision};
-use crate::balancer::Pool;
-use crate::config::{BackendAddr, HealthCheckConfig, UpstreamConfig};
+use crate::balancer::{Pool, Spec};
+use crate::config::{BackendAddr, BackendConfig, Config, Discover, HealthCheckConfig, UpstreamConfig};
 use crate::health::BackendHealth;
 use crate::identity::ClientIdentity;
-use crate::metrics::{Counter, HandshakeFailures, Rejections, ReloadCounters};
+use crate::metrics::{Counter, HandshakeFailures, QueueWaits, Rejections, ReloadCounters};
 use crate::ratelimit::Limiter;
 use crate::tls::ServerTls;
 
 pub mod build;
+mod discovered;
+
+pub use discovered::{Discovered, Outcomes, Resolution};
 
 /// Why a generation cannot be brought up, at start or on reload: a file it needs, a socket it
 /// binds, or a client it builds. The running generation is untouched by every one of them.
@@ -99,6 +102,11 @@ pub struct State {
     pub(crate) draining: AtomicBool,
     /// `[access_log]`, shared with every listener (opened at start; kept across reloads).
     pub(crate) access_log: Option<Arc<crate::accesslog::AccessLog>>,
+    /// The configuration this generation was built from: a changed `discover` set rebuilds it
+    /// without reading any file.
+    pub(crate) config: Arc<Config>,
+    /// What `discover` names resolved to (shared by every generation).
+    pub discovered: Arc<Discovered>,
 }
 
 /// A listener's routing, policies and counters.
@@ -195,8 +203,12 @@ impl Listener {
 #[derive(Debug)]
 pub struct Upstream {
     pub name: String,
-    /// In configured order. Kept backends are the same `Arc` across reloads.
+    /// In configured (or, discovered, address) order. Kept backends are the same `Arc` across
+    /// reloads.
     pub backends: Vec<Arc<Backend>>,
+    /// What each backend was configured with, aligned with `backends`: a reload that leaves a
+    /// backend's weight as it was keeps a weight set at runtime.
+    pub(crate) configured: Vec<Spec>,
     /// Pool slot -> position in `backends` (`None`: a slot of another generation).
     pub(crate) slots: Vec<Option<usize>>,
     /// Shared by every generation of this upstream: a backend's count follows its slot.
@@ -208,9 +220,16 @@ pub struct Upstream {
     /// PROXY protocol header sent to backends before any client byte.
     pub proxy_protocol: Option<crate::proxy_protocol::Version>,
     /// TLS to the backends (`[upstream.tls]`).
-    pub tls: Option<crate::tls::UpstreamTls>,
+    pub tls: Option<Arc<crate::tls::UpstreamTls>>,
     /// TCP keepalive on the backend leg.
     pub tcp_keepalive: Option<crate::config::Keepalive>,
+    /// Clients that may wait for a backend below its cap (0: refused at once), and how long.
+    pub queue_size: usize,
+    pub queue_timeout: Duration,
+    /// Waits that ended (carried over reloads).
+    pub queue_waits: Arc<QueueWaits>,
+    /// `discover`: the name its backends come from.
+    pub discover: Option<Discover>,
 }
 
 /// One backend's address, counters and health. Its active count lives in the pool, at `slot`.
@@ -237,32 +256,68 @@ impl Backend {
 impl Upstream {
     /// Builds an upstream, taking over `previous` (the same upstream in the running generation):
     /// its pool, and the backends that stay, with their counters and health. Backends that go are
-    /// retired from the pool; their open connections drain.
+    /// retired from the pool; their open connections drain; backends that join ramp in with the
+    /// slow start, if one is set. A discovering upstream's backends are `discovered`, the
+    /// addresses its name last resolved to.
     pub(crate) fn new(
         config: &UpstreamConfig,
-        tls: Option<crate::tls::UpstreamTls>,
+        tls: Option<Arc<crate::tls::UpstreamTls>>,
         previous: Option<&Upstream>,
+        discovered: &[SocketAddr],
     ) -> Upstream {
         let pool = previous.map_or_else(|| Pool::new(0), |p| Arc::clone(&p.pool));
-        let mut backends = Vec::with_capacity(config.backends.len());
-        for addr in &config.backends {
-            let label = addr.to_string();
-            let kept = previous.and_then(|p| p.backends.iter().find(|b| b.label == label));
+        let wanted: Vec<BackendConfig> = match &config.discover {
+            None => config.backends.clone(),
+            Some(_) => discovered
+                .iter()
+                .map(|addr| BackendConfig::new(BackendAddr::Ip(*addr)))
+                .collect(),
+        };
+        let mut backends = Vec::with_capacity(wanted.len());
+        let mut configured = Vec::with_capacity(wanted.len());
+        for b in &wanted {
+            let label = b.addr.to_string();
+            let spec = Spec {
+                weight: b.weight,
+                max_connections: b.max_connections,
+                backup: b.backup,
+            };
+            let kept = previous.and_then(|p| {
+                let position = p.backends.iter().position(|k| k.label == label)?;
+                Some((&p.backends[position], p.configured.get(position).copied()))
+            });
             let backend = match kept {
-                Some(kept) => {
+                Some((kept, before)) => {
                     kept.health.reconfigure(&config.health_check);
+                    if before != Some(spec) {
+                        // A weight set at runtime stands until the configured weight changes.
+                        let runtime = pool.spec(kept.slot).map_or(spec.weight, |s| s.weight);
+                        let weight = match before {
+                            Some(before) if before.weight == spec.weight => runtime,
+                            _ => spec.weight,
+                        };
+                        pool.respec(kept.slot, Spec { weight, ..spec });
+                    }
                     Arc::clone(kept)
                 }
-                None => Arc::new(Backend {
-                    addr: addr.clone(),
-                    slot: pool.add(),
-                    label,
-                    connections: Counter::default(),
-                    connect_failures: Counter::default(),
-                    health: BackendHealth::new(&config.health_check),
-                }),
+                None => {
+                    let slot = pool.add_with(spec);
+                    // One that joins a running upstream (a reload, a discovered address) ramps in.
+                    if let (Some(_), Some(period)) = (previous, config.health_check.slow_start) {
+                        pool.ramp_up(slot, Instant::now(), period);
+                    }
+                    Arc::new(Backend {
+                        addr: b.addr.clone(),
+                        slot,
+                        label,
+                        connections: Counter::default(),
+                        connect_failures: Counter::default(),
+                        health: BackendHealth::new(&config.health_check),
+                    })
+                }
             };
             backends.push(backend);
+            configured.push(spec);
         }
         for gone in previous.iter().flat_map(|p| &p.backends) {
             if !backends.iter().any(|b| Arc::ptr_eq(b, gone)) {
@@ -278,6 +333,7 @@ impl Upstream {
         Upstream {
             name: config.name.clone(),
             backends,
+            configured,
             slots,
             pool,
             connect_timeout: config.connect_timeout,
@@ -286,6 +342,10 @@ impl Upstream {
             proxy_protocol: config.proxy_protocol,
             tls,
             tcp_keepalive: config.tcp_keepalive,
+            queue_size: config.queue_size,
+            queue_timeout: config.queue_timeout,
+            queue_waits: previous.map_or_else(Default::default, |p| Arc::clone(&p.queue_waits)),
+            discover: config.discover.clone(),
         }
     }
 

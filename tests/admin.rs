@@ -12,45 +12,10 @@ use std::process::Output;
 use common::process::Fulcrum;
 use common::tls::{toml_path, TempDir};
 use common::{
-    backend_list, connect, read_to_end, round_trip, wait_for_outcomes, wait_until, within, TestBackend,
+    backend_list, connect, http as call, round_trip, wait_for_outcomes, wait_until, within, TestBackend,
 };
-use tokio::io::AsyncWriteExt;
 
 const TOKEN: &str = "correct-horse-battery-staple";
-
-/// An HTTP/1.1 request to the admin API; the status code and the body.
-async fn call(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String) {
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("host")) {
-        request.push_str(&format!("Host: {addr}\r\n"));
-    }
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    let mut stream = connect(addr).await;
-    within("the admin request", stream.write_all(request.as_bytes()))
-        .await
-        .expect("send");
-    let response = String::from_utf8(read_to_end(&mut stream).await.expect("answer")).expect("UTF-8");
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_string())
-}
 
 const JSON: (&str, &str) = ("Content-Type", "application/json");
 

@@ -7,7 +7,7 @@
 use std::fmt::Write;
 
 use crate::metrics::{HandshakeFailure, Reason};
-use crate::state::{Backend, State};
+use crate::state::{Backend, State, Upstream};
 
 /// Renders every metric in the Prometheus text exposition format (version 0.0.4).
 pub fn render(state: &State) -> String {
@@ -66,14 +66,76 @@ pub fn render(state: &State) -> String {
         "gauge",
         "Connections currently counted against each backend (from selection until both directions close).",
     );
+    // By slot: a reload that removes a backend leaves its slot behind.
+    backend_counter(&mut out, state, "fulcrum_backend_active_connections", |u, b| {
+        Some(u64::from(u.pool.active(b.slot)))
+    });
+    header(
+        &mut out,
+        "fulcrum_backend_weight",
+        "gauge",
+        "Each backend's weight now (as configured, or as set through the admin API).",
+    );
+    backend_counter(&mut out, state, "fulcrum_backend_weight", |u, b| {
+        Some(u64::from(u.pool.weight(b.slot)))
+    });
+    header(
+        &mut out,
+        "fulcrum_backend_max_connections",
+        "gauge",
+        "Each capped backend's max_connections (backends without a cap have no sample).",
+    );
+    backend_counter(&mut out, state, "fulcrum_backend_max_connections", |u, b| {
+        u.pool.spec(b.slot)?.max_connections.map(u64::from)
+    });
+    header(
+        &mut out,
+        "fulcrum_upstream_queue_length",
+        "gauge",
+        "Clients waiting now in each upstream's queue for a backend below its max_connections.",
+    );
     for u in state.upstreams() {
-        let active = u.pool.active_all();
-        for (b, count) in u.backends.iter().zip(active) {
+        let _ = writeln!(
+            out,
+            "fulcrum_upstream_queue_length{{upstream=\"{}\"}} {}",
+            escape(&u.name),
+            u.pool.waiting()
+        );
+    }
+    header(
+        &mut out,
+        "fulcrum_upstream_queue_wait_seconds",
+        "summary",
+        "Time clients spent in each upstream's queue (waits that ended: served or timed out).",
+    );
+    for u in state.upstreams() {
+        let name = escape(&u.name);
+        let _ = writeln!(
+            out,
+            "fulcrum_upstream_queue_wait_seconds_sum{{upstream=\"{name}\"}} {}\n\
+             fulcrum_upstream_queue_wait_seconds_count{{upstream=\"{name}\"}} {}",
+            u.queue_waits.micros.get() as f64 / 1e6,
+            u.queue_waits.ended.get()
+        );
+    }
+    header(
+        &mut out,
+        "fulcrum_dns_resolutions_total",
+        "counter",
+        "Resolutions of each discovering upstream's name, by outcome (ok; empty or failed: the last good set stayed).",
+    );
+    for u in state.upstreams().filter(|u| u.discover.is_some()) {
+        let outcomes = state.discovered.outcomes(&u.name);
+        for (outcome, counter) in [
+            ("ok", &outcomes.ok),
+            ("empty", &outcomes.empty),
+            ("failed", &outcomes.failed),
+        ] {
             let _ = writeln!(
                 out,
-                "fulcrum_backend_active_connections{{upstream=\"{}\",backend=\"{}\"}} {count}",
+                "fulcrum_dns_resolutions_total{{upstream=\"{}\",outcome=\"{outcome}\"}} {}",
                 escape(&u.name),
-                escape(&b.label)
+                counter.get()
             );
         }
     }
@@ -83,8 +145,8 @@ pub fn render(state: &State) -> String {
         "counter",
         "Connections proxied to each backend (connect succeeded).",
     );
-    backend_counter(&mut out, state, "fulcrum_backend_connections_total", |b| {
-        b.connections.get()
+    backend_counter(&mut out, state, "fulcrum_backend_connections_total", |_, b| {
+        Some(b.connections.get())
     });
     header(
         &mut out,
@@ -92,16 +154,21 @@ pub fn render(state: &State) -> String {
         "counter",
         "Failed dials (refused, unreachable or timed out), per backend.",
     );
-    backend_counter(&mut out, state, "fulcrum_backend_connect_failures_total", |b| {
-        b.connect_failures.get()
-    });
+    backend_counter(
+        &mut out,
+        state,
+        "fulcrum_backend_connect_failures_total",
+        |_, b| Some(b.connect_failures.get()),
+    );
     header(
         &mut out,
         "fulcrum_backend_up",
         "gauge",
         "1 if the backend is in rotation by health checks, 0 if marked down.",
     );
-    backend_counter(&mut out, state, "fulcrum_backend_up", |b| u64::from(b.is_up()));
+    backend_counter(&mut out, state, "fulcrum_backend_up", |_, b| {
+        Some(u64::from(b.is_up()))
+    });
     header(
         &mut out,
         "fulcrum_backend_health_transitions_total",
@@ -152,7 +219,7 @@ pub fn render(state: &State) -> String {
         &mut out,
         state,
         "fulcrum_backend_admin_state_changes_total",
-        |b| b.health.admin_changes.get(),
+        |_, b| Some(b.health.admin_changes.get()),
     );
     header(
         &mut out,
@@ -202,16 +269,23 @@ pub fn render(state: &State) -> String {
     out
 }
 
-fn backend_counter(out: &mut String, state: &State, name: &str, value: impl Fn(&Backend) -> u64) {
+/// One sample per backend (`None`: no sample for that one).
+fn backend_counter(
+    out: &mut String,
+    state: &State,
+    name: &str,
+    value: impl Fn(&Upstream, &Backend) -> Option<u64>,
+) {
     for u in state.upstreams() {
         for b in &u.backends {
-            let _ = writeln!(
-                out,
-                "{name}{{upstream=\"{}\",backend=\"{}\"}} {}",
-                escape(&u.name),
-                escape(&b.label),
-                value(b)
-            );
+            if let Some(value) = value(u, b) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{upstream=\"{}\",backend=\"{}\"}} {value}",
+                    escape(&u.name),
+                    escape(&b.label),
+                );
+            }
         }
     }
 }

@@ -60,7 +60,29 @@ pub struct UpstreamStatus {
     pub name: String,
     /// Sum of the backends' active connections.
     pub active: u64,
+    /// Clients waiting now for a backend below its `max_connections`.
+    pub queue_length: usize,
+    /// `queue_size`: how many may wait (0: none, refused at once).
+    pub queue_size: usize,
+    /// Waits that ended (served or timed out) since start, and their total time.
+    pub queue_waits_total: u64,
+    pub queue_wait_seconds_total: f64,
+    /// With `discover`: the name, and how its resolutions went.
+    pub discover: Option<DiscoverStatus>,
     pub backends: Vec<BackendStatus>,
+}
+
+/// A discovering upstream's name and resolutions.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiscoverStatus {
+    /// `host:port`.
+    pub name: String,
+    pub interval_seconds: f64,
+    pub resolutions_ok: u64,
+    /// Resolved to no address (the last good set stayed).
+    pub resolutions_empty: u64,
+    /// Failed or timed out (the last good set stayed).
+    pub resolutions_failed: u64,
 }
 
 /// One backend's health and load.
@@ -75,6 +97,12 @@ pub struct BackendStatus {
     pub admin_state: &'static str,
     /// Connections counted against it now (from selection until both directions close).
     pub active: u32,
+    /// Its weight now (as configured, or as set through the admin API since).
+    pub weight: u32,
+    /// Its cap (`null`: none).
+    pub max_connections: Option<u32>,
+    /// Whether it is a backup (picked only when no primary can take a connection).
+    pub backup: bool,
     /// Connections proxied to it (connect succeeded), since start.
     pub connections_total: u64,
     /// Failed dials (refused, unreachable or timed out), since start.
@@ -106,19 +134,39 @@ pub fn snapshot(state: &State, now: Instant) -> Status {
             let backends: Vec<BackendStatus> = u
                 .backends
                 .iter()
-                .zip(u.pool.active_all())
-                .map(|(b, active)| BackendStatus {
-                    address: b.label.clone(),
-                    health: if b.is_up() { "up" } else { "down" },
-                    admin_state: b.health.admin_state().label(),
-                    active,
-                    connections_total: b.connections.get(),
-                    connect_failures_total: b.connect_failures.get(),
+                .map(|b| {
+                    let spec = u.pool.spec(b.slot).unwrap_or_default();
+                    BackendStatus {
+                        address: b.label.clone(),
+                        health: if b.is_up() { "up" } else { "down" },
+                        admin_state: b.health.admin_state().label(),
+                        active: u.pool.active(b.slot),
+                        weight: spec.weight,
+                        max_connections: spec.max_connections,
+                        backup: spec.backup,
+                        connections_total: b.connections.get(),
+                        connect_failures_total: b.connect_failures.get(),
+                    }
                 })
                 .collect();
+            let discover = u.discover.as_ref().map(|target| {
+                let outcomes = state.discovered.outcomes(&u.name);
+                DiscoverStatus {
+                    name: target.to_string(),
+                    interval_seconds: target.interval.as_secs_f64(),
+                    resolutions_ok: outcomes.ok.get(),
+                    resolutions_empty: outcomes.empty.get(),
+                    resolutions_failed: outcomes.failed.get(),
+                }
+            });
             UpstreamStatus {
                 name: u.name.clone(),
                 active: backends.iter().map(|b| u64::from(b.active)).sum(),
+                queue_length: u.pool.waiting(),
+                queue_size: u.queue_size,
+                queue_waits_total: u.queue_waits.ended.get(),
+                queue_wait_seconds_total: u.queue_waits.micros.get() as f64 / 1e6,
+                discover,
                 backends,
             }
         })

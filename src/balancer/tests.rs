@@ -1,5 +1,6 @@
 use super::*;
 use proptest::prelude::*;
+use std::task::Poll;
 
 fn counts(pool: &Pool) -> Vec<u32> {
     pool.active_all()
@@ -247,4 +248,243 @@ fn a_retired_backend_gets_nothing_new_and_its_slot_is_never_reused() {
     assert_eq!(pool.add(), 3);
     let picks: Vec<usize> = (0..6).map(|_| pool.pick(&[]).unwrap().index()).collect();
     assert!(!picks.contains(&0), "{picks:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weights, caps, the queue and backups
+
+fn weighted(specs: &[Spec]) -> Arc<Pool> {
+    let pool = Pool::new(0);
+    for spec in specs {
+        pool.add_with(*spec);
+    }
+    pool
+}
+
+fn weight(weight: u32) -> Spec {
+    Spec {
+        weight,
+        ..Spec::default()
+    }
+}
+
+fn capped(max: u32) -> Spec {
+    Spec {
+        max_connections: Some(max),
+        ..Spec::default()
+    }
+}
+
+const BACKUP: Spec = Spec {
+    weight: 1,
+    max_connections: None,
+    backup: true,
+};
+
+#[test]
+fn weights_1_and_3_spread_8_held_connections_2_and_6() {
+    let pool = weighted(&[weight(1), weight(3)]);
+    let held: Vec<Lease> = (0..8).map(|_| pool.pick(&[]).expect("a backend")).collect();
+    assert_eq!(counts(&pool), vec![2, 6]);
+    drop(held);
+    assert_eq!(counts(&pool), vec![0, 0]);
+}
+
+#[test]
+fn equal_scores_across_weights_take_turns() {
+    // Weights 1 and 2 holding 1 and 3: both score (1+1)/1 = (3+1)/2 = 2.
+    let pool = weighted(&[weight(1), weight(2)]);
+    let held: Vec<Lease> = (0..4).map(|_| pool.pick(&[]).expect("a backend")).collect();
+    assert_eq!(counts(&pool), vec![1, 3]);
+    // Short connections on the tie alternate: the one that waited longer goes first.
+    let order: Vec<usize> = (0..6)
+        .map(|_| pool.pick(&[]).expect("a backend").index())
+        .collect();
+    assert_eq!(order, [0, 1, 0, 1, 0, 1]);
+    drop(held);
+}
+
+#[test]
+fn a_backend_at_its_cap_is_skipped_until_a_lease_of_it_drops() {
+    let pool = weighted(&[capped(1), Spec::default()]);
+    let first = pool.pick(&[]).expect("a backend");
+    assert_eq!(first.index(), 0);
+    let others: Vec<Lease> = (0..3).map(|_| pool.pick(&[]).expect("a backend")).collect();
+    assert!(
+        others.iter().all(|l| l.index() == 1),
+        "the capped backend took a second connection"
+    );
+    drop(first);
+    assert_eq!(pool.pick(&[]).expect("a backend").index(), 0);
+}
+
+#[test]
+fn every_backend_full_answers_full_for_a_caller_that_queues() {
+    let pool = weighted(&[capped(1), capped(1)]);
+    let _held: Vec<Lease> = (0..2).map(|_| pool.pick(&[]).expect("a backend")).collect();
+    assert!(matches!(pool.choose(&[], Instant::now(), true), Choice::Full));
+    assert!(matches!(pool.choose(&[], Instant::now(), false), Choice::Full));
+    assert!(pool.pick(&[]).is_none());
+}
+
+#[test]
+fn waiters_are_served_first_come_first_served_as_slots_free() {
+    let pool = weighted(&[capped(1), capped(1)]);
+    let mut held: Vec<Lease> = (0..2).map(|_| pool.pick(&[]).expect("a backend")).collect();
+    let mut third = Box::pin(pool.wait(&[], 2).expect("room in the queue"));
+    let mut fourth = Box::pin(pool.wait(&[], 2).expect("room in the queue"));
+    assert_eq!(pool.wait(&[], 2).map(|_| ()), Err(QueueFull));
+    assert_eq!(pool.waiting(), 2);
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    assert!(third.as_mut().poll(&mut cx).is_pending());
+    assert!(fourth.as_mut().poll(&mut cx).is_pending());
+    // A new caller does not overtake the queue.
+    drop(held.remove(1));
+    assert!(matches!(pool.choose(&[], Instant::now(), true), Choice::Full));
+    let Poll::Ready(served) = third.as_mut().poll(&mut cx) else {
+        panic!("the first waiter was not served by the freed slot");
+    };
+    assert_eq!(served.index(), 1);
+    assert!(fourth.as_mut().poll(&mut cx).is_pending());
+    drop(held);
+    let Poll::Ready(last) = fourth.as_mut().poll(&mut cx) else {
+        panic!("the second waiter was not served");
+    };
+    assert_eq!(last.index(), 0);
+    assert_eq!(pool.waiting(), 0);
+    drop((served, last));
+    assert_eq!(counts(&pool), vec![0, 0]);
+}
+
+#[test]
+fn a_waiter_that_gives_up_leaves_the_queue_and_hands_on_a_slot_it_was_given() {
+    let pool = weighted(&[capped(1)]);
+    let held = pool.pick(&[]).expect("a backend");
+    let first = pool.wait(&[], 2).expect("room");
+    let mut second = Box::pin(pool.wait(&[], 2).expect("room"));
+    drop(held); // served to `first`, which never takes it
+    drop(first);
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let Poll::Ready(lease) = second.as_mut().poll(&mut cx) else {
+        panic!("the slot the first waiter dropped did not reach the second");
+    };
+    assert_eq!(counts(&pool), vec![1]);
+    drop(lease);
+    drop(second);
+    assert_eq!((counts(&pool), pool.waiting()), (vec![0], 0));
+}
+
+#[test]
+fn a_backup_gets_nothing_while_a_primary_is_in_rotation() {
+    let pool = weighted(&[Spec::default(), BACKUP]);
+    let held: Vec<Lease> = (0..5).map(|_| pool.pick(&[]).expect("a backend")).collect();
+    assert_eq!(counts(&pool), vec![5, 0]);
+    drop(held);
+}
+
+#[test]
+fn a_backup_serves_while_no_primary_is_up_and_stops_when_one_returns() {
+    let pool = weighted(&[Spec::default(), Spec::default(), BACKUP]);
+    pool.set_in_rotation(0, false);
+    pool.set_in_rotation(1, false);
+    let on_backup = pool.pick(&[]).expect("the backup");
+    assert_eq!(on_backup.index(), 2);
+    pool.set_in_rotation(1, true);
+    assert_eq!(pool.pick(&[]).expect("a backend").index(), 1);
+    // Excluding the only primary (it just failed to dial) falls over to the backup too.
+    assert_eq!(pool.pick(&[1]).expect("the backup").index(), 2);
+}
+
+#[test]
+fn backups_take_the_overflow_of_full_primaries_only_without_a_queue() {
+    let pool = weighted(&[capped(1), BACKUP]);
+    let _primary = pool.pick(&[]).expect("the primary");
+    assert!(matches!(pool.choose(&[], Instant::now(), true), Choice::Full));
+    let Choice::Leased(lease) = pool.choose(&[], Instant::now(), false) else {
+        panic!("without a queue the overflow goes to the backup");
+    };
+    assert_eq!(lease.index(), 1);
+}
+
+#[test]
+fn a_new_weight_keeps_the_count_and_changes_the_share() {
+    let pool = weighted(&[weight(1), weight(1)]);
+    let mut held: Vec<Lease> = (0..2).map(|_| pool.pick(&[]).expect("a backend")).collect();
+    pool.respec(1, weight(4));
+    assert_eq!(counts(&pool), vec![1, 1]);
+    held.extend((0..5).map(|_| pool.pick(&[]).expect("a backend")));
+    // (1+1)/1 = 2 against (5+1)/4 = 1.5 and (6+1)/4 = 1.75: the heavier one took all five.
+    assert_eq!(counts(&pool), vec![1, 6]);
+    assert_eq!(pool.weight(1), 4);
+}
+
+#[derive(Clone, Debug)]
+enum WeightedOp {
+    Pick,
+    Drop(usize),
+    Rotation(usize, bool),
+    Reweigh(usize, u32),
+}
+
+fn weighted_op() -> impl Strategy<Value = WeightedOp> {
+    prop_oneof![
+        4 => Just(WeightedOp::Pick),
+        3 => (0..64usize).prop_map(WeightedOp::Drop),
+        1 => (0..8usize, any::<bool>()).prop_map(|(i, up)| WeightedOp::Rotation(i, up)),
+        1 => (0..8usize, 1..=MAX_WEIGHT).prop_map(|(i, w)| WeightedOp::Reweigh(i, w)),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn every_weighted_pick_minimizes_active_plus_one_over_weight(
+        weights in prop::collection::vec(prop_oneof![1..=4u32, 1..=MAX_WEIGHT], 1..8),
+        ops in prop::collection::vec(weighted_op(), 1..300),
+    ) {
+        let size = weights.len();
+        let pool = weighted(&weights.iter().map(|w| weight(*w)).collect::<Vec<_>>());
+        let mut weights = weights;
+        let mut held: Vec<Lease> = Vec::new();
+        let mut model = vec![0u32; size];
+        let mut up = vec![true; size];
+        for op in ops {
+            match op {
+                WeightedOp::Pick => match pool.pick(&[]) {
+                    Some(lease) => {
+                        let i = lease.index();
+                        prop_assert!(up[i], "picked {} which is out of rotation", i);
+                        // (a + 1) / wa <= (b + 1) / wb for every eligible b, exactly.
+                        let score = |j: usize| (u64::from(model[j]) + 1, u64::from(weights[j]));
+                        let (load, w) = score(i);
+                        for j in (0..size).filter(|j| up[*j]) {
+                            let (other_load, other_w) = score(j);
+                            prop_assert!(load * other_w <= other_load * w, "picked {} ({}/{}) over {} ({}/{})", i, load, w, j, other_load, other_w);
+                        }
+                        model[i] += 1;
+                        held.push(lease);
+                    }
+                    None => prop_assert!(!up.iter().any(|u| *u)),
+                },
+                WeightedOp::Drop(k) => {
+                    if !held.is_empty() {
+                        let lease = held.swap_remove(k % held.len());
+                        model[lease.index()] -= 1;
+                    }
+                }
+                WeightedOp::Rotation(i, in_rotation) => {
+                    pool.set_in_rotation(i % size, in_rotation);
+                    up[i % size] = in_rotation;
+                }
+                WeightedOp::Reweigh(i, w) => {
+                    pool.respec(i % size, weight(w));
+                    weights[i % size] = w;
+                }
+            }
+            prop_assert_eq!(pool.active_all(), model.clone());
+        }
+        held.clear();
+        prop_assert_eq!(pool.active_all(), vec![0; size]);
+    }
 }

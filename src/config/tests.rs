@@ -33,17 +33,17 @@ fn the_documented_example_loads_with_typed_values() {
     assert_eq!(upstream.connect_timeout, Duration::from_millis(250));
     assert_eq!(upstream.connect_attempts, DEFAULT_CONNECT_ATTEMPTS);
     assert_eq!(
-        upstream.backends[0],
+        upstream.backends[0].addr,
         BackendAddr::Ip("10.0.0.1:80".parse().unwrap())
     );
     assert_eq!(
-        upstream.backends[2],
+        upstream.backends[2].addr,
         BackendAddr::Name {
             host: "backend.internal".into(),
             port: 8080
         }
     );
-    assert_eq!(upstream.backends[2].to_string(), "backend.internal:8080");
+    assert_eq!(upstream.backends[2].addr.to_string(), "backend.internal:8080");
     assert_eq!(
         config.admin.unwrap().bind,
         Some("127.0.0.1:9000".parse().unwrap())
@@ -984,4 +984,143 @@ fn alpn_keys_load_and_bad_ones_are_refused_naming_the_key() {
     );
     let e = upstream("'server'").expect_err("bad word").to_string();
     assert!(e.contains("tls.alpn") && e.contains("client"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backend tables, the queue and discovery
+
+const LIST: &str = r#"backends = ["10.0.0.1:80", "10.0.0.2:80", "backend.internal:8080"]"#;
+
+fn with_backends(backends: &str) -> String {
+    GOOD.replace(LIST, backends)
+}
+
+#[test]
+fn backends_mix_strings_and_tables_with_weight_cap_and_backup() {
+    let text = with_backends(
+        r#"backends = ["10.0.0.1:80", { addr = "10.0.0.2:80", weight = 3, max_connections = 200 }, { addr = "10.0.9.1:80", backup = true }]
+queue_size = 50
+queue_timeout = "2s""#,
+    );
+    let config = Config::from_toml(&text, "test.toml").expect("valid config");
+    let upstream = config.upstream("web").expect("upstream web");
+    let plain = BackendConfig::new(BackendAddr::Ip("10.0.0.1:80".parse().unwrap()));
+    assert_eq!(upstream.backends[0], plain);
+    assert_eq!(
+        upstream.backends[1],
+        BackendConfig {
+            addr: BackendAddr::Ip("10.0.0.2:80".parse().unwrap()),
+            weight: 3,
+            max_connections: Some(200),
+            backup: false,
+        }
+    );
+    assert!(upstream.backends[2].backup && upstream.backends[2].weight == 1);
+    assert_eq!(
+        (upstream.queue_size, upstream.queue_timeout),
+        (50, Duration::from_secs(2))
+    );
+}
+
+#[test]
+fn the_queue_is_off_by_default_with_a_five_second_timeout() {
+    let config = Config::from_toml(GOOD, "test.toml").expect("valid config");
+    let upstream = config.upstream("web").expect("upstream web");
+    assert_eq!(
+        (upstream.queue_size, upstream.queue_timeout),
+        (0, DEFAULT_QUEUE_TIMEOUT)
+    );
+    assert!(upstream.discover.is_none());
+}
+
+#[test]
+fn weights_outside_1_to_256_and_a_zero_cap_are_errors_naming_the_backend() {
+    for (table, key) in [
+        (r#"{ addr = "10.0.0.2:80", weight = 0 }"#, "weight"),
+        (r#"{ addr = "10.0.0.2:80", weight = 257 }"#, "weight"),
+        (
+            r#"{ addr = "10.0.0.2:80", max_connections = 0 }"#,
+            "max_connections",
+        ),
+    ] {
+        let e = error_of(&with_backends(&format!(r#"backends = ["10.0.0.1:80", {table}]"#)));
+        assert!(e.contains("\"10.0.0.2:80\"") && e.contains(key), "{table}: {e}");
+    }
+    // The bounds themselves are fine.
+    let text = with_backends(
+        r#"backends = [{ addr = "10.0.0.1:80", weight = 1 }, { addr = "10.0.0.2:80", weight = 256 }]"#,
+    );
+    assert!(Config::from_toml(&text, "test.toml").is_ok());
+}
+
+#[test]
+fn a_mistyped_key_in_a_backend_table_is_an_error_naming_it() {
+    let e = error_of(&with_backends(
+        r#"backends = [{ addr = "10.0.0.1:80", wieght = 2 }]"#,
+    ));
+    assert!(e.contains("wieght"), "{e}");
+}
+
+#[test]
+fn an_upstream_of_only_backups_is_an_error() {
+    let e = error_of(&with_backends(
+        r#"backends = [{ addr = "10.0.0.1:80", backup = true }]"#,
+    ));
+    assert!(e.contains("backup") && e.contains("primary"), "{e}");
+}
+
+#[test]
+fn a_backend_listed_twice_in_either_form_is_an_error() {
+    let e = error_of(&with_backends(
+        r#"backends = ["10.0.0.1:80", { addr = "10.0.0.1:80", weight = 2 }]"#,
+    ));
+    assert!(e.contains("listed twice"), "{e}");
+}
+
+#[test]
+fn discover_loads_with_its_interval_and_dns_servers() {
+    let text = with_backends(
+        r#"discover = "app.internal:8080"
+discover_interval = "3s""#,
+    ) + "\n[dns]\nservers = [\"10.96.0.10:53\", \"10.96.0.11\"]\n";
+    let config = Config::from_toml(&text, "test.toml").expect("valid config");
+    let upstream = config.upstream("web").expect("upstream web");
+    let discover = upstream.discover.as_ref().expect("discover");
+    assert_eq!((discover.host.as_str(), discover.port), ("app.internal", 8080));
+    assert_eq!(discover.interval, Duration::from_secs(3));
+    assert!(upstream.backends.is_empty());
+    let servers: Vec<SocketAddr> = vec!["10.96.0.10:53".parse().unwrap(), "10.96.0.11:53".parse().unwrap()];
+    assert_eq!(config.dns.servers, servers);
+    let default = with_backends(r#"discover = "app.internal:8080""#);
+    let config = Config::from_toml(&default, "test.toml").expect("valid config");
+    let interval = config
+        .upstream("web")
+        .and_then(|u| u.discover.as_ref())
+        .map(|d| d.interval);
+    assert_eq!(interval, Some(DEFAULT_DISCOVER_INTERVAL));
+}
+
+#[test]
+fn backends_and_discover_together_or_neither_are_errors() {
+    let both = GOOD.replace(LIST, &format!("{LIST}\ndiscover = \"app.internal:8080\""));
+    assert!(error_of(&both).contains("either backends or discover"));
+    let neither = with_backends("");
+    assert!(error_of(&neither).contains("backends = [...] or discover"));
+}
+
+#[test]
+fn discover_needs_a_name_and_port_and_its_interval_needs_discover() {
+    let e = error_of(&with_backends(r#"discover = "10.0.0.1:80""#));
+    assert!(e.contains("expected a name"), "{e}");
+    let e = error_of(&with_backends(r#"discover = "app.internal""#));
+    assert!(e.contains("host:port"), "{e}");
+    let e = error_of(&GOOD.replace(LIST, &format!("{LIST}\ndiscover_interval = \"5s\"")));
+    assert!(
+        e.contains("discover_interval") && e.contains("only means something with discover"),
+        "{e}"
+    );
+    let e = error_of(
+        &(with_backends(r#"discover = "app.internal:80""#) + "\n[dns]\nservers = [\"not-an-address\"]\n"),
+    );
+    assert!(e.contains("dns.servers"), "{e}");
 }

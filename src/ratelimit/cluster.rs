@@ -121,6 +121,11 @@ struct Health {
 }
 
 impl ClusterLimiter {
+    /// The redis client it counts through (a rebuild of the same generation reuses it).
+    pub(crate) fn client(&self) -> redis::Client {
+        self.redis.client.clone()
+    }
+
     /// Builds the limiter for `policy` counted through `shared` with `client` (see
     /// [`redis_client`]), taking over from `previous` (the limiter a reload replaces): its open
     /// connection counts always, its local shares and fallback counts when the policy and key

@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Listener, ServerError, State, Upstream};
+use super::{Discovered, Listener, ServerError, State, Upstream};
 use crate::authz::Authorization;
 use crate::config::{Config, ListenerLimit};
 use crate::ratelimit::{ClusterLimiter, Limiter, RateLimiter};
@@ -30,7 +30,7 @@ pub fn validate(config: &Config) -> Result<Vec<String>, ServerError> {
         .iter()
         .map(|l| (l.name.clone(), l.bind))
         .collect();
-    let state = State::assemble(config, tls, addrs, None, 1);
+    let state = State::assemble(config, tls, addrs, None, 1, Arc::default());
     let mut warnings = Vec::new();
     if let Some(admin) = config
         .admin
@@ -61,8 +61,33 @@ pub(crate) struct Loaded {
     /// With `[reload] watch`: the files' fingerprint, taken before any of them is read.
     fingerprint: crate::watch::Fingerprint,
     listeners: Vec<Option<ServerTls>>,
-    upstreams: Vec<Option<crate::tls::UpstreamTls>>,
+    upstreams: Vec<Option<Arc<crate::tls::UpstreamTls>>>,
     redis: Option<redis::Client>,
+}
+
+impl Loaded {
+    /// What `current` was loaded with, to build it again (with other discovered backends)
+    /// without reading any file: the same TLS settings, session caches and redis client.
+    pub(crate) fn reuse(current: &State) -> Loaded {
+        let config = &current.config;
+        Loaded {
+            fingerprint: current.loaded.clone(),
+            listeners: config
+                .listeners
+                .iter()
+                .map(|l| current.listener(&l.name).and_then(|x| x.tls.clone()))
+                .collect(),
+            upstreams: config
+                .upstreams
+                .iter()
+                .map(|u| current.upstream(&u.name).and_then(|x| x.tls.clone()))
+                .collect(),
+            redis: match &current.global_limiter {
+                Some(Limiter::Cluster(cluster)) => Some(cluster.client()),
+                _ => None,
+            },
+        }
+    }
 }
 
 pub(crate) fn load(config: &Config) -> Result<Loaded, ServerError> {
@@ -75,7 +100,7 @@ pub(crate) fn load(config: &Config) -> Result<Loaded, ServerError> {
         .iter()
         .map(|u| match &u.tls {
             Some(t) => crate::tls::client_config(t)
-                .map(Some)
+                .map(|tls| Some(Arc::new(tls)))
                 .map_err(|source| ServerError::UpstreamTls {
                     upstream: u.name.clone(),
                     source,
@@ -110,14 +135,16 @@ pub(crate) fn load(config: &Config) -> Result<Loaded, ServerError> {
 
 impl State {
     /// Builds a generation from a validated config and its loaded TLS settings, taking over what
-    /// stays from `previous`. Infallible: everything that can fail happened before, so a failed
-    /// reload never touches the running generation's pools.
+    /// stays from `previous`, with the backends of discovering upstreams from `discovered`.
+    /// Infallible: everything that can fail happened before, so a failed reload never touches
+    /// the running generation's pools.
     pub(crate) fn assemble(
         config: &Config,
         loaded: Loaded,
         addrs: Vec<(String, SocketAddr)>,
         previous: Option<&State>,
         generation: u64,
+        discovered: Arc<Discovered>,
     ) -> State {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
@@ -125,7 +152,11 @@ impl State {
             .zip(loaded.upstreams)
             .map(|(u, tls)| {
                 let previous = previous.and_then(|p| p.upstream(&u.name)).map(|u| &**u);
-                Arc::new(Upstream::new(u, tls, previous))
+                let found = match &u.discover {
+                    Some(target) => discovered.addrs(&u.name, &target.to_string()),
+                    None => Vec::new(),
+                };
+                Arc::new(Upstream::new(u, tls, previous, &found))
             })
             .collect();
         let authorization = Arc::new(Authorization::new(config.authorization.iter().cloned()));
@@ -251,6 +282,8 @@ impl State {
             started: previous.map_or_else(Instant::now, |p| p.started),
             draining: AtomicBool::new(false),
             access_log,
+            config: Arc::new(config.clone()),
+            discovered,
         }
     }
 }

@@ -9,7 +9,10 @@ fn live() -> Live {
     .expect("config");
     let loaded = build::load(&config).expect("load");
     let addrs = vec![("a".to_string(), "127.0.0.1:1".parse().expect("addr"))];
-    Live::new(State::assemble(&config, loaded, addrs, None, 1), None)
+    Live::new(
+        State::assemble(&config, loaded, addrs, None, 1, Default::default()),
+        None,
+    )
 }
 
 fn grant(expires: Option<u64>) -> Grant {
@@ -83,4 +86,78 @@ fn a_swap_revokes_registrations_the_next_generation_no_longer_authorizes() {
     // The same generation again (nobody is authorized: [authorization] is empty): alice loses access.
     assert_eq!(live.swap(next), 1);
     assert_eq!(kept.cut.reason(), Some(Cut::AccessRevoked));
+}
+
+fn upstream_config(toml_backends: &str, extra: &str) -> UpstreamConfig {
+    let text = format!(
+        "[[listener]]\nname='a'\nbind='127.0.0.1:0'\nupstream='u'\n[[upstream]]\nname='u'\n{toml_backends}\n{extra}\n"
+    );
+    let config = crate::Config::from_toml(&text, "t").expect("config");
+    config.upstreams[0].clone()
+}
+
+#[test]
+fn a_discovered_set_becomes_backends_and_a_missing_address_is_retired() {
+    let config = upstream_config("discover='app.internal:80'", "");
+    let addrs: Vec<SocketAddr> = ["127.0.0.11:80", "127.0.0.12:80"]
+        .map(|a| a.parse().expect("addr"))
+        .to_vec();
+    let first = Upstream::new(&config, None, None, &addrs);
+    let labels: Vec<&str> = first.backends.iter().map(|b| b.label.as_str()).collect();
+    assert_eq!(labels, ["127.0.0.11:80", "127.0.0.12:80"]);
+    let lease = first.pool.pick(&[first.backends[0].slot]).expect("a backend");
+    assert_eq!(lease.index(), first.backends[1].slot);
+    let next = Upstream::new(&config, None, Some(&first), &addrs[..1]);
+    assert!(
+        Arc::ptr_eq(&next.backends[0], &first.backends[0]),
+        "a kept address keeps its backend"
+    );
+    assert_eq!(next.backends.len(), 1);
+    // The retired backend's lease still counts; no new connection can reach it.
+    assert_eq!(next.pool.active(lease.index()), 1);
+    for _ in 0..3 {
+        assert_eq!(
+            next.pool.pick(&[]).expect("a backend").index(),
+            next.backends[0].slot
+        );
+    }
+}
+
+#[test]
+fn a_backend_joining_a_running_upstream_ramps_in_and_the_first_ones_do_not() {
+    let config = upstream_config(
+        "backends=['127.0.0.1:1']",
+        "[upstream.health_check]\nslow_start='30s'",
+    );
+    let first = Upstream::new(&config, None, None, &[]);
+    assert!(!first.pool.is_ramping(first.backends[0].slot, Instant::now()));
+    let grown = upstream_config(
+        "backends=['127.0.0.1:1', '127.0.0.1:2']",
+        "[upstream.health_check]\nslow_start='30s'",
+    );
+    let next = Upstream::new(&grown, None, Some(&first), &[]);
+    assert!(!next.pool.is_ramping(next.backends[0].slot, Instant::now()));
+    assert!(next.pool.is_ramping(next.backends[1].slot, Instant::now()));
+}
+
+#[test]
+fn a_runtime_weight_stands_until_the_configured_weight_changes() {
+    let config = |w: u32| upstream_config(&format!("backends=[{{ addr='127.0.0.1:1', weight={w} }}]"), "");
+    let first = Upstream::new(&config(2), None, None, &[]);
+    let slot = first.backends[0].slot;
+    first.pool.respec(
+        slot,
+        Spec {
+            weight: 7,
+            ..first.pool.spec(slot).expect("spec")
+        },
+    );
+    let same = Upstream::new(&config(2), None, Some(&first), &[]);
+    assert_eq!(
+        same.pool.weight(slot),
+        7,
+        "an unchanged configured weight keeps the runtime one"
+    );
+    let changed = Upstream::new(&config(5), None, Some(&same), &[]);
+    assert_eq!(changed.pool.weight(slot), 5);
 }

@@ -185,7 +185,12 @@ pub struct TestBackend {
 
 impl TestBackend {
     pub async fn start(behavior: Behavior) -> TestBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind test backend");
+        TestBackend::start_at("127.0.0.1:0".parse().expect("address"), behavior).await
+    }
+
+    /// A backend on `addr` (port 0: any), e.g. back on the address of one that was stopped.
+    pub async fn start_at(addr: SocketAddr, behavior: Behavior) -> TestBackend {
+        let listener = TcpListener::bind(addr).await.expect("bind test backend");
         let addr = listener.local_addr().expect("test backend address");
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
@@ -351,6 +356,41 @@ pub async fn round_trip(stream: &mut TcpStream, message: &[u8]) -> Vec<u8> {
         .await
         .expect("read echo reply");
     reply
+}
+
+/// One HTTP/1.1 request (to the admin API) with `Connection: close`; the status code and the
+/// body. A `Host` header is added unless `headers` has one.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("host")) {
+        request.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    let mut stream = connect(addr).await;
+    within("the admin request", stream.write_all(request.as_bytes()))
+        .await
+        .expect("send");
+    let response = String::from_utf8(read_to_end(&mut stream).await.expect("answer")).expect("UTF-8");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
 }
 
 /// Reads until end of stream, within the deadline.

@@ -106,5 +106,5 @@ fn upstream(health_check: &str) -> Upstream {
          [[upstream]]\nname='u'\nbackends=['127.0.0.1:1']\n[upstream.health_check]\n{health_check}\n"
     );
     let config = Config::from_toml(&text, "test").expect("valid config");
-    Upstream::new(&config.upstreams[0], None, None)
+    Upstream::new(&config.upstreams[0], None, None, &[])
 }
