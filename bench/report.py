@@ -161,6 +161,29 @@ def main(raw, meta_path, out_md, out_dat):
             cells = " | ".join(fmt(m[t], unit) for t in PROXIES)
             out.append(f"| {label} | {unit} | {cells} | {ratio(m['fulcrum'], m['haproxy'])} "
                        f"| {ratio(m['nginx'], m['haproxy'])} |")
+    # fulcrum-info (a target only when asked for): the cost of the per-connection log line.
+    logging = []
+    for scenario, metric, label, unit in EFFICIENCY_ROWS:
+        warn, info = med(scenario, "fulcrum", metric), med(scenario, "fulcrum-info", metric)
+        if info is None:
+            continue
+        per = {}
+        for t in ("fulcrum", "fulcrum-info"):
+            work = values.get((scenario, t, metric), [])
+            cpu = values.get((scenario, t, "cpu_pct"), [])
+            ratios = [w / (c / 100) for w, c in zip(work, cpu) if c > 0 and not math.isnan(w)]
+            per[t] = statistics.median(ratios) if ratios else None
+        logging.append((label, unit, warn, info, per["fulcrum"], per["fulcrum-info"]))
+    if logging:
+        out.append("")
+        out.append("Logging cost: fulcrum at `--log-level warn` against the default `info` (one line per "
+                   "connection), side by side in this run:")
+        out.append("")
+        out.append("| scenario | unit | warn | info | info / warn | warn per CPU-s | info per CPU-s | info / warn |")
+        out.append("|---|---|---:|---:|---:|---:|---:|---:|")
+        for label, unit, warn, info, pw, pi in logging:
+            out.append(f"| {label} | {unit} | {fmt(warn, unit)} | {fmt(info, unit)} | {ratio(info, warn)} "
+                       f"| {fmt(pw, unit)} | {fmt(pi, unit)} | {ratio(pi, pw)} |")
     held = sorted({int(v) for (s, t, metric), vs in values.items() if metric == "held" for v in vs})
     out.append("")
     if held:
@@ -175,11 +198,12 @@ def main(raw, meta_path, out_md, out_dat):
                "target)</summary>")
     out.append("")
     rounds = sorted({int(l.split("\t")[0]) for l in open(raw) if l.count("\t") == 4})
-    out.append("| scenario | unit | " + " | ".join(TARGETS) + " |")
-    out.append("|---|---|" + "---:|" * len(TARGETS))
+    shown = TARGETS + [t for t in ["fulcrum-info"] if any(k[1] == t for k in values)]
+    out.append("| scenario | unit | " + " | ".join(shown) + " |")
+    out.append("|---|---|" + "---:|" * len(shown))
     for scenario, metric, label, short, unit, higher in ROWS:
         cells = []
-        for t in TARGETS:
+        for t in shown:
             v = values.get((scenario, t, metric), [])
             cells.append(" / ".join(fmt(x, unit) for x in v) if v else "–")
         if any(c != "–" for c in cells):

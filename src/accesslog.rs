@@ -8,6 +8,9 @@
 //! slow disk stalls no runtime thread), and flushes after every batch it takes off the channel.
 //! Write errors are logged at most once per [`ERROR_LOG_INTERVAL`] and writing goes on. On
 //! shutdown the writer drains what is queued, flushes and returns; `Server::run` waits for it.
+//! SIGUSR1 ([`AccessLog::reopen`]) makes the writer flush and reopen the file at its path, for
+//! `logrotate`: every line goes to the old file or the new one, none is lost. Connections open
+//! longer than `[access_log] interim` send interim entries (outcome `interim`, bytes so far).
 //! This module owns the line format; it does not decide what a connection's outcome is.
 
 use std::io;
@@ -45,6 +48,13 @@ pub(crate) struct Entry {
     pub(crate) upstream: Option<String>,
     /// The protocol negotiated by ALPN, if any.
     pub(crate) alpn: Option<String>,
+    /// The server name the client asked for (TLS SNI), if any.
+    pub(crate) sni: Option<String>,
+    /// The TLS version negotiated (`TLSv1.3`, `TLSv1.2`), on TLS listeners.
+    pub(crate) tls_version: Option<&'static str>,
+    /// The client certificate's serial (hex, colons) and `notAfter`, on mTLS listeners.
+    pub(crate) client_serial: Option<String>,
+    pub(crate) client_not_after: Option<SystemTime>,
     /// The backend's configured label, once one answered.
     pub(crate) backend: Option<String>,
     /// Bytes from the client to the backend.
@@ -53,7 +63,7 @@ pub(crate) struct Entry {
     pub(crate) bytes_down: u64,
     pub(crate) duration: Duration,
     /// How it ended: the `end` of the connection log line (`closed`, `client_reset`, ...), or
-    /// `refused`.
+    /// `refused`; `interim` for an interim entry of a connection still open.
     pub(crate) outcome: &'static str,
     /// Why it was refused, when `outcome` is `refused`.
     pub(crate) reason: Option<Reason>,
@@ -71,6 +81,10 @@ impl Entry {
             identity: None,
             upstream: None,
             alpn: None,
+            sni: None,
+            tls_version: None,
+            client_serial: None,
+            client_not_after: None,
             backend: None,
             bytes_up: 0,
             bytes_down: 0,
@@ -95,6 +109,12 @@ impl Entry {
             identity: self.identity.as_deref(),
             upstream: self.upstream.as_deref(),
             alpn: self.alpn.as_deref(),
+            sni: self.sni.as_deref(),
+            tls_version: self.tls_version,
+            client_serial: self.client_serial.as_deref(),
+            client_not_after: self
+                .client_not_after
+                .map(|at| humantime::format_rfc3339_seconds(at).to_string()),
             backend: self.backend.as_deref(),
             bytes_up: self.bytes_up,
             bytes_down: self.bytes_down,
@@ -117,6 +137,14 @@ struct Line<'a> {
     upstream: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     alpn: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sni: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_version: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_serial: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_not_after: Option<String>,
     backend: Option<&'a str>,
     bytes_up: u64,
     bytes_down: u64,
@@ -134,6 +162,8 @@ pub(crate) struct AccessLog {
     pub(crate) dropped: Counter,
     /// The receiver and the opened output, taken once by [`AccessLog::start`].
     writer: Mutex<Writer>,
+    /// Asks the writer to reopen the file ([`AccessLog::reopen`]).
+    reopen: std::sync::Arc<tokio::sync::Notify>,
 }
 
 #[derive(Debug, Default)]
@@ -160,6 +190,7 @@ impl AccessLog {
                 receiver: Some(receiver),
                 output: None,
             }),
+            reopen: Default::default(),
         }
     }
 
@@ -173,6 +204,12 @@ impl AccessLog {
         };
         self.writer.lock().unwrap_or_else(|p| p.into_inner()).output = Some(output);
         Ok(())
+    }
+
+    /// Asks the writer to close and open the file again, after what it has taken so far is
+    /// written (SIGUSR1, for `logrotate`). Nothing to do for stdout.
+    pub(crate) fn reopen(&self) {
+        self.reopen.notify_one();
     }
 
     /// Queues an entry without waiting; a full queue drops it and counts the drop.
@@ -194,27 +231,39 @@ impl AccessLog {
             Output::Stdout => Box::new(tokio::io::stdout()),
             Output::File(file) => Box::new(tokio::fs::File::from_std(file)),
         };
-        let name = match &self.target {
-            AccessLogConfig::Stdout => "stdout".to_string(),
-            AccessLogConfig::File(path) => path.display().to_string(),
+        let path = match &self.target {
+            AccessLogConfig::Stdout => None,
+            AccessLogConfig::File(path) => Some(path.clone()),
         };
-        Some(tokio::spawn(write_lines(receiver, output, name, stop)))
+        let reopen = std::sync::Arc::clone(&self.reopen);
+        Some(tokio::spawn(write_lines(receiver, output, path, reopen, stop)))
     }
 }
 
-/// The writer task: batches off the channel, one write and flush per batch.
+/// The writer task: batches off the channel, one write and flush per batch; on a reopen request
+/// (a file only), flushes and switches to a freshly opened file at the same path.
 async fn write_lines(
     mut receiver: mpsc::Receiver<Entry>,
     output: Box<dyn AsyncWrite + Send + Unpin>,
-    name: String,
+    path: Option<std::path::PathBuf>,
+    reopen: std::sync::Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 ) {
+    let name = path
+        .as_ref()
+        .map_or_else(|| "stdout".to_string(), |p| p.display().to_string());
     let mut out = BufWriter::new(output);
     let mut errors = ErrorLog::default();
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         let taken = tokio::select! {
             _ = stop.cancelled() => break,
+            _ = reopen.notified() => {
+                if let Some(path) = &path {
+                    reopen_file(&mut out, path, &name, &mut errors).await;
+                }
+                continue;
+            }
             taken = receiver.recv_many(&mut batch, BATCH) => taken,
         };
         if taken == 0 {
@@ -227,6 +276,31 @@ async fn write_lines(
     receiver.close();
     while receiver.recv_many(&mut batch, BATCH).await > 0 {
         write_batch(&mut out, &mut batch, &name, &mut errors).await;
+    }
+}
+
+/// Flushes what was written so far to the old file, then writes to a new one at `path`; if it
+/// cannot be opened, the old one is kept (and the failure logged).
+async fn reopen_file(
+    out: &mut BufWriter<Box<dyn AsyncWrite + Send + Unpin>>,
+    path: &std::path::Path,
+    name: &str,
+    errors: &mut ErrorLog,
+) {
+    if let Err(e) = out.flush().await {
+        errors.report(name, &e, Instant::now());
+    }
+    let opened = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await;
+    match opened {
+        Ok(file) => {
+            *out = BufWriter::new(Box::new(file));
+            tracing::info!(log = %name, "access log reopened");
+        }
+        Err(error) => warn!(log = %name, %error, "access log: cannot reopen; writing on to the old file"),
     }
 }
 
@@ -312,6 +386,27 @@ mod tests {
         assert_eq!(value["duration_ms"], 25);
         assert_eq!(value["outcome"], "closed");
         assert!(value["reason"].is_null());
+    }
+
+    #[test]
+    fn an_mtls_entry_carries_sni_tls_version_and_the_client_certificate_and_a_plain_one_does_not() {
+        let plain: serde_json::Value = serde_json::from_str(&proxied().to_line()).expect("JSON");
+        for field in ["sni", "tls_version", "client_serial", "client_not_after", "alpn"] {
+            assert!(
+                plain.get(field).is_none(),
+                "{field} on a plain connection: {plain}"
+            );
+        }
+        let mut entry = proxied();
+        entry.sni = Some("api.example".into());
+        entry.tls_version = Some("TLSv1.3");
+        entry.client_serial = Some("01:ff".into());
+        entry.client_not_after = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+        let value: serde_json::Value = serde_json::from_str(&entry.to_line()).expect("JSON");
+        assert_eq!(value["sni"], "api.example");
+        assert_eq!(value["tls_version"], "TLSv1.3");
+        assert_eq!(value["client_serial"], "01:ff");
+        assert_eq!(value["client_not_after"], "2027-01-15T08:00:00Z");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{header, HeaderValue, Request, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -268,11 +268,13 @@ async fn status_json(State(admin): State<Admin>) -> Response {
     )
 }
 
-async fn metrics(State(admin): State<Admin>) -> Response {
+async fn metrics(State(admin): State<Admin>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = prometheus::Format::from_accept(accept);
     respond(
         StatusCode::OK,
-        "text/plain; version=0.0.4; charset=utf-8",
-        prometheus::render(&admin.handle.state()),
+        format.content_type(),
+        prometheus::render_as(&admin.handle.state(), format),
     )
 }
 

@@ -77,6 +77,9 @@ pub struct Config {
     pub rate_limit: Option<RateLimitConfig>,
     /// `[access_log]`: one JSON line per closed connection; `None` writes none.
     pub access_log: Option<AccessLogConfig>,
+    /// `[access_log] interim`: an interim entry (bytes so far) for every this long a connection
+    /// stays open; `None` (the default) writes none.
+    pub access_log_interim: Option<Duration>,
     /// `[reload]`: reloading by itself when a file changes.
     pub reload: ReloadConfig,
     /// `max_connections`: open client connections for the whole process (the admin listener's
@@ -914,6 +917,7 @@ struct RawReload {
 #[serde(deny_unknown_fields)]
 struct RawAccessLog {
     path: String,
+    interim: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -1275,6 +1279,19 @@ impl Validator<'_> {
             Some(a) => Some(self.admin(a)?),
             None => None,
         };
+        let access_log_interim = match raw.access_log.as_ref().and_then(|a| a.interim.as_deref()) {
+            Some(text) => match self.duration_or_off("access_log.interim", text)? {
+                Some(d) if d < Duration::from_secs(1) => {
+                    return Err(self.invalid(
+                        "access_log.interim",
+                        text,
+                        "must be at least 1s (or \"0s\" for none)",
+                    ))
+                }
+                other => other,
+            },
+            None => None,
+        };
         let access_log = match raw.access_log {
             Some(a) => Some(self.access_log(a)?),
             None => None,
@@ -1304,6 +1321,7 @@ impl Validator<'_> {
             authorization,
             rate_limit,
             access_log,
+            access_log_interim,
             reload,
             max_connections,
             source_prefixes,

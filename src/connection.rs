@@ -17,7 +17,10 @@
 //!    expiring: an [`End`], whose label is the `end` field of the closing log line.
 //!
 //! Then one summary log line and one access log entry (see [`crate::accesslog`]) for every
-//! connection, refused ones included. No backend is dialed before phases 1-3 pass. The backend
+//! connection, refused ones included (with interim entries of long connections from the relay's
+//! meter); the handshake, connect and connection-duration histograms, the byte counters (as bytes
+//! move) and the per-identity table are fed as the phases go. No backend is dialed before phases
+//! 1-3 pass. The backend
 //! lease and the rate-limit permit are held for the whole connection, so counts are exact on
 //! every path. Failures end this connection only and are logged once, here. This module owns the
 //! order of the phases; their substance lives in tls, identity, authz, ratelimit, balancer, net
@@ -42,9 +45,10 @@ use crate::caps::{InHandshake, Place};
 use crate::config::OnDown;
 use crate::health::probe::record;
 use crate::health::{AdminState, Source};
+use crate::metrics::identities::Refused;
 use crate::metrics::{HandshakeFailure, Reason};
 use crate::net::{BackendStream, Origin};
-use crate::proxy::{relay_tcp, Progress, RelayError, Side, Timeout, Timeouts};
+use crate::proxy::{relay_tcp, Meter, Progress, RelayError, Side, Timeout, Timeouts};
 use crate::proxy_protocol::SslInfo;
 use crate::ratelimit::{ClientKey, Decision as Limit, Permit};
 use crate::state::{Backend, Cut, Grant, Listener, Live, Registration, State, Upstream};
@@ -124,6 +128,8 @@ struct Refusal {
     /// Why the TLS handshake (or the check of a resumed session's certificate) failed.
     handshake: Option<HandshakeFailure>,
     detail: String,
+    /// The client's identity, when it is known: counted in the per-identity table.
+    identity: Option<Arc<str>>,
 }
 
 impl Refusal {
@@ -132,7 +138,14 @@ impl Refusal {
             reason,
             handshake: None,
             detail: detail.to_string(),
+            identity: None,
         }
+    }
+
+    /// The refusal of a client known by `identity`.
+    fn of(mut self, identity: Arc<str>) -> Refusal {
+        self.identity = Some(identity);
+        self
     }
 
     /// A failed handshake, counted on `listener` by its cause.
@@ -142,6 +155,7 @@ impl Refusal {
             reason: Reason::TlsHandshake,
             handshake: Some(failure),
             detail: detail.to_string(),
+            identity: None,
         }
     }
 
@@ -149,6 +163,14 @@ impl Refusal {
     fn record(self, listener: &Listener, entry: &mut Entry) {
         listener.rejected.inc(self.reason);
         entry.refuse(self.reason);
+        let refused = match self.reason {
+            Reason::RateLimited => Some(Refused::RateLimited),
+            Reason::Unauthorized => Some(Refused::Unauthorized),
+            _ => None,
+        };
+        if let (Some(identity), Some(refused)) = (&self.identity, refused) {
+            listener.identities.refused(identity, refused);
+        }
         if let Some(suppressed) = listener.reject_log.admit() {
             warn!(
                 reason = self.reason.label(),
@@ -325,12 +347,16 @@ async fn admit(
         Err(refusal) => return refused(refusal, None),
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
+    let handshake_started = Instant::now();
     let handshake = tokio::select! {
         _ = abort.cancelled() => return Admission::Aborted,
         handshake = Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(client))) => handshake,
     };
     let client = match handshake {
-        Ok(Ok(stream)) => Box::new(stream),
+        Ok(Ok(stream)) => {
+            listener.figures.handshake.observe(handshake_started.elapsed());
+            Box::new(stream)
+        }
         Ok(Err(e)) => {
             let failure = crate::tls::classify_io(&e);
             return refused(Refusal::handshake(listener, failure, e), None);
@@ -343,14 +369,17 @@ async fn admit(
     };
     let (_, session) = client.get_ref();
     who.authority = session.server_name().map(str::to_string);
+    entry.sni.clone_from(&who.authority);
+    // rustls speaks nothing else.
+    let version = session.protocol_version().map(|v| match v {
+        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
+        _ => "TLSv1.3",
+    });
+    entry.tls_version = version;
     who.ssl = Some(SslInfo {
         verified: listener.mutual_tls,
         client_cert: listener.mutual_tls,
-        version: session.protocol_version().map(|v| match v {
-            rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_string(),
-            rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_string(),
-            other => format!("{other:?}"),
-        }),
+        version: version.map(str::to_string),
         cipher: session
             .negotiated_cipher_suite()
             .map(|s| format!("{:?}", s.suite())),
@@ -381,6 +410,10 @@ async fn admit(
         Err(refusal) => return refused(refusal, Some(client)),
     };
     entry.upstream = Some(judged.upstream.name.clone());
+    if let Some((serial, not_after)) = judged.certificate {
+        entry.client_serial = Some(serial);
+        entry.client_not_after = Some(not_after);
+    }
     if let Some(identity) = judged.identity {
         Span::current().record("client.id", field::display(&identity));
         entry.identity = Some(identity.to_string());
@@ -417,6 +450,8 @@ struct Judged {
     listener: Arc<Listener>,
     upstream: Arc<Upstream>,
     identity: Option<crate::identity::ClientIdentity>,
+    /// The client certificate's serial and `notAfter` (mTLS), for the access log.
+    certificate: Option<(String, std::time::SystemTime)>,
 }
 
 impl Presented<'_> {
@@ -442,6 +477,7 @@ impl Presented<'_> {
                 listener: Arc::clone(listener),
                 upstream,
                 identity: None,
+                certificate: None,
             };
             return Ok((judged, None));
         }
@@ -480,7 +516,7 @@ impl Presented<'_> {
         let identity = certified.identity;
         if listener.authorization.check(&identity, &upstream.name) == Authz::Deny {
             let detail = format!("{identity} may not reach upstream {:?}", upstream.name);
-            return Err(Refusal::new(Reason::Unauthorized, detail));
+            return Err(Refusal::new(Reason::Unauthorized, detail).of(identity.to_string().into()));
         }
         // `notAfter` is the last second of validity (RFC 5280, as webpki reads it): the chain
         // expires one second after the earliest one.
@@ -502,6 +538,7 @@ impl Presented<'_> {
             listener: Arc::clone(listener),
             upstream,
             identity: Some(identity),
+            certificate: Some((certified.serial, certified.not_after)),
         };
         Ok((judged, Some(grant)))
     }
@@ -514,10 +551,13 @@ async fn limit(listener: &Listener, key: &ClientKey) -> Result<Option<Permit>, R
     };
     match limiter.check(key).await {
         Limit::Allow(permit) => Ok(Some(permit)),
-        Limit::Reject(why) => Err(Refusal::new(
-            Reason::RateLimited,
-            format_args!("client {key}: {why}"),
-        )),
+        Limit::Reject(why) => {
+            let refusal = Refusal::new(Reason::RateLimited, format_args!("client {key}: {why}"));
+            Err(match key {
+                ClientKey::Identity(identity) => refusal.of(Arc::clone(identity)),
+                ClientKey::Ip(_) => refusal,
+            })
+        }
     }
 }
 
@@ -544,6 +584,11 @@ async fn forward<C: Transport>(
             return;
         }
     };
+    // Counted among the identity's open connections until the connection ends.
+    let _open = match &who.key {
+        ClientKey::Identity(identity) => Some(listener.identities.open(identity)),
+        ClientKey::Ip(_) => None,
+    };
     let connected = tokio::select! {
         _ = abort.cancelled() => return,
         connected = Box::pin(connect(upstream, &who)) => connected,
@@ -563,7 +608,22 @@ async fn forward<C: Transport>(
     chosen.connections.inc();
     Span::current().record("backend.addr", chosen.label.as_str());
     entry.backend = Some(chosen.label.clone());
-    let mut progress = Progress::default();
+    let mut tally = Tally {
+        progress: Progress::default(),
+        listener,
+        backend: &chosen,
+        interim: listener
+            .access_log
+            .as_deref()
+            .zip(listener.access_log_interim)
+            .map(|(log, every)| Interim {
+                every,
+                next: tokio::time::Instant::from_std(started) + every,
+                started,
+                log,
+            }),
+        entry,
+    };
     let timeouts = Timeouts {
         idle: listener.idle_timeout,
         half_closed: listener.half_closed_timeout,
@@ -580,9 +640,11 @@ async fn forward<C: Transport>(
         &who,
         abort,
         timeouts,
-        &mut progress,
+        &mut tally,
     )
     .await;
+    let progress = tally.progress;
+    listener.figures.duration.observe(started.elapsed());
     info!(
         bytes_up = progress.client_to_backend,
         bytes_down = progress.backend_to_client,
@@ -596,6 +658,53 @@ async fn forward<C: Transport>(
     // The concurrency slot first: once the backend count reads zero, the client may reconnect.
     drop(permit);
     drop(lease);
+}
+
+/// The relay's [`Meter`]: bytes counted on the listener and the backend as they move, and the
+/// interim access log entries of a long connection (`[access_log] interim`).
+struct Tally<'a> {
+    progress: Progress,
+    listener: &'a Listener,
+    backend: &'a Backend,
+    interim: Option<Interim<'a>>,
+    /// The access log entry so far (the interim entries' fields).
+    entry: &'a Entry,
+}
+
+/// When the next interim entry is due, and where it goes.
+struct Interim<'a> {
+    every: Duration,
+    next: tokio::time::Instant,
+    started: Instant,
+    log: &'a crate::accesslog::AccessLog,
+}
+
+impl Meter for Tally<'_> {
+    fn progress(&mut self) -> &mut Progress {
+        &mut self.progress
+    }
+
+    fn moved(&mut self, up: u64, down: u64) {
+        self.listener.figures.bytes.add(up, down);
+        self.backend.bytes.add(up, down);
+    }
+
+    fn next_checkpoint(&self) -> Option<tokio::time::Instant> {
+        self.interim.as_ref().map(|i| i.next)
+    }
+
+    fn checkpoint(&mut self) {
+        let Some(interim) = &mut self.interim else {
+            return;
+        };
+        let mut entry = self.entry.clone();
+        entry.outcome = "interim";
+        entry.bytes_up = self.progress.client_to_backend;
+        entry.bytes_down = self.progress.backend_to_client;
+        entry.duration = interim.started.elapsed();
+        interim.log.send(entry);
+        interim.next += interim.every;
+    }
 }
 
 /// A backend that answered, with the lease that counts this connection against it.
@@ -631,8 +740,10 @@ async fn connect(upstream: &Upstream, who: &Who) -> Result<Connected, Reason> {
             tried.push(lease.index());
             continue;
         };
+        let dial_started = Instant::now();
         match crate::net::open(upstream, backend, &origin).await {
             Ok(stream) => {
+                upstream.figures.connect.observe(dial_started.elapsed());
                 record(upstream, lease.index(), Source::Traffic, Ok(()));
                 return Ok(Connected {
                     backend: stream,
@@ -667,7 +778,7 @@ async fn queue(upstream: &Upstream, tried: &[usize]) -> Result<Lease, Reason> {
     };
     let since = Instant::now();
     let served = tokio::time::timeout(upstream.queue_timeout, wait).await;
-    upstream.queue_waits.record(since.elapsed());
+    upstream.figures.queue.observe(since.elapsed());
     served.map_err(|_| Reason::QueueTimeout)
 }
 
@@ -760,7 +871,7 @@ async fn relay<C: Transport>(
     who: &Who,
     abort: &CancellationToken,
     timeouts: Timeouts,
-    progress: &mut Progress,
+    progress: &mut Tally<'_>,
 ) -> End {
     // Taken after the dial: if the backend went down meanwhile, the signal has already fired.
     let backend_down = match upstream.health_check.on_down {

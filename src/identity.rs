@@ -222,6 +222,8 @@ pub struct Certified {
     pub identity: ClientIdentity,
     /// The certificate's `notAfter`.
     pub not_after: SystemTime,
+    /// The certificate's serial number, lowercase hex with colons (`01:a2:...`), as logged.
+    pub serial: String,
 }
 
 /// Extracts the client identity from a leaf certificate that rustls has already verified, with
@@ -241,7 +243,13 @@ pub fn inspect(der: &[u8], rule: Rule) -> Result<Certified, IdentityError> {
     Ok(Certified {
         identity: checked_identity(field, name)?,
         not_after: not_after_of(&cert),
+        serial: serial_of(&cert),
     })
+}
+
+/// A certificate's serial, lowercase hex bytes joined by colons (`01:a2:...`).
+fn serial_of(cert: &X509Certificate<'_>) -> String {
+    cert.raw_serial_as_string()
 }
 
 /// The `notAfter` of a certificate (for the intermediates of a chain; the leaf's comes from

@@ -12,21 +12,22 @@
 //! |---|---|
 //! | `server` | binding, accept loops, the run/shutdown/drain sequence, applying reloads ([`Server`]) |
 //! | `connection` | one connection's phases: front, admission, limit, connect, relay, its end |
-//! | [`admin`] | the admin HTTP API (hyper + axum, TCP and Unix socket); [`admin::guard`] its token, CSRF and DNS rebinding rules (pure); [`admin::status`] (the `/status` snapshot and page) and [`admin::prometheus`] (`/metrics` text) read the live state |
+//! | [`admin`] | the admin HTTP API (hyper + axum, TCP and Unix socket); [`admin::guard`] its token, CSRF and DNS rebinding rules (pure); [`admin::status`] (the `/status` snapshot and page) and [`admin::prometheus`] (`/metrics`, by prometheus-client) read the live state |
 //! | [`reload`] | asking for a reload: the [`reload::Handle`], its request and result |
 //! | [`health`] | backend health: rise/fall state and failures (pure); [`health::probe`]: probe loops and applying outcomes |
 //! | `net` | dialing backends: dial, PROXY header, TLS to the backend, resource-exhaustion classification |
 //! | [`state`] | the live model: one generation's listeners, upstreams, backends, the registry of open mTLS connections, [`state::Live`], the discovered address sets; [`state::build`]: assembling a generation from a loaded config |
-//! | `accesslog` | the JSON-lines access log: entries, the bounded queue, the writer task |
+//! | `accesslog` | the JSON-lines access log: entries (interim ones too), the bounded queue, the writer task and its reopening (SIGUSR1) |
 //! | [`ratelimit`] | the listener's [`ratelimit::Limiter`]: [`ratelimit::local`] fixed windows (pure), [`ratelimit::shares`] (pure) and [`ratelimit::cluster`] (its Redis shell) |
-//! | [`tls`] | certificate loading and each listener's rustls configuration (TLS policy) |
+//! | [`tls`] | certificate loading and each listener's rustls configuration (TLS policy); [`tls::expiry`] when the configured certificates expire |
 //! | [`proxy`] | the two-way byte relay with half-close and per-side errors |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2 headers: encoding and parsing (pure); [`proxy_protocol::reader`] reads one off a socket |
 //! | [`caps`] | caps on open connections (process, listener) and on handshakes per source; RAII places (pure) |
 //! | [`balancer`] | weighted least-connections selection, caps, backups, the queue, and the lease that is a connection's count (pure) |
 //! | [`authz`] | which identities may reach which upstreams, default deny (pure) |
 //! | [`identity`] | the client identity rule: verified leaf certificate -> name (pure) |
-//! | [`metrics`] | counters and rejection reasons |
+//! | [`metrics`] | counters, histograms and their buckets, rejection reasons; [`metrics::identities`] the bounded per-identity table (pure) |
+//! | [`logging`] | the process's log lines: the subscriber and its non-blocking stderr writer |
 //! | `watch` | `[reload] watch`: reloading when the config file or a file it names changes |
 //! | `discovery` | `discover`: resolving upstreams' names (hickory) and rebuilding when their address sets change |
 //! | `throttle` | the throttle on log lines a peer can cause |
@@ -62,6 +63,7 @@ pub mod demo;
 mod discovery;
 pub mod health;
 pub mod identity;
+pub mod logging;
 pub mod metrics;
 mod net;
 pub mod pki;
@@ -77,7 +79,7 @@ mod watch;
 
 pub use config::Config;
 pub use server::Server;
-pub use state::build::validate;
+pub use state::build::{check, validate, Checked};
 pub use state::ServerError;
 /// Re-exported so library users can stop a [`Server`] without depending on tokio-util.
 pub use tokio_util::sync::CancellationToken;

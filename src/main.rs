@@ -124,7 +124,8 @@ fn main() -> std::process::ExitCode {
     {
         return ctl(admin, socket, token_file, json, command);
     }
-    init_logging(&cli.log_level);
+    // Kept until main returns: dropping it writes the log lines still queued.
+    let _log = fulcrum::logging::init(&cli.log_level);
     match run(cli.command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -194,8 +195,18 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Check { config } => {
             let config = fulcrum::Config::load(&config)?;
-            for warning in fulcrum::validate(&config)? {
+            let checked = fulcrum::check(&config)?;
+            for warning in &checked.warnings {
                 eprintln!("warning: {warning}");
+            }
+            // The earliest certificate deadline (CRLs are renewed on their own schedule).
+            if let Some(first) = checked.certificates.iter().find(|c| c.kind != "crl_next_update") {
+                println!(
+                    "earliest certificate expiry: {} at {} ({} days left)",
+                    first.describe(),
+                    humantime::format_rfc3339_seconds(first.not_after),
+                    first.days_left(std::time::SystemTime::now())
+                );
             }
             println!(
                 "{}: ok ({} listener(s), {} upstream(s))",
@@ -265,9 +276,17 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Reloads the config file on every SIGHUP (the result is logged by the server).
+/// SIGHUP reloads the configuration; SIGUSR1 reopens the access log file (logrotate).
 fn reload_on_sighup(handle: fulcrum::reload::Handle) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("cannot install SIGUSR1 handler")?;
+    let reopen = handle.clone();
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            reopen.state().reopen_access_log();
+        }
+    });
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading configuration");
@@ -301,18 +320,4 @@ fn shutdown_on_signal() -> anyhow::Result<CancellationToken> {
         std::process::exit(1);
     });
     Ok(token)
-}
-
-fn init_logging(level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // A closed stderr (its reader gone) must not stop the balancer: by default the subscriber
-        // reports a failed write with eprintln!, which panics on that same closed stderr.
-        .log_internal_errors(false)
-        .init();
 }

@@ -13,8 +13,9 @@
 //! into user space; if no pipe can be had (e.g. out of descriptors) that direction falls back to
 //! the buffered copy.
 //!
-//! This module only moves bytes: it does not dial, log or count metrics, and it holds at most one
-//! buffer or pipe per direction, so a peer that stops reading stops the copy (backpressure).
+//! This module only moves bytes: it does not dial, log or count metrics (it tells a [`Meter`] what
+//! moved, and when the meter's checkpoint is due), and it holds at most one buffer or pipe per
+//! direction, so a peer that stops reading stops the copy (backpressure).
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -35,6 +36,32 @@ const POOLED_BUFFERS: usize = 256;
 pub struct Progress {
     pub client_to_backend: u64,
     pub backend_to_client: u64,
+}
+
+/// Where a relay keeps its byte counts, and whom it tells as they grow: the caller's metrics
+/// (bytes counted while they move, not only at the end) and its checkpoints (interim log entries
+/// of long connections). [`Progress`] alone is a meter that only counts.
+pub trait Meter {
+    /// The totals so far; the relay adds to them.
+    fn progress(&mut self) -> &mut Progress;
+
+    /// Bytes moved at one poll, client to backend (`up`) and back (`down`); called only when
+    /// some did.
+    fn moved(&mut self, _up: u64, _down: u64) {}
+
+    /// The next instant [`Meter::checkpoint`] is due, if any. The relay's one timer covers it.
+    fn next_checkpoint(&self) -> Option<tokio::time::Instant> {
+        None
+    }
+
+    /// Called once the instant of [`Meter::next_checkpoint`] has passed; it should move on.
+    fn checkpoint(&mut self) {}
+}
+
+impl Meter for Progress {
+    fn progress(&mut self) -> &mut Progress {
+        self
+    }
 }
 
 /// Which peer a failure came from.
@@ -106,7 +133,7 @@ impl Timeouts {
 pub async fn relay<C, B>(
     client: &mut C,
     backend: &mut B,
-    progress: &mut Progress,
+    progress: &mut impl Meter,
     stop: impl Future<Output = ()>,
     timeouts: Timeouts,
 ) -> Result<(), RelayError>
@@ -131,7 +158,7 @@ where
 pub fn relay_tcp<'a>(
     client: &'a mut TcpStream,
     backend: &'a mut TcpStream,
-    progress: &'a mut Progress,
+    progress: &'a mut impl Meter,
     stop: impl Future<Output = ()> + 'a,
     timeouts: Timeouts,
 ) -> impl Future<Output = Result<(), RelayError>> + 'a {
@@ -156,7 +183,7 @@ trait Pump<R, W> {
 fn drive<'a, C, B>(
     client: &'a mut C,
     backend: &'a mut B,
-    progress: &'a mut Progress,
+    meter: &'a mut impl Meter,
     stop: impl Future<Output = ()> + 'a,
     timeouts: Timeouts,
     mut up: impl Pump<C, B> + 'a,
@@ -168,13 +195,37 @@ fn drive<'a, C, B>(
         if stop.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(RelayError::Cancelled));
         }
-        let before = progress.client_to_backend + progress.backend_to_client;
-        let up_done = match up.poll(cx, &mut *client, &mut *backend, &mut progress.client_to_backend) {
+        let before = *meter.progress();
+        let up_done = up.poll(
+            cx,
+            &mut *client,
+            &mut *backend,
+            &mut meter.progress().client_to_backend,
+        );
+        let down_done = match up_done {
+            Poll::Ready(Err(_)) => Poll::Pending,
+            _ => down.poll(
+                cx,
+                &mut *backend,
+                &mut *client,
+                &mut meter.progress().backend_to_client,
+            ),
+        };
+        let after = *meter.progress();
+        let (went_up, went_down) = (
+            after.client_to_backend - before.client_to_backend,
+            after.backend_to_client - before.backend_to_client,
+        );
+        let moved = went_up + went_down > 0;
+        if moved {
+            meter.moved(went_up, went_down);
+        }
+        let up_done = match up_done {
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e.blame(Side::Client, Side::Backend))),
             Poll::Ready(Ok(())) => true,
             Poll::Pending => false,
         };
-        let down_done = match down.poll(cx, &mut *backend, &mut *client, &mut progress.backend_to_client) {
+        let down_done = match down_done {
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e.blame(Side::Backend, Side::Client))),
             Poll::Ready(Ok(())) => true,
             Poll::Pending => false,
@@ -182,11 +233,31 @@ fn drive<'a, C, B>(
         if up_done && down_done {
             return Poll::Ready(Ok(()));
         }
-        let moved = progress.client_to_backend + progress.backend_to_client != before;
-        clock
-            .poll(cx, &timeouts, moved, up_done || down_done)
-            .map(|timeout| Err(RelayError::TimedOut(timeout)))
+        let mut moved = moved;
+        loop {
+            match clock.poll(
+                cx,
+                &timeouts,
+                moved,
+                up_done || down_done,
+                meter.next_checkpoint(),
+            ) {
+                Poll::Ready(Wake::Checkpoint) => meter.checkpoint(),
+                Poll::Ready(Wake::TimedOut(timeout)) => {
+                    return Poll::Ready(Err(RelayError::TimedOut(timeout)))
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+            moved = false;
+        }
     })
+}
+
+/// Why a relay's clock woke it.
+enum Wake {
+    TimedOut(Timeout),
+    /// The meter's checkpoint is due.
+    Checkpoint,
 }
 
 /// A relay's sense of time: when it last moved bytes, and its one timer.
@@ -210,20 +281,24 @@ impl Clock {
         timeouts: &Timeouts,
         moved: bool,
         half_closed: bool,
-    ) -> Poll<Timeout> {
+        checkpoint: Option<tokio::time::Instant>,
+    ) -> Poll<Wake> {
         if moved || half_closed != self.half_closed || self.last.is_none() {
             let now = tokio::time::Instant::now();
             self.last = Some(now);
             self.half_closed = half_closed;
             if timeouts.deadline.is_some_and(|end| now >= end) {
-                return Poll::Ready(Timeout::Lifetime);
+                return Poll::Ready(Wake::TimedOut(Timeout::Lifetime));
             }
         }
         let Some(last) = self.last else {
             return Poll::Pending;
         };
-        let Some((at, which)) = timeouts.due(last, half_closed) else {
-            return Poll::Pending;
+        let (at, wake) = match (timeouts.due(last, half_closed), checkpoint) {
+            (Some((at, which)), Some(check)) if at <= check => (at, Wake::TimedOut(which)),
+            (_, Some(check)) => (check, Wake::Checkpoint),
+            (Some((at, which)), None) => (at, Wake::TimedOut(which)),
+            (None, None) => return Poll::Pending,
         };
         let timer = match &mut self.timer {
             Some(timer) if !timer.is_elapsed() && timer.deadline() <= at => return Poll::Pending,
@@ -236,7 +311,7 @@ impl Clock {
         }
         while timer.as_mut().poll(cx).is_ready() {
             if tokio::time::Instant::now() >= at {
-                return Poll::Ready(which);
+                return Poll::Ready(wake);
             }
             // Fired for an older deadline: bytes moved since. Once more, to the current one.
             timer.as_mut().reset(at);

@@ -29,7 +29,10 @@ use crate::balancer::{Pool, Spec};
 use crate::config::{BackendAddr, BackendConfig, Config, Discover, HealthCheckConfig, UpstreamConfig};
 use crate::health::BackendHealth;
 use crate::identity::ClientIdentity;
-use crate::metrics::{Counter, HandshakeFailures, QueueWaits, Rejections, ReloadCounters};
+use crate::metrics::{
+    Counter, HandshakeFailures, Identities, ListenerFigures, Rejections, ReloadCounters, Traffic,
+    UpstreamFigures,
+};
 use crate::ratelimit::Limiter;
 use crate::tls::ServerTls;
 
@@ -107,6 +110,10 @@ pub struct State {
     pub(crate) config: Arc<Config>,
     /// What `discover` names resolved to (shared by every generation).
     pub discovered: Arc<Discovered>,
+    /// Open connections and refusals per client identity (shared by every generation).
+    pub identities: Arc<Identities>,
+    /// When this generation's certificates and CRLs expire.
+    pub certificates: Vec<crate::tls::expiry::Expiry>,
 }
 
 /// A listener's routing, policies and counters.
@@ -162,10 +169,16 @@ pub struct Listener {
     pub rejected: Arc<Rejections>,
     /// Why TLS handshakes failed (`fulcrum_tls_handshake_failures_total`).
     pub handshake_failures: Arc<HandshakeFailures>,
+    /// Handshake and connection durations, bytes (carried over too).
+    pub figures: Arc<ListenerFigures>,
+    /// The state's per-identity table.
+    pub(crate) identities: Arc<Identities>,
     /// Keeps a flood of rejections from flooding the log.
     pub(crate) reject_log: crate::throttle::LogThrottle,
     /// Where each closed connection's line goes, if `[access_log]` is configured.
     pub(crate) access_log: Option<Arc<crate::accesslog::AccessLog>>,
+    /// `[access_log] interim`: how often an open connection writes an interim entry.
+    pub(crate) access_log_interim: Option<Duration>,
 }
 
 impl std::fmt::Debug for Listener {
@@ -226,8 +239,8 @@ pub struct Upstream {
     /// Clients that may wait for a backend below its cap (0: refused at once), and how long.
     pub queue_size: usize,
     pub queue_timeout: Duration,
-    /// Waits that ended (carried over reloads).
-    pub queue_waits: Arc<QueueWaits>,
+    /// Connect and queue-wait durations (carried over reloads).
+    pub figures: Arc<UpstreamFigures>,
     /// `discover`: the name its backends come from.
     pub discover: Option<Discover>,
 }
@@ -242,6 +255,8 @@ pub struct Backend {
     pub label: String,
     pub connections: Counter,
     pub connect_failures: Counter,
+    /// Bytes to and from this backend, counted as they move.
+    pub bytes: Traffic,
     /// Rise/fall state, the down signal and transition counters.
     pub health: BackendHealth,
 }
@@ -312,6 +327,7 @@ impl Upstream {
                         label,
                         connections: Counter::default(),
                         connect_failures: Counter::default(),
+                        bytes: Traffic::default(),
                         health: BackendHealth::new(&config.health_check),
                     })
                 }
@@ -344,7 +360,7 @@ impl Upstream {
             tcp_keepalive: config.tcp_keepalive,
             queue_size: config.queue_size,
             queue_timeout: config.queue_timeout,
-            queue_waits: previous.map_or_else(Default::default, |p| Arc::clone(&p.queue_waits)),
+            figures: previous.map_or_else(Default::default, |p| Arc::clone(&p.figures)),
             discover: config.discover.clone(),
         }
     }
@@ -364,6 +380,14 @@ impl State {
     /// Whether shutdown has started (open connections are draining).
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// Makes the access log writer reopen its file (for `logrotate`; SIGUSR1): the lines taken
+    /// before go to the old file, those after to a new one at the same path.
+    pub fn reopen_access_log(&self) {
+        if let Some(log) = &self.access_log {
+            log.reopen();
+        }
     }
 
     /// Access log lines dropped because the writer fell behind (0 without an access log).

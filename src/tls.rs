@@ -664,5 +664,7 @@ fn pem_reason(e: rustls::pki_types::pem::Error) -> String {
     }
 }
 
+pub mod expiry;
+
 #[cfg(test)]
 mod tests;

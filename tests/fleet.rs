@@ -113,7 +113,7 @@ async fn at_their_caps_clients_queue_in_order_and_past_the_queue_are_refused() {
     drop(second);
     assert_eq!(round_trip(&mut fourth, b"4").await, b"4");
     assert_eq!(queue.pool.waiting(), 0);
-    assert_eq!(queue.queue_waits.ended.get(), 2);
+    assert_eq!(queue.figures.queue.count(), 2);
 
     drop((third, fourth));
     server.wait_idle().await;
@@ -135,7 +135,7 @@ async fn a_client_queued_past_queue_timeout_is_refused_and_leaks_nothing() {
     assert_ends(&mut waiting, "the queued client").await;
     assert_eq!(rejected(&server, Reason::QueueTimeout), 1);
     let queue = upstream(&server);
-    assert_eq!((queue.pool.waiting(), queue.queue_waits.ended.get()), (0, 1));
+    assert_eq!((queue.pool.waiting(), queue.figures.queue.count()), (0, 1));
     assert_eq!(server.active("pool"), [1]);
     drop(held);
     server.wait_idle().await;

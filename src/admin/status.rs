@@ -8,12 +8,14 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use crate::metrics::identities::{Top, TOP};
 use crate::metrics::Reason;
 use crate::state::State;
+use crate::tls::expiry::Scope;
 
 /// The status page served at `/`: no external assets, polls `/status` every second.
 pub const PAGE: &str = include_str!("status.html");
@@ -35,6 +37,30 @@ pub struct Status {
     pub access_log_dropped: u64,
     pub listeners: Vec<ListenerStatus>,
     pub upstreams: Vec<UpstreamStatus>,
+    /// Every certificate and CRL deadline, earliest first.
+    pub certificates: Vec<CertificateStatus>,
+    /// The top identities by open connections and by refusals (at most 50 each), and what the
+    /// lists leave out.
+    pub identities: Top,
+}
+
+/// When one certificate (or CRL) stops being valid.
+#[derive(Clone, Debug, Serialize)]
+pub struct CertificateStatus {
+    /// The listener or upstream it belongs to (neither: the shared rate limit's Redis).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listener: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// As the `kind` label of `fulcrum_certificate_not_after_timestamp_seconds`.
+    pub kind: &'static str,
+    /// RFC 3339, and UNIX seconds.
+    pub not_after: String,
+    pub not_after_seconds: u64,
+    /// Whole days left (negative once past).
+    pub days_left: i64,
+    /// Due within 14 days (or past): shown in the warning colour.
+    pub expiring: bool,
 }
 
 /// One listener: where it accepts, where it sends, what it refused.
@@ -111,6 +137,11 @@ pub struct BackendStatus {
 
 /// Reads the live state at `now` (the uptime's end).
 pub fn snapshot(state: &State, now: Instant) -> Status {
+    snapshot_at(state, now, SystemTime::now())
+}
+
+/// [`snapshot`] with the wall clock given too (certificates' days left).
+pub fn snapshot_at(state: &State, now: Instant, wall: SystemTime) -> Status {
     let draining = state.is_draining();
     let active_connections = state.total_active();
     let listeners = state
@@ -164,8 +195,8 @@ pub fn snapshot(state: &State, now: Instant) -> Status {
                 active: backends.iter().map(|b| u64::from(b.active)).sum(),
                 queue_length: u.pool.waiting(),
                 queue_size: u.queue_size,
-                queue_waits_total: u.queue_waits.ended.get(),
-                queue_wait_seconds_total: u.queue_waits.micros.get() as f64 / 1e6,
+                queue_waits_total: u.figures.queue.count(),
+                queue_wait_seconds_total: u.figures.queue.snapshot().0,
                 discover,
                 backends,
             }
@@ -180,7 +211,34 @@ pub fn snapshot(state: &State, now: Instant) -> Status {
         access_log_dropped: state.access_log_dropped(),
         listeners,
         upstreams,
+        certificates: certificates(state, wall),
+        identities: state.identities.top(TOP),
     }
+}
+
+fn certificates(state: &State, wall: SystemTime) -> Vec<CertificateStatus> {
+    let mut all: Vec<_> = state
+        .certificates
+        .iter()
+        .map(|c| {
+            let (listener, upstream) = match &c.scope {
+                Scope::Listener(name) => (Some(name.clone()), None),
+                Scope::Upstream(name) => (None, Some(name.clone())),
+                Scope::Redis => (None, None),
+            };
+            CertificateStatus {
+                listener,
+                upstream,
+                kind: c.kind,
+                not_after: humantime::format_rfc3339_seconds(c.not_after).to_string(),
+                not_after_seconds: c.not_after.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                days_left: c.days_left(wall),
+                expiring: c.is_near(wall),
+            }
+        })
+        .collect();
+    all.sort_by_key(|c| c.not_after_seconds);
+    all
 }
 
 /// The snapshot as JSON text.

@@ -405,6 +405,28 @@ fn an_access_log_path_of_stdout_means_standard_output() {
 }
 
 #[test]
+fn an_access_log_interim_is_a_duration_of_at_least_a_second_and_off_by_default() {
+    let with = |interim: &str| {
+        let text = format!("{GOOD}\n[access_log]\npath = \"stdout\"\ninterim = \"{interim}\"\n");
+        Config::from_toml(&text, "test.toml").map(|c| c.access_log_interim)
+    };
+    assert_eq!(with("5m").expect("valid"), Some(Duration::from_secs(300)));
+    assert_eq!(with("0s").expect("valid"), None);
+    let error = with("500ms").expect_err("too short").to_string();
+    assert!(
+        error.contains("access_log.interim") && error.contains("at least 1s"),
+        "{error}"
+    );
+    assert!(with("soon").is_err());
+    assert_eq!(
+        Config::from_toml(GOOD, "test.toml")
+            .expect("valid")
+            .access_log_interim,
+        None
+    );
+}
+
+#[test]
 fn a_relative_access_log_path_is_resolved_against_the_config_files_directory() {
     let text = format!("{GOOD}\n[access_log]\npath = \"logs/access.jsonl\"\n");
     let config = Config::parse(&text, "etc/fulcrum.toml", Path::new("etc")).expect("valid config");

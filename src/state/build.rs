@@ -17,13 +17,28 @@ use super::{Discovered, Listener, ServerError, State, Upstream};
 use crate::authz::Authorization;
 use crate::config::{Config, ListenerLimit};
 use crate::ratelimit::{ClusterLimiter, Limiter, RateLimiter};
+use crate::tls::expiry::Expiry;
 use crate::tls::ServerTls;
 
+/// What `fulcrum check` reports of a configuration that loads.
+#[derive(Debug)]
+pub struct Checked {
+    /// What loads but an operator should fix.
+    pub warnings: Vec<String>,
+    /// Every certificate and CRL deadline, earliest first.
+    pub certificates: Vec<Expiry>,
+}
+
 /// Checks everything `run` would load (config and certificate files) without binding anything,
-/// and returns warnings: what loads but an operator should fix (a CRL past its `nextUpdate`, an
-/// admin listener open to the network without a token).
-/// `fulcrum check` calls this; `Server::bind` and reloads build the same state.
+/// and returns warnings: what loads but an operator should fix (a CRL past its `nextUpdate`, a
+/// certificate expiring within 14 days, an admin listener open to the network without a token).
+/// `fulcrum check` calls [`check`]; `Server::bind` and reloads build the same state.
 pub fn validate(config: &Config) -> Result<Vec<String>, ServerError> {
+    check(config).map(|checked| checked.warnings)
+}
+
+/// [`validate`], with the certificate deadlines.
+pub fn check(config: &Config) -> Result<Checked, ServerError> {
     let tls = load(config)?;
     let addrs = config
         .listeners
@@ -31,6 +46,7 @@ pub fn validate(config: &Config) -> Result<Vec<String>, ServerError> {
         .map(|l| (l.name.clone(), l.bind))
         .collect();
     let state = State::assemble(config, tls, addrs, None, 1, Arc::default());
+    let now = std::time::SystemTime::now();
     let mut warnings = Vec::new();
     if let Some(admin) = config
         .admin
@@ -45,14 +61,33 @@ pub fn validate(config: &Config) -> Result<Vec<String>, ServerError> {
         ));
     }
     for (listener, issuer, at) in state.crl_deadlines() {
-        if at <= std::time::SystemTime::now() {
+        if at <= now {
             warnings.push(format!(
                 "listener {listener:?}: the CRL issued by {issuer} is past its nextUpdate ({}); it is still applied, but publish a fresh one",
                 humantime::format_rfc3339_seconds(at)
             ));
         }
     }
-    Ok(warnings)
+    let mut certificates = state.certificates.clone();
+    certificates.sort_by_key(|c| c.not_after);
+    for near in certificates
+        .iter()
+        .filter(|c| c.is_near(now) && c.kind != "crl_next_update")
+    {
+        let when = humantime::format_rfc3339_seconds(near.not_after);
+        warnings.push(match near.days_left(now) {
+            days if days < 0 => format!("{} expired at {when}", near.describe()),
+            days => format!(
+                "{} expires in {days} day(s), at {when} (under {} days)",
+                near.describe(),
+                crate::tls::expiry::WARN_DAYS
+            ),
+        });
+    }
+    Ok(Checked {
+        warnings,
+        certificates,
+    })
 }
 
 /// Every certificate file a generation needs, loaded, and the shared rate limit's redis client
@@ -63,6 +98,7 @@ pub(crate) struct Loaded {
     listeners: Vec<Option<ServerTls>>,
     upstreams: Vec<Option<Arc<crate::tls::UpstreamTls>>>,
     redis: Option<redis::Client>,
+    certificates: Vec<Expiry>,
 }
 
 impl Loaded {
@@ -86,6 +122,7 @@ impl Loaded {
                 Some(Limiter::Cluster(cluster)) => Some(cluster.client()),
                 _ => None,
             },
+            certificates: current.certificates.clone(),
         }
     }
 }
@@ -120,16 +157,18 @@ pub(crate) fn load(config: &Config) -> Result<Loaded, ServerError> {
                 }),
             None => Ok(None),
         })
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     let redis = match config.rate_limit.as_ref().and_then(|r| r.shared.as_ref()) {
         Some(shared) => Some(crate::ratelimit::cluster::redis_client(shared)?),
         None => None,
     };
+    let certificates = crate::tls::expiry::of(config, &listeners);
     Ok(Loaded {
         fingerprint,
         listeners,
         upstreams,
         redis,
+        certificates,
     })
 }
 
@@ -197,6 +236,7 @@ impl State {
                 ))
             }),
         };
+        let identities = previous.map_or_else(Default::default, |p| Arc::clone(&p.identities));
         let find = |name: &str| upstreams.iter().find(|u| u.name == name).map(Arc::clone);
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for (l, tls) in config.listeners.iter().zip(loaded.listeners) {
@@ -245,6 +285,8 @@ impl State {
                 accepted: old.map_or_else(Default::default, |o| Arc::clone(&o.accepted)),
                 rejected: old.map_or_else(Default::default, |o| Arc::clone(&o.rejected)),
                 handshake_failures: old.map_or_else(Default::default, |o| Arc::clone(&o.handshake_failures)),
+                figures: old.map_or_else(Default::default, |o| Arc::clone(&o.figures)),
+                identities: Arc::clone(&identities),
                 identity_rule: crate::identity::Rule {
                     from_common_name: l.tls.as_ref().is_none_or(|t| t.identity_from_cn),
                 },
@@ -262,6 +304,7 @@ impl State {
                 handshakes: old.map_or_else(Default::default, |o| Arc::clone(&o.handshakes)),
                 reject_log: Default::default(),
                 access_log: access_log.clone(),
+                access_log_interim: config.access_log_interim,
             }));
         }
         State {
@@ -284,6 +327,8 @@ impl State {
             access_log,
             config: Arc::new(config.clone()),
             discovered,
+            identities,
+            certificates: loaded.certificates,
         }
     }
 }

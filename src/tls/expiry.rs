@@ -1,0 +1,171 @@
+//! When the certificates a configuration relies on stop being valid: each listener's server
+//! certificate, the earliest certificate of its client CA bundle and the earliest `nextUpdate`
+//! of its CRLs; each upstream's backend CA and client certificate; the shared rate limit's Redis
+//! CA and client certificate. Read from the files the generation was loaded from (already checked
+//! by the loaders: a file that no longer parses here is left out, not an error). Reported as
+//! `fulcrum_certificate_not_after_timestamp_seconds`, in `/status` and by `fulcrum check`.
+
+use std::path::Path;
+use std::time::SystemTime;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use serde::Serialize;
+
+use super::ServerTls;
+use crate::config::Config;
+
+/// Certificates expiring within this many days are warned about (`fulcrum check`, the status
+/// page).
+pub const WARN_DAYS: u64 = 14;
+
+/// What a certificate is for; the `listener`, `upstream` (or neither, for Redis) label.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    Listener(String),
+    Upstream(String),
+    Redis,
+}
+
+/// One certificate (or CRL) deadline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expiry {
+    pub scope: Scope,
+    /// `server`, `client_ca`, `crl_next_update`, `upstream_ca`, `upstream_cert`, `redis_ca`,
+    /// `redis_cert`: the `kind` label.
+    pub kind: &'static str,
+    /// The certificate's `notAfter` (the earliest one, for a bundle), or the CRL's `nextUpdate`.
+    pub not_after: SystemTime,
+}
+
+impl Expiry {
+    /// Whole days left at `now` (negative once past).
+    pub fn days_left(&self, now: SystemTime) -> i64 {
+        match self.not_after.duration_since(now) {
+            Ok(left) => (left.as_secs() / 86_400) as i64,
+            Err(past) => -((past.duration().as_secs() / 86_400) as i64) - 1,
+        }
+    }
+
+    /// Whether it is due within [`WARN_DAYS`] of `now` (or past).
+    pub fn is_near(&self, now: SystemTime) -> bool {
+        self.days_left(now) < WARN_DAYS as i64
+    }
+
+    /// `listener "edge" server certificate`, for messages.
+    pub fn describe(&self) -> String {
+        let what = match self.kind {
+            "server" => "server certificate",
+            "client_ca" => "client CA (earliest in the bundle)",
+            "crl_next_update" => "CRL nextUpdate (earliest)",
+            "upstream_ca" => "backend CA (earliest in the bundle)",
+            "upstream_cert" => "client certificate to the backends",
+            "redis_ca" => "Redis CA (earliest in the bundle)",
+            "redis_cert" => "client certificate to Redis",
+            other => other,
+        };
+        match &self.scope {
+            Scope::Listener(name) => format!("listener {name:?} {what}"),
+            Scope::Upstream(name) => format!("upstream {name:?} {what}"),
+            Scope::Redis => format!("[rate_limit.shared] {what}"),
+        }
+    }
+}
+
+/// Every deadline of `config`, with the CRLs as `listeners` (aligned with `config.listeners`)
+/// loaded them.
+pub fn of(config: &Config, listeners: &[Option<ServerTls>]) -> Vec<Expiry> {
+    let mut found = Vec::new();
+    let mut add = |scope: &Scope, kind, at: Option<SystemTime>| {
+        if let Some(not_after) = at {
+            found.push(Expiry {
+                scope: scope.clone(),
+                kind,
+                not_after,
+            });
+        }
+    };
+    for (l, loaded) in config.listeners.iter().zip(listeners) {
+        let Some(tls) = &l.tls else { continue };
+        let scope = Scope::Listener(l.name.clone());
+        add(&scope, "server", first(&tls.cert));
+        add(&scope, "client_ca", tls.client_ca.as_deref().and_then(earliest));
+        add(
+            &scope,
+            "crl_next_update",
+            loaded.as_ref().and_then(ServerTls::crl_next_update),
+        );
+    }
+    for u in &config.upstreams {
+        let Some(tls) = &u.tls else { continue };
+        let scope = Scope::Upstream(u.name.clone());
+        add(&scope, "upstream_ca", earliest(&tls.ca));
+        add(
+            &scope,
+            "upstream_cert",
+            tls.client_cert.as_ref().and_then(|(c, _)| first(c)),
+        );
+    }
+    let redis = config
+        .rate_limit
+        .as_ref()
+        .and_then(|r| r.shared.as_ref()?.tls.as_ref());
+    if let Some(tls) = redis {
+        add(&Scope::Redis, "redis_ca", tls.ca.as_deref().and_then(earliest));
+        add(
+            &Scope::Redis,
+            "redis_cert",
+            tls.client_cert.as_ref().and_then(|(c, _)| first(c)),
+        );
+    }
+    found
+}
+
+/// The `notAfter` of every certificate in a PEM file, in file order.
+fn not_afters(path: &Path) -> Vec<SystemTime> {
+    let Ok(pem) = std::fs::read(path) else {
+        return Vec::new();
+    };
+    CertificateDer::pem_slice_iter(&pem)
+        .filter_map(Result::ok)
+        .filter_map(|der| crate::identity::not_after(&der).ok())
+        .collect()
+}
+
+/// The leaf's (the first certificate's) `notAfter`.
+fn first(path: &Path) -> Option<SystemTime> {
+    not_afters(path).first().copied()
+}
+
+/// The earliest `notAfter` in a bundle.
+fn earliest(path: &Path) -> Option<SystemTime> {
+    not_afters(path).into_iter().min()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::{Expiry, Scope};
+
+    #[test]
+    fn days_left_count_whole_days_and_go_negative_once_past() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        let at = |secs: u64| Expiry {
+            scope: Scope::Redis,
+            kind: "redis_ca",
+            not_after: now + Duration::from_secs(secs),
+        };
+        assert_eq!(at(3 * 86_400 + 5).days_left(now), 3);
+        assert!(at(3 * 86_400).is_near(now));
+        assert!(at(13 * 86_400 + 86_399).is_near(now));
+        assert!(!at(14 * 86_400).is_near(now));
+        let past = Expiry {
+            not_after: now - Duration::from_secs(10),
+            ..at(0)
+        };
+        assert_eq!(past.days_left(now), -1);
+        assert!(past.is_near(now));
+    }
+}
