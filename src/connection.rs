@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
@@ -81,15 +81,26 @@ pub(crate) async fn handle(
     if let Some(settings) = &listener.tcp_keepalive {
         let _ = crate::net::keepalive(&client, settings);
     }
-    let mut entry = Entry::new(&listener.name, peer);
-    serve(client, peer, &listener, &live, &abort, started, &mut entry)
-        .instrument(span)
+    // Boxed: the entry is large and an idle connection's task should not carry it inline.
+    let mut entry = Box::new(Entry::new(&listener.name, peer));
+    // Setup (front, handshake, admission, limit, dial) runs in a box of its own, freed once it is
+    // done: an idle connection's task then holds only what its relay needs.
+    let proxied = Box::pin(serve(client, peer, &listener, &live, &abort, started, &mut entry))
+        .instrument(span.clone())
         .await;
+    // Without an access log the entry is not kept while the connection is open.
+    let mut entry = listener.access_log.is_some().then_some(entry);
+    if let Some(proxied) = proxied {
+        proxied
+            .run(&abort, started, entry.as_deref_mut())
+            .instrument(span)
+            .await;
+    }
     // The connection's places in the process's and the listener's caps, given back now.
     drop(place);
-    if let Some(log) = &listener.access_log {
+    if let (Some(log), Some(mut entry)) = (&listener.access_log, entry) {
         entry.duration = started.elapsed();
-        log.send(entry);
+        log.send(*entry);
     }
 }
 
@@ -183,6 +194,7 @@ impl Refusal {
     }
 }
 
+/// Phases 1-4; `Some` when a backend answered and the relay can start.
 async fn serve(
     mut client: TcpStream,
     peer: SocketAddr,
@@ -191,14 +203,17 @@ async fn serve(
     abort: &CancellationToken,
     started: Instant,
     entry: &mut Entry,
-) {
+) -> Option<Box<Proxied>> {
     let local = client.local_addr().unwrap_or(peer);
     // One deadline for the PROXY header and the TLS handshake together.
     let deadline = tokio::time::Instant::from_std(started) + listener.handshake_timeout;
     let peer = match front(&mut client, peer, listener, deadline, abort).await {
         Some(Ok(peer)) => peer,
-        Some(Err(refusal)) => return refusal.record(listener, entry),
-        None => return,
+        Some(Err(refusal)) => {
+            refusal.record(listener, entry);
+            return None;
+        }
+        None => return None,
     };
     if listener.accept_proxy_protocol {
         Span::current().record("client.addr", field::display(peer));
@@ -213,7 +228,17 @@ async fn serve(
         authority: None,
     };
     let Some(tls) = &listener.tls else {
-        return forward(client, listener, &listener.upstream, who, abort, started, entry).await;
+        let upstream = Arc::clone(&listener.upstream);
+        return prepare(
+            Client::Plain(client),
+            Arc::clone(listener),
+            upstream,
+            who,
+            abort,
+            started,
+            entry,
+        )
+        .await;
     };
     match admit(client, tls, listener, live, who, deadline, abort, entry).await {
         Admission::Admitted(admitted) => {
@@ -223,16 +248,25 @@ async fn serve(
                 upstream,
                 who,
             } = *admitted;
-            // Boxed: the TLS path is larger, and plain connections should not pay for its size.
-            Box::pin(forward(client, &listener, &upstream, who, abort, started, entry)).await
+            prepare(
+                Client::Tls(client),
+                listener,
+                upstream,
+                who,
+                abort,
+                started,
+                entry,
+            )
+            .await
         }
         Admission::Refused { refusal, client } => {
             refusal.record(listener, entry);
             if let Some(mut client) = client {
                 close_tls(&mut client).await;
             }
+            None
         }
-        Admission::Aborted => {}
+        Admission::Aborted => None,
     }
 }
 
@@ -561,69 +595,53 @@ async fn limit(listener: &Listener, key: &ClientKey) -> Result<Option<Permit>, R
     }
 }
 
-/// Phases 3-5 for a client whose transport is ready, and the closing log line.
-async fn forward<C: Transport>(
-    mut client: C,
-    listener: &Listener,
-    upstream: &Upstream,
+/// Phases 3-4 for a client whose transport is ready: the limit, then a backend.
+async fn prepare(
+    mut client: Client,
+    listener: Arc<Listener>,
+    upstream: Arc<Upstream>,
     who: Who,
     abort: &CancellationToken,
     started: Instant,
     entry: &mut Entry,
-) {
+) -> Option<Box<Proxied>> {
     Span::current().record("upstream", upstream.name.as_str());
     entry.upstream = Some(upstream.name.clone());
-    let permit = match limit(listener, &who.key).await {
+    let permit = match limit(&listener, &who.key).await {
         Ok(permit) => permit,
         Err(refusal) => {
-            refusal.record(listener, entry);
+            refusal.record(&listener, entry);
             if let Some(response) = &listener.reject_response {
                 let _ = tokio::time::timeout(REFUSAL_DEADLINE, client.write_all(response)).await;
             }
             let _ = tokio::time::timeout(REFUSAL_DEADLINE, client.shutdown()).await;
-            return;
+            return None;
         }
     };
     // Counted among the identity's open connections until the connection ends.
-    let _open = match &who.key {
+    let open = match &who.key {
         ClientKey::Identity(identity) => Some(listener.identities.open(identity)),
         ClientKey::Ip(_) => None,
     };
     let connected = tokio::select! {
-        _ = abort.cancelled() => return,
-        connected = Box::pin(connect(upstream, &who)) => connected,
+        _ = abort.cancelled() => return None,
+        connected = connect(&upstream, &who) => connected,
     };
     let Connected {
-        mut backend,
+        backend,
         lease,
         chosen,
     } = match connected {
         Ok(connected) => connected,
         Err(reason) => {
-            Refusal::new(reason, format_args!("upstream {:?}", upstream.name)).record(listener, entry);
+            Refusal::new(reason, format_args!("upstream {:?}", upstream.name)).record(&listener, entry);
             let _ = tokio::time::timeout(REFUSAL_DEADLINE, client.shutdown()).await;
-            return;
+            return None;
         }
     };
     chosen.connections.inc();
     Span::current().record("backend.addr", chosen.label.as_str());
     entry.backend = Some(chosen.label.clone());
-    let mut tally = Tally {
-        progress: Progress::default(),
-        listener,
-        backend: &chosen,
-        interim: listener
-            .access_log
-            .as_deref()
-            .zip(listener.access_log_interim)
-            .map(|(log, every)| Interim {
-                every,
-                next: tokio::time::Instant::from_std(started) + every,
-                started,
-                log,
-            }),
-        entry,
-    };
     let timeouts = Timeouts {
         idle: listener.idle_timeout,
         half_closed: listener.half_closed_timeout,
@@ -632,32 +650,101 @@ async fn forward<C: Transport>(
             tokio::time::Instant::from_std(started) + age
         }),
     };
-    let end = relay(
-        &mut client,
-        &mut backend,
-        upstream,
-        &chosen,
-        &who,
-        abort,
+    // Taken after the dial: if the backend went down meanwhile, the signal has already fired.
+    let backend_down = match upstream.health_check.on_down {
+        OnDown::Close => Some(chosen.health.down_signal()),
+        OnDown::Keep => None,
+    };
+    // Boxed: the connection's task then holds a pointer while its relay runs.
+    Some(Box::new(Proxied {
+        client,
+        backend,
+        held: Held {
+            permit,
+            lease,
+            _open: open,
+        },
+        backend_down,
+        chosen,
+        registration: who.registration,
+        listener,
         timeouts,
-        &mut tally,
-    )
-    .await;
-    let progress = tally.progress;
-    listener.figures.duration.observe(started.elapsed());
-    info!(
-        bytes_up = progress.client_to_backend,
-        bytes_down = progress.backend_to_client,
-        duration_ms = started.elapsed().as_millis() as u64,
-        end = end.label(),
-        "connection closed"
-    );
-    entry.bytes_up = progress.client_to_backend;
-    entry.bytes_down = progress.backend_to_client;
-    entry.outcome = end.label();
-    // The concurrency slot first: once the backend count reads zero, the client may reconnect.
-    drop(permit);
-    drop(lease);
+    }))
+}
+
+/// What a proxied connection holds while its bytes flow: no more than its relay needs (the
+/// setup's state, the handshake's included, is gone by then).
+struct Proxied {
+    client: Client,
+    backend: BackendStream,
+    held: Held,
+    /// With `on_down = "close"`: cancelled when the backend is marked down.
+    backend_down: Option<CancellationToken>,
+    chosen: Arc<Backend>,
+    /// An authorized mTLS connection's registration (revocation, expiry).
+    registration: Option<Registration>,
+    /// The listener as the generation that admitted the connection has it.
+    listener: Arc<Listener>,
+    timeouts: Timeouts,
+}
+
+/// The counts a connection holds until it ends, given back in this order.
+struct Held {
+    /// The rate-limit concurrency slot first: once the backend count reads zero, the client may
+    /// reconnect.
+    permit: Option<Permit>,
+    lease: Lease,
+    _open: Option<crate::metrics::identities::OpenIdentity>,
+}
+
+impl Proxied {
+    /// Phase 5 and the closing log line.
+    /// `entry`: the access log entry, with an access log.
+    async fn run(
+        mut self: Box<Self>,
+        abort: &CancellationToken,
+        started: Instant,
+        entry: Option<&mut Entry>,
+    ) {
+        let listener = Arc::clone(&self.listener);
+        let mut tally = Tally {
+            progress: Progress::default(),
+            listener: &listener,
+            backend: &Arc::clone(&self.chosen),
+            interim: match (
+                listener.access_log.as_deref(),
+                listener.access_log_interim,
+                entry.as_deref(),
+            ) {
+                (Some(log), Some(every), Some(entry)) => Some(Box::new(Interim {
+                    every,
+                    next: tokio::time::Instant::from_std(started) + every,
+                    started,
+                    log,
+                    entry,
+                })),
+                _ => None,
+            },
+        };
+        let end = relay(&mut self, abort, &mut tally).await;
+        let progress = tally.progress;
+        listener.figures.duration.observe(started.elapsed());
+        info!(
+            bytes_up = progress.client_to_backend,
+            bytes_down = progress.backend_to_client,
+            duration_ms = started.elapsed().as_millis() as u64,
+            end = end.label(),
+            "connection closed"
+        );
+        if let Some(entry) = entry {
+            entry.bytes_up = progress.client_to_backend;
+            entry.bytes_down = progress.backend_to_client;
+            entry.outcome = end.label();
+        }
+        let Held { permit, lease, _open } = self.held;
+        drop(permit);
+        drop(lease);
+    }
 }
 
 /// The relay's [`Meter`]: bytes counted on the listener and the backend as they move, and the
@@ -666,9 +753,8 @@ struct Tally<'a> {
     progress: Progress,
     listener: &'a Listener,
     backend: &'a Backend,
-    interim: Option<Interim<'a>>,
-    /// The access log entry so far (the interim entries' fields).
-    entry: &'a Entry,
+    /// Boxed: most connections have none, and should not carry its size.
+    interim: Option<Box<Interim<'a>>>,
 }
 
 /// When the next interim entry is due, and where it goes.
@@ -677,6 +763,8 @@ struct Interim<'a> {
     next: tokio::time::Instant,
     started: Instant,
     log: &'a crate::accesslog::AccessLog,
+    /// The access log entry so far (the interim entries' fields).
+    entry: &'a Entry,
 }
 
 impl Meter for Tally<'_> {
@@ -697,7 +785,7 @@ impl Meter for Tally<'_> {
         let Some(interim) = &mut self.interim else {
             return;
         };
-        let mut entry = self.entry.clone();
+        let mut entry = interim.entry.clone();
         entry.outcome = "interim";
         entry.bytes_up = self.progress.client_to_backend;
         entry.bytes_down = self.progress.backend_to_client;
@@ -859,29 +947,22 @@ fn random_unit() -> f64 {
 }
 
 /// Phase 5: relays until both sides end, or the drain deadline, the backend being marked down
-/// (`on_down = "close"`), a revocation, the certificate's expiry or one of `timeouts` cuts it.
-/// A cut or a failed side resets the other, so neither mistakes it for a clean end; a timeout
-/// closes both cleanly.
-#[allow(clippy::too_many_arguments)] // each is one thing the phase reads; a struct would only rename them
-async fn relay<C: Transport>(
-    client: &mut C,
-    backend: &mut BackendStream,
-    upstream: &Upstream,
-    chosen: &Backend,
-    who: &Who,
-    abort: &CancellationToken,
-    timeouts: Timeouts,
-    progress: &mut Tally<'_>,
-) -> End {
-    // Taken after the dial: if the backend went down meanwhile, the signal has already fired.
-    let backend_down = match upstream.health_check.on_down {
-        OnDown::Close => Some(chosen.health.down_signal()),
-        OnDown::Keep => None,
-    };
-    let cut = who.registration.as_ref().map(|r| Arc::clone(&r.cut));
+/// (`on_down = "close"`), a revocation, the certificate's expiry or one of the listener's
+/// timeouts cuts it. A cut or a failed side resets the other, so neither mistakes it for a clean
+/// end; a timeout closes both cleanly.
+async fn relay(p: &mut Proxied, abort: &CancellationToken, progress: &mut Tally<'_>) -> End {
+    let Proxied {
+        client,
+        backend,
+        backend_down,
+        chosen,
+        registration,
+        timeouts,
+        ..
+    } = p;
+    let cut = registration.as_ref().map(|r| &*r.cut);
     let maint = chosen.health.maint_signal();
-    let abort_relay = abort.clone();
-    let stop = async move {
+    let stop = async {
         let down = async {
             match backend_down {
                 Some(down) => down.cancelled().await,
@@ -895,19 +976,25 @@ async fn relay<C: Transport>(
             }
         };
         tokio::select! {
-            _ = abort_relay.cancelled() => {}
+            _ = abort.cancelled() => {}
             _ = down => {}
             _ = cut => {}
             _ = maint.cancelled() => {}
         }
     };
+    let timeouts = *timeouts;
     // Zero-copy between plain sockets, buffered through TLS.
     let result = match backend {
-        BackendStream::Plain(plain) => match client.as_plain() {
-            Some(tcp) => relay_tcp(tcp, plain, progress, stop, timeouts).await,
-            None => crate::proxy::relay(client, plain, progress, stop, timeouts).await,
+        BackendStream::Plain(plain) => match client {
+            Client::Plain(tcp) => relay_tcp(tcp, plain, progress, stop, timeouts).await,
+            Client::Tls(tls) => crate::proxy::relay(tls.as_mut(), plain, progress, stop, timeouts).await,
         },
-        BackendStream::Tls(tls) => crate::proxy::relay(client, tls.as_mut(), progress, stop, timeouts).await,
+        BackendStream::Tls(tls) => match client {
+            Client::Plain(tcp) => crate::proxy::relay(tcp, tls.as_mut(), progress, stop, timeouts).await,
+            Client::Tls(client) => {
+                crate::proxy::relay(client.as_mut(), tls.as_mut(), progress, stop, timeouts).await
+            }
+        },
     };
     match &result {
         Ok(()) => End::Closed,
@@ -918,7 +1005,7 @@ async fn relay<C: Transport>(
         Err(RelayError::Cancelled) => {
             let _ = socket2::SockRef::from(client.tcp()).set_linger(Some(Duration::ZERO));
             let _ = socket2::SockRef::from(backend.tcp()).set_linger(Some(Duration::ZERO));
-            match who.registration.as_ref().and_then(|r| r.cut.reason()) {
+            match registration.as_ref().and_then(|r| r.cut.reason()) {
                 Some(Cut::AccessRevoked) => End::AccessRevoked,
                 Some(Cut::CertExpired) => End::CertExpired,
                 None if chosen.health.admin_state() == AdminState::Maint => End::BackendMaint,
@@ -941,32 +1028,55 @@ async fn close_tls(client: &mut Box<TlsStream<TcpStream>>) {
     let _ = tokio::time::timeout(REFUSAL_DEADLINE, client.shutdown()).await;
 }
 
-/// A client transport: plain TCP or TLS over TCP. Gives access to the socket underneath (to
-/// reset it, or to splice from it when there is no TLS in between).
-trait Transport: AsyncRead + AsyncWrite + Unpin {
-    fn tcp(&self) -> &TcpStream;
-
-    /// The socket itself when bytes can go to it directly (plain TCP).
-    fn as_plain(&mut self) -> Option<&mut TcpStream>;
+/// A client transport: plain TCP, or TLS over TCP (boxed: a session is large, and plain
+/// connections should not carry its size).
+enum Client {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
-impl Transport for TcpStream {
+impl Client {
+    /// The socket underneath (to reset it).
     fn tcp(&self) -> &TcpStream {
-        self
-    }
-
-    fn as_plain(&mut self) -> Option<&mut TcpStream> {
-        Some(self)
+        match self {
+            Client::Plain(tcp) => tcp,
+            Client::Tls(tls) => tls.get_ref().0,
+        }
     }
 }
 
-impl Transport for Box<TlsStream<TcpStream>> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
+impl Client {
+    /// The stream to write to: the socket, or the TLS session over it.
+    fn writer(&mut self) -> std::pin::Pin<&mut (dyn AsyncWrite + Unpin + Send)> {
+        match self {
+            Client::Plain(tcp) => std::pin::Pin::new(tcp),
+            Client::Tls(tls) => std::pin::Pin::new(tls.as_mut()),
+        }
+    }
+}
+
+/// For the refusal paths (a reject response, the shutdown); the relay takes the streams apart.
+impl AsyncWrite for Client {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        self.get_mut().writer().poll_write(cx, buf)
     }
 
-    fn as_plain(&mut self) -> Option<&mut TcpStream> {
-        None
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        self.get_mut().writer().poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        self.get_mut().writer().poll_shutdown(cx)
     }
 }
 
@@ -990,9 +1100,10 @@ mod tests {
     }
 
     /// Every open connection is one task holding this future: its size is most of what an idle
-    /// connection costs (issue: memory per idle connection on par with HAProxy's ~3.3 kB).
+    /// connection costs (issue 22: at most 2.0 kB per idle plain connection). The setup's state
+    /// (handshake, dial, refusal paths) lives in a box freed before the relay starts.
     #[tokio::test]
-    async fn a_connection_task_stays_under_four_kibibytes() {
+    async fn an_idle_connection_task_holds_under_a_kibibyte_inline() {
         let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = backend.local_addr().expect("addr");
         let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -1013,6 +1124,13 @@ mod tests {
             tokio_util::sync::CancellationToken::new(),
         );
         let size = std::mem::size_of_val(&task);
-        assert!(size <= 4096, "a connection's future is {size} bytes");
+        // 2 784 bytes before the setup was boxed apart from the relay (issue 22).
+        assert!(size <= 1024, "a connection's future is {size} bytes");
+        // What the relay holds besides, on the heap while bytes may flow.
+        let relay = std::mem::size_of::<super::Proxied>();
+        assert!(
+            relay <= 320,
+            "a proxied connection's relay state is {relay} bytes"
+        );
     }
 }

@@ -130,17 +130,18 @@ impl Timeouts {
 /// Copies client <-> backend until both directions have ended, an I/O error occurs, `stop`
 /// completes (then [`RelayError::Cancelled`]) or one of `timeouts` is due
 /// ([`RelayError::TimedOut`]).
-pub async fn relay<C, B>(
-    client: &mut C,
-    backend: &mut B,
-    progress: &mut impl Meter,
-    stop: impl Future<Output = ()>,
+pub fn relay<'a, C, B>(
+    client: &'a mut C,
+    backend: &'a mut B,
+    progress: &'a mut impl Meter,
+    stop: impl Future<Output = ()> + 'a,
     timeouts: Timeouts,
-) -> Result<(), RelayError>
+) -> impl Future<Output = Result<(), RelayError>> + 'a
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    // Not an `async fn`: its future would keep a copy of `stop` beside the boxed one.
     drive(
         client,
         backend,
@@ -150,7 +151,6 @@ where
         Direction::default(),
         Direction::default(),
     )
-    .await
 }
 
 /// [`relay`] for two plain TCP sockets: zero-copy with splice(2) on Linux, falling back to the

@@ -504,6 +504,9 @@ async fn the_concurrency_cap_and_the_window_count_survive_reloads() {
         within("a reload", lb.handle.reload()).await.expect("reload");
         let mut stream = connect(addr).await;
         assert_eq!(round_trip(&mut stream, b"ok").await, b"ok");
+        // Closed and counted out before the next: else two still closing would hit max_concurrent.
+        common::close(stream).await;
+        lb.wait_idle().await;
     }
     within("a reload", lb.handle.reload()).await.expect("reload");
     assert!(refused(addr).await, "the window's capacity was used up");
