@@ -962,26 +962,37 @@ async fn relay(p: &mut Proxied, abort: &CancellationToken, progress: &mut Tally<
     } = p;
     let cut = registration.as_ref().map(|r| &*r.cut);
     let maint = chosen.health.maint_signal();
-    let stop = async {
-        let down = async {
-            match backend_down {
-                Some(down) => down.cancelled().await,
-                None => std::future::pending().await,
-            }
+    // An idle relay keeps this future for its whole life: the common case (no `on_down =
+    // "close"`, no mTLS registration) waits on two signals, not four.
+    let stop: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> =
+        match (&*backend_down, cut) {
+            (None, None) => Box::pin(async move {
+                tokio::select! {
+                    _ = abort.cancelled() => {}
+                    _ = maint.cancelled() => {}
+                }
+            }),
+            (down, cut) => Box::pin(async move {
+                let down = async {
+                    match down {
+                        Some(down) => down.cancelled().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let cut = async {
+                    match cut {
+                        Some(cut) => cut.cancelled().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = abort.cancelled() => {}
+                    _ = down => {}
+                    _ = cut => {}
+                    _ = maint.cancelled() => {}
+                }
+            }),
         };
-        let cut = async {
-            match cut {
-                Some(cut) => cut.cancelled().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = abort.cancelled() => {}
-            _ = down => {}
-            _ = cut => {}
-            _ = maint.cancelled() => {}
-        }
-    };
     let timeouts = *timeouts;
     // Zero-copy between plain sockets, buffered through TLS.
     let result = match backend {
