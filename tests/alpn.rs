@@ -81,6 +81,20 @@ fn config(pki: &Pki, tls_keys: &str, listener_tables: &str, backend: SocketAddr,
     )
 }
 
+/// [`config`] with no listener tables and alice authorized for `web`.
+fn alice_config(pki: &Pki, tls_keys: &str, backend: SocketAddr) -> String {
+    config(pki, tls_keys, "", backend, "[authorization]\nalice = [\"web\"]\n")
+}
+
+/// Connections listener `tls` refused as unauthorized so far.
+fn unauthorized(lb: &common::TestServer) -> u64 {
+    lb.current()
+        .listener("tls")
+        .expect("tls")
+        .rejected
+        .get(Reason::Unauthorized)
+}
+
 fn with_alpn(config: Arc<ClientConfig>, protocols: &[&str]) -> Arc<ClientConfig> {
     let mut config = (*config).clone();
     config.alpn_protocols = protocols.iter().map(|p| p.as_bytes().to_vec()).collect();
@@ -119,13 +133,7 @@ async fn a_real_grpc_client_makes_unary_and_streaming_calls_through_an_mtls_list
         .and_then(|l| l.strip_prefix("PORT ")?.parse().ok())
         .expect("PORT line");
     let relay = CountingRelay::start(SocketAddr::from(([127, 0, 0, 1], port))).await;
-    let text = config(
-        &pki,
-        "alpn = [\"h2\"]\n",
-        "",
-        relay.addr,
-        "[authorization]\nalice = [\"web\"]\n",
-    );
+    let text = alice_config(&pki, "alpn = [\"h2\"]\n", relay.addr);
     let lb = common::start(&text).await;
     let addr = lb.addr("tls");
 
@@ -166,27 +174,14 @@ async fn a_real_grpc_client_makes_unary_and_streaming_calls_through_an_mtls_list
         "{bob:?}"
     );
     assert_eq!(relay.connections(), 1, "the backend saw a connection for bob");
-    assert!(
-        lb.current()
-            .listener("tls")
-            .expect("tls")
-            .rejected
-            .get(Reason::Unauthorized)
-            >= 1
-    );
+    assert!(unauthorized(&lb) >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_negotiates_h2_or_http1_1_as_it_asks() {
     let pki = Pki::new(&[]);
     let echo = EchoBackend::start().await;
-    let text = config(
-        &pki,
-        "alpn = [\"h2\", \"http/1.1\"]\n",
-        "",
-        echo.addr,
-        "[authorization]\nalice = [\"web\"]\n",
-    );
+    let text = alice_config(&pki, "alpn = [\"h2\", \"http/1.1\"]\n", echo.addr);
     let lb = common::start(&text).await;
     let addr = lb.addr("tls");
     let (cert, key) = pki.write_pem("alice", &pki.client("alice"));
@@ -217,13 +212,7 @@ async fn curl_negotiates_h2_or_http1_1_as_it_asks() {
 async fn a_client_offering_only_other_protocols_is_refused_with_no_application_protocol() {
     let pki = Pki::new(&[]);
     let echo = EchoBackend::start().await;
-    let text = config(
-        &pki,
-        "alpn = [\"h2\"]\n",
-        "",
-        echo.addr,
-        "[authorization]\nalice = [\"web\"]\n",
-    );
+    let text = alice_config(&pki, "alpn = [\"h2\"]\n", echo.addr);
     let lb = common::start(&text).await;
     let addr = lb.addr("tls");
     let (cert, key) = pki.write_pem("alice", &pki.client("alice"));
@@ -266,14 +255,8 @@ async fn a_proxy_v2_header_to_the_backend_carries_the_alpn_tlv() {
     let pki = Pki::new(&[]);
     let backend = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let backend_addr = backend.local_addr().expect("address");
-    let text = config(
-        &pki,
-        "alpn = [\"h2\", \"http/1.1\"]\n",
-        "",
-        backend_addr,
-        "[authorization]\nalice = [\"web\"]\n",
-    )
-    .replace("backends = [", "proxy_protocol = \"v2\"\nbackends = [");
+    let text = alice_config(&pki, "alpn = [\"h2\", \"http/1.1\"]\n", backend_addr)
+        .replace("backends = [", "proxy_protocol = \"v2\"\nbackends = [");
     let lb = common::start(&text).await;
     let client = with_alpn(pki.client_config(Some(&pki.client("alice"))), &["http/1.1"]);
     let stream = connect_tls(lb.addr("tls"), &client, "localhost")
@@ -388,15 +371,7 @@ async fn alpn_routes_send_h2_and_http1_1_to_different_upstreams_each_authorized_
     assert_eq!((grpc.accepted(), web.accepted()), (2, 1));
     // carol may reach grpc only: her http/1.1 connection goes to web, and is refused.
     assert_refused(connect_tls(addr, &with_alpn(carol, &["http/1.1"]), "localhost").await).await;
-    wait_until("carol refused", || {
-        lb.current()
-            .listener("tls")
-            .expect("tls")
-            .rejected
-            .get(Reason::Unauthorized)
-            == 1
-    })
-    .await;
+    wait_until("carol refused", || unauthorized(&lb) == 1).await;
     assert_eq!((grpc.accepted(), web.accepted()), (2, 1));
 }
 
@@ -404,13 +379,7 @@ async fn alpn_routes_send_h2_and_http1_1_to_different_upstreams_each_authorized_
 async fn alpn_required_refuses_a_client_that_offers_no_alpn_before_any_dial() {
     let pki = Pki::new(&[]);
     let echo = EchoBackend::start().await;
-    let text = config(
-        &pki,
-        "alpn = [\"h2\"]\nalpn_required = true\n",
-        "",
-        echo.addr,
-        "[authorization]\nalice = [\"web\"]\n",
-    );
+    let text = alice_config(&pki, "alpn = [\"h2\"]\nalpn_required = true\n", echo.addr);
     let lb = common::start(&text).await;
     let alice = pki.client_config(Some(&pki.client("alice")));
     assert_refused(connect_tls(lb.addr("tls"), &alice, "localhost").await).await;

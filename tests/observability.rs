@@ -44,6 +44,12 @@ fn not_after_of(pem: &str) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(cert.validity().not_after.timestamp() as u64)
 }
 
+/// `/status` of `state`, parsed.
+fn status_of(state: &fulcrum::state::State) -> serde_json::Value {
+    let text = fulcrum::admin::status::render(state, std::time::Instant::now());
+    serde_json::from_str(&text).expect("status JSON")
+}
+
 /// An mTLS listener `tls` in front of an echo backend, alice and bob authorized for `web`.
 async fn mtls(pki: &Pki, backend: &EchoBackend, rest: &str) -> common::tls::Balancer {
     let toml = pki.one_pool_config(
@@ -214,11 +220,7 @@ async fn expiry_gauges_equal_the_certificates_not_after_and_the_crls_next_update
         Some(unix_seconds(not_after_of(&pki.ca.cert_pem())))
     );
     assert_eq!(gauge("crl_next_update"), Some(unix_seconds(next_update)));
-    let status: serde_json::Value = serde_json::from_str(&fulcrum::admin::status::render(
-        &lb.state,
-        std::time::Instant::now(),
-    ))
-    .expect("status JSON");
+    let status = status_of(&lb.state);
     let kinds: Vec<(&str, bool)> = status["certificates"]
         .as_array()
         .expect("certificates")
@@ -319,11 +321,7 @@ async fn status_lists_the_top_identities_by_open_connections_and_by_refusals() {
     }
     lb.wait_for_rejections("tls", &[(fulcrum::metrics::Reason::Unauthorized, 2)])
         .await;
-    let status: serde_json::Value = serde_json::from_str(&fulcrum::admin::status::render(
-        &lb.state,
-        std::time::Instant::now(),
-    ))
-    .expect("status JSON");
+    let status = status_of(&lb.state);
     let ids = &status["identities"];
     let open: Vec<(&str, u64)> = ids["by_open"]
         .as_array()

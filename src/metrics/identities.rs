@@ -59,15 +59,11 @@ struct Table {
 impl Table {
     /// The tally for `identity`: its own, or the untracked one when the table is full.
     fn tally(&mut self, identity: &str) -> (Option<Arc<str>>, &mut Tally) {
-        if let Some((name, _)) = self.by_name.get_key_value(identity) {
-            let name = Arc::clone(name);
-            let tally = self.by_name.entry(Arc::clone(&name)).or_default();
-            return (Some(name), tally);
-        }
-        if self.by_name.len() >= TRACKED {
-            return (None, &mut self.untracked);
-        }
-        let name: Arc<str> = identity.into();
+        let name = match self.by_name.get_key_value(identity) {
+            Some((name, _)) => Arc::clone(name),
+            None if self.by_name.len() >= TRACKED => return (None, &mut self.untracked),
+            None => identity.into(),
+        };
         let tally = self.by_name.entry(Arc::clone(&name)).or_default();
         (Some(name), tally)
     }
