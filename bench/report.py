@@ -161,29 +161,46 @@ def main(raw, meta_path, out_md, out_dat):
             cells = " | ".join(fmt(m[t], unit) for t in PROXIES)
             out.append(f"| {label} | {unit} | {cells} | {ratio(m['fulcrum'], m['haproxy'])} "
                        f"| {ratio(m['nginx'], m['haproxy'])} |")
-    # fulcrum-info (a target only when asked for): the cost of the per-connection log line.
-    logging = []
-    for scenario, metric, label, unit in EFFICIENCY_ROWS:
-        warn, info = med(scenario, "fulcrum", metric), med(scenario, "fulcrum-info", metric)
-        if info is None:
+    # Side-by-side pairs of fulcrum targets, each shown only when its second target ran:
+    # fulcrum-info, the cost of the per-connection log line; fulcrum-base, another build of fulcrum
+    # (FULCRUM_BASE, e.g. the commit before a change) against this one.
+    pairs = [
+        ("fulcrum", "fulcrum-info", "warn", "info",
+         "Logging cost: fulcrum at `--log-level warn` against the default `info` (one line per "
+         "connection), side by side in this run:"),
+        ("fulcrum-base", "fulcrum", "base", "this",
+         f"This build of fulcrum against another (`FULCRUM_BASE`: {meta.get('fulcrum_base', '?')}), "
+         "side by side in this run:"),
+    ]
+    for a, b, an, bn, title in pairs:
+        rows = []
+        for scenario, metric, label, unit in EFFICIENCY_ROWS:
+            va, vb = med(scenario, a, metric), med(scenario, b, metric)
+            if va is None or vb is None:
+                continue
+            per = {}
+            for t in (a, b):
+                work = values.get((scenario, t, metric), [])
+                cpu = values.get((scenario, t, "cpu_pct"), [])
+                ratios = [w / (c / 100) for w, c in zip(work, cpu) if c > 0 and not math.isnan(w)]
+                per[t] = statistics.median(ratios) if ratios else None
+            rows.append((label, unit, va, vb, per[a], per[b]))
+        for scenario, label in (("rss_plain", "RSS per idle plain connection"),
+                                ("rss_tls", "RSS per idle mTLS connection")):
+            va, vb = med(scenario, a, "kb_per_conn"), med(scenario, b, "kb_per_conn")
+            if va is not None and vb is not None:
+                rows.append((label, "kB", va, vb, None, None))
+        if not rows:
             continue
-        per = {}
-        for t in ("fulcrum", "fulcrum-info"):
-            work = values.get((scenario, t, metric), [])
-            cpu = values.get((scenario, t, "cpu_pct"), [])
-            ratios = [w / (c / 100) for w, c in zip(work, cpu) if c > 0 and not math.isnan(w)]
-            per[t] = statistics.median(ratios) if ratios else None
-        logging.append((label, unit, warn, info, per["fulcrum"], per["fulcrum-info"]))
-    if logging:
         out.append("")
-        out.append("Logging cost: fulcrum at `--log-level warn` against the default `info` (one line per "
-                   "connection), side by side in this run:")
+        out.append(title)
         out.append("")
-        out.append("| scenario | unit | warn | info | info / warn | warn per CPU-s | info per CPU-s | info / warn |")
+        out.append(f"| scenario | unit | {an} | {bn} | {bn} / {an} | {an} per CPU-s | {bn} per CPU-s "
+                   f"| {bn} / {an} |")
         out.append("|---|---|---:|---:|---:|---:|---:|---:|")
-        for label, unit, warn, info, pw, pi in logging:
-            out.append(f"| {label} | {unit} | {fmt(warn, unit)} | {fmt(info, unit)} | {ratio(info, warn)} "
-                       f"| {fmt(pw, unit)} | {fmt(pi, unit)} | {ratio(pi, pw)} |")
+        for label, unit, va, vb, pa, pb in rows:
+            out.append(f"| {label} | {unit} | {fmt(va, unit)} | {fmt(vb, unit)} | {ratio(vb, va)} "
+                       f"| {fmt(pa, unit)} | {fmt(pb, unit)} | {ratio(pb, pa)} |")
     held = sorted({int(v) for (s, t, metric), vs in values.items() if metric == "held" for v in vs})
     out.append("")
     if held:
@@ -198,7 +215,7 @@ def main(raw, meta_path, out_md, out_dat):
                "target)</summary>")
     out.append("")
     rounds = sorted({int(l.split("\t")[0]) for l in open(raw) if l.count("\t") == 4})
-    shown = TARGETS + [t for t in ["fulcrum-info"] if any(k[1] == t for k in values)]
+    shown = TARGETS + [t for t in ["fulcrum-info", "fulcrum-base"] if any(k[1] == t for k in values)]
     out.append("| scenario | unit | " + " | ".join(shown) + " |")
     out.append("|---|---|" + "---:|" * len(shown))
     for scenario, metric, label, short, unit, higher in ROWS:
@@ -216,7 +233,7 @@ def main(raw, meta_path, out_md, out_dat):
     out.append("| machine | |")
     out.append("|---|---|")
     for key in ["cpu", "nproc", "kernel", "haproxy", "nginx", "fulcrum", "openssl", "iperf3", "wrk",
-                "fulcrum_workers", "http_backend", "haproxy_splice", "load_at_start", "load_at_measure", "load_at_end", "date", "command"]:
+                "fulcrum_base", "fulcrum_workers", "http_backend", "haproxy_splice", "load_at_start", "load_at_measure", "load_at_end", "date", "command"]:
         if key in meta:
             val = f"`{meta[key]}`" if key == "command" else meta[key]
             out.append(f"| {key.replace('_', ' ')} | {val} |")

@@ -7,27 +7,22 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConnection};
+mod common;
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, ServerConnection};
 
 const HANDSHAKES: usize = 400;
 const BULK_BYTES: usize = 256 * 1024 * 1024;
 
 fn main() {
-    let dir = std::env::temp_dir().join(format!("fulcrum-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("bench directory");
-    let ca = fulcrum::pki::Ca::new("bench CA").expect("CA");
-    let server_pem = ca.server(&[]).expect("server certificate");
-    let alice = ca.client("alice").expect("client certificate");
-    std::fs::write(dir.join("ca.pem"), ca.cert_pem()).expect("write CA");
-    std::fs::write(dir.join("server.pem"), &server_pem.cert).expect("write server certificate");
-    std::fs::write(dir.join("server.key"), &server_pem.key).expect("write server key");
-    let tls = fulcrum::config::TlsConfig {
-        client_ca: Some(dir.join("ca.pem")),
-        ..fulcrum::config::TlsConfig::new(dir.join("server.pem"), dir.join("server.key"))
-    };
-    let server_config = fulcrum::tls::server_config(&tls).expect("server config").config;
+    let common::Mtls {
+        ca,
+        dir,
+        tls,
+        server: server_config,
+        client: mut client_config,
+    } = common::mtls("bench");
     // The same listener with a CRL of the client CA revoking `n` other certificates.
     let with_crl = |n: usize| {
         let serials: Vec<Vec<u8>> = (0..n as u64)
@@ -47,19 +42,6 @@ fn main() {
     };
     let crl_1 = with_crl(1);
     let crl_10k = with_crl(10_000);
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).expect("ca"))
-        .expect("root");
-    let mut client_config = ClientConfig::builder_with_provider(fulcrum::tls::provider())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            vec![CertificateDer::from_pem_slice(alice.cert.as_bytes()).expect("cert")],
-            PrivateKeyDer::from_pem_slice(alice.key.as_bytes()).expect("key"),
-        )
-        .expect("client auth");
     let resuming = Arc::new(client_config.clone());
     // Every handshake full: the client forgets its sessions.
     client_config.resumption = rustls::client::Resumption::disabled();

@@ -8,9 +8,11 @@
 //!
 //! Memory: a direction holds a buffer only while bytes are moving. Buffers come from a small
 //! process-wide pool when a read may return data and go back as soon as a read would block, so an
-//! idle connection holds none. Between two plain TCP sockets on Linux, [`relay_tcp`] moves bytes
-//! with splice(2) through a pipe (also pooled, also held only while moving) and never copies them
-//! into user space; if no pipe can be had (e.g. out of descriptors) that direction falls back to
+//! idle connection holds none. Between two plain TCP sockets on Linux, [`relay_tcp`] is adaptive
+//! per direction: small messages take one read into a buffer and one write (fewest syscalls), and
+//! once a read fills the whole buffer the direction is bulk and moves bytes with splice(2) through
+//! a pipe (also pooled, also held only while moving) without copying them into user space, until a
+//! read is small again. If no pipe can be had (e.g. out of descriptors) that direction stays with
 //! the buffered copy.
 //!
 //! This module only moves bytes: it does not dial, log or count metrics (it tells a [`Meter`] what
@@ -30,6 +32,9 @@ use tokio::net::TcpStream;
 pub const BUFFER_SIZE: usize = 32 * 1024;
 /// Idle buffers kept for reuse, process-wide; more are freed.
 const POOLED_BUFFERS: usize = 256;
+/// A spliced read shorter than this sends its direction back to the buffered copy: it would have
+/// fitted in half a buffer, so the stream is not (or no longer) bulk.
+const SMALL_READ: usize = BUFFER_SIZE / 2;
 
 /// Bytes moved so far in each direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -153,8 +158,8 @@ where
     )
 }
 
-/// [`relay`] for two plain TCP sockets: zero-copy with splice(2) on Linux, falling back to the
-/// buffered copy per direction when no pipe can be had.
+/// [`relay`] for two plain TCP sockets: each direction starts with the buffered copy, splices
+/// (on Linux) once a read fills its buffer, and copies again after a small read.
 pub fn relay_tcp<'a>(
     client: &'a mut TcpStream,
     backend: &'a mut TcpStream,
@@ -162,8 +167,8 @@ pub fn relay_tcp<'a>(
     stop: impl Future<Output = ()> + 'a,
     timeouts: Timeouts,
 ) -> impl Future<Output = Result<(), RelayError>> + 'a {
-    let up = TcpDirection::Splice(splice::Direction::default());
-    let down = TcpDirection::Splice(splice::Direction::default());
+    let up = TcpDirection::Small(Direction::default());
+    let down = TcpDirection::Small(Direction::default());
     drive(client, backend, progress, stop, timeouts, up, down)
 }
 
@@ -320,10 +325,15 @@ impl Clock {
     }
 }
 
-/// One direction between TCP sockets: spliced, or buffered once splicing is not possible.
+/// One direction between TCP sockets. It starts buffered: a small message costs one read and one
+/// write, and a short read tells tokio the socket is drained (no extra read to learn it would
+/// block). A read that fills the buffer makes it bulk: splice(2), no copy through user space,
+/// until a spliced read is under [`SMALL_READ`]. A switch happens only between reads, with nothing
+/// held, so no byte is reordered or lost. Without a pipe it stays buffered for good.
 enum TcpDirection {
-    Splice(splice::Direction),
-    Buffered(Direction),
+    Small(Direction),
+    Bulk(splice::Direction),
+    NoPipe(Direction),
 }
 
 impl Pump<TcpStream, TcpStream> for TcpDirection {
@@ -334,19 +344,38 @@ impl Pump<TcpStream, TcpStream> for TcpDirection {
         dst: &mut TcpStream,
         moved: &mut u64,
     ) -> Poll<Result<(), DirectionError>> {
-        if let TcpDirection::Splice(direction) = self {
-            match direction.poll(cx, src, dst, moved) {
-                Poll::Ready(Err(DirectionError::NoPipe)) => {
-                    *self = TcpDirection::Buffered(Direction::default())
+        loop {
+            let flow = match self {
+                TcpDirection::Small(direction) => ready!(direction.step(cx, src, dst, moved, true)),
+                TcpDirection::Bulk(direction) => match ready!(direction.poll(cx, src, dst, moved)) {
+                    Err(DirectionError::NoPipe) => {
+                        *self = TcpDirection::NoPipe(Direction::default());
+                        continue;
+                    }
+                    other => other,
+                },
+                TcpDirection::NoPipe(direction) => ready!(direction.step(cx, src, dst, moved, false)),
+            };
+            match flow? {
+                Flow::Done => return Poll::Ready(Ok(())),
+                Flow::Switch => {
+                    *self = match self {
+                        TcpDirection::Small(_) => TcpDirection::Bulk(splice::Direction::default()),
+                        _ => TcpDirection::Small(Direction::default()),
+                    }
                 }
-                other => return other,
             }
         }
-        match self {
-            TcpDirection::Buffered(direction) => Pump::poll(direction, cx, src, dst, moved),
-            TcpDirection::Splice(_) => Poll::Ready(Err(DirectionError::NoPipe)), // replaced just above
-        }
     }
+}
+
+/// How a direction's poll ended when it did not wait.
+enum Flow {
+    /// EOF was passed on: this direction is finished.
+    Done,
+    /// Everything read has been written and the last read says the other way of moving bytes
+    /// suits this stream better (buffered <-> spliced).
+    Switch,
 }
 
 /// A failure in one direction: reading from its source or writing to its sink.
@@ -380,6 +409,8 @@ struct Direction {
     eof: bool,
     unflushed: bool,
     done: bool,
+    /// The last read filled the whole buffer.
+    full: bool,
 }
 
 impl<R, W> Pump<R, W> for Direction
@@ -394,16 +425,41 @@ where
         writer: &mut W,
         moved: &mut u64,
     ) -> Poll<Result<(), DirectionError>> {
+        // Without `switch`, the only flow that ends a step is `Done`.
+        self.step(cx, reader, writer, moved, false).map_ok(|_| ())
+    }
+}
+
+impl Direction {
+    /// Copies until the reader would block, EOF has been passed on, or (with `switch`) a read that
+    /// filled the buffer has been written out: then [`Flow::Switch`], holding no buffer.
+    fn step<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+        moved: &mut u64,
+        switch: bool,
+    ) -> Poll<Result<Flow, DirectionError>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         if self.done {
-            return Poll::Ready(Ok(()));
+            return Poll::Ready(Ok(Flow::Done));
         }
         loop {
             if self.start == self.end && !self.eof {
+                if switch && self.full {
+                    buffers::give(self.buf.take());
+                    return Poll::Ready(Ok(Flow::Switch));
+                }
                 let buf = self.buf.get_or_insert_with(buffers::take);
                 let mut read = ReadBuf::new(buf);
                 match Pin::new(&mut *reader).poll_read(cx, &mut read) {
                     Poll::Ready(Ok(())) => {
                         let n = read.filled().len();
+                        self.full = n == read.capacity();
                         if n == 0 {
                             self.eof = true;
                         } else {
@@ -441,7 +497,7 @@ where
                 // Propagate the half-close: flush, then shut down the sink's write side.
                 half_closed(ready!(Pin::new(&mut *writer).poll_shutdown(cx)))?;
                 self.done = true;
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(Flow::Done));
             }
         }
     }
@@ -495,7 +551,7 @@ mod splice {
     use tokio::io::Interest;
     use tokio::net::TcpStream;
 
-    use super::DirectionError;
+    use super::{DirectionError, Flow};
 
     /// Bytes asked of one splice call; the pipe is sized to hold them.
     const CHUNK: usize = 256 * 1024;
@@ -572,21 +628,31 @@ mod splice {
         in_pipe: usize,
         eof: bool,
         done: bool,
+        /// The last read was under [`super::SMALL_READ`].
+        small: bool,
     }
 
     impl Direction {
+        /// Splices until the source would block, EOF has been passed on, or a small read has
+        /// been written out: then [`Flow::Switch`], the pipe given back.
         pub(super) fn poll(
             &mut self,
             cx: &mut Context<'_>,
             src: &TcpStream,
             dst: &TcpStream,
             moved: &mut u64,
-        ) -> Poll<Result<(), DirectionError>> {
+        ) -> Poll<Result<Flow, DirectionError>> {
             if self.done {
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(Flow::Done));
             }
             loop {
                 if self.in_pipe == 0 && !self.eof {
+                    if self.small {
+                        if let Some(pipe) = self.pipe.take() {
+                            pipe.give();
+                        }
+                        return Poll::Ready(Ok(Flow::Switch));
+                    }
                     if src
                         .poll_read_ready(cx)
                         .map_err(DirectionError::Read)?
@@ -608,7 +674,10 @@ mod splice {
                     let (from, to) = (src.as_raw_fd(), pipe.write.as_raw_fd());
                     match src.try_io(Interest::READABLE, || splice(from, to, CHUNK)) {
                         Ok(0) => self.eof = true,
-                        Ok(n) => self.in_pipe = n,
+                        Ok(n) => {
+                            self.in_pipe = n;
+                            self.small = n < super::SMALL_READ;
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                         Err(e) => return Poll::Ready(Err(DirectionError::Read(e))),
                     }
@@ -638,7 +707,7 @@ mod splice {
                     // Propagate the half-close.
                     super::half_closed(socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write))?;
                     self.done = true;
-                    return Poll::Ready(Ok(()));
+                    return Poll::Ready(Ok(Flow::Done));
                 }
             }
         }
@@ -672,7 +741,7 @@ mod splice {
             _: &TcpStream,
             _: &TcpStream,
             _: &mut u64,
-        ) -> Poll<Result<(), super::DirectionError>> {
+        ) -> Poll<Result<super::Flow, super::DirectionError>> {
             Poll::Ready(Err(super::DirectionError::NoPipe))
         }
     }

@@ -128,6 +128,67 @@ async fn spliced_tcp_relay_moves_a_mebibyte_each_way_with_half_close() {
     );
 }
 
+/// Sends `data` from `writer` through one [`TcpDirection`] (reading `src`, writing `dst`) until
+/// `sink` has it all; says whether the direction was spliced (bulk) after any poll on the way.
+async fn pass(
+    direction: &mut TcpDirection,
+    (writer, src, dst, sink): (&mut TcpStream, &mut TcpStream, &mut TcpStream, &mut TcpStream),
+    data: &[u8],
+) -> bool {
+    let mut spliced = false;
+    let mut moved = 0;
+    let pump = std::future::poll_fn(|cx| {
+        let result = direction.poll(cx, src, dst, &mut moved);
+        spliced |= matches!(direction, TcpDirection::Bulk(_));
+        match result {
+            Poll::Ready(Err(_)) => Poll::Ready(()),
+            _ => Poll::Pending,
+        }
+    });
+    let mut got = vec![0; data.len()];
+    let deliver = async {
+        let (sent, received) = tokio::join!(writer.write_all(data), sink.read_exact(&mut got));
+        sent.unwrap();
+        received.unwrap();
+    };
+    tokio::select! {
+        () = pump => panic!("the direction failed"),
+        () = deliver => {}
+    }
+    assert_eq!(got, data);
+    assert_eq!(moved, data.len() as u64);
+    spliced
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_tcp_direction_splices_after_a_full_read_and_copies_again_after_a_small_one() {
+    let (mut client, mut from_client) = tcp_pair().await;
+    let (mut to_backend, mut backend) = tcp_pair().await;
+    let mut direction = TcpDirection::Small(Direction::default());
+    let bulk: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
+    let small = b"GET / HTTP/1.1\r\n\r\n";
+    let sockets = (&mut client, &mut from_client, &mut to_backend, &mut backend);
+    assert!(
+        !pass(&mut direction, sockets, small).await,
+        "a first small message is copied"
+    );
+    for round in 0..2 {
+        let sockets = (&mut client, &mut from_client, &mut to_backend, &mut backend);
+        assert!(
+            pass(&mut direction, sockets, &bulk).await,
+            "round {round}: bulk is spliced"
+        );
+        // The read of a small message after bulk may still be spliced; it sends the direction back.
+        let sockets = (&mut client, &mut from_client, &mut to_backend, &mut backend);
+        pass(&mut direction, sockets, small).await;
+        assert!(
+            matches!(direction, TcpDirection::Small(_)),
+            "round {round}: copying again after a small read"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_reset_on_one_tcp_side_is_reported_against_that_side() {
     let (client, mut client_far) = tcp_pair().await;
