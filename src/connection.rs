@@ -1082,9 +1082,7 @@ impl Client {
             Client::Tls(tls) => tls.get_ref().0,
         }
     }
-}
 
-impl Client {
     /// The stream to write to: the socket, or the TLS session over it.
     fn writer(&mut self) -> std::pin::Pin<&mut (dyn AsyncWrite + Unpin + Send)> {
         match self {
