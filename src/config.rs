@@ -273,6 +273,9 @@ pub struct ListenerConfig {
     /// Connections from one source (its prefix) in the PROXY-header or TLS-handshake phase at
     /// once.
     pub max_handshakes_per_source: u32,
+    /// `[listener.authorization]`: this listener's own identity -> upstreams table, in place of
+    /// [`Config::authorization`] (mTLS listeners only).
+    pub authorization: Option<Vec<(String, Vec<String>)>>,
 }
 
 /// TLS settings of a listener. Paths are resolved against the config file's directory.
@@ -283,7 +286,12 @@ pub struct TlsConfig {
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
     /// PEM CA bundle; present means client certificates are required and verified (mTLS).
+    /// Certificates of it issued by another of it are intermediates, the others anchors.
     pub client_ca: Option<PathBuf>,
+    /// `[listener.tls.trust_domains]`: SPIFFE trust domain -> PEM bundle. A certificate whose
+    /// identity is a SPIFFE ID of trust domain TD must chain to TD's bundle (mTLS, like
+    /// `client_ca`, which it makes optional).
+    pub trust_domains: std::collections::BTreeMap<String, PathBuf>,
     pub min_version: TlsVersion,
     /// PEM file of CRLs (mTLS only): a client certificate they revoke is refused. Each CRL must
     /// be signed by a certificate of `client_ca`.
@@ -313,6 +321,7 @@ impl TlsConfig {
             cert: cert.into(),
             key: key.into(),
             client_ca: None,
+            trust_domains: std::collections::BTreeMap::new(),
             min_version: TlsVersion::Tls12,
             crl: None,
             close_on_expiry: true,
@@ -769,6 +778,7 @@ impl Config {
                     [Some(&t.cert), Some(&t.key), t.client_ca.as_ref(), t.crl.as_ref()]
                         .into_iter()
                         .flatten()
+                        .chain(t.trust_domains.values())
                         .cloned(),
                 );
             }
@@ -950,6 +960,7 @@ struct RawListener {
     tcp_keepalive: Option<RawKeepalive>,
     max_connections: Option<usize>,
     max_handshakes_per_source: Option<u32>,
+    authorization: Option<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -958,6 +969,8 @@ struct RawTls {
     cert: PathBuf,
     key: PathBuf,
     client_ca: Option<PathBuf>,
+    #[serde(default)]
+    trust_domains: std::collections::BTreeMap<String, PathBuf>,
     min_version: Option<String>,
     crl: Option<PathBuf>,
     close_on_expiry: Option<bool>,
@@ -1246,8 +1259,23 @@ impl Validator<'_> {
                 Some(n) => n,
                 None => DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             };
+            let mutual_tls = tls
+                .as_ref()
+                .is_some_and(|t| t.client_ca.is_some() || !t.trust_domains.is_empty());
+            let authorization = match l.authorization {
+                Some(_) if !mutual_tls => {
+                    return Err(self.invalid(
+                        key("authorization"),
+                        "{..}",
+                        "needs client certificates ([listener.tls] client_ca or trust_domains)",
+                    ))
+                }
+                Some(table) => Some(self.authorization(&key("authorization"), table, &upstreams)?),
+                None => None,
+            };
             listeners.push(ListenerConfig {
                 name: l.name,
+                authorization,
                 bind,
                 upstream: l.upstream,
                 tls,
@@ -1267,14 +1295,7 @@ impl Validator<'_> {
                 max_handshakes_per_source,
             });
         }
-        let mut authorization = Vec::with_capacity(raw.authorization.len());
-        for (identity, allowed) in raw.authorization {
-            if let Some(missing) = allowed.iter().find(|a| !upstreams.iter().any(|u| u.name == **a)) {
-                let k = format!("authorization.{identity:?}");
-                return Err(self.invalid(k, missing, "no [[upstream]] has this name"));
-            }
-            authorization.push((identity, allowed));
-        }
+        let authorization = self.authorization("authorization", raw.authorization, &upstreams)?;
         let admin = match raw.admin {
             Some(a) => Some(self.admin(a)?),
             None => None,
@@ -1613,7 +1634,19 @@ impl Validator<'_> {
                 return Err(self.invalid(format!("{key}.min_version"), other, "expected \"1.2\" or \"1.3\""))
             }
         };
-        if raw.client_ca.is_none() {
+        for (domain, path) in &raw.trust_domains {
+            if let Err(why) = trust_domain_name(domain) {
+                return Err(self.invalid(format!("{key}.trust_domains"), domain, why));
+            }
+            if path.as_os_str().is_empty() {
+                return Err(self.invalid(
+                    format!("{key}.trust_domains.{domain:?}"),
+                    "",
+                    "expected a PEM bundle file",
+                ));
+            }
+        }
+        if raw.client_ca.is_none() && raw.trust_domains.is_empty() {
             // Settings of client authentication, given without it: surely a mistake.
             let mtls_only = [
                 ("crl", raw.crl.as_ref().map(|p| p.display().to_string())),
@@ -1621,7 +1654,11 @@ impl Validator<'_> {
                 ("identity_from_cn", raw.identity_from_cn.map(|b| b.to_string())),
             ];
             if let Some((field, Some(value))) = mtls_only.into_iter().find(|(_, v)| v.is_some()) {
-                return Err(self.invalid(format!("{key}.{field}"), value, "needs client_ca (mutual TLS)"));
+                return Err(self.invalid(
+                    format!("{key}.{field}"),
+                    value,
+                    "needs client_ca or trust_domains (mutual TLS)",
+                ));
             }
         }
         let session_timeout = match &raw.session_timeout {
@@ -1641,6 +1678,11 @@ impl Validator<'_> {
             cert: self.base.join(raw.cert),
             key: self.base.join(raw.key),
             client_ca: raw.client_ca.map(|p| self.base.join(p)),
+            trust_domains: raw
+                .trust_domains
+                .into_iter()
+                .map(|(domain, path)| (domain, self.base.join(path)))
+                .collect(),
             min_version,
             crl: raw.crl.map(|p| self.base.join(p)),
             close_on_expiry: raw.close_on_expiry.unwrap_or(true),
@@ -1650,6 +1692,27 @@ impl Validator<'_> {
             alpn,
             alpn_required,
         })
+    }
+
+    /// `[authorization]` or a listener's own: every upstream named must exist.
+    fn authorization(
+        &self,
+        key: &str,
+        raw: std::collections::BTreeMap<String, Vec<String>>,
+        upstreams: &[UpstreamConfig],
+    ) -> Result<Vec<(String, Vec<String>)>, ConfigError> {
+        let mut authorization = Vec::with_capacity(raw.len());
+        for (identity, allowed) in raw {
+            if let Some(missing) = allowed.iter().find(|a| !upstreams.iter().any(|u| u.name == **a)) {
+                return Err(self.invalid(
+                    format!("{key}.{identity:?}"),
+                    missing,
+                    "no [[upstream]] has this name",
+                ));
+            }
+            authorization.push((identity, allowed));
+        }
+        Ok(authorization)
     }
 
     /// ALPN protocol ids: 1 to 255 bytes each (RFC 7301), no duplicates.
@@ -1954,6 +2017,21 @@ impl Validator<'_> {
         }
         Ok(d)
     }
+}
+
+/// Checks a SPIFFE trust domain name: lowercase letters, digits, `.`, `-` and `_` (the SPIFFE
+/// ID specification), 1 to 255 characters.
+fn trust_domain_name(name: &str) -> Result<(), &'static str> {
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_');
+    if name.is_empty() || name.len() > 255 {
+        return Err("a trust domain name is 1 to 255 characters");
+    }
+    if !name.chars().all(allowed) {
+        return Err(
+            "a trust domain name has only lowercase letters, digits, '.', '-' and '_' (no scheme, no path)",
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

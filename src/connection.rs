@@ -418,7 +418,11 @@ async fn admit(
         }
         Ok(Err(e)) => {
             let failure = crate::tls::classify_io(&e);
-            return refused(Refusal::handshake(listener, failure, e), None);
+            let refusal = match crate::tls::rejection_of(&e) {
+                Some(rejection) => Refusal::handshake(listener, failure, rejection),
+                None => Refusal::handshake(listener, failure, e),
+            };
+            return refused(refusal, None);
         }
         Err(_) => {
             let refusal =
@@ -540,28 +544,39 @@ impl Presented<'_> {
             };
             return Ok((judged, None));
         }
-        let same_trust = listener
-            .tls
-            .as_ref()
-            .is_some_and(|tls| Arc::ptr_eq(&tls.config, &self.handshake_tls.config));
-        if self.resumed || !same_trust {
-            let checked = match &listener.tls {
-                Some(tls) => tls.verify(&self.chain),
-                None => Err(HandshakeFailure::NoCertificate),
-            };
-            if let Err(failure) = checked {
-                let why = if self.resumed {
-                    "resumed session"
-                } else {
-                    "handshake before a reload"
-                };
-                let detail = format_args!(
-                    "{why}: client certificate no longer verifies ({})",
-                    failure.label()
-                );
-                return Err(Refusal::handshake(listener, failure, detail));
-            }
-        }
+        let Some(tls) = &listener.tls else {
+            // Unreachable: an mTLS listener has TLS. Refuse rather than assume.
+            return Err(Refusal::handshake(
+                listener,
+                HandshakeFailure::NoCertificate,
+                "no TLS",
+            ));
+        };
+        let same_trust = Arc::ptr_eq(&tls.config, &self.handshake_tls.config);
+        // The handshake verified the chain; a resumption or a handshake under older trust is
+        // verified again now, as is a chain whose handshake verdict is no longer at hand.
+        let recorded = if self.resumed || !same_trust {
+            None
+        } else {
+            tls.handshake_not_after(&self.chain)
+        };
+        let path_not_after = match recorded {
+            Some(not_after) => Some(not_after),
+            None => match tls.verify(&self.chain, std::time::SystemTime::now()) {
+                Ok(verified) => verified.map(|v| v.not_after),
+                Err(rejection) => {
+                    let why = if self.resumed {
+                        "resumed session: "
+                    } else if !same_trust {
+                        "handshake before a reload: "
+                    } else {
+                        ""
+                    };
+                    let detail = format_args!("{why}client certificate refused ({rejection})");
+                    return Err(Refusal::handshake(listener, rejection.reason, detail));
+                }
+            },
+        };
         let Some(leaf) = self.chain.first() else {
             // Unreachable with a client verifier configured; refuse rather than assume.
             return Err(Refusal::handshake(
@@ -577,15 +592,12 @@ impl Presented<'_> {
             let detail = format!("{identity} may not reach upstream {:?}", upstream.name);
             return Err(Refusal::new(Reason::Unauthorized, detail).of(identity.to_string().into()));
         }
-        // `notAfter` is the last second of validity (RFC 5280, as webpki reads it): the chain
-        // expires one second after the earliest one.
-        let expires = listener.close_on_expiry.then(|| {
-            self.chain[1..]
-                .iter()
-                .filter_map(|der| crate::identity::not_after(der).ok())
-                .fold(certified.not_after, std::cmp::min)
-                + Duration::from_secs(1)
-        });
+        // `notAfter` is the last second of validity (RFC 5280, as webpki reads it): the path
+        // expires one second after its earliest one, the anchor's and the intermediates' of
+        // the client_ca file included.
+        let expires = listener
+            .close_on_expiry
+            .then(|| path_not_after.unwrap_or(certified.not_after) + Duration::from_secs(1));
         let grant = Grant {
             listener: name.clone(),
             upstream: upstream.name.clone(),

@@ -1,7 +1,7 @@
 //! Client identity: turns the DER bytes of a client's leaf certificate into the one name that
 //! authorization and rate limiting key on. This module owns the identity rule below and nothing
-//! else. It must not verify anything that rustls already verified (chain to the client CA,
-//! validity period, signatures) and it must not do I/O: it only parses and extracts, so the rule
+//! else. It must not verify anything the trust core (`trust`) verifies (the path to an anchor,
+//! validity periods, signatures, name constraints) and it must not do I/O: it only parses and extracts, so the rule
 //! is tested with plain `#[test]`s on certificates generated at test time.
 //!
 //! # The identity rule
@@ -24,8 +24,8 @@
 //!    3. else, only when the certificate has neither a `spiffe` URI SAN nor a DNS SAN and the
 //!       listener allows it (`identity_from_cn`, on by default), the subject Common Name. A
 //!       subject with several Common Names is refused as ambiguous. With `identity_from_cn =
-//!       false` such a certificate has no identity and is refused: webpki checks a CA's name
-//!       constraints against SANs only, so a constrained CA cannot limit what a Common Name says.
+//!       false` such a certificate has no identity and is refused. Under a name-constrained CA a
+//!       Common Name identity is refused by `trust` (no constraint form limits what it says).
 //!
 //!    As in RFC 6125, a SAN wins over the Common Name: `CN=alice` with DNS SAN `bob` is `bob`.
 //!    Only `spiffe` URI SANs and DNS SANs count; other SANs (non-`spiffe` URIs, e-mail
@@ -220,6 +220,8 @@ impl Default for Rule {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Certified {
     pub identity: ClientIdentity,
+    /// Which field the identity came from (name constraints bind each form differently).
+    pub field: NameField,
     /// The certificate's `notAfter`.
     pub not_after: SystemTime,
     /// The certificate's serial number, lowercase hex with colons (`01:a2:...`), as logged.
@@ -242,6 +244,7 @@ pub fn inspect(der: &[u8], rule: Rule) -> Result<Certified, IdentityError> {
     let (field, name) = choose_name(&cert, rule)?;
     Ok(Certified {
         identity: checked_identity(field, name)?,
+        field,
         not_after: not_after_of(&cert),
         serial: serial_of(&cert),
     })

@@ -12,6 +12,7 @@
 //! |---|---|
 //! | `server` | binding, accept loops, the run/shutdown/drain sequence, applying reloads ([`Server`]) |
 //! | `connection` | one connection's phases: front, admission, limit, connect, relay, its end |
+//! | [`verify`] | `fulcrum verify`: a certificate chain judged as a listener's handshake would |
 //! | [`admin`] | the admin HTTP API (hyper + axum, TCP and Unix socket); [`admin::guard`] its token, CSRF and DNS rebinding rules (pure); [`admin::status`] (the `/status` snapshot and page) and [`admin::prometheus`] (`/metrics`, by prometheus-client) read the live state |
 //! | [`reload`] | asking for a reload: the [`reload::Handle`], its request and result |
 //! | [`health`] | backend health: rise/fall state and failures (pure); [`health::probe`]: probe loops and applying outcomes |
@@ -25,6 +26,7 @@
 //! | [`caps`] | caps on open connections (process, listener) and on handshakes per source; RAII places (pure) |
 //! | [`balancer`] | weighted least-connections selection, caps, backups, the queue, and the lease that is a connection's count (pure) |
 //! | [`authz`] | which identities may reach which upstreams, default deny (pure) |
+//! | [`trust`] | the client trust boundary: anchors and intermediates, path building, name constraints, CRLs bound to their issuer's key, SPIFFE trust domains (pure) |
 //! | [`identity`] | the client identity rule: verified leaf certificate -> name (pure) |
 //! | [`metrics`] | counters, histograms and their buckets, rejection reasons; [`metrics::identities`] the bounded per-identity table (pure) |
 //! | [`logging`] | the process's log lines: the subscriber and its non-blocking stderr writer |
@@ -75,6 +77,8 @@ mod server;
 pub mod state;
 mod throttle;
 pub mod tls;
+pub mod trust;
+pub mod verify;
 mod watch;
 
 pub use config::Config;

@@ -36,6 +36,24 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Judge a client certificate chain as a listener's handshake would: exit 0 accepted,
+    /// 1 refused (with the reason), 2 usage or config error. Contacts nothing.
+    Verify {
+        /// The TOML config file whose listener judges.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The listener (may be left out when one listener verifies client certificates).
+        #[arg(long)]
+        listener: Option<String>,
+        /// Judge at this time instead of now (RFC 3339 UTC, e.g. 2026-12-07T12:00:00Z).
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        at: Option<std::time::SystemTime>,
+        /// Print one JSON object instead of a line.
+        #[arg(long)]
+        json: bool,
+        /// PEM file: the client's certificate first, then what the client would send.
+        chain: PathBuf,
+    },
     /// Run a demo backend that answers "Hello world from server NAME".
     Backend {
         /// Address to listen on, e.g. 127.0.0.1:8081.
@@ -128,6 +146,16 @@ fn main() -> std::process::ExitCode {
     {
         return ctl(admin, socket, token_file, json, command);
     }
+    if let Command::Verify {
+        config,
+        listener,
+        at,
+        json,
+        chain,
+    } = &cli.command
+    {
+        return verify(config, listener.as_deref(), *at, *json, chain);
+    }
     // Kept until main returns: dropping it writes the log lines still queued.
     let _log = fulcrum::logging::init(&cli.log_level);
     match run(cli.command) {
@@ -195,6 +223,37 @@ fn ctl(
     }
 }
 
+/// `fulcrum verify`: exit 0 accepted, 1 refused, 2 when no verdict could be given.
+fn verify(
+    config: &std::path::Path,
+    listener: Option<&str>,
+    at: Option<std::time::SystemTime>,
+    json: bool,
+    chain: &std::path::Path,
+) -> std::process::ExitCode {
+    let verdict = fulcrum::Config::load(config)
+        .map_err(|e| e.to_string())
+        .and_then(|config| {
+            let chain = fulcrum::verify::read_chain(chain).map_err(|e| e.to_string())?;
+            let at = at.unwrap_or_else(std::time::SystemTime::now);
+            fulcrum::verify::judge(&config, listener, &chain, at).map_err(|e| e.to_string())
+        });
+    match verdict {
+        Ok(verdict) => {
+            if json {
+                println!("{}", serde_json::to_string(&verdict).unwrap_or_default());
+            } else {
+                println!("{}", verdict.line());
+            }
+            std::process::ExitCode::from(if verdict.accepted() { 0 } else { 1 })
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Check { config } => {
@@ -202,6 +261,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             let checked = fulcrum::check(&config)?;
             for warning in &checked.warnings {
                 eprintln!("warning: {warning}");
+            }
+            for line in &checked.trust {
+                println!("{line}");
             }
             // The earliest certificate deadline (CRLs are renewed on their own schedule).
             if let Some(first) = checked.certificates.iter().find(|c| c.kind != "crl_next_update") {
@@ -254,8 +316,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             fulcrum::backend::serve(socket, name, mode, shutdown_on_signal()?).await;
             Ok(())
         }),
-        // `main` answers `ctl` itself, with its own exit codes, before it gets here.
-        Command::Ctl { .. } => anyhow::bail!("fulcrum ctl is not run here"),
+        // `main` answers `ctl` and `verify` itself, with their own exit codes, before it gets here.
+        Command::Ctl { .. } | Command::Verify { .. } => anyhow::bail!("not run here"),
         Command::Demo { listen, admin } => runtime(default_workers())?.block_on(async {
             let options = fulcrum::demo::DemoOptions { listen, admin };
             fulcrum::demo::run(options, shutdown_on_signal()?).await?;

@@ -255,6 +255,11 @@ pub enum HandshakeFailure {
     RevocationUnknown,
     /// The certificate's key usage does not allow client authentication.
     BadUsage,
+    /// A name on the chain, or the identity itself, is outside the name constraints of a CA on
+    /// the verified path.
+    NameConstraints,
+    /// The certificate's SPIFFE ID is of a trust domain the listener's `trust_domains` lacks.
+    TrustDomain,
     /// Another certificate fault (malformed, unsupported).
     BadCertificate,
     /// The client offered ALPN protocols, none of which the listener speaks (`alpn`).
@@ -270,7 +275,7 @@ pub enum HandshakeFailure {
 }
 
 impl HandshakeFailure {
-    pub const ALL: [HandshakeFailure; 13] = [
+    pub const ALL: [HandshakeFailure; 15] = [
         HandshakeFailure::NoCertificate,
         HandshakeFailure::UnknownCa,
         HandshakeFailure::Expired,
@@ -278,6 +283,8 @@ impl HandshakeFailure {
         HandshakeFailure::Revoked,
         HandshakeFailure::RevocationUnknown,
         HandshakeFailure::BadUsage,
+        HandshakeFailure::NameConstraints,
+        HandshakeFailure::TrustDomain,
         HandshakeFailure::BadCertificate,
         HandshakeFailure::NoApplicationProtocol,
         HandshakeFailure::NoAlpn,
@@ -295,6 +302,8 @@ impl HandshakeFailure {
             HandshakeFailure::Revoked => "revoked",
             HandshakeFailure::RevocationUnknown => "revocation_unknown",
             HandshakeFailure::BadUsage => "bad_usage",
+            HandshakeFailure::NameConstraints => "name_constraints",
+            HandshakeFailure::TrustDomain => "trust_domain",
             HandshakeFailure::BadCertificate => "bad_certificate",
             HandshakeFailure::NoApplicationProtocol => "no_application_protocol",
             HandshakeFailure::NoAlpn => "no_alpn",

@@ -4,17 +4,11 @@
 //!
 //! Policy, fixed here and nowhere else: the crypto provider of [`provider`] (ring by default);
 //! TLS 1.3, plus TLS 1.2 with ECDHE key exchange and AEAD ciphers only when `min_version = "1.2"`
-//! (rustls offers nothing weaker); with `client_ca`, a client certificate chaining to that CA is
-//! required (rustls/webpki check the chain, validity dates and the clientAuth key usage), and
-//! with `crl` it must not be revoked. Each CRL's signature is checked once, when the file is
-//! loaded (it must be signed by a certificate of `client_ca` allowed to sign CRLs), and its
-//! revoked serials go into a table per issuer; a handshake then costs one lookup per
-//! certificate ([`Revocations`]), where webpki's own CRL support would verify every CRL's
-//! signature again on every handshake. The client certificate must be covered by a CRL of its
-//! issuer (otherwise it is refused as `revocation_unknown`, as nginx and HAProxy do); an
-//! intermediate is refused if a CRL of its issuer revokes it. Partitioned and delta CRLs (and
-//! CRLs with other critical extensions) are refused at load. A CRL past its `nextUpdate` keeps
-//! being applied (see README).
+//! (rustls offers nothing weaker). With `client_ca` or `trust_domains`, a client certificate is
+//! required and judged by the listener's [`Trust`] (anchors and intermediates, path, dates, name
+//! constraints, trust domains, CRLs bound to their issuer's key: see `trust`), which
+//! [`client_trust`] loads from the files and [`ClientVerifier`] runs inside rustls's handshake;
+//! rustls checks the client's signature with the provider's algorithms.
 //!
 //! Resumption: every listener (and every generation of it: a reload starts afresh) has its own
 //! in-memory [`SessionCache`] of at most `session_cache` sessions, each resumable for
@@ -22,8 +16,8 @@
 //! ticket per full handshake that is a key into that cache; no stateless tickets are issued, so
 //! there are no ticket keys to rotate or leak, and a session never leaves the process. rustls
 //! does not verify the client certificate again on resumption, so [`ServerTls::verify`] lets
-//! the connection check the stored chain now (dates, CRLs, CA): a resumption is never weaker
-//! than a full handshake.
+//! the connection judge the stored chain now, as a full handshake would: a resumption is never
+//! weaker than a full handshake.
 //!
 //! The redis client builds its own rustls configuration at each connect, from the process-wide
 //! default provider: [`install_default_provider`] makes that ours, and [`redis_certificates`]
@@ -41,12 +35,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::danger::ClientCertVerifier;
-use rustls::server::{StoresServerSessions, WebPkiClientVerifier};
+use rustls::server::StoresServerSessions;
 use rustls::{CertificateError, RootCertStore, ServerConfig};
 use x509_parser::prelude::FromDer;
 
 use crate::config::{TlsConfig, TlsVersion};
 use crate::metrics::HandshakeFailure;
+pub use crate::trust::CrlInfo;
+use crate::trust::{CrlError, Rejection, Revocations, Store, Trust, Verified};
 
 /// Why a listener's TLS settings cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +72,7 @@ pub enum TlsError {
     #[error("CRL file {path}: {reason}")]
     Crl { path: PathBuf, reason: String },
     #[error(
-        "CRL file {path}: the CRL issued by {issuer} is not signed by a certificate of the client CA file"
+        "CRL file {path}: the CRL issued by {issuer} is not signed by a CA certificate of client_ca or of a trust domain's bundle that may sign CRLs"
     )]
     CrlIssuer { path: PathBuf, issuer: String },
 }
@@ -105,51 +101,150 @@ pub fn install_default_provider() {
     }
 }
 
-/// A listener's TLS: the rustls configuration, and the client certificate verifier (mTLS) kept
-/// apart so that a connection can check a resumed session's chain and a reload can check open
-/// connections' certificates against new trust.
+/// A listener's TLS: the rustls configuration, and the client trust (mTLS) kept apart so that a
+/// connection can check a resumed session's chain and a reload can check open connections'
+/// certificates against new trust.
 #[derive(Clone)]
 pub struct ServerTls {
     pub config: Arc<ServerConfig>,
-    pub client_verifier: Option<Arc<dyn ClientCertVerifier>>,
+    /// mTLS: the verifier rustls runs, holding the listener's [`Trust`].
+    pub verifier: Option<Arc<ClientVerifier>>,
     /// The CRLs in force (`[listener.tls] crl`), in file order.
     pub crls: Vec<CrlInfo>,
 }
 
-/// What fulcrum reports of one CRL.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CrlInfo {
-    /// The CRL's issuer, as text.
-    pub issuer: String,
-    /// When the issuer promised the next CRL; `None` if the CRL does not say.
-    pub next_update: Option<SystemTime>,
-}
-
 impl ServerTls {
-    /// Checks a client certificate chain (leaf first) against this listener's trust now: CA,
-    /// validity dates, CRLs. Always passes without client authentication.
-    pub fn verify(&self, chain: &[CertificateDer<'static>]) -> Result<(), HandshakeFailure> {
-        let Some(verifier) = &self.client_verifier else {
-            return Ok(());
-        };
-        let Some((leaf, intermediates)) = chain.split_first() else {
-            return Err(HandshakeFailure::NoCertificate);
-        };
-        verifier
-            .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
-            .map(|_| ())
-            .map_err(|e| classify(&e))
+    /// Judges a client certificate chain (leaf first) against this listener's trust at `now`
+    /// ([`Trust::verify`]). `Ok(None)` without client authentication.
+    pub fn verify(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: SystemTime,
+    ) -> Result<Option<Verified>, Rejection> {
+        match &self.verifier {
+            Some(verifier) => verifier.trust.verify(chain, now).map(Some),
+            None => Ok(None),
+        }
     }
 
-    /// Whether a client certificate chain (leaf first) still verifies under this listener's
-    /// trust ([`ServerTls::verify`]).
+    /// Whether a client certificate chain (leaf first) still verifies now.
     pub fn accepts(&self, chain: &[CertificateDer<'static>]) -> bool {
-        self.verify(chain).is_ok()
+        self.verify(chain, SystemTime::now()).is_ok()
+    }
+
+    /// The earliest `notAfter` of the path this listener's handshake verified for `chain`, if
+    /// the handshake's verdict is still at hand (taken: a second call returns `None`).
+    pub fn handshake_not_after(&self, chain: &[CertificateDer<'static>]) -> Option<SystemTime> {
+        self.verifier.as_ref()?.take_recent(chain)
     }
 
     /// The earliest `nextUpdate` of this listener's CRLs.
     pub fn crl_next_update(&self) -> Option<SystemTime> {
         self.crls.iter().filter_map(|c| c.next_update).min()
+    }
+}
+
+/// The client certificate verifier of an mTLS listener: [`Trust::verify`] at handshake time,
+/// with the TLS signature checks of the crypto provider. It remembers the verdicts of the last
+/// few handshakes so that admission reads the verified path's expiry without verifying again.
+#[derive(Debug)]
+pub struct ClientVerifier {
+    pub trust: Trust,
+    hints: Vec<rustls::DistinguishedName>,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+    recent: Mutex<VecDeque<(Vec<CertificateDer<'static>>, SystemTime)>>,
+}
+
+/// Handshake verdicts remembered for admission; older ones are verified again if asked for.
+const RECENT_VERDICTS: usize = 128;
+
+impl ClientVerifier {
+    pub fn new(trust: Trust) -> ClientVerifier {
+        let hints = trust
+            .anchors()
+            .filter_map(|der| {
+                let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+                Some(rustls::DistinguishedName::from(cert.subject().as_raw().to_vec()))
+            })
+            .collect();
+        ClientVerifier {
+            trust,
+            hints,
+            algorithms: chosen_provider().signature_verification_algorithms,
+            recent: Mutex::default(),
+        }
+    }
+
+    fn remember(&self, chain: Vec<CertificateDer<'static>>, not_after: SystemTime) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() >= RECENT_VERDICTS {
+            recent.pop_front();
+        }
+        recent.push_back((chain, not_after));
+    }
+
+    fn take_recent(&self, chain: &[CertificateDer<'static>]) -> Option<SystemTime> {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let index = recent.iter().rposition(|(c, _)| c.as_slice() == chain)?;
+        recent.remove(index).map(|(_, not_after)| not_after)
+    }
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let chain: Vec<CertificateDer<'static>> = std::iter::once(end_entity)
+            .chain(intermediates)
+            .map(|c| c.clone().into_owned())
+            .collect();
+        let now = UNIX_EPOCH + Duration::from_secs(now.as_secs());
+        match self.trust.verify(&chain, now) {
+            Ok(verified) => {
+                self.remember(chain, verified.not_after);
+                Ok(rustls::server::danger::ClientCertVerified::assertion())
+            }
+            Err(rejection) => Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(rejection)),
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
     }
 }
 
@@ -169,6 +264,10 @@ pub fn classify(error: &rustls::Error) -> HandshakeFailure {
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
                 HandshakeFailure::BadUsage
             }
+            CertificateError::Other(other) => other
+                .0
+                .downcast_ref::<Rejection>()
+                .map_or(HandshakeFailure::BadCertificate, |r| r.reason),
             _ => HandshakeFailure::BadCertificate,
         },
         Error::InvalidCertRevocationList(_) => HandshakeFailure::BadCertificate,
@@ -185,6 +284,15 @@ pub fn classify_io(error: &io::Error) -> HandshakeFailure {
     }
 }
 
+/// The client trust's own account of a refused chain, if `error` (what tokio-rustls returns)
+/// carries one.
+pub fn rejection_of(error: &io::Error) -> Option<&Rejection> {
+    match error.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(CertificateError::Other(other)) => other.0.downcast_ref(),
+        _ => None,
+    }
+}
+
 /// Loads certificate, key, CA and CRL files and builds a listener's server configuration.
 pub fn server_config(tls: &TlsConfig) -> Result<ServerTls, TlsError> {
     let provider = provider();
@@ -195,29 +303,13 @@ pub fn server_config(tls: &TlsConfig) -> Result<ServerTls, TlsError> {
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(versions)
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let mut client_verifier: Option<Arc<dyn ClientCertVerifier>> = None;
-    let mut crl_info = Vec::new();
-    let builder = match &tls.client_ca {
-        Some(path) => {
-            let pem = read("client CA", path)?;
-            let roots = trust_anchors("client CA", path, &pem)?;
-            let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| TlsError::Verifier(e.to_string()))?;
-            let verifier: Arc<dyn ClientCertVerifier> = match &tls.crl {
-                Some(crl_path) => {
-                    let cas = certificates("client CA", path, &pem)?;
-                    let (revocations, info) = revocation_lists(crl_path, &cas)?;
-                    crl_info = info;
-                    Arc::new(Revoking {
-                        inner: webpki,
-                        revocations,
-                    })
-                }
-                None => webpki,
-            };
-            client_verifier = Some(Arc::clone(&verifier));
-            builder.with_client_cert_verifier(verifier)
+    let (verifier, crls) = match client_trust(tls)? {
+        Some((trust, crls)) => (Some(Arc::new(ClientVerifier::new(trust))), crls),
+        None => (None, Vec::new()),
+    };
+    let builder = match &verifier {
+        Some(verifier) => {
+            builder.with_client_cert_verifier(Arc::clone(verifier) as Arc<dyn ClientCertVerifier>)
         }
         None => builder.with_no_client_auth(),
     };
@@ -243,182 +335,66 @@ pub fn server_config(tls: &TlsConfig) -> Result<ServerTls, TlsError> {
     }
     Ok(ServerTls {
         config: Arc::new(config),
-        client_verifier,
-        crls: crl_info,
+        verifier,
+        crls,
     })
 }
 
-/// Revoked serial numbers per CRL issuer, from CRLs whose signatures were checked at load.
-#[derive(Debug, Default)]
-pub struct Revocations {
-    /// Issuer name (DER) -> serial numbers (big-endian bytes) its CRLs revoke.
-    by_issuer: HashMap<Vec<u8>, std::collections::HashSet<Vec<u8>>>,
-}
-
-impl Revocations {
-    /// Checks a verified chain: the client certificate must be covered by a CRL of its issuer
-    /// and not revoked by it; an intermediate must not be revoked by a CRL of its issuer.
-    pub fn check(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-    ) -> Result<(), CertificateError> {
-        let chain = std::iter::once(end_entity).chain(intermediates);
-        for (position, der) in chain.enumerate() {
-            let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
-                .map_err(|_| CertificateError::BadEncoding)?;
-            match self.by_issuer.get(cert.issuer().as_raw()) {
-                Some(revoked) if revoked.contains(cert.raw_serial()) => {
-                    return Err(CertificateError::Revoked)
-                }
-                Some(_) => {}
-                None if position == 0 => return Err(CertificateError::UnknownRevocationStatus),
-                None => {}
-            }
-        }
-        Ok(())
+/// The client trust of a listener (`client_ca`, `trust_domains`, `crl`, `identity_from_cn`), or
+/// `None` without client authentication; with the CRLs' report.
+pub fn client_trust(tls: &TlsConfig) -> Result<Option<(Trust, Vec<CrlInfo>)>, TlsError> {
+    if tls.client_ca.is_none() && tls.trust_domains.is_empty() {
+        return Ok(None);
     }
-}
-
-/// A client certificate verifier that adds [`Revocations`] to webpki's checks (chain, dates,
-/// key usage).
-#[derive(Debug)]
-struct Revoking {
-    inner: Arc<dyn ClientCertVerifier>,
-    revocations: Revocations,
-}
-
-impl ClientCertVerifier for Revoking {
-    fn offer_client_auth(&self) -> bool {
-        self.inner.offer_client_auth()
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        self.inner.client_auth_mandatory()
-    }
-
-    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        self.revocations
-            .check(end_entity, intermediates)
-            .map_err(rustls::Error::InvalidCertificate)?;
-        Ok(verified)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-/// The CRLs of a PEM file, each checked to be signed by one of `cas` (the client CA bundle) that
-/// may sign CRLs, and of a kind this checker applies in full (no partitioned or delta CRLs, no
-/// unknown critical extension).
-fn revocation_lists(
-    path: &Path,
-    cas: &[CertificateDer<'static>],
-) -> Result<(Revocations, Vec<CrlInfo>), TlsError> {
-    use x509_parser::extensions::ParsedExtension;
-    use x509_parser::revocation_list::CertificateRevocationList;
-    let failed = |reason: String| TlsError::Crl {
-        path: path.to_path_buf(),
-        reason,
+    let store = |what: &'static str, path: &Path| -> Result<Store, TlsError> {
+        let pem = read(what, path)?;
+        Store::new(certificates(what, path, &pem)?).map_err(|reason| TlsError::BadCa {
+            what,
+            path: path.to_path_buf(),
+            reason,
+        })
     };
-    let pem = read("CRL", path)?;
-    let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| failed(pem_reason(e)))?;
-    if crls.is_empty() {
-        return Err(failed("no PEM CRL (-----BEGIN X509 CRL-----) found".into()));
+    let mut trust = Trust {
+        client_ca: tls
+            .client_ca
+            .as_deref()
+            .map(|path| store("client CA", path))
+            .transpose()?,
+        rule: crate::identity::Rule {
+            from_common_name: tls.identity_from_cn,
+        },
+        ..Trust::default()
+    };
+    for (domain, path) in &tls.trust_domains {
+        trust
+            .trust_domains
+            .insert(domain.clone(), store("trust domain bundle", path)?);
     }
-    let cas = cas
-        .iter()
-        .map(|der| x509_parser::certificate::X509Certificate::from_der(der).map(|(_, ca)| ca))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| failed(format!("a client CA certificate cannot be parsed: {e}")))?;
-    let mut revocations = Revocations::default();
-    let mut info = Vec::with_capacity(crls.len());
-    for der in &crls {
-        let (_, crl) = CertificateRevocationList::from_der(der)
-            .map_err(|e| failed(format!("a CRL cannot be parsed: {e}")))?;
-        let issuer = crl.issuer().to_string();
-        let may_sign = |ca: &x509_parser::certificate::X509Certificate<'_>| match ca.key_usage() {
-            Ok(Some(usage)) => usage.value.crl_sign(),
-            Ok(None) => true,
-            Err(_) => false,
+    let mut crls = Vec::new();
+    if let Some(path) = &tls.crl {
+        let pem = read("CRL", path)?;
+        let failed = |reason: String| TlsError::Crl {
+            path: path.to_path_buf(),
+            reason,
         };
-        let signed = cas
-            .iter()
-            .filter(|ca| ca.subject() == crl.issuer() && may_sign(ca))
-            .any(|ca| crl.verify_signature(ca.public_key()).is_ok());
-        if !signed {
-            return Err(TlsError::CrlIssuer {
+        let ders = CertificateRevocationListDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| failed(pem_reason(e)))?;
+        if ders.is_empty() {
+            return Err(failed("no PEM CRL (-----BEGIN X509 CRL-----) found".into()));
+        }
+        let cas: Vec<_> = trust.all_cas().collect();
+        let (revocations, info) = Revocations::load(&ders, &cas).map_err(|e| match e {
+            CrlError::Invalid(reason) => failed(reason),
+            CrlError::Issuer { issuer } => TlsError::CrlIssuer {
                 path: path.to_path_buf(),
                 issuer,
-            });
-        }
-        for ext in crl.extensions() {
-            let unsupported = match ext.parsed_extension() {
-                ParsedExtension::IssuingDistributionPoint(_) => {
-                    Some("a partitioned CRL (issuingDistributionPoint)")
-                }
-                _ if ext.oid == x509_parser::oid_registry::OID_X509_EXT_DELTA_CRL_INDICATOR => {
-                    Some("a delta CRL")
-                }
-                ParsedExtension::CRLNumber(_) | ParsedExtension::AuthorityKeyIdentifier(_) => None,
-                _ if ext.critical => Some("a CRL with a critical extension fulcrum does not apply"),
-                _ => None,
-            };
-            if let Some(what) = unsupported {
-                return Err(failed(format!(
-                    "the CRL issued by {issuer} is {what}: not supported"
-                )));
-            }
-        }
-        let revoked = revocations
-            .by_issuer
-            .entry(crl.issuer().as_raw().to_vec())
-            .or_default();
-        for entry in crl.iter_revoked_certificates() {
-            if entry.extensions().iter().any(|e| e.critical) {
-                return Err(failed(format!(
-                    "the CRL issued by {issuer} has an entry with a critical extension (an indirect CRL): not supported"
-                )));
-            }
-            revoked.insert(entry.raw_serial().to_vec());
-        }
-        let next_update = crl
-            .next_update()
-            .map(|t| UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0)));
-        info.push(CrlInfo { issuer, next_update });
+            },
+        })?;
+        trust.revocations = Some(revocations);
+        crls = info;
     }
-    Ok((revocations, info))
+    Ok(Some((trust, crls)))
 }
 
 /// A listener's TLS session cache: at most `capacity` sessions, each resumable for `timeout`

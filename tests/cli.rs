@@ -4,28 +4,14 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Output, Stdio};
+use std::process::Output;
+
+use common::process::output as fulcrum;
 
 use common::{
     backend_list, connect, read_to_end, refused_addrs, round_trip, start, within, TempConfig, TestBackend,
 };
 use tokio::io::AsyncWriteExt;
-
-/// Runs the binary with `args` to completion, within the deadline.
-async fn fulcrum(args: &[&str]) -> Output {
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn fulcrum");
-    within("fulcrum to exit", child.wait_with_output())
-        .await
-        .expect("collect fulcrum's output")
-}
 
 /// Runs `fulcrum check` on a file holding `text`; returns the output and the file's path.
 async fn check(text: &str) -> (Output, String) {

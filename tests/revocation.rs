@@ -208,7 +208,7 @@ async fn crls_of_another_ca_corrupt_or_missing_are_refused_by_check_and_by_reloa
     let alice = pki.client_config(Some(&pki.client("alice")));
 
     for (crl, expected) in [
-        (&foreign, "not signed by a certificate of the client CA"),
+        (&foreign, "not signed by a CA certificate of client_ca"),
         (&corrupt, "corrupt.crl"),
         (&missing, "missing.crl"),
     ] {
@@ -706,13 +706,16 @@ async fn each_handshake_failure_is_counted_by_its_reason() {
             "fulcrum_tls_handshake_failures_total{{listener=\"tls\",reason=\"{}\"}} 1",
             failure.label()
         );
-        // Malformed certificates rustls cannot even parse, and the ALPN reasons (tests/alpn.rs),
-        // are not provoked here.
+        // Malformed certificates rustls cannot even parse, the ALPN reasons (tests/alpn.rs) and
+        // those of name constraints and trust domains (tests/production_pki.rs) are not
+        // provoked here.
         let provoked = !matches!(
             failure,
             HandshakeFailure::BadCertificate
                 | HandshakeFailure::NoApplicationProtocol
                 | HandshakeFailure::NoAlpn
+                | HandshakeFailure::NameConstraints
+                | HandshakeFailure::TrustDomain
         );
         if provoked {
             assert!(metrics.contains(&line), "missing {line}");

@@ -786,6 +786,7 @@ fn files_lists_the_config_file_and_every_file_it_names_once() {
     let path = dir.write(
         "fulcrum.toml",
         "[[listener]]\nname='a'\nbind='127.0.0.1:0'\nupstream='u'\n[listener.tls]\ncert='s.pem'\nkey='s.key'\nclient_ca='ca.pem'\ncrl='ca.crl'\n\
+         [listener.tls.trust_domains]\n'prod.example'='prod.pem'\n\
          [[listener]]\nname='b'\nbind='127.0.0.1:0'\nupstream='u'\n[listener.tls]\ncert='s.pem'\nkey='s.key'\n\
          [[upstream]]\nname='u'\nbackends=['127.0.0.1:1']\n[upstream.tls]\nca='backend-ca.pem'\n\
          [rate_limit]\ncapacity=1\nwindow='1s'\n[rate_limit.shared]\nredis='redis://127.0.0.1'\npassword_file='redis.pass'\n",
@@ -804,6 +805,7 @@ fn files_lists_the_config_file_and_every_file_it_names_once() {
             "s.key",
             "ca.pem",
             "ca.crl",
+            "prod.pem",
             "backend-ca.pem",
             "redis.pass"
         ]
@@ -1145,4 +1147,57 @@ fn discover_needs_a_name_and_port_and_its_interval_needs_discover() {
         &(with_backends(r#"discover = "app.internal:80""#) + "\n[dns]\nservers = [\"not-an-address\"]\n"),
     );
     assert!(e.contains("dns.servers"), "{e}");
+}
+
+/// A listener with mTLS by `tls_keys` (in its `[listener.tls]`), then `rest`.
+fn mtls_listener(tls_keys: &str, rest: &str) -> Result<Config, ConfigError> {
+    let text = format!(
+        "[[listener]]\nname='a'\nbind='127.0.0.1:0'\nupstream='u'\n[listener.tls]\ncert='s.pem'\nkey='s.key'\n{tls_keys}\n{rest}\n{ONE}"
+    );
+    Config::from_toml(&text, "t")
+}
+
+#[test]
+fn trust_domains_take_spiffe_trust_domain_names_and_make_client_ca_optional() {
+    let config =
+        mtls_listener("[listener.tls.trust_domains]\n'prod.example'='prod.pem'\n", "").expect("valid");
+    let tls = config.listeners[0].tls.as_ref().unwrap();
+    assert!(tls.client_ca.is_none());
+    assert_eq!(tls.trust_domains.keys().collect::<Vec<_>>(), ["prod.example"]);
+    // mTLS settings are accepted beside trust_domains alone.
+    mtls_listener("crl='x.crl'\n[listener.tls.trust_domains]\n'prod'='p.pem'\n", "")
+        .expect("crl with trust domains");
+    for bad in ["'spiffe://prod'", "'Prod'", "'prod/x'", "''"] {
+        let e = mtls_listener(&format!("[listener.tls.trust_domains]\n{bad}='p.pem'\n"), "")
+            .expect_err(bad)
+            .to_string();
+        assert!(
+            e.contains("tls.trust_domains") && e.contains("trust domain name"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn a_listeners_own_authorization_must_name_known_upstreams_and_needs_client_certificates() {
+    let own = "[listener.authorization]\nalice=['u']\n";
+    let config = mtls_listener("client_ca='ca.pem'\n", own).expect("valid");
+    assert_eq!(
+        config.listeners[0].authorization,
+        Some(vec![("alice".into(), vec!["u".into()])])
+    );
+    let e = mtls_listener(
+        "client_ca='ca.pem'\n",
+        "[listener.authorization]\nalice=['nope']\n",
+    )
+    .expect_err("unknown upstream")
+    .to_string();
+    assert!(e.contains("authorization") && e.contains("nope"), "{e}");
+    let e = mtls_listener("", own)
+        .expect_err("no client certificates")
+        .to_string();
+    assert!(
+        e.contains("authorization") && e.contains("needs client certificates"),
+        "{e}"
+    );
 }

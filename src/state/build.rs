@@ -27,6 +27,8 @@ pub struct Checked {
     pub warnings: Vec<String>,
     /// Every certificate and CRL deadline, earliest first.
     pub certificates: Vec<Expiry>,
+    /// Per mTLS listener and CA file, the anchors and intermediates found in it (one line each).
+    pub trust: Vec<String>,
 }
 
 /// Checks everything `run` would load (config and certificate files) without binding anything,
@@ -84,9 +86,43 @@ pub fn check(config: &Config) -> Result<Checked, ServerError> {
             ),
         });
     }
+    let mut trust = Vec::new();
+    for listener in &config.listeners {
+        let verifier = state
+            .listener(&listener.name)
+            .and_then(|l| l.tls.as_ref())
+            .and_then(|tls| tls.verifier.as_ref());
+        let Some(verifier) = verifier else { continue };
+        let stores = verifier
+            .trust
+            .client_ca
+            .iter()
+            .map(|s| ("client_ca".to_string(), s));
+        let domains = verifier.trust.trust_domains.iter();
+        for (file, store) in stores.chain(domains.map(|(d, s)| (format!("trust domain {d:?}"), s))) {
+            let (anchors, intermediates) = store.describe();
+            trust.push(format!(
+                "listener {:?} {file}: anchors: {}; intermediates: {}",
+                listener.name,
+                anchors.join(" | "),
+                if intermediates.is_empty() {
+                    "none".into()
+                } else {
+                    intermediates.join(" | ")
+                }
+            ));
+            for (subject, why) in &store.unusable {
+                warnings.push(format!(
+                    "listener {:?} {file}: {subject} is not used as a trust anchor: {why}",
+                    listener.name
+                ));
+            }
+        }
+    }
     Ok(Checked {
         warnings,
         certificates,
+        trust,
     })
 }
 
@@ -264,7 +300,10 @@ impl State {
                 bind,
                 upstream,
                 tls,
-                mutual_tls: l.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+                mutual_tls: l
+                    .tls
+                    .as_ref()
+                    .is_some_and(|t| t.client_ca.is_some() || !t.trust_domains.is_empty()),
                 sni: l
                     .sni
                     .iter()
@@ -278,7 +317,10 @@ impl State {
                 alpn_required: l.tls.as_ref().is_some_and(|t| t.alpn_required),
                 handshake_timeout: l.handshake_timeout,
                 accept_proxy_protocol: l.accept_proxy_protocol,
-                authorization: Arc::clone(&authorization),
+                authorization: match &l.authorization {
+                    Some(own) => Arc::new(Authorization::new(own.iter().cloned())),
+                    None => Arc::clone(&authorization),
+                },
                 limiter,
                 own_limiter,
                 reject_response: l.reject_response.clone(),

@@ -141,10 +141,10 @@ impl CrlFiles {
 
     fn load(&self, crl_text: &str) -> Result<Vec<CrlInfo>, TlsError> {
         std::fs::write(self.dir.join("list.crl"), crl_text).unwrap();
-        let cas = CertificateDer::pem_slice_iter(self.ca.cert_pem().as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        revocation_lists(&self.dir.join("list.crl"), &cas).map(|(_, info)| info)
+        let mut tls = TlsConfig::new("unused.pem", "unused.key");
+        tls.client_ca = Some(self.dir.join("ca.pem"));
+        tls.crl = Some(self.dir.join("list.crl"));
+        client_trust(&tls).map(|trust| trust.expect("mTLS").1)
     }
 }
 

@@ -8,6 +8,7 @@
 // shares them between the test binaries, and a failed setup may panic.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+pub mod pki;
 pub mod process;
 pub mod redis;
 pub mod tls;

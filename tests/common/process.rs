@@ -13,6 +13,23 @@ use tokio::sync::mpsc;
 
 use super::{strip_ansi, within};
 
+/// Runs the binary with `args` (a short command such as `check` or `verify`) to completion,
+/// within the deadline.
+pub async fn output(args: &[&str]) -> std::process::Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn fulcrum");
+    within("fulcrum to exit", child.wait_with_output())
+        .await
+        .expect("collect fulcrum's output")
+}
+
 /// A running `fulcrum run --config PATH`.
 pub struct Fulcrum {
     child: Child,
