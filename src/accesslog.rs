@@ -65,6 +65,8 @@ pub(crate) struct Entry {
     /// How it ended: the `end` of the connection log line (`closed`, `client_reset`, ...), or
     /// `refused`; `interim` for an interim entry of a connection still open.
     pub(crate) outcome: &'static str,
+    /// Whether fulcrum ended it with resets (a cut stream, or a peer's reset passed on).
+    pub(crate) aborted: bool,
     /// Why it was refused, when `outcome` is `refused`.
     pub(crate) reason: Option<Reason>,
 }
@@ -90,6 +92,7 @@ impl Entry {
             bytes_down: 0,
             duration: Duration::ZERO,
             outcome: "drain_deadline",
+            aborted: false,
             reason: None,
         }
     }
@@ -120,6 +123,7 @@ impl Entry {
             bytes_down: self.bytes_down,
             duration_ms: u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX),
             outcome: self.outcome,
+            aborted: self.aborted,
             reason: self.reason.map(Reason::label),
         };
         // Serializing plain strings and numbers cannot fail; fall back to an empty object anyway.
@@ -150,6 +154,7 @@ struct Line<'a> {
     bytes_down: u64,
     duration_ms: u64,
     outcome: &'static str,
+    aborted: bool,
     reason: Option<&'static str>,
 }
 

@@ -5,12 +5,12 @@
 //!
 //! HTTP is hyper's (HTTP/1.1), routing axum's; this module is the policy around them: at most
 //! [`MAX_CONNECTIONS`] admin connections at once (more are closed at once), request heads and
-//! bodies bounded, every connection under [`REQUEST_DEADLINE`], and every request judged by
+//! bodies bounded, every request head under [`HEAD_DEADLINE`] and every connection under
+//! [`REQUEST_DEADLINE`], the Unix socket's file kept by `socket`, and every request judged by
 //! [`guard`] (token, CSRF and DNS rebinding rules) before a handler runs. It reads the current
 //! generation per request; its writes are asking the server to reload and setting a backend's
 //! admin state. It never runs on a client connection's path.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -35,6 +35,7 @@ use crate::reload::Handle;
 
 pub mod guard;
 pub mod prometheus;
+pub(crate) mod socket;
 pub mod status;
 
 use guard::{Verdict, Via, Who};
@@ -43,6 +44,10 @@ use guard::{Verdict, Via, Who};
 pub const MAX_CONNECTIONS: usize = 64;
 /// Everything one admin connection may take, request head to the last byte of the answer.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a connection may take to send its whole request head (request line and headers),
+/// from accept: a client slower than this is closed, so that slow clients cannot hold the
+/// [`MAX_CONNECTIONS`] slots for all of [`REQUEST_DEADLINE`].
+pub const HEAD_DEADLINE: Duration = Duration::from_secs(2);
 /// Largest request body accepted (the only bodies are small JSON objects).
 const MAX_BODY: usize = 16 * 1024;
 /// Largest request head (request line and headers).
@@ -52,8 +57,8 @@ const MAX_HEAD: usize = 16 * 1024;
 #[derive(Debug, Default)]
 pub(crate) struct Sockets {
     pub(crate) tcp: Option<TcpListener>,
-    /// The Unix socket and its path (removed when serving stops).
-    pub(crate) unix: Option<(UnixListener, PathBuf)>,
+    /// The Unix socket and its file (removed when serving stops, if it is still this one's).
+    pub(crate) unix: Option<(UnixListener, socket::SocketFile)>,
 }
 
 /// What every handler can reach.
@@ -69,7 +74,7 @@ pub(crate) async fn serve(sockets: Sockets, handle: Handle, stop: CancellationTo
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let Sockets { tcp, unix } = sockets;
-    let unix_path = unix.as_ref().map(|(_, path)| path.clone());
+    let mut unix_file = None;
     if let Some(tcp) = tcp {
         let accept = move |cx: &mut Context<'_>| tcp.poll_accept(cx).map_ok(|(stream, _)| stream);
         let (router, slots) = (router.clone(), Arc::clone(&slots));
@@ -82,7 +87,8 @@ pub(crate) async fn serve(sockets: Sockets, handle: Handle, stop: CancellationTo
             stop.clone(),
         ));
     }
-    if let Some((unix, _)) = unix {
+    if let Some((unix, file)) = unix {
+        unix_file = Some(file);
         let accept = move |cx: &mut Context<'_>| unix.poll_accept(cx).map_ok(|(stream, _)| stream);
         tracker.spawn(accept_loop(
             accept,
@@ -95,9 +101,8 @@ pub(crate) async fn serve(sockets: Sockets, handle: Handle, stop: CancellationTo
     }
     tracker.close();
     tracker.wait().await;
-    if let Some(path) = unix_path {
-        let _ = std::fs::remove_file(path);
-    }
+    // Removes the socket file unless a newer process (an upgrade) has bound the path since.
+    drop(unix_file);
 }
 
 /// Accepts admin connections with `accept` (one listener's `poll_accept`) until `stop`.
@@ -129,8 +134,8 @@ async fn accept_failed(e: &std::io::Error) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
-/// Serves one admin connection (HTTP/1.1, one request) under [`REQUEST_DEADLINE`], if a slot is
-/// free; otherwise it is closed at once.
+/// Serves one admin connection (HTTP/1.1, one request) under [`REQUEST_DEADLINE`], its request
+/// head under [`HEAD_DEADLINE`], if a slot is free; otherwise it is closed at once.
 fn connection<S>(
     stream: S,
     via: Via,
@@ -154,7 +159,7 @@ fn connection<S>(
         let http = hyper::server::conn::http1::Builder::new()
             .keep_alive(false)
             .timer(TokioTimer::new())
-            .header_read_timeout(REQUEST_DEADLINE)
+            .header_read_timeout(HEAD_DEADLINE)
             .max_buf_size(MAX_HEAD.max(8192))
             .serve_connection(TokioIo::new(stream), service);
         let mut http = std::pin::pin!(http);

@@ -233,13 +233,26 @@ impl Pool {
         self.add_with(Spec::default())
     }
 
-    /// Adds a backend (on reload) in rotation and returns its index. Slots are never reused: a
-    /// connection of an older generation may still map a retired slot to the backend it had.
+    /// Adds a backend (on reload) in rotation and returns its index: a new slot, at the end.
     pub fn add_with(&self, spec: Spec) -> usize {
         let mut state = self.lock();
         let index = state.add(spec);
         state.serve_waiters(Instant::now());
         index
+    }
+
+    /// Gives the slot of a retired backend to a new one, in rotation with `spec` and no
+    /// connection, so that backends coming and going (a rotating DNS answer) do not grow the
+    /// pool. Refused (`false`, nothing changed) unless the slot is retired and no lease of it is
+    /// left. The caller must know that nothing else still maps the slot to its old backend (a
+    /// connection of an older generation would take the new one for it).
+    pub fn reuse(&self, index: usize, spec: Spec) -> bool {
+        let mut state = self.lock();
+        if !state.reuse(index, spec) {
+            return false;
+        }
+        state.serve_waiters(Instant::now());
+        true
     }
 
     /// Gives a backend a new weight, cap and role (on reload, or the weight from the admin
@@ -618,26 +631,45 @@ impl State {
         }
     }
 
-    fn add(&mut self, spec: Spec) -> usize {
-        let class = self.class_for(spec);
-        self.nodes.push(Node {
+    /// A backend's node and metadata as it starts: no connection, out of rotation.
+    fn fresh(&mut self, spec: Spec) -> (Node, Meta) {
+        let node = Node {
             stamp: 0,
             count: 0,
             prev: NIL,
             next: NIL,
             max: spec.max_connections.unwrap_or(u32::MAX),
-            class,
+            class: self.class_for(spec),
             flags: 0,
-        });
-        self.meta.push(Meta {
+        };
+        let meta = Meta {
             spec: spec.clamped(),
             in_rotation: false,
             retired: false,
             ramp: None,
-        });
+        };
+        (node, meta)
+    }
+
+    fn add(&mut self, spec: Spec) -> usize {
+        let (node, meta) = self.fresh(spec);
+        self.nodes.push(node);
+        self.meta.push(meta);
         let index = self.nodes.len() - 1;
         self.set_in_rotation(index, true);
         index
+    }
+
+    fn reuse(&mut self, index: usize, spec: Spec) -> bool {
+        let free =
+            self.meta.get(index).is_some_and(|m| m.retired && !m.in_rotation) && self.nodes[index].count == 0;
+        if !free {
+            return false;
+        }
+        // Out of rotation: in no bucket and not counted as full, so only its fields change.
+        (self.nodes[index], self.meta[index]) = self.fresh(spec);
+        self.set_in_rotation(index, true);
+        true
     }
 
     fn respec(&mut self, index: usize, spec: Spec) {

@@ -4,7 +4,8 @@
 //! Every count is an RAII guard ([`Place`], [`InHandshake`]): taking one counts, dropping it
 //! uncounts, so no path of a connection can leak a slot. Taking never waits: over the cap the
 //! caller refuses the connection at once. Pure: no I/O, no clock; the caps' values come from the
-//! config (the default process cap from the open-file limit, read by `net`).
+//! config (the default process cap from the open-file limit, read by `net`). The budget of splice
+//! pipes ([`pipe_budget`]) is derived here too, from the same limit and the connection cap.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -99,8 +100,33 @@ impl Drop for InHandshake {
 /// limit, at most 256, for listening sockets, the admin listener, health probes, Redis, log
 /// files and splice pipes. At 20 000 that is 9 872; at 1 024, 384; never less than 1.
 pub fn default_max_connections(nofile: u64) -> usize {
-    let reserve = (nofile / 4).min(256);
-    usize::try_from((nofile.saturating_sub(reserve) / 2).max(1)).unwrap_or(usize::MAX)
+    usize::try_from((nofile.saturating_sub(reserve(nofile)) / 2).max(1)).unwrap_or(usize::MAX)
+}
+
+/// Descriptors [`default_max_connections`] keeps out of the connections' reach: a quarter of the
+/// limit, at most 256.
+fn reserve(nofile: u64) -> u64 {
+    (nofile / 4).min(256)
+}
+
+/// How many splice pipes (two descriptors each, held by a bulk direction or idle in the pool)
+/// may be alive at once, for an open-file limit of `nofile` and a process cap of
+/// `max_connections`: the descriptors that the connections at their cap (two each) and half of
+/// the reserve (listening sockets, the admin listener, probes, Redis, log files) leave, halved:
+/// `(nofile - 2 x max_connections - ceil(reserve / 2)) / 2`, 0 when nothing is left.
+///
+/// With the default cap that is a quarter of the reserve: 64 pipes at 20 000 or 1 024, 8 at 128.
+/// A lower cap leaves more; a cap set above what the limit can hold leaves none, and every
+/// direction copies through a buffer (no descriptor).
+pub fn pipe_budget(nofile: u64, max_connections: usize) -> usize {
+    let connections = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(2);
+    let reserve = reserve(nofile);
+    let spare = nofile
+        .saturating_sub(connections)
+        .saturating_sub(reserve - reserve / 2);
+    usize::try_from(spare / 2).unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]
@@ -146,5 +172,28 @@ mod tests {
         assert_eq!(default_max_connections(1_024), 384);
         assert_eq!(default_max_connections(64), 24);
         assert_eq!(default_max_connections(0), 1);
+    }
+
+    #[test]
+    fn splice_pipes_get_what_the_connections_and_half_the_reserve_leave() {
+        for (nofile, pipes) in [(20_000, 64), (1_024, 64), (128, 8), (64, 4)] {
+            let cap = default_max_connections(nofile);
+            assert_eq!(pipe_budget(nofile, cap), pipes, "at {nofile}");
+            // Connections at their cap, every pipe alive, and half the reserve still free.
+            let used = 2 * cap as u64 + 2 * pipes as u64;
+            assert!(used + reserve(nofile) / 2 <= nofile, "at {nofile}: {used} in use");
+        }
+        assert_eq!(
+            pipe_budget(20_000, 1_000),
+            (20_000 - 2_000 - 128) / 2,
+            "a lower cap leaves room for more pipes"
+        );
+        assert_eq!(
+            pipe_budget(1_024, 1_000_000),
+            0,
+            "a cap past the limit leaves none"
+        );
+        assert_eq!(pipe_budget(0, 1), 0);
+        assert_eq!(pipe_budget(u64::MAX, usize::MAX), 0);
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! This module owns every rule about what a valid configuration is, and the wording of the errors
 //! an operator sees for a bad one (file, key, bad value). It is pure: it never opens sockets, never
-//! resolves host names and reads no file except the one [`Config::load`] is given and the
-//! `[rate_limit.shared] password_file` it names (certificate files are loaded by `tls`). `fulcrum
+//! resolves host names and reads no file except the one [`Config::load`] is given and the secret
+//! files it names, `[rate_limit.shared] password_file` and `[admin] token_file`, each refused if
+//! group or others may read it (certificate files are loaded by `tls`). `fulcrum
 //! check` and `fulcrum run` both go through [`Config::load`], so they can never disagree. A Redis
 //! password never leaves here in text: [`Secret`] and [`SharedRateLimitConfig`] redact it in Debug,
 //! and errors echo a URL only with its password replaced.
@@ -42,8 +43,13 @@ pub const DEFAULT_WATCH_DEBOUNCE: Duration = Duration::from_secs(1);
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest `[[upstream]] queue_size`.
 pub const MAX_QUEUE_SIZE: usize = 100_000;
+/// The longest duration any key takes: 10 years. Longer is refused by `fulcrum check`.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
 /// Default `[[upstream]] discover_interval`: how often a `discover` name is resolved again.
 pub const DEFAULT_DISCOVER_INTERVAL: Duration = Duration::from_secs(10);
+/// Default `[[upstream]] discover_max_backends`: the most backends one DNS answer makes.
+pub const DEFAULT_DISCOVER_MAX_BACKENDS: usize = 256;
 /// Default number of distinct backends tried for one client connection.
 pub const DEFAULT_CONNECT_ATTEMPTS: usize = 3;
 /// Default time between two health probes of one backend.
@@ -199,7 +205,10 @@ impl Keepalive {
     /// probes give a silent peer (`idle + interval * count`), so that a peer that vanishes while
     /// data is in flight is dropped as soon as one that vanishes while idle.
     pub fn user_timeout(&self) -> Duration {
-        self.idle + self.interval * self.count
+        self.interval
+            .checked_mul(self.count)
+            .and_then(|probes| self.idle.checked_add(probes))
+            .unwrap_or(Duration::MAX)
     }
 }
 
@@ -255,8 +264,9 @@ pub struct ListenerConfig {
     /// Expect a PROXY protocol v1/v2 header from a trusted front; its source address is the
     /// client's for rate limits, logs and the header fulcrum sends on.
     pub accept_proxy_protocol: bool,
-    /// `trusted_proxies`: with `accept_proxy_protocol`, the fronts allowed to send a header; a
-    /// connection from anywhere else is refused before its header is read. Empty: any peer.
+    /// `trusted_proxies`: with `accept_proxy_protocol` (which requires it in a config file), the
+    /// fronts allowed to send a header; a connection from anywhere else is refused before its
+    /// header is read. Empty: no peer may send one.
     pub trusted_proxies: Vec<IpNet>,
     /// No byte either way for this long closes the connection (`None`: never).
     pub idle_timeout: Option<Duration>,
@@ -547,6 +557,9 @@ pub struct Discover {
     pub host: String,
     pub port: u16,
     pub interval: Duration,
+    /// `discover_max_backends`: at most this many addresses of one answer become backends (the
+    /// first in address order); at least 1.
+    pub max_backends: usize,
 }
 
 impl fmt::Display for Discover {
@@ -1029,6 +1042,7 @@ struct RawUpstream {
     backends: Option<Vec<RawBackend>>,
     discover: Option<String>,
     discover_interval: Option<String>,
+    discover_max_backends: Option<usize>,
     queue_size: Option<usize>,
     queue_timeout: Option<String>,
     connect_timeout: Option<String>,
@@ -1199,6 +1213,14 @@ impl Validator<'_> {
                 (None, None) => None,
             };
             let trusted_proxies = match &l.trusted_proxies {
+                None if l.accept_proxy_protocol => {
+                    return Err(self.invalid(
+                        key("accept_proxy_protocol"),
+                        "true",
+                        "needs trusted_proxies: the fronts allowed to send a PROXY header (their addresses or \
+                         networks, e.g. [\"10.0.0.0/8\"]); [\"0.0.0.0/0\", \"::/0\"] trusts any peer to name any source",
+                    ))
+                }
                 None => Vec::new(),
                 Some(_) if !l.accept_proxy_protocol => {
                     return Err(self.invalid(
@@ -1593,15 +1615,43 @@ impl Validator<'_> {
         self.secret_file("rate_limit.shared.password_file", path, "password")
     }
 
-    /// The secret (`what`) in the file `path` names for `key`, without trailing whitespace.
+    /// The secret (`what`) in the file `path` names for `key`, without trailing whitespace. A file
+    /// [`too_open`](Validator::too_open) is refused, as ssh refuses a readable private key: the
+    /// mode judged is the opened file's (fstat), not that of whatever the path names a moment later.
     fn secret_file(&self, key: &str, path: &Path, what: &str) -> Result<Secret, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| self.invalid(key, path.display(), format!("cannot read the file: {e}")))?;
+        use std::io::Read as _;
+        use std::os::unix::fs::MetadataExt as _;
+        let unreadable =
+            |e: std::io::Error| self.invalid(key, path.display(), format!("cannot read the file: {e}"));
+        let mut file = std::fs::File::open(path).map_err(unreadable)?;
+        let meta = file.metadata().map_err(unreadable)?;
+        let mode = meta.mode() & 0o7777;
+        if Validator::too_open(mode, meta.uid()) {
+            return Err(self.invalid(
+                key,
+                path.display(),
+                format!(
+                    "the file is readable by group or others (mode {mode:04o}); chmod 600 it \
+                     (only a file owned by root may keep group read, 640)"
+                ),
+            ));
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(unreadable)?;
         let secret = text.trim_end();
         if secret.is_empty() {
             return Err(self.invalid(key, path.display(), format!("the file holds no {what}")));
         }
         Ok(Secret(secret.to_owned()))
+    }
+
+    /// Whether a secret file of `mode` owned by user `owner` is readable by more than it should
+    /// be: by others, always; by its group, unless root owns it. A group-readable file of one's
+    /// own is usually a umask accident (002, 027), whereas root handing a file to a service's
+    /// group is deliberate: Kubernetes mounts a Secret root-owned, 0440, group `fsGroup`
+    /// (deploy/kubernetes), as Debian's `ssl-cert` group does for keys (PostgreSQL's rule).
+    fn too_open(mode: u32, owner: u32) -> bool {
+        mode & 0o004 != 0 || (mode & 0o040 != 0 && owner != 0)
     }
 
     /// A client certificate and its key, given together or not at all (`key` names the table).
@@ -1761,6 +1811,23 @@ impl Validator<'_> {
                 "only means something with discover",
             ));
         }
+        let discover = match (discover, u.discover_max_backends) {
+            (_, Some(0)) => {
+                return Err(self.invalid(key("discover_max_backends"), 0, "must be at least 1"));
+            }
+            (None, Some(max)) => {
+                return Err(self.invalid(
+                    key("discover_max_backends"),
+                    max,
+                    "only means something with discover",
+                ));
+            }
+            (Some(discover), Some(max_backends)) => Some(Discover {
+                max_backends,
+                ..discover
+            }),
+            (discover, None) => discover,
+        };
         let queue_size = u.queue_size.unwrap_or(0);
         if queue_size > MAX_QUEUE_SIZE {
             return Err(self.invalid(
@@ -1907,7 +1974,12 @@ impl Validator<'_> {
         if interval.is_zero() {
             return Err(self.invalid(key("discover_interval"), "0s", "must be longer than zero"));
         }
-        Ok(Discover { host, port, interval })
+        Ok(Discover {
+            host,
+            port,
+            interval,
+            max_backends: DEFAULT_DISCOVER_MAX_BACKENDS,
+        })
     }
 
     fn dns(&self, raw: Option<RawDns>) -> Result<DnsConfig, ConfigError> {
@@ -2001,7 +2073,17 @@ impl Validator<'_> {
                 format!("{e} (expected e.g. \"30s\", \"1h\", or \"0s\" for off)"),
             )
         })?;
+        self.at_most_max(key, text, d)?;
         Ok((!d.is_zero()).then_some(d))
+    }
+
+    /// Every duration key is bounded, so that no deadline made from one is out of any clock's
+    /// range.
+    fn at_most_max(&self, key: &str, text: &str, d: Duration) -> Result<(), ConfigError> {
+        if d > MAX_DURATION {
+            return Err(self.invalid(key, text, "must be at most 10 years (\"3650d\")"));
+        }
+        Ok(())
     }
 
     fn duration(&self, key: &str, text: &str) -> Result<Duration, ConfigError> {
@@ -2015,6 +2097,7 @@ impl Validator<'_> {
         if d.is_zero() {
             return Err(self.invalid(key, text, "must be greater than zero"));
         }
+        self.at_most_max(key, text, d)?;
         Ok(d)
     }
 }

@@ -231,7 +231,10 @@ async fn serve(
 ) -> Option<Box<Proxied>> {
     let local = client.local_addr().unwrap_or(peer);
     // One deadline for the PROXY header and the TLS handshake together.
-    let deadline = tokio::time::Instant::from_std(started) + listener.handshake_timeout;
+    let deadline = crate::clock::later(
+        tokio::time::Instant::from_std(started),
+        listener.handshake_timeout,
+    );
     let peer = match front(&mut client, peer, listener, deadline, abort).await {
         Some(Ok(peer)) => peer,
         Some(Err(refusal)) => {
@@ -296,8 +299,9 @@ async fn serve(
 }
 
 /// Phase 1: the PROXY header on listeners that accept one, whose source is then the client:
-/// only from `trusted_proxies` when the listener names them (others are refused before a byte
-/// is read), else at most `max_handshakes_per_source` at once from one peer; by `deadline`.
+/// only from `trusted_proxies` (others are refused before a byte is read), at most
+/// `max_handshakes_per_source` headers at once from one real peer (the TLS handshake that
+/// follows is counted against the source the header names); by `deadline`.
 /// `None` when the drain deadline cut it short.
 async fn front(
     client: &mut TcpStream,
@@ -309,16 +313,14 @@ async fn front(
     if !listener.accept_proxy_protocol {
         return Some(Ok(peer));
     }
-    let _in_handshake = if listener.trusted_proxies.is_empty() {
-        match in_handshake(listener, peer) {
-            Ok(place) => Some(place),
-            Err(refusal) => return Some(Err(refusal)),
-        }
-    } else if listener.trusted_proxies.iter().any(|net| net.contains(peer.ip())) {
-        None
-    } else {
+    if !listener.trusted_proxies.iter().any(|net| net.contains(peer.ip())) {
         let detail = format_args!("{} is not in trusted_proxies", peer.ip());
         return Some(Err(Refusal::new(Reason::UntrustedProxy, detail)));
+    }
+    // While the header is read the source is not known yet: the real peer holds the place.
+    let _in_header = match in_handshake(listener, peer) {
+        Ok(place) => place,
+        Err(refusal) => return Some(Err(refusal)),
     };
     let header = tokio::select! {
         _ = abort.cancelled() => return None,
@@ -684,7 +686,7 @@ async fn prepare(
         half_closed: listener.half_closed_timeout,
         deadline: listener.max_lifetime.map(|max| {
             let age = lifetime(max, listener.max_lifetime_jitter, random_unit());
-            tokio::time::Instant::from_std(started) + age
+            crate::clock::later(tokio::time::Instant::from_std(started), age)
         }),
     };
     // Taken after the dial: if the backend went down meanwhile, the signal has already fired.
@@ -749,6 +751,7 @@ impl Proxied {
             let listener = Arc::clone(&this.listener);
             let mut tally = Tally {
                 progress: Progress::default(),
+                late: None,
                 listener: &listener,
                 backend: &Arc::clone(&this.chosen),
                 interim: match (
@@ -758,7 +761,7 @@ impl Proxied {
                 ) {
                     (Some(log), Some(every), Some(entry)) => Some(Box::new(Interim {
                         every,
-                        next: tokio::time::Instant::from_std(started) + every,
+                        next: crate::clock::later(tokio::time::Instant::from_std(started), every),
                         started,
                         log,
                         entry,
@@ -766,20 +769,31 @@ impl Proxied {
                     _ => None,
                 },
             };
-            let end = relay(&mut this, abort, &mut tally).await;
-            let progress = tally.progress;
+            let (end, aborted) = relay(&mut this, abort, &mut tally).await;
+            if !aborted && end.is_cut() {
+                // A clean cut is a complete end for TLS peers too: close_notify, then the FIN.
+                if let Client::Tls(client) = &mut this.client {
+                    close_tls(client).await;
+                }
+                if let BackendStream::Tls(backend) = &mut this.backend {
+                    let _ = tokio::time::timeout(REFUSAL_DEADLINE, backend.shutdown()).await;
+                }
+            }
+            let progress = tally.settle(end);
             listener.figures.duration.observe(started.elapsed());
             info!(
                 bytes_up = progress.client_to_backend,
                 bytes_down = progress.backend_to_client,
                 duration_ms = started.elapsed().as_millis() as u64,
                 end = end.label(),
+                aborted,
                 "connection closed"
             );
             if let Some(entry) = entry {
                 entry.bytes_up = progress.client_to_backend;
                 entry.bytes_down = progress.backend_to_client;
                 entry.outcome = end.label();
+                entry.aborted = aborted;
             }
             let Held { permit, lease, _open } = this.held;
             drop(permit);
@@ -792,6 +806,9 @@ impl Proxied {
 /// interim access log entries of a long connection (`[access_log] interim`).
 struct Tally<'a> {
     progress: Progress,
+    /// Of `progress`, the bytes written to a peer after its FIN (see [`Meter::late`]). Boxed:
+    /// rare, and every idle connection's task carries this struct.
+    late: Option<Box<Progress>>,
     listener: &'a Listener,
     backend: &'a Backend,
     /// Boxed: most connections have none, and should not carry its size.
@@ -808,6 +825,35 @@ struct Interim<'a> {
     entry: &'a Entry,
 }
 
+impl Tally<'_> {
+    /// The bytes delivered, once the relay ended with `end`: what was written to a peer after
+    /// its FIN counts only if that peer did not reset (it refused them), here and in the
+    /// metrics.
+    fn settle(&mut self, end: End) -> Progress {
+        let Some(mut late) = self.late.take().map(|late| *late) else {
+            return self.progress;
+        };
+        if end == End::BackendReset {
+            self.progress.client_to_backend = self
+                .progress
+                .client_to_backend
+                .saturating_sub(late.client_to_backend);
+            late.client_to_backend = 0;
+        }
+        if end == End::ClientReset {
+            self.progress.backend_to_client = self
+                .progress
+                .backend_to_client
+                .saturating_sub(late.backend_to_client);
+            late.backend_to_client = 0;
+        }
+        if late != Progress::default() {
+            self.moved(late.client_to_backend, late.backend_to_client);
+        }
+        self.progress
+    }
+}
+
 impl Meter for Tally<'_> {
     fn progress(&mut self) -> &mut Progress {
         &mut self.progress
@@ -816,6 +862,12 @@ impl Meter for Tally<'_> {
     fn moved(&mut self, up: u64, down: u64) {
         self.listener.figures.bytes.add(up, down);
         self.backend.bytes.add(up, down);
+    }
+
+    fn late(&mut self, up: u64, down: u64) {
+        let late = self.late.get_or_insert_with(Box::default);
+        late.client_to_backend += up;
+        late.backend_to_client += down;
     }
 
     fn next_checkpoint(&self) -> Option<tokio::time::Instant> {
@@ -832,7 +884,7 @@ impl Meter for Tally<'_> {
         entry.bytes_down = self.progress.backend_to_client;
         entry.duration = interim.started.elapsed();
         interim.log.send(entry);
-        interim.next += interim.every;
+        interim.next = crate::clock::later(interim.next, interim.every);
     }
 }
 
@@ -958,13 +1010,30 @@ impl End {
         }
     }
 
+    /// Whether fulcrum ended the connection itself on a timer (a timeout, the lifetime, the
+    /// drain deadline), which with nothing in flight is a clean close.
+    fn is_cut(self) -> bool {
+        matches!(
+            self,
+            End::IdleTimeout | End::HalfClosedTimeout | End::MaxLifetime | End::DrainDeadline
+        )
+    }
+
+    /// Whether `e` means the peer reset the connection (`ENOTCONN` from a write or shutdown
+    /// before our own FIN included).
+    fn is_reset(e: &io::Error) -> bool {
+        matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::NotConnected
+        )
+    }
+
     /// The end for an I/O error on `side`.
     fn failed(side: Side, e: &io::Error) -> End {
-        let reset = matches!(
-            e.kind(),
-            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
-        );
-        match (side, reset) {
+        match (side, End::is_reset(e)) {
             (Side::Client, true) => End::ClientReset,
             (Side::Client, false) => End::ClientError,
             (Side::Backend, true) => End::BackendReset,
@@ -977,7 +1046,8 @@ impl End {
 /// uniform in [0, 1), so that connections opened together are closed over `jitter`, never after
 /// `max`.
 fn lifetime(max: Duration, jitter: Duration, unit: f64) -> Duration {
-    max.saturating_sub(jitter.mul_f64(unit.clamp(0.0, 1.0)))
+    let cut = Duration::try_from_secs_f64(jitter.as_secs_f64() * unit.clamp(0.0, 1.0)).unwrap_or(jitter);
+    max.saturating_sub(cut)
 }
 
 /// A number uniform in [0, 1) that differs between connections (not for anything secret).
@@ -989,9 +1059,11 @@ fn random_unit() -> f64 {
 
 /// Phase 5: relays until both sides end, or the drain deadline, the backend being marked down
 /// (`on_down = "close"`), a revocation, the certificate's expiry or one of the listener's
-/// timeouts cuts it. A cut or a failed side resets the other, so neither mistakes it for a clean
-/// end; a timeout closes both cleanly.
-async fn relay(p: &mut Proxied, abort: &CancellationToken, progress: &mut Tally<'_>) -> End {
+/// timeouts cuts it. Returns how it ended, and whether fulcrum reset the legs (`aborted`): a
+/// failed side resets the other, and a cut resets both when bytes were in flight (always, when
+/// access was taken away), so neither side mistakes a cut stream for a complete one; a timeout
+/// or the drain deadline with nothing in flight closes both cleanly.
+async fn relay(p: &mut Proxied, abort: &CancellationToken, progress: &mut Tally<'_>) -> (End, bool) {
     let Proxied {
         client,
         backend,
@@ -1047,31 +1119,67 @@ async fn relay(p: &mut Proxied, abort: &CancellationToken, progress: &mut Tally<
             }
         },
     };
+    // Closing with SO_LINGER 0 sends a reset instead of a FIN (and no TLS close_notify).
+    let reset = |tcp: &TcpStream| {
+        let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+    };
+    let reset_both = || {
+        reset(client.tcp());
+        reset(backend.tcp());
+        true
+    };
+    // A cut with bytes in the relay, or unread in either socket, ends with resets; a cut with
+    // nothing in flight closes cleanly.
+    let cut = |in_flight: bool| (in_flight || unread(client.tcp()) || unread(backend.tcp())) && reset_both();
     match &result {
-        Ok(()) => End::Closed,
-        Err(RelayError::TimedOut(Timeout::Idle)) => End::IdleTimeout,
-        Err(RelayError::TimedOut(Timeout::HalfClosed)) => End::HalfClosedTimeout,
-        Err(RelayError::TimedOut(Timeout::Lifetime)) => End::MaxLifetime,
-        Err(RelayError::Cancelled) if abort.is_cancelled() => End::DrainDeadline,
-        Err(RelayError::Cancelled) => {
-            let _ = socket2::SockRef::from(client.tcp()).set_linger(Some(Duration::ZERO));
-            let _ = socket2::SockRef::from(backend.tcp()).set_linger(Some(Duration::ZERO));
-            match registration.as_ref().and_then(|r| r.cut.reason()) {
+        // Both FINs were passed on. A reset that came after them cannot reach the other side any
+        // more, but it is no clean end: the side that reset is named.
+        Ok(()) if reset_pending(backend.tcp()) => (End::BackendReset, false),
+        Ok(()) if reset_pending(client.tcp()) => (End::ClientReset, false),
+        Ok(()) => (End::Closed, false),
+        Err(RelayError::TimedOut { timeout, in_flight }) => {
+            let end = match timeout {
+                Timeout::Idle => End::IdleTimeout,
+                Timeout::HalfClosed => End::HalfClosedTimeout,
+                Timeout::Lifetime => End::MaxLifetime,
+            };
+            (end, cut(*in_flight))
+        }
+        Err(RelayError::Cancelled { in_flight }) if abort.is_cancelled() => {
+            (End::DrainDeadline, cut(*in_flight))
+        }
+        Err(RelayError::Cancelled { .. }) => {
+            // Taken away (revoked, expired, the backend down or in maintenance): always a reset.
+            let end = match registration.as_ref().and_then(|r| r.cut.reason()) {
                 Some(Cut::AccessRevoked) => End::AccessRevoked,
                 Some(Cut::CertExpired) => End::CertExpired,
                 None if chosen.health.admin_state() == AdminState::Maint => End::BackendMaint,
                 None => End::BackendDown,
-            }
+            };
+            (end, reset_both())
         }
         Err(RelayError::Io { side, source }) => {
             // Mirror an abort: the other side sees a reset too, never a clean end of stream.
-            let other = match side {
+            reset(match side {
                 Side::Client => backend.tcp(),
                 Side::Backend => client.tcp(),
-            };
-            let _ = socket2::SockRef::from(other).set_linger(Some(Duration::ZERO));
-            End::failed(*side, source)
+            });
+            (End::failed(*side, source), true)
         }
+    }
+}
+
+/// Whether bytes wait unread in our socket (the relay stopped reading them).
+fn unread(tcp: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(socket2::SockRef::from(tcp).peek(&mut byte), Ok(n) if n > 0)
+}
+
+/// Whether the peer reset the connection since our last call that would have said so.
+fn reset_pending(tcp: &TcpStream) -> bool {
+    match socket2::SockRef::from(tcp).take_error() {
+        Ok(Some(e)) => End::is_reset(&e),
+        _ => false,
     }
 }
 
@@ -1144,6 +1252,8 @@ mod tests {
             Duration::from_secs(540),
             "clamped"
         );
+        // No overflow however large the configured values.
+        assert!(super::lifetime(Duration::MAX, Duration::MAX, 0.5) < Duration::MAX);
         let unit = super::random_unit();
         assert!((0.0..1.0).contains(&unit), "{unit}");
     }

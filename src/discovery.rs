@@ -6,7 +6,9 @@
 //! running configuration is built again from it, without reading any file: an address that
 //! appears becomes a backend with its own count, health and slow start; one that disappears is
 //! retired exactly as a reload retires a removed backend (no new connections, open ones drain).
-//! A failed or empty resolution keeps the last good set; it is logged and counted. The next
+//! A failed or empty resolution keeps the last good set; it is logged and counted. An answer of
+//! more than `discover_max_backends` addresses makes that many backends, the first in address
+//! order; the rest are ignored, with a warning whenever how many are ignored changes. The next
 //! resolution comes after `discover_interval`, or sooner when the records' TTL is shorter (never
 //! sooner than [`MIN_INTERVAL`], so a TTL of 0 cannot make a loop of it). This module resolves
 //! and schedules; it does not decide what a backend set means for the pool (`state` does).
@@ -111,7 +113,18 @@ async fn refresh(resolver: &DnsResolver, discovered: &Discovered, upstream: &str
         warn!(upstream, name = %name, "discover: the name has no address; keeping the last good backends");
     }
     let next = next_resolution(now, target.interval, valid_until);
-    let changed = discovered.record(upstream, &name, resolution, next);
+    let ignored_before = discovered.ignored(upstream);
+    let changed = discovered.record(upstream, &name, resolution, next, target.max_backends);
+    let ignored = discovered.ignored(upstream);
+    if ignored > 0 && ignored != ignored_before {
+        warn!(
+            upstream,
+            name = %name,
+            max = target.max_backends,
+            ignored,
+            "discover: the name has more addresses than discover_max_backends; the first in address order are backends, the others are ignored"
+        );
+    }
     if changed {
         let backends = discovered.addrs(upstream, &name);
         info!(upstream, name = %name, backends = backends.len(), "discover: the backend set changed");

@@ -11,7 +11,8 @@
 //!   detection), to a live backend: rotation in the pool, the down signal watched by open
 //!   connections (`on_down = "close"`), slow start, metrics and the one log line per transition.
 //!
-//! Semantics: backends start up. Probe and traffic failures both count toward `fall`; a
+//! Semantics: backends start up. Probe and traffic failures both count toward `fall`, except
+//! those of this process's own making (out of descriptors or memory), which count for nothing; a
 //! successful real connect only resets the failure streak, never counts toward `rise`: a down
 //! backend gets no traffic, so only probes bring it back. Without a `[upstream.health_check]`
 //! table, healthy backends are not probed, but a backend taken out by passive detection is
@@ -150,7 +151,9 @@ pub fn check_reply(expect: &[u8], reply: &[u8]) -> Result<(), Failure> {
 
 /// `interval` scaled by a factor in [0.9, 1.1), `unit` being uniform in [0, 1).
 pub fn jittered(interval: Duration, unit: f64) -> Duration {
-    interval.mul_f64(0.9 + 0.2 * unit.clamp(0.0, 1.0))
+    // Saturating: a factor that would leave Duration's range keeps the interval as it is.
+    Duration::try_from_secs_f64(interval.as_secs_f64() * (0.9 + 0.2 * unit.clamp(0.0, 1.0)))
+        .unwrap_or(interval)
 }
 
 /// What an operator set for a backend through the admin API (kept across reloads while the

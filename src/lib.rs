@@ -23,7 +23,8 @@
 //! | [`tls`] | certificate loading and each listener's rustls configuration (TLS policy); [`tls::expiry`] when the configured certificates expire |
 //! | [`proxy`] | the two-way byte relay with half-close and per-side errors |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2 headers: encoding and parsing (pure); [`proxy_protocol::reader`] reads one off a socket |
-//! | [`caps`] | caps on open connections (process, listener) and on handshakes per source; RAII places (pure) |
+//! | [`clock`] | deadlines from configured or peer-supplied durations, saturating instead of panicking (pure) |
+//! | [`caps`] | caps on open connections (process, listener) and on handshakes per source; RAII places; the splice pipe budget (pure) |
 //! | [`balancer`] | weighted least-connections selection, caps, backups, the queue, and the lease that is a connection's count (pure) |
 //! | [`authz`] | which identities may reach which upstreams, default deny (pure) |
 //! | [`trust`] | the client trust boundary: anchors and intermediates, path building, name constraints, CRLs bound to their issuer's key, SPIFFE trust domains (pure) |
@@ -58,6 +59,7 @@ pub mod authz;
 pub mod backend;
 pub mod balancer;
 pub mod caps;
+pub mod clock;
 pub mod config;
 mod connection;
 pub mod ctl;

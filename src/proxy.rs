@@ -54,6 +54,11 @@ pub trait Meter {
     /// some did.
     fn moved(&mut self, _up: u64, _down: u64) {}
 
+    /// Bytes moved at one poll to a peer that had already sent its FIN (counted in
+    /// [`Meter::progress`], not in [`Meter::moved`]): a peer that has closed may refuse them with
+    /// a reset, so whether they were delivered is known only when the stream has ended.
+    fn late(&mut self, _up: u64, _down: u64) {}
+
     /// The next instant [`Meter::checkpoint`] is due, if any. The relay's one timer covers it.
     fn next_checkpoint(&self) -> Option<tokio::time::Instant> {
         None
@@ -76,15 +81,17 @@ pub enum Side {
     Backend,
 }
 
-/// How a relay ended early.
+/// How a relay ended early. A cut (`Cancelled`, `TimedOut`) says whether bytes were in flight
+/// in the relay then (read from one side and not yet written to the other), so that the caller
+/// ends such a stream with a reset rather than a FIN that would pass it off as complete.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error("{side:?} side failed: {source}")]
     Io { side: Side, source: io::Error },
     #[error("cancelled")]
-    Cancelled,
-    #[error("{0:?} timeout")]
-    TimedOut(Timeout),
+    Cancelled { in_flight: bool },
+    #[error("{timeout:?} timeout")]
+    TimedOut { timeout: Timeout, in_flight: bool },
 }
 
 /// Which of [`Timeouts`] ended a relay.
@@ -123,7 +130,7 @@ impl Timeouts {
             }
             _ => self.idle.map(|idle| (idle, Timeout::Idle)),
         };
-        let quiet = quiet.map(|(d, which)| (last + d, which));
+        let quiet = quiet.map(|(d, which)| (crate::clock::later(last, d), which));
         match (quiet, self.deadline) {
             (Some((at, which)), Some(end)) if at < end => Some((at, which)),
             (_, Some(end)) => Some((end, Timeout::Lifetime)),
@@ -181,6 +188,12 @@ trait Pump<R, W> {
         dst: &mut W,
         moved: &mut u64,
     ) -> Poll<Result<(), DirectionError>>;
+
+    /// Whether bytes read from the source wait to be written to the sink.
+    fn holds_bytes(&self) -> bool;
+
+    /// Whether the source has sent its FIN.
+    fn source_ended(&self) -> bool;
 }
 
 /// Polls both directions until both are done, one fails (blamed on its side), `stop` fires or a
@@ -198,8 +211,11 @@ fn drive<'a, C, B>(
     let mut clock = Clock::default();
     poll_fn(move |cx| {
         if stop.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(RelayError::Cancelled));
+            let in_flight = up.holds_bytes() || down.holds_bytes();
+            return Poll::Ready(Err(RelayError::Cancelled { in_flight }));
         }
+        // A sink whose peer has sent FIN may refuse what is written to it now.
+        let (backend_ended, client_ended) = (down.source_ended(), up.source_ended());
         let before = *meter.progress();
         let up_done = up.poll(
             cx,
@@ -223,7 +239,14 @@ fn drive<'a, C, B>(
         );
         let moved = went_up + went_down > 0;
         if moved {
-            meter.moved(went_up, went_down);
+            let late_up = if backend_ended { went_up } else { 0 };
+            let late_down = if client_ended { went_down } else { 0 };
+            if went_up + went_down > late_up + late_down {
+                meter.moved(went_up - late_up, went_down - late_down);
+            }
+            if late_up + late_down > 0 {
+                meter.late(late_up, late_down);
+            }
         }
         let up_done = match up_done {
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e.blame(Side::Client, Side::Backend))),
@@ -249,7 +272,8 @@ fn drive<'a, C, B>(
             ) {
                 Poll::Ready(Wake::Checkpoint) => meter.checkpoint(),
                 Poll::Ready(Wake::TimedOut(timeout)) => {
-                    return Poll::Ready(Err(RelayError::TimedOut(timeout)))
+                    let in_flight = up.holds_bytes() || down.holds_bytes();
+                    return Poll::Ready(Err(RelayError::TimedOut { timeout, in_flight }));
                 }
                 Poll::Pending => return Poll::Pending,
             }
@@ -367,6 +391,20 @@ impl Pump<TcpStream, TcpStream> for TcpDirection {
             }
         }
     }
+
+    fn holds_bytes(&self) -> bool {
+        match self {
+            TcpDirection::Small(d) | TcpDirection::NoPipe(d) => d.holds_bytes(),
+            TcpDirection::Bulk(d) => d.holds_bytes(),
+        }
+    }
+
+    fn source_ended(&self) -> bool {
+        match self {
+            TcpDirection::Small(d) | TcpDirection::NoPipe(d) => d.source_ended(),
+            TcpDirection::Bulk(d) => d.source_ended(),
+        }
+    }
 }
 
 /// How a direction's poll ended when it did not wait.
@@ -428,9 +466,25 @@ where
         // Without `switch`, the only flow that ends a step is `Done`.
         self.step(cx, reader, writer, moved, false).map_ok(|_| ())
     }
+
+    fn holds_bytes(&self) -> bool {
+        Direction::holds_bytes(self)
+    }
+
+    fn source_ended(&self) -> bool {
+        Direction::source_ended(self)
+    }
 }
 
 impl Direction {
+    fn holds_bytes(&self) -> bool {
+        self.start < self.end
+    }
+
+    fn source_ended(&self) -> bool {
+        self.eof || self.done
+    }
+
     /// Copies until the reader would block, EOF has been passed on, or (with `switch`) a read that
     /// filled the buffer has been written out: then [`Flow::Switch`], holding no buffer.
     fn step<R, W>(
@@ -509,13 +563,11 @@ impl Drop for Direction {
     }
 }
 
-/// The result of shutting down a sink's write side. A peer that has already closed both ways
-/// has nothing left to be told: that is a clean end, not a write error.
+/// The result of shutting down a sink's write side. `ENOTCONN` before our own FIN means the
+/// peer reset the connection: a write error like `EPIPE`, passed on as a reset, never a clean
+/// end.
 fn half_closed(result: io::Result<()>) -> Result<(), DirectionError> {
-    match result {
-        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-        other => other.map_err(DirectionError::Write),
-    }
+    result.map_err(DirectionError::Write)
 }
 
 /// The process-wide pool of relay buffers.
@@ -545,7 +597,8 @@ mod buffers {
 mod splice {
     use std::io;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Mutex, MutexGuard};
     use std::task::{ready, Context, Poll};
 
     use tokio::io::Interest;
@@ -558,16 +611,82 @@ mod splice {
     /// Idle pipes kept for reuse, process-wide (each costs two descriptors).
     const POOLED_PIPES: usize = 64;
 
-    static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+    /// Every direction's pipes. Unlimited until a server sets the limit from its descriptor
+    /// budget ([`set_pipe_limit`], `caps::pipe_budget`).
+    static PIPES: Pipes = Pipes::new(usize::MAX);
 
-    /// A pipe: bytes spliced in from the source wait here until spliced out to the sink.
+    /// Sets how many pipes may be alive at once, held or pooled (on start and every reload).
+    /// Pooled pipes over a lower limit are closed at once, held ones when they are given back.
+    pub(crate) fn set_pipe_limit(limit: usize) {
+        PIPES.set_limit(limit);
+    }
+
+    /// Pipes under a budget: every pipe alive (held by a direction or idle in the pool) is
+    /// counted, and none is made past the limit, so splicing never takes the descriptors that
+    /// the connection cap counts on. Past it, [`Pipes::take`] fails and the direction falls back
+    /// to the buffered copy.
+    pub(super) struct Pipes {
+        live: AtomicUsize,
+        limit: AtomicUsize,
+        pool: Mutex<Vec<Pipe>>,
+    }
+
+    impl Pipes {
+        pub(super) const fn new(limit: usize) -> Pipes {
+            Pipes {
+                live: AtomicUsize::new(0),
+                limit: AtomicUsize::new(limit),
+                pool: Mutex::new(Vec::new()),
+            }
+        }
+
+        fn set_limit(&self, limit: usize) {
+            self.limit.store(limit, Ordering::Release);
+            let mut pool = self.lock();
+            while self.live.load(Ordering::Acquire) > limit && pool.pop().is_some() {}
+        }
+
+        /// Pipes alive now: held and pooled.
+        pub(super) fn live(&self) -> usize {
+            self.live.load(Ordering::Acquire)
+        }
+
+        /// A pooled pipe, or a new one if the budget allows it.
+        pub(super) fn take(&'static self) -> io::Result<Pipe> {
+            if let Some(pipe) = self.lock().pop() {
+                return Ok(pipe);
+            }
+            let limit = self.limit.load(Ordering::Acquire);
+            let counted = self.live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            });
+            if counted.is_err() {
+                return Err(io::Error::other(format!(
+                    "the pipe budget ({limit} pipes) is spent"
+                )));
+            }
+            Pipe::new(self).inspect_err(|_| {
+                self.live.fetch_sub(1, Ordering::AcqRel);
+            })
+        }
+
+        fn lock(&self) -> MutexGuard<'_, Vec<Pipe>> {
+            // Pushes and pops only; nothing panics while the lock is held.
+            self.pool.lock().unwrap_or_else(|p| p.into_inner())
+        }
+    }
+
+    /// A pipe: bytes spliced in from the source wait here until spliced out to the sink. It
+    /// counts against the budget it was made under until it is closed (dropped).
     pub(super) struct Pipe {
         read: OwnedFd,
         write: OwnedFd,
+        pipes: &'static Pipes,
     }
 
     impl Pipe {
-        fn new() -> io::Result<Pipe> {
+        /// A new pipe, already counted in `pipes`.
+        fn new(pipes: &'static Pipes) -> io::Result<Pipe> {
             let mut fds = [0 as RawFd; 2];
             // SAFETY: `fds` is a valid, writable array of two descriptors, as pipe2 requires.
             if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
@@ -578,6 +697,7 @@ mod splice {
                 Pipe {
                     read: OwnedFd::from_raw_fd(fds[0]),
                     write: OwnedFd::from_raw_fd(fds[1]),
+                    pipes,
                 }
             };
             // A larger pipe moves more per call; the default size still works if this fails.
@@ -586,19 +706,20 @@ mod splice {
             Ok(pipe)
         }
 
-        fn take() -> io::Result<Pipe> {
-            match POOL.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-                Some(pipe) => Ok(pipe),
-                None => Pipe::new(),
-            }
-        }
-
-        /// Returns an empty pipe to the pool (a pipe holding bytes must be dropped instead).
+        /// Returns an empty pipe to the pool (a pipe holding bytes must be dropped instead);
+        /// closes it if the pool is full or the budget was lowered under what is alive.
         fn give(self) {
-            let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
-            if pool.len() < POOLED_PIPES {
+            let pipes = self.pipes;
+            let mut pool = pipes.lock();
+            if pool.len() < POOLED_PIPES && pipes.live() <= pipes.limit.load(Ordering::Acquire) {
                 pool.push(self);
             }
+        }
+    }
+
+    impl Drop for Pipe {
+        fn drop(&mut self) {
+            self.pipes.live.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -622,7 +743,6 @@ mod splice {
     }
 
     /// One spliced direction: the pipe (held only while it has bytes or a read is under way).
-    #[derive(Default)]
     pub(super) struct Direction {
         pipe: Option<Pipe>,
         in_pipe: usize,
@@ -630,9 +750,37 @@ mod splice {
         done: bool,
         /// The last read was under [`super::SMALL_READ`].
         small: bool,
+        /// Where its pipe comes from.
+        pipes: &'static Pipes,
+    }
+
+    impl Default for Direction {
+        fn default() -> Direction {
+            Direction::within(&PIPES)
+        }
     }
 
     impl Direction {
+        /// A direction taking its pipe from `pipes`.
+        pub(super) fn within(pipes: &'static Pipes) -> Direction {
+            Direction {
+                pipe: None,
+                in_pipe: 0,
+                eof: false,
+                done: false,
+                small: false,
+                pipes,
+            }
+        }
+
+        pub(super) fn holds_bytes(&self) -> bool {
+            self.in_pipe > 0
+        }
+
+        pub(super) fn source_ended(&self) -> bool {
+            self.eof || self.done
+        }
+
         /// Splices until the source would block, EOF has been passed on, or a small read has
         /// been written out: then [`Flow::Switch`], the pipe given back.
         pub(super) fn poll(
@@ -666,7 +814,7 @@ mod splice {
                     }
                     let pipe = match &self.pipe {
                         Some(pipe) => pipe,
-                        None => match Pipe::take() {
+                        None => match self.pipes.take() {
                             Ok(pipe) => self.pipe.insert(pipe),
                             Err(_) => return Poll::Ready(Err(DirectionError::NoPipe)),
                         },
@@ -731,10 +879,21 @@ mod splice {
     use std::task::{Context, Poll};
     use tokio::net::TcpStream;
 
+    /// No pipes here: nothing to limit.
+    pub(crate) fn set_pipe_limit(_: usize) {}
+
     #[derive(Default)]
     pub(super) struct Direction;
 
     impl Direction {
+        pub(super) fn holds_bytes(&self) -> bool {
+            false
+        }
+
+        pub(super) fn source_ended(&self) -> bool {
+            false
+        }
+
         pub(super) fn poll(
             &mut self,
             _: &mut Context<'_>,
@@ -746,6 +905,8 @@ mod splice {
         }
     }
 }
+
+pub(crate) use splice::set_pipe_limit;
 
 #[cfg(test)]
 mod tests;

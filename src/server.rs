@@ -41,8 +41,8 @@ pub struct Server {
     live: Arc<Live>,
     sockets: Vec<(String, TcpListener)>,
     admin: Option<TcpListener>,
-    /// `[admin] socket`, bound (std: it becomes tokio's once `run` is on the runtime) and its path.
-    admin_unix: Option<(std::os::unix::net::UnixListener, std::path::PathBuf)>,
+    /// `[admin] socket`, bound (std: it becomes tokio's once `run` is on the runtime) and its file.
+    admin_unix: Option<(std::os::unix::net::UnixListener, crate::admin::socket::SocketFile)>,
     /// Workers: SO_REUSEPORT sockets per listener bound on reload.
     workers: usize,
     requests: mpsc::Sender<Request>,
@@ -117,7 +117,14 @@ impl Server {
             crate::admin::warn_if_exposed(settings, addr);
         }
         let admin_unix = match config.admin.as_ref().and_then(|a| a.socket.as_ref()) {
-            Some(path) => Some((bind_unix(path)?, path.clone())),
+            Some(path) => {
+                Some(
+                    crate::admin::socket::bind(path).map_err(|source| ServerError::AdminSocket {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            }
             None => None,
         };
         if let Some(log) = &state.access_log {
@@ -214,10 +221,10 @@ impl Server {
             .and_then(|log| log.start(log_stop.clone()));
         let admin_stop = CancellationToken::new();
         let unix = admin_unix.and_then(
-            |(socket, path)| match tokio::net::UnixListener::from_std(socket) {
-                Ok(socket) => Some((socket, path)),
+            |(socket, file)| match tokio::net::UnixListener::from_std(socket) {
+                Ok(socket) => Some((socket, file)),
                 Err(e) => {
-                    error!(path = %path.display(), error = %e, "admin socket cannot be served");
+                    error!(path = %file.path().display(), error = %e, "admin socket cannot be served");
                     None
                 }
             },
@@ -226,8 +233,8 @@ impl Server {
             if let Some(addr) = admin.as_ref().and_then(|s| s.local_addr().ok()) {
                 info!(%addr, "admin listening");
             }
-            if let Some((_, path)) = &unix {
-                info!(path = %path.display(), "admin listening on a Unix socket");
+            if let Some((_, file)) = &unix {
+                info!(path = %file.path().display(), "admin listening on a Unix socket");
             }
             let sockets = crate::admin::Sockets { tcp: admin, unix };
             tokio::spawn(crate::admin::serve(sockets, handle, admin_stop.clone()))
@@ -477,31 +484,6 @@ fn bind_all(name: &str, addr: SocketAddr, workers: usize) -> Result<Vec<(String,
         sockets.push((name.to_string(), bind_listener(bound).map_err(error)?));
     }
     Ok(sockets)
-}
-
-/// Binds the admin Unix socket at `path`, mode 0660 (its permissions are the authentication). A
-/// socket file left there by a process that is gone (or by one being upgraded) is replaced;
-/// anything else at `path` is an error.
-fn bind_unix(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener, ServerError> {
-    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
-    let error = |source| ServerError::AdminSocket {
-        path: path.to_path_buf(),
-        source,
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(error)?,
-        Ok(_) => {
-            return Err(error(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "exists and is not a socket",
-            )))
-        }
-        Err(_) => {}
-    }
-    let socket = std::os::unix::net::UnixListener::bind(path).map_err(error)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(error)?;
-    socket.set_nonblocking(true).map_err(error)?;
-    Ok(socket)
 }
 
 fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {

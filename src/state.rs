@@ -17,7 +17,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use rustls::pki_types::CertificateDer;
@@ -85,6 +85,9 @@ pub struct State {
     pub(crate) drain_timeout: Duration,
     /// Cap on open client connections for the whole process.
     pub max_connections: usize,
+    /// Splice pipes that may be alive at once, held or pooled ([`crate::caps::pipe_budget`]):
+    /// applied to the relay when this generation goes live.
+    pub max_pipes: usize,
     /// `[admin]`: its token and request rules (the sockets are bound once, at start).
     pub admin: Option<crate::config::AdminConfig>,
     /// The global rate limiter, if any: a reload takes over its counts.
@@ -142,7 +145,7 @@ pub struct Listener {
     /// its counts.
     pub(crate) own_limiter: Option<crate::ratelimit::RateLimiter>,
     pub reject_response: Option<Vec<u8>>,
-    /// With `accept_proxy_protocol`: the fronts allowed to send a header (empty: any).
+    /// With `accept_proxy_protocol`: the fronts allowed to send a header (empty: none).
     pub trusted_proxies: Vec<crate::config::IpNet>,
     /// When a quiet, half-closed or old connection is closed (see [`crate::proxy::Timeouts`]).
     pub idle_timeout: Option<Duration>,
@@ -224,6 +227,10 @@ pub struct Upstream {
     pub(crate) configured: Vec<Spec>,
     /// Pool slot -> position in `backends` (`None`: a slot of another generation).
     pub(crate) slots: Vec<Option<usize>>,
+    /// Slots of backends removed by this generation or earlier ones, with the backend each
+    /// held, not yet given to a new backend: a slot is reused once its old backend is gone (no
+    /// generation maps the slot to it, no connection holds it) and no lease of it is left.
+    pub(crate) vacated: Vec<(usize, Weak<Backend>)>,
     /// Shared by every generation of this upstream: a backend's count follows its slot.
     pub pool: Arc<Pool>,
     pub connect_timeout: Duration,
@@ -272,7 +279,8 @@ impl Upstream {
     /// Builds an upstream, taking over `previous` (the same upstream in the running generation):
     /// its pool, and the backends that stay, with their counters and health. Backends that go are
     /// retired from the pool; their open connections drain; backends that join ramp in with the
-    /// slow start, if one is set. A discovering upstream's backends are `discovered`, the
+    /// slow start, if one is set, in the slot of a backend removed earlier if one is free (see
+    /// `vacated`), else in a new one. A discovering upstream's backends are `discovered`, the
     /// addresses its name last resolved to.
     pub(crate) fn new(
         config: &UpstreamConfig,
@@ -288,6 +296,17 @@ impl Upstream {
                 .map(|addr| BackendConfig::new(BackendAddr::Ip(*addr)))
                 .collect(),
         };
+        // Slots whose old backend nothing refers to any more, lowest last (taken first).
+        let mut vacated = previous.map(|p| p.vacated.clone()).unwrap_or_default();
+        let mut free: Vec<usize> = Vec::new();
+        vacated.retain(|(slot, old)| {
+            let gone = old.strong_count() == 0;
+            if gone {
+                free.push(*slot);
+            }
+            !gone
+        });
+        free.sort_unstable_by(|a, b| b.cmp(a));
         let mut backends = Vec::with_capacity(wanted.len());
         let mut configured = Vec::with_capacity(wanted.len());
         for b in &wanted {
@@ -316,7 +335,14 @@ impl Upstream {
                     Arc::clone(kept)
                 }
                 None => {
-                    let slot = pool.add_with(spec);
+                    let slot = loop {
+                        match free.pop() {
+                            Some(slot) if pool.reuse(slot, spec) => break slot,
+                            // Still leased: tried again at the next rebuild.
+                            Some(slot) => vacated.push((slot, Weak::new())),
+                            None => break pool.add_with(spec),
+                        }
+                    };
                     // One that joins a running upstream (a reload, a discovered address) ramps in.
                     if let (Some(_), Some(period)) = (previous, config.health_check.slow_start) {
                         pool.ramp_up(slot, Instant::now(), period);
@@ -335,9 +361,11 @@ impl Upstream {
             backends.push(backend);
             configured.push(spec);
         }
+        vacated.extend(free.into_iter().map(|slot| (slot, Weak::new())));
         for gone in previous.iter().flat_map(|p| &p.backends) {
             if !backends.iter().any(|b| Arc::ptr_eq(b, gone)) {
                 pool.retire(gone.slot);
+                vacated.push((gone.slot, Arc::downgrade(gone)));
             }
         }
         let mut slots = vec![None; pool.len()];
@@ -351,6 +379,7 @@ impl Upstream {
             backends,
             configured,
             slots,
+            vacated,
             pool,
             connect_timeout: config.connect_timeout,
             connect_attempts: config.connect_attempts,
@@ -460,6 +489,7 @@ pub struct Live {
 
 impl Live {
     pub(crate) fn new(state: State, path: Option<PathBuf>) -> Live {
+        crate::proxy::set_pipe_limit(state.max_pipes);
         Live {
             current: Mutex::new(Arc::new(state)),
             registry: Arc::default(),
@@ -506,20 +536,35 @@ impl Live {
 
     /// Makes `next` the live generation, then closes the open connections it no longer allows
     /// (see [`Registry::revoke_lost_access`]). Returns how many were closed. The swap happens
-    /// under the registry's lock (see [`Live::admit`]); the checks, which verify certificates,
-    /// after it is released.
+    /// under the registry's lock (see [`Live::admit`]); the checks, which verify certificates
+    /// only where the trust changed, after it is released. Applies `next`'s pipe budget.
     pub(crate) fn swap(&self, next: Arc<State>) -> usize {
-        let open: Vec<Arc<Entry>> = {
+        crate::proxy::set_pipe_limit(next.max_pipes);
+        let (open, previous): (Vec<Arc<Entry>>, Arc<State>) = {
             let open = self.registry.lock();
-            *self.lock() = Arc::clone(&next);
-            open.entries.values().cloned().collect()
+            let previous = std::mem::replace(&mut *self.lock(), Arc::clone(&next));
+            (open.entries.values().cloned().collect(), previous)
         };
-        Registry::revoke_lost_access(&open, &next)
+        Registry::revoke_lost_access(&open, &previous, &next)
     }
 
     fn lock(&self) -> MutexGuard<'_, Arc<State>> {
         // Only an Arc is swapped under this lock; nothing can panic while it is held.
         self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Whether `next` judges client certificates exactly as `previous` did: the same verifier
+/// (anchors, intermediates, CRLs, trust domains), or client authentication in neither.
+fn same_trust(previous: Option<&Arc<Listener>>, next: &Listener) -> bool {
+    let Some(previous) = previous else {
+        return false;
+    };
+    let verifier = |l: &Listener| l.tls.as_ref().map(|tls| tls.verifier.clone());
+    match (verifier(previous), verifier(next)) {
+        (Some(Some(before)), Some(Some(now))) => Arc::ptr_eq(&before, &now),
+        (Some(None), Some(None)) => true,
+        _ => false,
     }
 }
 
@@ -647,7 +692,13 @@ impl Registry {
     /// upstream in `[authorization]`, or its certificate no longer verifies under the
     /// listener's client CA and CRLs. Connections whose listener or upstream is gone keep
     /// running (they drain). Returns how many were cut.
-    fn revoke_lost_access(open: &[Arc<Entry>], next: &State) -> usize {
+    ///
+    /// A certificate is verified again only if its listener's trust changed from `previous`
+    /// (the generation live until now) to `next`. Every open connection was verified under
+    /// `previous`'s trust, at its handshake (admission judges again if a swap came in between)
+    /// or at the swap that made `previous` live; a rebuild that reuses what was loaded (a changed
+    /// `discover` set) keeps every listener's verifier, so it verifies no certificate at all.
+    fn revoke_lost_access(open: &[Arc<Entry>], previous: &State, next: &State) -> usize {
         let mut revoked = 0;
         for entry in open {
             let grant = &entry.grant;
@@ -659,8 +710,10 @@ impl Registry {
             }
             let authorized =
                 listener.authorization.check(&grant.identity, &grant.upstream) == Decision::Allow;
-            let trusted = listener.tls.as_ref().is_none_or(|tls| tls.accepts(&grant.chain));
-            if !(authorized && trusted) {
+            let allowed = authorized
+                && (same_trust(previous.listener(&grant.listener), listener)
+                    || listener.tls.as_ref().is_none_or(|tls| tls.accepts(&grant.chain)));
+            if !allowed {
                 entry.cut.cut(Cut::AccessRevoked);
                 revoked += 1;
             }

@@ -18,6 +18,15 @@ pub(crate) struct LogThrottle {
 impl LogThrottle {
     const PER_SECOND: u32 = 10;
 
+    /// A throttle that has let nothing through yet (for a `static`).
+    pub(crate) const fn new() -> LogThrottle {
+        LogThrottle {
+            state: std::sync::Mutex::new((0, 0)),
+            suppressed: AtomicU64::new(0),
+            origin: std::sync::OnceLock::new(),
+        }
+    }
+
     /// `Some(suppressed_since_last)` if this line may be logged.
     pub(crate) fn admit(&self) -> Option<u64> {
         let second = self.origin.get_or_init(Instant::now).elapsed().as_secs();

@@ -1,6 +1,7 @@
-//! The admin plane end to end: the token, CSRF and DNS rebinding rules, the Unix socket, runtime
-//! backend states (drain, maint, ready) across reloads, `fulcrum ctl` against the real binary,
-//! and secrets kept out of errors.
+//! The admin plane end to end: the token, CSRF and DNS rebinding rules, the Unix socket (kept
+//! across an upgrade), runtime backend states (drain, maint, ready) across reloads, `fulcrum ctl`
+//! against the real binary, secrets kept out of errors and token files kept from other users, and
+//! slow clients cut at the request-head deadline.
 //!
 //! Everything on 127.0.0.1 port 0 (and a Unix socket in a temp dir); every wait has a deadline.
 
@@ -12,8 +13,10 @@ use std::process::Output;
 use common::process::Fulcrum;
 use common::tls::{toml_path, TempDir};
 use common::{
-    backend_list, connect, http as call, round_trip, wait_for_outcomes, wait_until, within, TestBackend,
+    backend_list, connect, http as call, round_trip, wait_for_outcomes, wait_until, within, within_for,
+    TestBackend,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "correct-horse-battery-staple";
 
@@ -41,7 +44,7 @@ fn generation(lb: &common::TestServer) -> u64 {
 async fn with_a_token_every_protected_endpoint_needs_it_and_healthz_stays_open() {
     let dir = TempDir::new("admin-token");
     let echo = TestBackend::echo().await;
-    dir.write("admin.token", &format!("{TOKEN}\n"));
+    dir.write_secret("admin.token", &format!("{TOKEN}\n"));
     let path = dir.write(
         "fulcrum.toml",
         &config(
@@ -326,7 +329,7 @@ async fn drain_keeps_open_connections_maint_closes_them_ready_returns_and_reload
 async fn fulcrum_ctl_runs_every_command_against_the_binary_in_text_and_json() {
     let dir = TempDir::new("admin-ctl");
     let a = TestBackend::echo().await;
-    dir.write("admin.token", TOKEN);
+    dir.write_secret("admin.token", TOKEN);
     let path = dir.write(
         "fulcrum.toml",
         &config(
@@ -435,4 +438,115 @@ async fn secrets_stay_out_of_check_errors_and_the_reload_answer() {
         assert_eq!(status, 422, "{body}");
         assert!(!body.contains("sw0rd") && !body.contains("fish"), "{body}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_upgrade_the_old_process_leaves_the_new_ones_admin_socket_and_ctl_reaches_it() {
+    let dir = TempDir::new("admin-upgrade");
+    let echo = TestBackend::echo().await;
+    let socket = dir.path().join("admin.sock");
+    let path = dir.write(
+        "fulcrum.toml",
+        &config(&dir, &[echo.addr], &format!("socket = {}", toml_path(&socket))),
+    );
+    let socket_arg = socket.to_str().expect("UTF-8 path");
+    let serving_socket = |line: &str| line.contains("admin listening on a Unix socket").then_some(());
+
+    let mut old = Fulcrum::run(&path);
+    old.listening("main").await;
+    old.wait_for_line("the old process's admin socket", serving_socket)
+        .await;
+    // The upgrade: a second process on the same config, then the first one stopped.
+    let mut new = Fulcrum::run(&path);
+    new.listening("main").await;
+    new.wait_for_line("the new process's admin socket", serving_socket)
+        .await;
+    old.signal("TERM");
+    let (exit, rest) = old.exit().await;
+    assert!(exit.success(), "the old process exited with {exit}: {rest:#?}");
+
+    let status = run_binary(&["ctl", "--socket", socket_arg, "status"]).await;
+    assert!(
+        status.status.success(),
+        "ctl after the old process exited: {status:?}"
+    );
+    assert!(stdout(&status).contains("upstream pool"), "{}", stdout(&status));
+    new.signal("TERM");
+    let (exit, _) = new.exit().await;
+    assert!(exit.success());
+    assert!(!socket.exists(), "the new process removes its own socket at exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_readable_by_others_is_refused_by_check_naming_it_and_its_mode_and_0600_is_accepted() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("admin-token-mode");
+    let echo = TestBackend::echo().await;
+    let token = dir.write_secret("admin.token", TOKEN);
+    let path = dir.write(
+        "fulcrum.toml",
+        &config(
+            &dir,
+            &[echo.addr],
+            "bind = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"",
+        ),
+    );
+    let config_arg = path.to_str().expect("UTF-8 path");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let refused = run_binary(&["check", "--config", config_arg]).await;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("admin.token_file")
+            && stderr.contains(&token.display().to_string())
+            && stderr.contains("readable by group or others (mode 0644)")
+            && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(TOKEN), "{stderr}");
+
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let accepted = run_binary(&["check", "--config", config_arg]).await;
+    assert!(accepted.status.success(), "{accepted:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_slower_than_the_head_deadline_to_send_a_request_head_are_cut_and_free_their_slots() {
+    use fulcrum::admin::{HEAD_DEADLINE, MAX_CONNECTIONS, REQUEST_DEADLINE};
+    let dir = TempDir::new("admin-slow-head");
+    let echo = TestBackend::echo().await;
+    let path = dir.write(
+        "fulcrum.toml",
+        &config(&dir, &[echo.addr], "bind = \"127.0.0.1:0\""),
+    );
+    let lb = common::start_file(&path).await;
+    let admin = lb.admin.expect("admin");
+    // As many slow clients as there are slots, each with half a request head.
+    let mut slow = Vec::with_capacity(MAX_CONNECTIONS);
+    for _ in 0..MAX_CONNECTIONS {
+        let mut stream = connect(admin).await;
+        within(
+            "half a request head",
+            stream.write_all(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n"),
+        )
+        .await
+        .expect("send");
+        slow.push(stream);
+    }
+    // Much longer than the head deadline, yet short of the whole request's: a connection cut
+    // only by the latter is still open when this bound passes.
+    let bound = REQUEST_DEADLINE - HEAD_DEADLINE;
+    within_for(bound, "every slow client to be cut", async {
+        for stream in &mut slow {
+            // The end of the stream or a reset: either way the server closed it.
+            let mut rest = Vec::new();
+            let _ = stream.read_to_end(&mut rest).await;
+        }
+    })
+    .await;
+    // Their slots are free again.
+    assert_eq!(
+        call(admin, "GET", "/healthz", &[], "").await,
+        (200, "ok\n".to_string())
+    );
 }

@@ -837,6 +837,71 @@ fn dials_failing_for_want_of_local_descriptors_do_not_mark_a_healthy_backend_dow
     });
 }
 
+#[test]
+fn probes_failing_for_want_of_local_descriptors_leave_a_healthy_backend_up() {
+    serially(|| async {
+        let backend = TestBackend::echo().await;
+        let pki = Pki::new(&[]);
+        let dir = TempDir::new("emfile-probe");
+        // Fast probes, taken down by 2 failures; `rise` so high that a backend marked down
+        // would still be down when the metrics are read.
+        let config = dir.write(
+            "fulcrum.toml",
+            &format!(
+                "{}[upstream.health_check]\ninterval = \"200ms\"\ntimeout = \"200ms\"\nfall = 2\nrise = 1000\n\n\
+                 [admin]\nbind = \"127.0.0.1:0\"\n",
+                hold_config("[runtime]\nworkers = 1\n", &pki, backend.addr)
+            ),
+        );
+        let mut fulcrum =
+            Fulcrum::spawn(&["prlimit", "--nofile=64:64"], &config, &["main", "hold"], true).await;
+        let pid = fulcrum.pid.clone();
+        let baseline = sockets(&pid);
+
+        // More `hold` clients (one descriptor each) than the child may have: its table fills,
+        // the rest wait in the backlog, and nothing frees a descriptor while they are held.
+        let mut held = Vec::new();
+        for _ in 0..64 {
+            held.push(connect(fulcrum.addr("hold")).await);
+        }
+        fulcrum.wait_for_line("accept failed: out of resources").await;
+        // Twice `fall` probes find no descriptor for their socket.
+        for _ in 0..4 {
+            let line = fulcrum
+                .process
+                .wait_for_line("a probe failing for want of descriptors", |line| {
+                    (line.contains("probe could not run") || line.contains("backend marked down"))
+                        .then(|| line.to_string())
+                })
+                .await;
+            assert!(
+                line.contains("probe could not run") && line.contains("Too many open files"),
+                "{line}"
+            );
+        }
+        fulcrum.assert_alive();
+
+        drop(held);
+        wait_for_sockets(&pid, baseline).await;
+        let text = fulcrum.metrics().await;
+        let labels = format!("upstream=\"pool\",backend=\"{}\"", backend.addr);
+        assert_eq!(
+            metric(
+                &text,
+                &format!("fulcrum_backend_health_transitions_total{{{labels},to=\"down\"}}")
+            ),
+            0,
+            "the backend was marked down"
+        );
+        assert_eq!(metric(&text, &format!("fulcrum_backend_up{{{labels}}}")), 1);
+        let mut client = connect(fulcrum.addr("main")).await;
+        assert_eq!(round_trip(&mut client, b"still up").await, b"still up");
+        drop(client);
+        wait_for_sockets(&pid, baseline).await;
+        fulcrum.assert_alive();
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // A black-holed backend
 

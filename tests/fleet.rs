@@ -413,3 +413,41 @@ async fn backends_discovered_from_dns_follow_the_records_and_a_retired_one_keeps
     drop(held);
     drop((first, second, third));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_answering_1000_addresses_makes_256_backends_the_first_in_address_order() {
+    if !common::in_own_network_namespace(
+        "a_name_answering_1000_addresses_makes_256_backends_the_first_in_address_order",
+    ) {
+        return;
+    }
+    common::ip(&["link", "set", "lo", "up"]);
+    // 1 000 loopback addresses, listed in no particular order; nothing needs to listen on them.
+    let mut answer: Vec<SocketAddr> = (0..1_000u32)
+        .map(|i| (i * 7_919) % 1_000)
+        .map(|i| SocketAddr::from(([127, 1, (i / 200) as u8, (i % 200 + 1) as u8], 8080)))
+        .collect();
+    let listed: Vec<String> = answer.iter().map(|a| a.ip().to_string()).collect();
+    let listed: Vec<&str> = listed.iter().map(String::as_str).collect();
+    let dir = TempDir::new("fleet-dns-many");
+    let hosts_file = dir.write("hosts", &hosts(&listed));
+    let _dns = Dnsmasq::start(&hosts_file);
+    let config = "[[listener]]\nname = \"main\"\nbind = \"127.0.0.1:0\"\nupstream = \"pool\"\n\n\
+         [[upstream]]\nname = \"pool\"\ndiscover = \"app.internal:8080\"\ndiscover_interval = \"200ms\"\n\n\
+         [dns]\nservers = [\"127.0.0.1:53\"]\n";
+    let server = start(config).await;
+    answer.sort_unstable();
+    let first: Vec<String> = answer[..256].iter().map(|a| a.to_string()).collect();
+    wait_until("the name to be resolved", || !discovered(&server).is_empty()).await;
+    assert_eq!(discovered(&server).len(), 256);
+    assert_eq!(discovered(&server), first);
+    let current = server.current();
+    assert_eq!(current.discovered.ignored("pool"), 744);
+    assert_eq!(upstream(&server).pool.len(), 256);
+    // The same answer again changes nothing: the set, and so the generation, stay.
+    let outcomes = current.discovered.outcomes("pool");
+    let resolved = outcomes.ok.get();
+    wait_until("two more resolutions", || outcomes.ok.get() >= resolved + 2).await;
+    assert_eq!(server.current().generation, current.generation);
+    assert_eq!(discovered(&server), first);
+}

@@ -521,6 +521,23 @@ fn proxy_config(dir: &TempDir, backend: SocketAddr, keys: &str) -> String {
 
 const HEADER: &[u8] = b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 443\r\n";
 
+#[test]
+fn check_warns_when_trusted_proxies_trusts_any_peer() {
+    let dir = TempDir::new("trust-any");
+    let backend = common::refused_addr();
+    let warnings = |keys: &str| {
+        let config = fulcrum::Config::from_toml(&proxy_config(&dir, backend, keys), "t").expect("valid");
+        fulcrum::validate(&config).expect("loads")
+    };
+    let any = warnings("trusted_proxies = [\"0.0.0.0/0\", \"::/0\"]");
+    assert!(
+        any.iter()
+            .any(|w| w.contains("trusted_proxies includes a /0 network")),
+        "{any:?}"
+    );
+    assert!(warnings("trusted_proxies = [\"10.0.0.0/8\"]").is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_outside_trusted_proxies_is_refused_before_its_header_is_read() {
     let dir = TempDir::new("trusted");
@@ -558,6 +575,7 @@ async fn a_header_trickling_in_ends_at_the_one_deadline_it_shares_with_the_tls_h
     let echo = EchoBackend::start().await;
     let text = format!(
         "[[listener]]\nname = \"main\"\nbind = \"127.0.0.1:0\"\nupstream = \"pool\"\naccept_proxy_protocol = true\n\
+         trusted_proxies = [\"127.0.0.0/8\"]\n\
          handshake_timeout = \"1s\"\n{}\n[[upstream]]\nname = \"pool\"\nbackends = [\"{}\"]\n",
         pki.tls_table(&pki.ca_file, "1.2"),
         echo.addr

@@ -110,7 +110,7 @@ async fn an_accepted_proxy_header_is_the_client_for_rate_limits_and_its_payload_
     let backend = EchoBackend::start().await;
     let balancer = Balancer::start(&format!(
         "[[listener]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\nupstream = \"web\"\n\
-         accept_proxy_protocol = true\n\
+         accept_proxy_protocol = true\ntrusted_proxies = [\"127.0.0.0/8\"]\n\
          [listener.rate_limit]\ncapacity = 1\nwindow = \"1h\"\n\
          [[upstream]]\nname = \"web\"\nbackends = [\"{}\"]\n",
         backend.addr
@@ -152,7 +152,7 @@ async fn a_malformed_proxy_header_closes_the_connection_before_any_backend_is_di
     let backend = EchoBackend::start().await;
     let balancer = Balancer::start(&format!(
         "[[listener]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\nupstream = \"web\"\n\
-         accept_proxy_protocol = true\n\
+         accept_proxy_protocol = true\ntrusted_proxies = [\"127.0.0.0/8\"]\n\
          [[upstream]]\nname = \"web\"\nbackends = [\"{}\"]\n",
         backend.addr
     ))

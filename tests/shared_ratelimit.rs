@@ -329,7 +329,7 @@ impl TlsCase {
 
     /// A password file holding `text`.
     fn password_file(&self, text: &str) -> PathBuf {
-        self.pki.dir.write("redis.pass", text)
+        self.pki.dir.write_secret("redis.pass", text)
     }
 
     /// A fulcrum instance with capacity 20 counted in this Redis, `[rate_limit.shared]`

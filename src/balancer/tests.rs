@@ -232,7 +232,7 @@ fn taking_a_backend_out_ends_its_slow_start() {
 }
 
 #[test]
-fn a_retired_backend_gets_nothing_new_and_its_slot_is_never_reused() {
+fn a_retired_backend_gets_nothing_new_and_adding_never_takes_its_slot() {
     let pool = Pool::new(2);
     let held = pool.pick(&[]).unwrap();
     assert_eq!(held.index(), 0);
@@ -244,10 +244,40 @@ fn a_retired_backend_gets_nothing_new_and_its_slot_is_never_reused() {
     assert_eq!(pool.add(), 2);
     drop(held);
     assert_eq!(pool.active_all(), vec![0, 0, 0]);
-    // Drained, still not reused: an older generation may map slot 0 to the removed backend.
+    // Drained, still not reused by `add`: an older generation may map slot 0 to the removed
+    // backend; only its owner knows when none does ([`Pool::reuse`]).
     assert_eq!(pool.add(), 3);
     let picks: Vec<usize> = (0..6).map(|_| pool.pick(&[]).unwrap().index()).collect();
     assert!(!picks.contains(&0), "{picks:?}");
+}
+
+#[test]
+fn a_retired_slot_is_reused_only_once_its_last_lease_is_gone_and_then_serves_its_new_spec() {
+    let pool = Pool::new(2);
+    let spec = Spec {
+        weight: 3,
+        max_connections: Some(1),
+        backup: false,
+    };
+    assert!(!pool.reuse(0, spec), "a slot in rotation is not free");
+    let held = pool.pick(&[1]).unwrap();
+    pool.retire(0);
+    assert!(!pool.reuse(0, spec), "a retired slot with a lease is not free");
+    assert!(!pool.reuse(7, spec), "no such slot");
+    drop(held);
+    assert!(pool.reuse(0, spec));
+    assert_eq!(pool.len(), 2, "no slot was added");
+    assert_eq!(pool.spec(0), Some(spec));
+    let lease = pool.pick(&[1]).expect("the reused slot is in rotation");
+    assert_eq!((lease.index(), pool.active_all()), (0, vec![1, 0]));
+    assert!(pool.pick(&[1]).is_none(), "its new cap of 1 holds");
+    drop(lease);
+    pool.retire(0);
+    assert!(pool.reuse(0, Spec::default()), "a slot can be reused again");
+    assert_eq!(pool.spec(0), Some(Spec::default()));
+    let mut picks: Vec<usize> = (0..4).map(|_| pool.pick(&[]).unwrap().index()).collect();
+    picks.sort_unstable();
+    assert_eq!(picks, [0, 0, 1, 1], "the reused slot takes its turn");
 }
 
 // ---------------------------------------------------------------------------------------------

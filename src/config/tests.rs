@@ -518,9 +518,12 @@ impl TempDir {
         TempDir(dir)
     }
 
+    /// Writes `contents` to `name`, mode 0600 (secret files readable by others are refused).
     fn write(&self, name: &str, contents: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
         let path = self.0.join(name);
         std::fs::write(&path, contents).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         path
     }
 }
@@ -673,6 +676,51 @@ fn a_missing_password_file_is_refused_naming_the_key_and_path() {
             && e.contains("cannot read"),
         "{e}"
     );
+}
+
+#[test]
+fn a_password_file_readable_by_group_or_others_is_refused_naming_it_and_its_mode() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("readable-password");
+    let path = dir.write("redis.pass", "hunter2\n");
+    let body = "redis = 'redis://127.0.0.1:6379'\npassword_file = 'redis.pass'";
+    for mode in [0o644, 0o604, 0o666] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let e = shared_error(&dir.0, body);
+        assert!(
+            e.contains("rate_limit.shared.password_file")
+                && e.contains(&path.display().to_string())
+                && e.contains(&format!(
+                    "readable by group or others (mode {mode:04o}); chmod 600 it"
+                )),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+    for mode in [0o600, 0o400] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        assert!(shared_in(&dir.0, body).is_ok(), "mode {mode:04o} refused");
+    }
+}
+
+#[test]
+fn only_a_secret_file_owned_by_root_may_be_group_readable_and_none_may_be_readable_by_others() {
+    let (root, user) = (0, 1000);
+    for owner in [root, user] {
+        for mode in [0o600, 0o400, 0o700, 0o620, 0o602] {
+            assert!(!Validator::too_open(mode, owner), "{mode:04o} owned by {owner}");
+        }
+        for mode in [0o644, 0o604, 0o444, 0o666, 0o4604] {
+            assert!(Validator::too_open(mode, owner), "{mode:04o} owned by {owner}");
+        }
+    }
+    for mode in [0o640, 0o440, 0o660] {
+        assert!(
+            !Validator::too_open(mode, root),
+            "{mode:04o} owned by root (a Kubernetes Secret)"
+        );
+        assert!(Validator::too_open(mode, user), "{mode:04o} owned by a user");
+    }
 }
 
 #[test]
@@ -1149,6 +1197,31 @@ fn discover_needs_a_name_and_port_and_its_interval_needs_discover() {
     assert!(e.contains("dns.servers"), "{e}");
 }
 
+#[test]
+fn discover_max_backends_defaults_to_256_must_be_at_least_1_and_needs_discover() {
+    let max = |text: &str| {
+        let config = Config::from_toml(text, "test.toml").expect("valid config");
+        config
+            .upstream("web")
+            .and_then(|u| u.discover.as_ref())
+            .map(|d| d.max_backends)
+    };
+    let discover = |keys: &str| with_backends(&format!("discover = \"app.internal:8080\"\n{keys}"));
+    assert_eq!(max(&discover("")), Some(DEFAULT_DISCOVER_MAX_BACKENDS));
+    assert_eq!(DEFAULT_DISCOVER_MAX_BACKENDS, 256);
+    assert_eq!(max(&discover("discover_max_backends = 10")), Some(10));
+    let e = error_of(&discover("discover_max_backends = 0"));
+    assert!(
+        e.contains("discover_max_backends") && e.contains("at least 1"),
+        "{e}"
+    );
+    let e = error_of(&GOOD.replace(LIST, &format!("{LIST}\ndiscover_max_backends = 5")));
+    assert!(
+        e.contains("discover_max_backends") && e.contains("only means something with discover"),
+        "{e}"
+    );
+}
+
 /// A listener with mTLS by `tls_keys` (in its `[listener.tls]`), then `rest`.
 fn mtls_listener(tls_keys: &str, rest: &str) -> Result<Config, ConfigError> {
     let text = format!(
@@ -1200,4 +1273,43 @@ fn a_listeners_own_authorization_must_name_known_upstreams_and_needs_client_cert
         e.contains("authorization") && e.contains("needs client certificates"),
         "{e}"
     );
+}
+
+#[test]
+fn a_duration_above_ten_years_is_refused_for_every_key_and_keepalive_arithmetic_saturates() {
+    for key in ["handshake_timeout", "idle_timeout", "max_lifetime"] {
+        let e = listener(&format!("{key} = '400000000000y'\n"))
+            .expect_err(key)
+            .to_string();
+        assert!(e.contains(key) && e.contains("at most 10 years"), "{e}");
+        let e = listener(&format!("{key} = '3651d'\n"))
+            .expect_err(key)
+            .to_string();
+        assert!(e.contains("at most 10 years"), "{e}");
+        listener(&format!("{key} = '3650d'\n")).unwrap_or_else(|e| panic!("{key}: {e}"));
+    }
+    let e = listener("tcp_keepalive = { idle = '3651d' }\n")
+        .expect_err("keepalive idle")
+        .to_string();
+    assert!(e.contains("at most 10 years"), "{e}");
+    let huge = Keepalive {
+        idle: MAX_DURATION,
+        interval: Duration::MAX,
+        count: 2,
+    };
+    assert_eq!(huge.user_timeout(), Duration::MAX);
+}
+
+#[test]
+fn proxy_protocol_without_trusted_proxies_is_refused_naming_the_key() {
+    let e = listener("accept_proxy_protocol = true\n")
+        .expect_err("no trusted_proxies")
+        .to_string();
+    assert!(
+        e.contains("accept_proxy_protocol") && e.contains("needs trusted_proxies"),
+        "{e}"
+    );
+    let any = listener("accept_proxy_protocol = true\ntrusted_proxies = ['0.0.0.0/0', '::/0']\n")
+        .expect("explicit");
+    assert_eq!(any.listeners[0].trusted_proxies.len(), 2);
 }

@@ -4,7 +4,10 @@
 //! `send`, the `expect`ed reply, all within the probe `timeout`); [`record`] applies an outcome,
 //! from a probe or from a real client's dial (passive detection), to the backend: rotation in the
 //! pool, the down signal, slow start, counters and one log line per transition. The decisions
-//! themselves are the pure core's (`super`). Probes dial through `net`, as client connections do.
+//! themselves are the pure core's (`super`). Probes dial through `net`, as client connections do,
+//! and a probe that fails for want of this process's own descriptors or memory is judged as a
+//! client's dial is (`net::is_local_exhaustion`): logged as local, never held against
+//! the backend ([`record_probe`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,8 +20,49 @@ use tracing::{info, warn};
 
 use super::{check_reply, jittered, AdminState, Failure, Source, Transition};
 use crate::config::{BackendAddr, HealthCheckConfig};
-use crate::net::dial;
+use crate::net::{dial, is_local_exhaustion};
 use crate::state::Upstream;
+use crate::throttle::LogThrottle;
+
+/// Probes that could not run for want of local resources: many backends' probes fail together
+/// then, so their log lines share one process-wide throttle.
+static LOCAL_FAILURES: LogThrottle = LogThrottle::new();
+
+/// What became of a probe's outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probed {
+    /// Applied to the backend's health ([`record`]).
+    Recorded,
+    /// The probe failed for want of this process's own descriptors, buffers or memory: it says
+    /// nothing about the backend, so it was logged as local and not counted at all (neither
+    /// toward `fall` nor as the end of a success streak).
+    Local,
+}
+
+/// Applies a probe's outcome to backend `index` of `upstream`, unless the probe failed for want
+/// of local resources (`net::is_local_exhaustion`, as client dials are judged): then the backend's
+/// health is left as it was, and a (throttled) warning says the probe could not run.
+pub fn record_probe(upstream: &Upstream, index: usize, outcome: Result<(), Failure>) -> Probed {
+    match outcome {
+        Err(failure) if is_local_exhaustion(&failure) => {
+            if let Some(suppressed) = LOCAL_FAILURES.admit() {
+                let backend = upstream.backend(index).map_or("", |b| b.label.as_str());
+                warn!(
+                    upstream = %upstream.name,
+                    backend,
+                    error = %failure,
+                    suppressed,
+                    "probe could not run: out of local resources (not counted against the backend)"
+                );
+            }
+            Probed::Local
+        }
+        outcome => {
+            record(upstream, index, Source::Probe, outcome);
+            Probed::Recorded
+        }
+    }
+}
 
 /// Applies one outcome to backend `index` of `upstream`, acting on a transition: rotation, the
 /// down signal, slow start, counters and one log line.
@@ -139,14 +183,14 @@ async fn probe_loop(upstream: Arc<Upstream>, index: usize, shutdown: Cancellatio
         return;
     };
     let mut rng = Rng::seeded(index as u64);
-    let mut next = tokio::time::Instant::now() + check.interval.mul_f64(rng.unit());
+    let mut next = crate::clock::later(tokio::time::Instant::now(), check.interval.mul_f64(rng.unit()));
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep_until(next) => {}
         }
-        next = tokio::time::Instant::now() + jittered(check.interval, rng.unit());
+        next = crate::clock::later(tokio::time::Instant::now(), jittered(check.interval, rng.unit()));
         if !check.active && backend.health.is_up() {
             continue;
         }
@@ -155,7 +199,7 @@ async fn probe_loop(upstream: Arc<Upstream>, index: usize, shutdown: Cancellatio
             _ = shutdown.cancelled() => return,
             outcome = once(&backend.addr, check) => outcome,
         };
-        record(&upstream, index, Source::Probe, outcome);
+        record_probe(&upstream, index, outcome);
     }
 }
 

@@ -65,3 +65,15 @@ fn replies_are_judged_against_expect_byte_for_byte() {
     ));
     assert_eq!(Failure::Mismatch.to_string(), "reply did not match expect");
 }
+
+#[test]
+fn a_jittered_interval_stays_within_ten_percent_and_never_overflows() {
+    let minute = Duration::from_secs(60);
+    assert_eq!(jittered(minute, 0.0), Duration::from_secs(54));
+    assert_eq!(jittered(minute, 1.0), Duration::from_secs(66));
+    assert_eq!(
+        jittered(Duration::MAX, 1.0),
+        Duration::MAX,
+        "saturates instead of panicking"
+    );
+}

@@ -64,7 +64,7 @@ async fn cancellation_ends_the_relay_and_keeps_the_counts() {
     backend.read_exact(&mut got).await.unwrap();
     tx.send(()).unwrap();
     let (result, progress) = task.await.unwrap();
-    assert!(matches!(result, Err(RelayError::Cancelled)));
+    assert!(matches!(result, Err(RelayError::Cancelled { in_flight: false })));
     assert_eq!(progress.client_to_backend, 3);
 }
 
@@ -240,6 +240,15 @@ fn the_due_timeout_is_the_earliest_of_quiet_and_lifetime_and_half_closed_only_wh
     };
     assert_eq!(longer_half.due(t0, true), Some((t0 + s(60), Timeout::Idle)));
     assert_eq!(Timeouts::default().due(t0, true), None);
+    let endless = Timeouts {
+        idle: Some(Duration::MAX),
+        ..Timeouts::default()
+    };
+    assert_eq!(
+        endless.due(t0, false),
+        Some((crate::clock::later(t0, Duration::MAX), Timeout::Idle)),
+        "an idle timeout past the clock's range is due far ahead, not a panic"
+    );
 }
 
 /// A relay between two duplex pipes with `timeouts`, on paused time; the test keeps both far
@@ -283,11 +292,38 @@ async fn a_quiet_relay_ends_at_idle_and_traffic_pushes_the_deadline_back() {
     }
     let result = task.await.unwrap();
     assert!(
-        matches!(result, Err(RelayError::TimedOut(Timeout::Idle))),
+        matches!(
+            result,
+            Err(RelayError::TimedOut {
+                timeout: Timeout::Idle,
+                in_flight: false
+            })
+        ),
         "{result:?}"
     );
     // Last bytes at 120 s, so the end at 180 s.
     assert_eq!(started.elapsed().as_secs(), 180);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_relay_cut_while_a_sink_does_not_drain_says_bytes_were_in_flight() {
+    let (mut client, _backend, task) = paused_relay(Timeouts {
+        idle: Some(Duration::from_secs(60)),
+        ..Timeouts::default()
+    });
+    // The backend's far end never reads: the 64-byte pipe fills and the relay holds the rest.
+    client.write_all(&[7; 128]).await.unwrap();
+    let result = task.await.unwrap();
+    assert!(
+        matches!(
+            result,
+            Err(RelayError::TimedOut {
+                timeout: Timeout::Idle,
+                in_flight: true
+            })
+        ),
+        "{result:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -301,7 +337,13 @@ async fn a_half_closed_relay_ends_at_half_closed_and_a_lifetime_ends_a_busy_one(
     client.shutdown().await.unwrap();
     let result = task.await.unwrap();
     assert!(
-        matches!(result, Err(RelayError::TimedOut(Timeout::HalfClosed))),
+        matches!(
+            result,
+            Err(RelayError::TimedOut {
+                timeout: Timeout::HalfClosed,
+                in_flight: false
+            })
+        ),
         "{result:?}"
     );
     assert_eq!(started.elapsed().as_secs(), 5);
@@ -320,9 +362,52 @@ async fn a_half_closed_relay_ends_at_half_closed_and_a_lifetime_ends_a_busy_one(
     });
     let result = task.await.unwrap();
     assert!(
-        matches!(result, Err(RelayError::TimedOut(Timeout::Lifetime))),
+        matches!(
+            result,
+            Err(RelayError::TimedOut {
+                timeout: Timeout::Lifetime,
+                in_flight: false
+            })
+        ),
         "{result:?}"
     );
     assert_eq!(started.elapsed().as_secs(), 25);
     busy.abort();
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn with_the_pipe_budget_spent_a_bulk_direction_moves_every_byte_through_a_buffer() {
+    static PIPES: splice::Pipes = splice::Pipes::new(2);
+    let held: Vec<splice::Pipe> = (0..2)
+        .map(|_| PIPES.take().expect("a pipe within the budget"))
+        .collect();
+    assert!(PIPES.take().is_err(), "a third pipe past a budget of two");
+    assert_eq!(PIPES.live(), 2);
+    let (mut client, mut from_client) = tcp_pair().await;
+    let (mut to_backend, mut backend) = tcp_pair().await;
+    let bulk: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
+
+    let mut direction = TcpDirection::Bulk(splice::Direction::within(&PIPES));
+    let sockets = (&mut client, &mut from_client, &mut to_backend, &mut backend);
+    assert!(
+        !pass(&mut direction, sockets, &bulk).await,
+        "spliced past the budget"
+    );
+    assert!(
+        matches!(direction, TcpDirection::NoPipe(_)),
+        "the direction copies through a buffer"
+    );
+    assert_eq!(PIPES.live(), 2, "no pipe was made past the budget");
+
+    // Pipes closed make room again: a new bulk direction splices.
+    drop(held);
+    let mut direction = TcpDirection::Bulk(splice::Direction::within(&PIPES));
+    let sockets = (&mut client, &mut from_client, &mut to_backend, &mut backend);
+    assert!(
+        pass(&mut direction, sockets, &bulk).await,
+        "not spliced with the budget free"
+    );
+    drop(direction);
+    assert_eq!(PIPES.live(), 1, "its pipe is pooled, still counted");
 }

@@ -86,6 +86,15 @@ pub fn check(config: &Config) -> Result<Checked, ServerError> {
             ),
         });
     }
+    for listener in config.listeners.iter().filter(|l| l.accept_proxy_protocol) {
+        if listener.trusted_proxies.iter().any(|net| net.prefix == 0) {
+            warnings.push(format!(
+                "listener {:?}: trusted_proxies includes a /0 network: any peer may send a PROXY header and \
+                 name any source address, so per-source limits and logs trust what it says; list your fronts instead",
+                listener.name
+            ));
+        }
+    }
     let mut trust = Vec::new();
     for listener in &config.listeners {
         let verifier = state
@@ -349,14 +358,17 @@ impl State {
                 access_log_interim: config.access_log_interim,
             }));
         }
+        let nofile = crate::net::open_file_limit().unwrap_or(1024);
+        let max_connections = config
+            .max_connections
+            .unwrap_or_else(|| crate::caps::default_max_connections(nofile));
         State {
             generation,
             listeners,
             upstreams,
             drain_timeout: config.drain_timeout,
-            max_connections: config.max_connections.unwrap_or_else(|| {
-                crate::caps::default_max_connections(crate::net::open_file_limit().unwrap_or(1024))
-            }),
+            max_connections,
+            max_pipes: crate::caps::pipe_budget(nofile, max_connections),
             global_limiter,
             admin: config.admin.clone(),
             reload: config.reload.clone(),

@@ -1,5 +1,5 @@
-//! What `discover` names resolved to: the last good address set of each discovering upstream,
-//! when to ask again, and how the asking went. Shared by every generation, so that a reload or a
+//! What `discover` names resolved to: the last good address set of each discovering upstream
+//! (its first `discover_max_backends` addresses), when to ask again, and how the asking went. Shared by every generation, so that a reload or a
 //! rebuild starts from the set already known instead of an empty upstream.
 //!
 //! This is a table and nothing more: the resolver that fills it, and the rebuild a changed set
@@ -22,8 +22,11 @@ pub struct Discovered {
 struct Entry {
     /// The `host:port` the set is for: a set stands only while the upstream discovers that name.
     target: String,
-    /// Sorted, no duplicates; empty until a resolution first succeeds.
+    /// Sorted, no duplicates, at most `discover_max_backends`; empty until a resolution first
+    /// succeeds.
     addrs: Vec<SocketAddr>,
+    /// Addresses of the last good answer past `discover_max_backends`, left out of `addrs`.
+    ignored: usize,
     /// When to resolve again (`None`: at once).
     next: Option<Instant>,
     outcomes: Arc<Outcomes>,
@@ -74,13 +77,24 @@ impl Discovered {
     }
 
     /// Records a resolution of `target` for `upstream` and when to resolve again. A failed or
-    /// empty one keeps the last good set. Returns whether the set changed.
-    pub fn record(&self, upstream: &str, target: &str, resolution: Resolution, next: Instant) -> bool {
+    /// empty one keeps the last good set. Of a good one, the first `max` addresses in address
+    /// order are the set (`discover_max_backends`), the rest are ignored (see [`Self::ignored`]),
+    /// so that whatever a DNS server answers, the same answer makes the same bounded set.
+    /// Returns whether the set changed.
+    pub fn record(
+        &self,
+        upstream: &str,
+        target: &str,
+        resolution: Resolution,
+        next: Instant,
+        max: usize,
+    ) -> bool {
         let mut sets = self.lock();
         let entry = sets.entry(upstream.to_string()).or_default();
         if entry.target != target {
             entry.target = target.to_string();
             entry.addrs.clear();
+            entry.ignored = 0;
         }
         entry.next = Some(next);
         match resolution {
@@ -88,6 +102,9 @@ impl Discovered {
                 entry.outcomes.ok.inc();
                 addrs.sort_unstable();
                 addrs.dedup();
+                let max = max.max(1);
+                entry.ignored = addrs.len().saturating_sub(max);
+                addrs.truncate(max);
                 let changed = entry.addrs != addrs;
                 entry.addrs = addrs;
                 changed
@@ -101,6 +118,12 @@ impl Discovered {
                 false
             }
         }
+    }
+
+    /// How many addresses of `upstream`'s last good answer were past `discover_max_backends`
+    /// and left out of its set.
+    pub fn ignored(&self, upstream: &str) -> usize {
+        self.lock().get(upstream).map_or(0, |e| e.ignored)
     }
 
     /// The resolution counters of `upstream` (made if needed; kept when its name changes).
@@ -128,8 +151,8 @@ mod tests {
         let table = Discovered::default();
         let now = Instant::now();
         let set = vec![addr("127.0.0.12:80"), addr("127.0.0.11:80")];
-        assert!(table.record("u", "app:80", Resolution::Addresses(set.clone()), now));
-        assert!(!table.record("u", "app:80", Resolution::Addresses(set), now));
+        assert!(table.record("u", "app:80", Resolution::Addresses(set.clone()), now, 256));
+        assert!(!table.record("u", "app:80", Resolution::Addresses(set), now, 256));
         assert_eq!(
             table.addrs("u", "app:80"),
             vec![addr("127.0.0.11:80"), addr("127.0.0.12:80")]
@@ -137,13 +160,42 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_past_the_maximum_keeps_the_first_addresses_in_address_order() {
+        let table = Discovered::default();
+        let now = Instant::now();
+        // 1 000 addresses, duplicated and in no particular order.
+        let answer: Vec<SocketAddr> = (0..2_000u32)
+            .map(|i| (i * 7919) % 1_000)
+            .map(|i| SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8], 80)))
+            .collect();
+        assert!(table.record("u", "app:80", Resolution::Addresses(answer.clone()), now, 256));
+        let kept = table.addrs("u", "app:80");
+        assert_eq!(kept.len(), 256);
+        let mut first: Vec<SocketAddr> = answer.clone();
+        first.sort_unstable();
+        first.dedup();
+        first.truncate(256);
+        assert_eq!(kept, first);
+        assert_eq!(table.ignored("u"), 744);
+        let mut reversed = answer;
+        reversed.reverse();
+        assert!(
+            !table.record("u", "app:80", Resolution::Addresses(reversed), now, 256),
+            "the same answer in another order is the same set"
+        );
+        let small = vec![addr("127.0.0.11:80")];
+        assert!(table.record("u", "app:80", Resolution::Addresses(small), now, 256));
+        assert_eq!(table.ignored("u"), 0);
+    }
+
+    #[test]
     fn a_failed_or_empty_resolution_keeps_the_last_good_set() {
         let table = Discovered::default();
         let now = Instant::now();
         let set = vec![addr("127.0.0.11:80")];
-        table.record("u", "app:80", Resolution::Addresses(set.clone()), now);
-        assert!(!table.record("u", "app:80", Resolution::Failed, now));
-        assert!(!table.record("u", "app:80", Resolution::Empty, now));
+        table.record("u", "app:80", Resolution::Addresses(set.clone()), now, 256);
+        assert!(!table.record("u", "app:80", Resolution::Failed, now, 256));
+        assert!(!table.record("u", "app:80", Resolution::Empty, now, 256));
         assert_eq!(table.addrs("u", "app:80"), set);
         let outcomes = table.outcomes("u");
         assert_eq!(
@@ -161,6 +213,7 @@ mod tests {
             "app:80",
             Resolution::Addresses(vec![addr("127.0.0.11:80")]),
             later,
+            256,
         );
         assert!(table.addrs("u", "other:80").is_empty());
         assert_eq!(

@@ -161,3 +161,129 @@ fn a_runtime_weight_stands_until_the_configured_weight_changes() {
     let changed = Upstream::new(&config(5), None, Some(&same), &[]);
     assert_eq!(changed.pool.weight(slot), 5);
 }
+
+#[test]
+fn a_rotating_discovered_set_reuses_the_slots_of_removed_backends_instead_of_growing_the_pool() {
+    let config = upstream_config("discover='app.internal:80'", "");
+    let set = |round: u8| -> Vec<SocketAddr> {
+        (1..=4)
+            .map(|host| SocketAddr::from(([10, round, 0, host], 80)))
+            .collect()
+    };
+    let mut running = Upstream::new(&config, None, None, &set(0));
+    let mut slots = Vec::new();
+    for round in 1..=10 {
+        // As a rebuild does: the next generation is built while the one before is still live,
+        // and replaces it.
+        running = Upstream::new(&config, None, Some(&running), &set(round));
+        slots.push(running.pool.len());
+        let labels: Vec<String> = running.backends.iter().map(|b| b.label.clone()).collect();
+        let wanted: Vec<String> = set(round).iter().map(|a| a.to_string()).collect();
+        assert_eq!(labels, wanted, "round {round}");
+        let leases: Vec<_> = (0..4).filter_map(|_| running.pool.pick(&[])).collect();
+        let mut picked: Vec<usize> = leases.iter().map(|l| l.index()).collect();
+        picked.sort_unstable();
+        let mut own: Vec<usize> = running.backends.iter().map(|b| b.slot).collect();
+        own.sort_unstable();
+        assert_eq!(picked, own, "round {round}: only this set's backends are picked");
+    }
+    // Two sets at most: the live one and the one it replaced (live while it was built).
+    assert_eq!(slots, [8; 10]);
+}
+
+#[test]
+fn a_removed_backend_keeps_its_slot_while_a_lease_of_it_or_a_generation_holding_it_lives() {
+    let config = upstream_config("discover='app.internal:80'", "");
+    let addr = |host: u8| SocketAddr::from(([10, 0, 0, host], 80));
+    let first = Upstream::new(&config, None, None, &[addr(1), addr(2)]);
+    let lease = first
+        .pool
+        .pick(&[first.backends[1].slot])
+        .expect("the first backend");
+    assert_eq!(lease.index(), 0);
+    let second = Upstream::new(&config, None, Some(&first), &[addr(2)]);
+    drop(first);
+    // 10.0.0.1's backend is gone, but a connection still holds a lease of its slot.
+    let third = Upstream::new(&config, None, Some(&second), &[addr(2), addr(3)]);
+    assert_eq!((third.backends[1].slot, third.pool.len()), (2, 3));
+    assert_eq!(third.pool.active(0), 1, "the lease still counts on its slot");
+    drop(lease);
+    drop(second);
+    let fourth = Upstream::new(&config, None, Some(&third), &[addr(2), addr(3), addr(4)]);
+    assert_eq!(
+        (fourth.backends[2].slot, fourth.pool.len()),
+        (0, 3),
+        "a slot nothing refers to is reused"
+    );
+    assert_eq!(fourth.backend(0).map(|b| b.label.as_str()), Some("10.0.0.4:80"));
+    drop(third);
+    // 10.0.0.4 goes, then another address comes while `fourth`, which maps slot 0 to
+    // 10.0.0.4, is still held (by a connection of that generation, say).
+    let fifth = Upstream::new(&config, None, Some(&fourth), &[addr(2), addr(3)]);
+    let sixth = Upstream::new(&config, None, Some(&fifth), &[addr(2), addr(3), addr(5)]);
+    assert_eq!((sixth.backends[2].slot, sixth.pool.len()), (3, 4));
+    assert_eq!(fourth.backend(0).map(|b| b.label.as_str()), Some("10.0.0.4:80"));
+    assert!(sixth.backend(0).is_none());
+}
+
+/// A live generation with an mTLS listener `a` (a fresh development PKI in `dir`) where alice
+/// may reach `u`, and its config.
+fn mtls_live(dir: &std::path::Path) -> (Live, Config) {
+    let pki = crate::pki::generate(&[], &[]).expect("development PKI");
+    crate::pki::write(dir, &pki, true).expect("write the PKI");
+    let path = |name: &str| dir.join(name).display().to_string();
+    let text = format!(
+        "[[listener]]\nname='a'\nbind='127.0.0.1:0'\nupstream='u'\n[listener.tls]\ncert='{}'\nkey='{}'\nclient_ca='{}'\n\
+         [[upstream]]\nname='u'\nbackends=['127.0.0.1:1']\n[authorization]\nalice=['u']\n",
+        path("server.pem"),
+        path("server.key"),
+        path("ca.pem"),
+    );
+    let config = crate::Config::from_toml(&text, "t").expect("config");
+    let loaded = build::load(&config).expect("load");
+    let addrs = vec![("a".to_string(), "127.0.0.1:1".parse().expect("addr"))];
+    let state = State::assemble(&config, loaded, addrs, None, 1, Default::default());
+    (Live::new(state, None), config)
+}
+
+#[test]
+fn a_rebuild_that_keeps_the_trust_verifies_no_open_certificate_and_a_reload_does() {
+    let dir = std::env::temp_dir().join(format!("fulcrum-state-trust-{}", std::process::id()));
+    let (live, config) = mtls_live(&dir);
+    // Registered with a chain that does not verify (none at all): only a new verification
+    // can cut it, since alice stays authorized.
+    let open = register(&live, None);
+    let current = live.state();
+    let tls = current.listener("a").and_then(|l| l.tls.as_ref()).expect("TLS");
+    assert!(!tls.accepts(&[]), "an empty chain verifies");
+    let addrs = vec![("a".to_string(), current.listener("a").expect("a").bind)];
+
+    // A changed `discover` set: the same config, the loaded files reused.
+    let rebuilt = State::assemble(
+        &current.config,
+        build::Loaded::reuse(&current),
+        addrs.clone(),
+        Some(&current),
+        2,
+        Arc::clone(&current.discovered),
+    );
+    drop(current);
+    assert_eq!(live.swap(Arc::new(rebuilt)), 0);
+    assert_eq!(open.cut.reason(), None, "a rebuild verified an open certificate");
+
+    // A reload reads the CA file again: a new verifier, so open chains are verified again.
+    let current = live.state();
+    let loaded = build::load(&config).expect("load");
+    let reloaded = State::assemble(
+        &config,
+        loaded,
+        addrs,
+        Some(&current),
+        3,
+        Arc::clone(&current.discovered),
+    );
+    drop(current);
+    assert_eq!(live.swap(Arc::new(reloaded)), 1);
+    assert_eq!(open.cut.reason(), Some(Cut::AccessRevoked));
+    let _ = std::fs::remove_dir_all(&dir);
+}

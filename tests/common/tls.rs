@@ -81,6 +81,16 @@ impl TempDir {
         std::fs::write(&path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
         path
     }
+
+    /// [`write`](TempDir::write), mode 0600: a secret file (`token_file`, `password_file`) that
+    /// group or others may read is refused.
+    pub fn write_secret(&self, name: &str, contents: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = self.write(name, contents);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .unwrap_or_else(|e| panic!("chmod 600 {}: {e}", path.display()));
+        path
+    }
 }
 
 impl Drop for TempDir {

@@ -7,6 +7,12 @@ fn admin(extra: &str) -> AdminConfig {
     let dir = std::env::temp_dir().join(format!("fulcrum-guard-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("admin.token"), "s3cret-token\n").unwrap();
+    // A token file readable by group or others is refused.
+    std::fs::set_permissions(
+        dir.join("admin.token"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let text = format!(
         "[[listener]]\nname='a'\nbind='127.0.0.1:0'\nupstream='u'\n[[upstream]]\nname='u'\nbackends=['127.0.0.1:1']\n[admin]\n{extra}\n"
     );

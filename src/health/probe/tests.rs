@@ -23,6 +23,31 @@ fn timeouts_and_refusals_are_failures_reported_with_different_reasons() {
 }
 
 #[test]
+fn probes_failing_for_want_of_local_descriptors_or_memory_never_move_a_backend_toward_down() {
+    let upstream = upstream("fall = 2\nrise = 1");
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM: at connect, or once connected (send/expect).
+    for errno in [24, 23, 105, 12] {
+        for failure in [
+            Failure::from_connect(io::Error::from_raw_os_error(errno), Duration::from_secs(1)),
+            Failure::Io(io::Error::from_raw_os_error(errno)),
+        ] {
+            assert_eq!(record_probe(&upstream, 0, Err(failure)), Probed::Local);
+        }
+    }
+    let backend = &upstream.backends[0];
+    assert!(backend.is_up() && upstream.pool.any_in_rotation());
+    assert_eq!(backend.health.went_down.get(), 0);
+    // Nor did they start a failure streak: one real failure is still one short of `fall`.
+    assert_eq!(
+        record_probe(&upstream, 0, Err(Failure::Refused)),
+        Probed::Recorded
+    );
+    assert!(backend.is_up(), "a local failure counted toward fall");
+    record_probe(&upstream, 0, Err(Failure::Refused));
+    assert!(!backend.is_up(), "a real failure is still counted");
+}
+
+#[test]
 fn jitter_stays_within_ten_percent_of_the_interval() {
     let interval = Duration::from_secs(2);
     assert_eq!(jittered(interval, 0.0), Duration::from_millis(1800));
