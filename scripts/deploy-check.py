@@ -166,6 +166,8 @@ def check_kubernetes(objects, out_dir, certs_dir):
           "configmap: [rate_limit.shared] redis is not the redis Service")
 
     (certs_dir / "admin.token").write_text("deploy-check token\n")
+    # As the Secret mounts it: readable by its owner only (fulcrum refuses a readable token).
+    (certs_dir / "admin.token").chmod(0o600)
     rewritten = text.replace(CERTS_DIR + "/", str(certs_dir) + "/").replace(ADMIN_DIR + "/token", str(certs_dir) + "/admin.token")
     (out_dir / "configmap-fulcrum.toml").write_text(rewritten)
 
