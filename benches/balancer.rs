@@ -59,11 +59,15 @@ fn run(threads: usize, op: impl Fn() + Sync) -> f64 {
 /// A pool of `size` backends whose weights cycle through `weights`.
 fn weighted(size: usize, weights: &[u32]) -> Arc<Pool> {
     let pool = Pool::new(0);
+    let now = Instant::now();
     for i in 0..size {
-        pool.add_with(Spec {
-            weight: weights[i % weights.len()],
-            ..Spec::default()
-        });
+        pool.add_with(
+            Spec {
+                weight: weights[i % weights.len()],
+                ..Spec::default()
+            },
+            now,
+        );
     }
     pool
 }
@@ -77,7 +81,7 @@ fn picks(pool: &Arc<Pool>, threads: usize) -> f64 {
             if held.len() == HELD {
                 held.pop_front();
             }
-            held.push_back(black_box(pool.pick_at(&[], now)).expect("backend"));
+            held.push_back(black_box(pool.pick(&[], now)).expect("backend"));
         }
     });
     assert!(pool.active_all().iter().all(|c| *c == 0));

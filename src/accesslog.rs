@@ -10,8 +10,9 @@
 //! shutdown the writer drains what is queued, flushes and returns; `Server::run` waits for it.
 //! SIGUSR1 ([`AccessLog::reopen`]) makes the writer flush and reopen the file at its path, for
 //! `logrotate`: every line goes to the old file or the new one, none is lost. Connections open
-//! longer than `[access_log] interim` send interim entries (outcome `interim`, bytes so far).
-//! This module owns the line format; it does not decide what a connection's outcome is.
+//! longer than `[access_log] interim` send interim entries (outcome `interim`, bytes so far) when
+//! their [`Interim`] checkpoint is due. This module owns the line format and when an interim
+//! entry is due; it does not decide what a connection's outcome is.
 
 use std::io;
 use std::net::SocketAddr;
@@ -128,6 +129,53 @@ impl Entry {
         };
         // Serializing plain strings and numbers cannot fail; fall back to an empty object anyway.
         serde_json::to_string(&line).unwrap_or_else(|_| "{}".to_string())
+    }
+}
+
+/// When a long connection's next interim entry is due, and where it goes (`[access_log]
+/// interim`): the relay's meter asks [`Interim::due`] and calls [`Interim::checkpoint`] then.
+pub(crate) struct Interim<'a> {
+    every: Duration,
+    next: tokio::time::Instant,
+    started: Instant,
+    log: &'a AccessLog,
+    /// The access log entry so far (the interim entries' fields).
+    entry: &'a Entry,
+}
+
+impl<'a> Interim<'a> {
+    /// Interim entries of `entry`, a connection that started at `started`, to `log` `every` so
+    /// often; the first one `every` after `started`.
+    pub(crate) fn new(
+        log: &'a AccessLog,
+        every: Duration,
+        started: Instant,
+        entry: &'a Entry,
+    ) -> Interim<'a> {
+        Interim {
+            every,
+            next: crate::clock::later(tokio::time::Instant::from_std(started), every),
+            started,
+            log,
+            entry,
+        }
+    }
+
+    /// When the next interim entry is due.
+    pub(crate) fn due(&self) -> tokio::time::Instant {
+        self.next
+    }
+
+    /// Sends the interim entry due: the entry so far with `up` and `down`, the bytes moved each
+    /// way until now; the next one is due `every` later.
+    pub(crate) fn checkpoint(&mut self, up: u64, down: u64) {
+        let mut entry = self.entry.clone();
+        entry.outcome = "interim";
+        entry.bytes_up = up;
+        entry.bytes_down = down;
+        entry.duration = self.started.elapsed();
+        self.log.send(entry);
+        self.next = crate::clock::later(self.next, self.every);
     }
 }
 

@@ -347,13 +347,17 @@ async fn backend_state(
         let Some(spec) = group.pool.spec(slot) else {
             return error(StatusCode::NOT_FOUND, "the backend left the configuration");
         };
-        group.pool.respec(slot, crate::balancer::Spec { weight, ..spec });
+        group.pool.respec(
+            slot,
+            crate::balancer::Spec { weight, ..spec },
+            std::time::Instant::now(),
+        );
         info!(upstream = %upstream, backend = %backend, from = spec.weight, to = weight, by = who.label(), "backend weight set");
         reply["weight"] = weight.into();
         reply["previous_weight"] = spec.weight.into();
     }
     if let Some(wanted) = wanted {
-        match crate::health::probe::set_admin_state(group, slot, wanted, who.label()) {
+        match crate::probe::set_admin_state(group, slot, wanted, who.label()) {
             Some(before) => {
                 reply["state"] = wanted.label().into();
                 reply["previous"] = before.label().into();

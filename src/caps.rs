@@ -95,6 +95,15 @@ impl Drop for InHandshake {
     }
 }
 
+/// This process's soft limit on open files (`Max open files` in `/proc/self/limits`), if it
+/// can be read and is not unlimited: what the default caps are derived from. (The one read of
+/// the system in this room; the caps themselves take it as an argument.)
+pub fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
 /// The default process-wide `max_connections` for an open-file limit of `nofile`: two
 /// descriptors per proxied connection (client and backend), after a reserve of a quarter of the
 /// limit, at most 256, for listening sockets, the admin listener, health probes, Redis, log

@@ -5,9 +5,9 @@
 //!   (`rise` successes to come up, `fall` failures to go down) and says when the state flips;
 //!   [`check_reply`] and [`jittered`] are the other decisions; [`BackendHealth`] is the state a
 //!   live backend carries. No I/O, no clock.
-//! - the thin I/O shell, [`probe`]: one probe loop per backend (jittered, each probe bounded by
+//! - the thin I/O shell, the `probe` room above the live model: one probe loop per backend (jittered, each probe bounded by
 //!   the probe `timeout`, so a black-holed backend delays no other probe), and
-//!   [`probe::record`], which applies an outcome, from a probe or from real traffic (passive
+//!   `probe::record`, which applies an outcome, from a probe or from real traffic (passive
 //!   detection), to a live backend: rotation in the pool, the down signal watched by open
 //!   connections (`on_down = "close"`), slow start, metrics and the one log line per transition.
 //!
@@ -191,9 +191,9 @@ impl AdminState {
 pub struct BackendHealth {
     status: Mutex<Status>,
     /// Mirror of `status.state.is_up()`, readable without the lock (metrics).
-    up: AtomicBool,
+    pub(crate) up: AtomicBool,
     /// Mirror of `status.admin`, readable without the lock.
-    admin: std::sync::atomic::AtomicU8,
+    pub(crate) admin: std::sync::atomic::AtomicU8,
     /// Admin state changes, for `fulcrum_backend_admin_state_changes_total`.
     pub admin_changes: Counter,
     /// Transitions to up, for `fulcrum_backend_health_transitions_total{to="up"}`.
@@ -203,13 +203,13 @@ pub struct BackendHealth {
 }
 
 #[derive(Debug)]
-struct Status {
-    state: HealthState,
+pub(crate) struct Status {
+    pub(crate) state: HealthState,
     /// Cancelled when the backend goes down; replaced by a fresh one when it comes back.
-    down: CancellationToken,
-    admin: AdminState,
+    pub(crate) down: CancellationToken,
+    pub(crate) admin: AdminState,
     /// Cancelled when the backend is put in `maint`; replaced when it leaves.
-    maint: CancellationToken,
+    pub(crate) maint: CancellationToken,
 }
 
 impl BackendHealth {
@@ -262,7 +262,7 @@ impl BackendHealth {
         self.is_up() && self.admin_state() == AdminState::Ready
     }
 
-    fn lock(&self) -> MutexGuard<'_, Status> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Status> {
         // Nothing panics while holding this lock; recover from poisoning rather than spread it.
         self.status.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -277,15 +277,13 @@ pub enum Source {
 }
 
 impl Source {
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Source::Probe => "probe",
             Source::Traffic => "traffic",
         }
     }
 }
-
-pub mod probe;
 
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@
 //!
 //! # The identity rule
 //!
-//! This is the one place the rule is written down; README's TLS section points here.
+//! This is the one place the rule is written down; docs/security.md and docs/configuration.md point here.
 //!
 //! 1. **Purpose.** If the certificate carries an extended key usage (EKU) extension, that
 //!    extension must list `id-kp-clientAuth` (1.3.6.1.5.5.7.3.2) or `anyExtendedKeyUsage`;

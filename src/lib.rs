@@ -1,30 +1,34 @@
 //! fulcrum: a layer-4 (TCP) load balancer.
 //!
-//! Each accepted connection goes to the backend with the fewest active connections (ties
-//! round-robin) and bytes are copied both ways, half-close included, until both sides end.
+//! Each accepted connection goes to the backend with the fewest active connections relative to
+//! its weight (ties round-robin) and bytes are copied both ways, half-close included, until both
+//! sides end.
 //!
 //! # Crate map
 //! Modules are listed top (what runs) to bottom (what it reads); every import points down, and
 //! `scripts/module-graph` checks that no module imports, directly or through others, one that
-//! imports it.
+//! imports it. This table is the crate map's source: `docs/design.md` shows it with each module's
+//! files, and `tests/docs.rs` fails when the two differ (`FULCRUM_BLESS=1 cargo test --test docs`
+//! regenerates the page).
 //!
 //! | module | owns |
 //! |---|---|
-//! | `server` | binding, accept loops, the run/shutdown/drain sequence, applying reloads ([`Server`]) |
+//! | `server` | the run/shutdown/drain sequence and applying reloads ([`Server`]); `server::listen`: binding sockets, accept loops, the backlog at close |
 //! | `connection` | one connection's phases: front, admission, limit, connect, relay, its end |
 //! | [`verify`] | `fulcrum verify`: a certificate chain judged as a listener's handshake would |
 //! | [`admin`] | the admin HTTP API (hyper + axum, TCP and Unix socket); [`admin::guard`] its token, CSRF and DNS rebinding rules (pure); [`admin::status`] (the `/status` snapshot and page) and [`admin::prometheus`] (`/metrics`, by prometheus-client) read the live state |
 //! | [`reload`] | asking for a reload: the [`reload::Handle`], its request and result |
-//! | [`health`] | backend health: rise/fall state and failures (pure); [`health::probe`]: probe loops and applying outcomes |
+//! | [`probe`] | health probe loops, and applying probe and dial outcomes and operator states to the live model |
+//! | [`health`] | backend health: rise/fall state, failures, admin states (pure) |
 //! | `net` | dialing backends: dial, PROXY header, TLS to the backend, resource-exhaustion classification |
-//! | [`state`] | the live model: one generation's listeners, upstreams, backends, the registry of open mTLS connections, [`state::Live`], the discovered address sets; [`state::build`]: assembling a generation from a loaded config |
+//! | [`state`] | the live model: one generation's listeners, upstreams, backends, [`state::Live`], the discovered address sets, why a generation cannot be brought up ([`state::ServerError`]); `state::registry`: the open mTLS connections and the task closing them at certificate expiry; [`state::build`]: assembling a generation from a loaded config |
 //! | `accesslog` | the JSON-lines access log: entries (interim ones too), the bounded queue, the writer task and its reopening (SIGUSR1) |
 //! | [`ratelimit`] | the listener's [`ratelimit::Limiter`]: [`ratelimit::local`] fixed windows (pure), [`ratelimit::shares`] (pure) and [`ratelimit::cluster`] (its Redis shell) |
-//! | [`tls`] | certificate loading and each listener's rustls configuration (TLS policy); [`tls::expiry`] when the configured certificates expire |
+//! | [`tls`] | each listener's rustls configuration (TLS policy), with one file each for the client verifier, the session cache, client TLS (backends, Redis), the provider and reading PEM files; [`tls::expiry`] when the configured certificates expire, and the CRL `nextUpdate` warning |
 //! | [`proxy`] | the two-way byte relay with half-close and per-side errors |
-//! | [`proxy_protocol`] | PROXY protocol v1/v2 headers: encoding and parsing (pure); [`proxy_protocol::reader`] reads one off a socket |
-//! | [`clock`] | deadlines from configured or peer-supplied durations, saturating instead of panicking (pure) |
-//! | [`caps`] | caps on open connections (process, listener) and on handshakes per source; RAII places; the splice pipe budget (pure) |
+//! | [`proxy_protocol`] | PROXY protocol v1/v2 headers: the wire types, encoding and parsing, one file each (pure); [`proxy_protocol::reader`] reads one off a socket |
+//! | [`clock`] | deadlines from configured or peer-supplied durations, saturating instead of panicking, and waits toward wall-clock times (pure) |
+//! | [`caps`] | caps on open connections (process, listener) and on handshakes per source; RAII places; the splice pipe budget (pure); the open-file limit they derive from |
 //! | [`balancer`] | weighted least-connections selection, caps, backups, the queue, and the lease that is a connection's count (pure) |
 //! | [`authz`] | which identities may reach which upstreams, default deny (pure) |
 //! | [`trust`] | the client trust boundary: anchors and intermediates, path building, name constraints, CRLs bound to their issuer's key, SPIFFE trust domains (pure) |
@@ -34,7 +38,8 @@
 //! | `watch` | `[reload] watch`: reloading when the config file or a file it names changes |
 //! | `discovery` | `discover`: resolving upstreams' names (hickory) and rebuilding when their address sets change |
 //! | `throttle` | the throttle on log lines a peer can cause |
-//! | [`config`] | TOML -> validated [`Config`]; every rule about valid configuration (pure) |
+//! | [`config`] | TOML -> validated [`Config`]; every rule about valid configuration (pure), one file per section under `config/`; the files a config is made of and their fingerprint |
+//! | [`addr`] | addresses and prefixes: the values several rooms use ([`addr::IpNet`], [`addr::SourcePrefixes`]); pure |
 //! | [`ctl`] | `fulcrum ctl`: a client of the admin API |
 //! | [`pki`] | development certificates for `fulcrum certs`, the demo and tests |
 //! | [`backend`] | the demo backend (`fulcrum backend`) |
@@ -54,6 +59,7 @@
 //! ([`ratelimit::RateLimiter`]).
 
 mod accesslog;
+pub mod addr;
 pub mod admin;
 pub mod authz;
 pub mod backend;
@@ -71,6 +77,7 @@ pub mod logging;
 pub mod metrics;
 mod net;
 pub mod pki;
+pub mod probe;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod ratelimit;

@@ -120,7 +120,7 @@ pub const HANDSHAKE_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 /// Bucket upper bounds (seconds) of `fulcrum_backend_connect_duration_seconds`: a dial in one
-/// data centre takes 0.1-1 ms; the default `connect_timeout` is 5 s.
+/// data centre takes 0.1-1 ms; the default `connect_timeout` is 3 s.
 pub const CONNECT_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];

@@ -123,14 +123,6 @@ pub(crate) fn keepalive(stream: &TcpStream, settings: &Keepalive) -> io::Result<
     socket.set_tcp_user_timeout(Some(settings.user_timeout()))
 }
 
-/// This process's soft limit on open files (`Max open files` in `/proc/self/limits`), if it
-/// can be read and is not unlimited.
-pub(crate) fn open_file_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
-}
-
 /// Whether `e` says this process is out of descriptors, buffers or memory (not the peer's fault).
 pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
     // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12 (Linux).

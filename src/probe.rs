@@ -1,10 +1,11 @@
-//! The I/O side of health: probe loops, and applying outcomes to live backends.
+//! Health probes and their outcomes: probe loops, and applying outcomes to live backends. The
+//! I/O side of `health` (its pure core), above the live model (`state`) it changes.
 //!
 //! [`spawn`] starts one probe loop per backend of an upstream; [`once`] is one probe (connect,
 //! `send`, the `expect`ed reply, all within the probe `timeout`); [`record`] applies an outcome,
 //! from a probe or from a real client's dial (passive detection), to the backend: rotation in the
 //! pool, the down signal, slow start, counters and one log line per transition. The decisions
-//! themselves are the pure core's (`super`). Probes dial through `net`, as client connections do,
+//! themselves are the pure core's (`health`). Probes dial through `net`, as client connections do,
 //! and a probe that fails for want of this process's own descriptors or memory is judged as a
 //! client's dial is (`net::is_local_exhaustion`): logged as local, never held against
 //! the backend ([`record_probe`]).
@@ -18,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::{check_reply, jittered, AdminState, Failure, Source, Transition};
 use crate::config::{BackendAddr, HealthCheckConfig};
+use crate::health::{check_reply, jittered, AdminState, Failure, Source, Transition};
 use crate::net::{dial, is_local_exhaustion};
 use crate::state::Upstream;
 use crate::throttle::LogThrottle;
@@ -84,7 +85,7 @@ pub fn record(upstream: &Upstream, index: usize, source: Source, outcome: Result
     match transition {
         None => {}
         Some(Transition::Down) => {
-            upstream.pool.set_in_rotation(index, false);
+            upstream.pool.set_in_rotation(index, false, Instant::now());
             health.up.store(false, Ordering::Relaxed);
             status.down.cancel();
             drop(status);
@@ -120,7 +121,7 @@ pub fn record(upstream: &Upstream, index: usize, source: Source, outcome: Result
 fn back_in_rotation(upstream: &Upstream, index: usize) {
     match upstream.health_check.slow_start {
         Some(period) => upstream.pool.ramp_up(index, Instant::now(), period),
-        None => upstream.pool.set_in_rotation(index, true),
+        None => upstream.pool.set_in_rotation(index, true, Instant::now()),
     }
 }
 
@@ -145,7 +146,7 @@ pub fn set_admin_state(
             back_in_rotation(upstream, index)
         }
         AdminState::Ready => {}
-        AdminState::Drain | AdminState::Maint => upstream.pool.set_in_rotation(index, false),
+        AdminState::Drain | AdminState::Maint => upstream.pool.set_in_rotation(index, false, Instant::now()),
     }
     if state == AdminState::Maint {
         status.maint.cancel();

@@ -9,7 +9,9 @@
 //!
 //! Which policy a listener enforces (its own `[listener.rate_limit]` over the global
 //! `[rate_limit]`) is settled by `config`; which limiter instance counts it is settled when a
-//! generation is assembled (`state`). This module never touches sockets.
+//! generation is assembled (`state`). This module never touches sockets and reads no clock: the
+//! caller passes `now`. Only the Redis shell, [`cluster`], reads clocks of its own (the wall clock
+//! of the shared windows, and the time of what it does after a round trip).
 
 pub mod cluster;
 pub mod local;
@@ -40,14 +42,14 @@ impl Limiter {
         }
     }
 
-    /// Decides whether `key` may open a connection now. A cluster limiter may wait for one Redis
-    /// round trip, never longer than the configured `timeout`.
-    pub async fn check(&self, key: &ClientKey) -> Decision {
+    /// Decides whether `key` may open a connection at `now`. A cluster limiter may wait for one
+    /// Redis round trip, never longer than the configured `timeout`.
+    pub async fn check(&self, key: &ClientKey, now: Instant) -> Decision {
         match self {
-            Limiter::Local(local) => local.check(key, Instant::now()),
+            Limiter::Local(local) => local.check(key, now),
             // Boxed: the Redis round trip's state would otherwise sit in every connection's
             // future, limited ones or not (see connection's size test).
-            Limiter::Cluster(cluster) => Box::pin(cluster.check(key)).await,
+            Limiter::Cluster(cluster) => Box::pin(cluster.check(key, now)).await,
         }
     }
 }

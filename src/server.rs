@@ -13,26 +13,26 @@
 //! cancelled. This module owns sockets and tasks; it does not
 //! decide where a connection goes (balancer) or move its bytes (proxy).
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::net::is_resource_exhaustion;
 use crate::reload::{Change, Handle, ReloadError, Request};
 use crate::state::build::{load, Loaded};
-use crate::state::{Discovered, Listener, Live, ServerError, State};
+use crate::state::{Discovered, Live, ServerError, State};
 
-/// Listen backlog for client-facing sockets.
-const BACKLOG: i32 = 1024;
+mod listen;
+
+use listen::{accept_loop, bind_all, bind_listener, configured_same};
+
 /// After the drain deadline, how long cancelled connections get to close their sockets.
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
 
@@ -210,9 +210,10 @@ impl Server {
             tasks.accept(name, socket);
         }
         tasks.start_generation(&live.state());
-        tasks
-            .tracker
-            .spawn(close_at_expiry(Arc::clone(&live.registry), shutdown.clone()));
+        tasks.tracker.spawn(crate::state::close_at_expiry(
+            Arc::clone(&live.registry),
+            shutdown.clone(),
+        ));
         let log_stop = CancellationToken::new();
         let log_writer = live
             .state()
@@ -332,7 +333,7 @@ impl Tasks {
         self.probes.cancel();
         self.probes = self.shutdown.child_token();
         for upstream in state.upstreams() {
-            crate::health::probe::spawn(upstream, &self.tracker, &self.probes);
+            crate::probe::spawn(upstream, &self.tracker, &self.probes);
             if let Some(target) = &upstream.discover {
                 self.tracker.spawn(crate::discovery::run(
                     self.handle.clone(),
@@ -344,7 +345,7 @@ impl Tasks {
                 ));
             }
         }
-        self.tracker.spawn(warn_at_crl_next_update(
+        self.tracker.spawn(crate::tls::expiry::warn_at_crl_next_update(
             state.crl_deadlines(),
             self.probes.clone(),
         ));
@@ -459,197 +460,5 @@ impl Tasks {
             self.accept(name, socket);
         }
         Ok(generation)
-    }
-}
-
-/// Whether a running listener was configured with `bind` (port 0 means "any port": kept).
-fn configured_same(old: &Listener, bind: SocketAddr) -> bool {
-    old.bind == bind || (bind.port() == 0 && old.bind.ip() == bind.ip())
-}
-
-/// Binds `workers` sockets for one listener (SO_REUSEPORT siblings when more than one).
-fn bind_all(name: &str, addr: SocketAddr, workers: usize) -> Result<Vec<(String, TcpListener)>, ServerError> {
-    let error = |source| ServerError::Bind {
-        name: name.to_string(),
-        addr,
-        source,
-    };
-    // SO_REUSEPORT always, even with one worker: a second fulcrum process (an upgrade, or a
-    // second instance on the same host) can then bind the same address and share its traffic.
-    let first = bind_listener(addr).map_err(error)?;
-    // Port 0 picks a port for the first socket; its siblings must share it.
-    let bound = first.local_addr().map_err(error)?;
-    let mut sockets = vec![(name.to_string(), first)];
-    for _ in 1..workers {
-        sockets.push((name.to_string(), bind_listener(bound).map_err(error)?));
-    }
-    Ok(sockets)
-}
-
-fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
-    TcpListener::from_std(socket.into())
-}
-
-/// Accepts until `stop`, spawning one tracked task per connection, each on the generation
-/// current when it was accepted. Resource exhaustion (EMFILE, ENFILE, ENOBUFS, ENOMEM) backs off
-/// exponentially instead of spinning.
-async fn accept_loop(
-    socket: TcpListener,
-    name: String,
-    live: Arc<Live>,
-    tracker: TaskTracker,
-    stop: CancellationToken,
-    abort: CancellationToken,
-) {
-    const MIN_BACKOFF: Duration = Duration::from_millis(5);
-    const MAX_BACKOFF: Duration = Duration::from_secs(1);
-    let mut backoff = MIN_BACKOFF;
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            accepted = socket.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                backoff = MIN_BACKOFF;
-                let state = live.state();
-                let Some(listener) = state.listener(&name) else {
-                    break; // removed by a reload; its loop is being stopped
-                };
-                serve(stream, peer, listener, &state, &live, &tracker, &abort);
-            }
-            Err(e) if is_resource_exhaustion(&e) => {
-                warn!(listener = %name, error = %e, ?backoff, "accept failed: out of resources, backing off");
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
-            Err(e) => debug!(listener = %name, error = %e, "accept failed"),
-        }
-    }
-    take_backlog(socket, &name, &live, &tracker, &abort);
-    debug!(listener = %name, "accept loop stopped");
-}
-
-/// Counts an accepted connection and spawns its task, or, over a `max_connections` cap, refuses
-/// it at once (no task, no handshake).
-fn serve(
-    stream: TcpStream,
-    peer: SocketAddr,
-    listener: &Arc<Listener>,
-    state: &State,
-    live: &Arc<Live>,
-    tracker: &TaskTracker,
-    abort: &CancellationToken,
-) {
-    listener.accepted.inc();
-    if let Some(places) = crate::connection::take_places(live, state, listener, peer) {
-        tracker.spawn(crate::connection::handle(
-            stream,
-            peer,
-            Arc::clone(listener),
-            Arc::clone(live),
-            places,
-            abort.clone(),
-        ));
-    }
-}
-
-/// Serves the connections the kernel already completed on `socket`, which closing it would
-/// reset. With SO_REUSEPORT another process may be serving the same port (an upgrade); closing
-/// right after this leaves only connections completed in between to the kernel (moved to a
-/// sibling socket with `net.ipv4.tcp_migrate_req = 1`, reset without it).
-fn take_backlog(
-    socket: TcpListener,
-    name: &str,
-    live: &Arc<Live>,
-    tracker: &TaskTracker,
-    abort: &CancellationToken,
-) {
-    let state = live.state();
-    let Some(listener) = state.listener(name) else {
-        return; // removed by a reload: nothing left to serve its clients with
-    };
-    let Ok(socket) = socket.into_std() else {
-        return;
-    };
-    // The queue holds at most BACKLOG connections; the bound keeps this finite regardless.
-    for _ in 0..BACKLOG {
-        let accepted = socket.accept().and_then(|(stream, peer)| {
-            stream.set_nonblocking(true)?;
-            Ok((TcpStream::from_std(stream)?, peer))
-        });
-        match accepted {
-            Ok((stream, peer)) => serve(stream, peer, listener, &state, live, tracker, abort),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
-            Err(_) => break, // empty (WouldBlock) or out of resources: close now
-        }
-    }
-}
-
-/// The longest the expiry task and the CRL warning sleep at a time: wall-clock deadlines are
-/// slept on the monotonic clock, so a step of the wall clock is noticed within this.
-const WALL_CLOCK_RECHECK: Duration = Duration::from_secs(60);
-
-/// How long from now until the wall-clock time `at` (zero if it has passed), at most
-/// [`WALL_CLOCK_RECHECK`].
-fn until(at: SystemTime) -> Duration {
-    at.duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO)
-        .min(WALL_CLOCK_RECHECK)
-}
-
-/// Closes registered mTLS connections when their client certificate expires
-/// (`close_on_expiry`): one task for the process, sleeping until the earliest expiry in the
-/// registry's ordered set, woken early when a registration brings an earlier one.
-async fn close_at_expiry(registry: Arc<crate::state::Registry>, stop: CancellationToken) {
-    loop {
-        let (expired, next) = registry.expire(SystemTime::now());
-        if expired > 0 {
-            info!(expired, "closed connections whose client certificate expired");
-        }
-        let wait = next.map_or(WALL_CLOCK_RECHECK, until);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = registry.earlier_expiry.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-        }
-    }
-}
-
-/// Warns once per CRL when it passes its `nextUpdate` (at once if it already has): the CRL keeps
-/// being applied, but the operator should fetch a fresh one. Stopped with its generation.
-async fn warn_at_crl_next_update(mut deadlines: Vec<(String, String, SystemTime)>, stop: CancellationToken) {
-    deadlines.sort_by_key(|(_, _, at)| *at);
-    for (listener, issuer, at) in deadlines {
-        while SystemTime::now() < at {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(until(at)) => {}
-            }
-        }
-        let next_update = humantime::format_rfc3339_seconds(at);
-        warn!(
-            %listener,
-            %issuer,
-            %next_update,
-            "CRL is past its nextUpdate and is still applied: publish a fresh one and reload"
-        );
     }
 }

@@ -12,23 +12,16 @@
 //! side); it does not bind sockets, spawn tasks or move bytes: the orchestrator that does
 //! (`server`) sits above it.
 
-use std::collections::{BTreeSet, HashMap};
-use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
-
-use rustls::pki_types::CertificateDer;
-use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::authz::{Authorization, Decision};
 use crate::balancer::{Pool, Spec};
 use crate::config::{BackendAddr, BackendConfig, Config, Discover, HealthCheckConfig, UpstreamConfig};
 use crate::health::BackendHealth;
-use crate::identity::ClientIdentity;
 use crate::metrics::{
     Counter, HandshakeFailures, Identities, ListenerFigures, Rejections, ReloadCounters, Traffic,
     UpstreamFigures,
@@ -38,40 +31,15 @@ use crate::tls::ServerTls;
 
 pub mod build;
 mod discovered;
+mod error;
+mod registry;
 
 pub use discovered::{Discovered, Outcomes, Resolution};
-
-/// Why a generation cannot be brought up, at start or on reload: a file it needs, a socket it
-/// binds, or a client it builds. The running generation is untouched by every one of them.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    #[error("listener {name:?}: cannot bind {addr}: {source}")]
-    Bind {
-        name: String,
-        addr: SocketAddr,
-        source: io::Error,
-    },
-    #[error("admin: cannot bind {addr}: {source}")]
-    AdminBind { addr: SocketAddr, source: io::Error },
-    #[error("admin: cannot serve the Unix socket {}: {source}", path.display())]
-    AdminSocket { path: PathBuf, source: io::Error },
-    #[error("listener {0:?} has no socket: pass one for every configured listener")]
-    MissingListener(String),
-    #[error("upstream {upstream:?}: {source}")]
-    UpstreamTls {
-        upstream: String,
-        source: crate::tls::TlsError,
-    },
-    #[error("listener {listener:?}: {source}")]
-    Tls {
-        listener: String,
-        source: crate::tls::TlsError,
-    },
-    #[error(transparent)]
-    SharedRateLimit(#[from] crate::ratelimit::cluster::RedisClientError),
-    #[error("access log: cannot open {path}: {source}")]
-    AccessLog { path: String, source: io::Error },
-}
+pub use error::ServerError;
+pub(crate) use registry::close_at_expiry;
+use registry::Entry;
+pub(crate) use registry::Grant;
+pub use registry::{Cut, CutSignal, Registration, Registry};
 
 /// One generation of live state: listeners, upstreams and their counters. A reload builds the
 /// next one; tasks holding this one keep it.
@@ -330,17 +298,17 @@ impl Upstream {
                             Some(before) if before.weight == spec.weight => runtime,
                             _ => spec.weight,
                         };
-                        pool.respec(kept.slot, Spec { weight, ..spec });
+                        pool.respec(kept.slot, Spec { weight, ..spec }, Instant::now());
                     }
                     Arc::clone(kept)
                 }
                 None => {
                     let slot = loop {
                         match free.pop() {
-                            Some(slot) if pool.reuse(slot, spec) => break slot,
+                            Some(slot) if pool.reuse(slot, spec, Instant::now()) => break slot,
                             // Still leased: tried again at the next rebuild.
                             Some(slot) => vacated.push((slot, Weak::new())),
-                            None => break pool.add_with(spec),
+                            None => break pool.add_with(spec, Instant::now()),
                         }
                     };
                     // One that joins a running upstream (a reload, a discovered address) ramps in.
@@ -535,7 +503,7 @@ impl Live {
     }
 
     /// Makes `next` the live generation, then closes the open connections it no longer allows
-    /// (see [`Registry::revoke_lost_access`]). Returns how many were closed. The swap happens
+    /// (see `revoke_lost_access`). Returns how many were closed. The swap happens
     /// under the registry's lock (see [`Live::admit`]); the checks, which verify certificates
     /// only where the trust changed, after it is released. Applies `next`'s pipe budget.
     pub(crate) fn swap(&self, next: Arc<State>) -> usize {
@@ -543,9 +511,9 @@ impl Live {
         let (open, previous): (Vec<Arc<Entry>>, Arc<State>) = {
             let open = self.registry.lock();
             let previous = std::mem::replace(&mut *self.lock(), Arc::clone(&next));
-            (open.entries.values().cloned().collect(), previous)
+            (open.entries(), previous)
         };
-        Registry::revoke_lost_access(&open, &previous, &next)
+        revoke_lost_access(&open, &previous, &next)
     }
 
     fn lock(&self) -> MutexGuard<'_, Arc<State>> {
@@ -568,190 +536,36 @@ fn same_trust(previous: Option<&Arc<Listener>>, next: &Listener) -> bool {
     }
 }
 
-/// Why the registry cut an open connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cut {
-    /// A reload took its access away (identity, CA, CRL).
-    AccessRevoked,
-    /// Its client certificate expired (`close_on_expiry`).
-    CertExpired,
-}
-
-/// What an admitted mTLS connection is registered with: what its access was granted on.
-pub(crate) struct Grant {
-    pub(crate) listener: String,
-    pub(crate) upstream: String,
-    pub(crate) identity: ClientIdentity,
-    pub(crate) chain: Vec<CertificateDer<'static>>,
-    /// When to close it (the earliest `notAfter` of its chain), with `close_on_expiry`.
-    pub(crate) expires: Option<SystemTime>,
-}
-
-/// The signal a registered connection watches: cancelled with the reason it was cut.
-#[derive(Debug, Default)]
-pub struct CutSignal {
-    token: CancellationToken,
-    reason: OnceLock<Cut>,
-}
-
-impl CutSignal {
-    fn cut(&self, reason: Cut) {
-        // The first reason stands; the token is cancelled either way.
-        let _ = self.reason.set(reason);
-        self.token.cancel();
-    }
-
-    /// Completes when the connection is cut.
-    pub async fn cancelled(&self) {
-        self.token.cancelled().await;
-    }
-
-    /// Why the connection was cut, once it has been.
-    pub fn reason(&self) -> Option<Cut> {
-        self.reason.get().copied()
-    }
-}
-
-/// Open mTLS connections, with what their access was granted on, and when their certificates
-/// expire.
-#[derive(Default)]
-pub struct Registry {
-    next: AtomicU64,
-    open: Mutex<Open>,
-    /// Told when a registration's expiry comes before every other one (the expiry task then
-    /// sleeps less).
-    pub(crate) earlier_expiry: Notify,
-}
-
-#[derive(Default)]
-struct Open {
-    entries: HashMap<u64, Arc<Entry>>,
-    /// (expiry, id) of registrations with `close_on_expiry`: one ordered timer structure for
-    /// the whole process, not a timer per connection.
-    expiries: BTreeSet<(SystemTime, u64)>,
-}
-
-pub(crate) struct Entry {
-    grant: Grant,
-    cut: Arc<CutSignal>,
-}
-
-/// Keeps a connection in the registry; removes it on drop.
-pub struct Registration {
-    registry: Arc<Registry>,
-    id: u64,
-    expires: Option<SystemTime>,
-    /// Cancelled when a reload takes this connection's access away or its certificate expires.
-    pub cut: Arc<CutSignal>,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        let mut open = self.registry.lock();
-        open.entries.remove(&self.id);
-        if let Some(at) = self.expires {
-            open.expiries.remove(&(at, self.id));
+/// Cuts every connection of `open` that `next` no longer allows: its identity lost the
+/// upstream in `[authorization]`, or its certificate no longer verifies under the
+/// listener's client CA and CRLs. Connections whose listener or upstream is gone keep
+/// running (they drain). Returns how many were cut.
+///
+/// A certificate is verified again only if its listener's trust changed from `previous`
+/// (the generation live until now) to `next`. Every open connection was verified under
+/// `previous`'s trust, at its handshake (admission judges again if a swap came in between)
+/// or at the swap that made `previous` live; a rebuild that reuses what was loaded (a changed
+/// `discover` set) keeps every listener's verifier, so it verifies no certificate at all.
+fn revoke_lost_access(open: &[Arc<Entry>], previous: &State, next: &State) -> usize {
+    let mut revoked = 0;
+    for entry in open {
+        let grant = entry.grant();
+        let Some(listener) = next.listener(&grant.listener) else {
+            continue;
+        };
+        if next.upstream(&grant.upstream).is_none() {
+            continue;
+        }
+        let authorized = listener.authorization.check(&grant.identity, &grant.upstream) == Decision::Allow;
+        let allowed = authorized
+            && (same_trust(previous.listener(&grant.listener), listener)
+                || listener.tls.as_ref().is_none_or(|tls| tls.accepts(&grant.chain)));
+        if !allowed {
+            entry.cut(Cut::AccessRevoked);
+            revoked += 1;
         }
     }
-}
-
-impl std::fmt::Debug for Registry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").field("open", &self.len()).finish()
-    }
-}
-
-impl Registry {
-    fn insert(self: &Arc<Self>, open: &mut Open, grant: Grant) -> Registration {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let cut = Arc::new(CutSignal::default());
-        let expires = grant.expires;
-        if let Some(at) = expires {
-            let earliest = open.expiries.first().is_none_or(|(first, _)| at < *first);
-            open.expiries.insert((at, id));
-            if earliest {
-                self.earlier_expiry.notify_one();
-            }
-        }
-        open.entries.insert(
-            id,
-            Arc::new(Entry {
-                grant,
-                cut: Arc::clone(&cut),
-            }),
-        );
-        Registration {
-            registry: Arc::clone(self),
-            id,
-            expires,
-            cut,
-        }
-    }
-
-    /// Cuts every connection of `open` that `next` no longer allows: its identity lost the
-    /// upstream in `[authorization]`, or its certificate no longer verifies under the
-    /// listener's client CA and CRLs. Connections whose listener or upstream is gone keep
-    /// running (they drain). Returns how many were cut.
-    ///
-    /// A certificate is verified again only if its listener's trust changed from `previous`
-    /// (the generation live until now) to `next`. Every open connection was verified under
-    /// `previous`'s trust, at its handshake (admission judges again if a swap came in between)
-    /// or at the swap that made `previous` live; a rebuild that reuses what was loaded (a changed
-    /// `discover` set) keeps every listener's verifier, so it verifies no certificate at all.
-    fn revoke_lost_access(open: &[Arc<Entry>], previous: &State, next: &State) -> usize {
-        let mut revoked = 0;
-        for entry in open {
-            let grant = &entry.grant;
-            let Some(listener) = next.listener(&grant.listener) else {
-                continue;
-            };
-            if next.upstream(&grant.upstream).is_none() {
-                continue;
-            }
-            let authorized =
-                listener.authorization.check(&grant.identity, &grant.upstream) == Decision::Allow;
-            let allowed = authorized
-                && (same_trust(previous.listener(&grant.listener), listener)
-                    || listener.tls.as_ref().is_none_or(|tls| tls.accepts(&grant.chain)));
-            if !allowed {
-                entry.cut.cut(Cut::AccessRevoked);
-                revoked += 1;
-            }
-        }
-        revoked
-    }
-
-    /// Cuts the connections whose certificate expired by `now`; returns how many, and the next
-    /// expiry still ahead.
-    pub(crate) fn expire(&self, now: SystemTime) -> (usize, Option<SystemTime>) {
-        let mut open = self.lock();
-        let mut expired = 0;
-        while let Some(&(at, id)) = open.expiries.first() {
-            if at > now {
-                return (expired, Some(at));
-            }
-            open.expiries.pop_first();
-            if let Some(entry) = open.entries.get(&id) {
-                entry.cut.cut(Cut::CertExpired);
-                expired += 1;
-            }
-        }
-        (expired, None)
-    }
-
-    /// Open registered connections.
-    pub fn len(&self) -> usize {
-        self.lock().entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Open> {
-        // Map and set updates only; nothing can panic while the lock is held.
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
-    }
+    revoked
 }
 
 #[cfg(test)]

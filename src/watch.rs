@@ -9,11 +9,11 @@
 //! other is applied once, then compares the files' bytes with what it last saw: unchanged files
 //! are no reason to reload; changed ones are reloaded exactly as SIGHUP does. A reload that
 //! fails leaves the old configuration serving (the server logs why) and is tried again at the
-//! next change. This module decides when to reload; the reload is the server's.
+//! next change. This module decides when to reload; the reload is the server's, and the list of
+//! files and their [`Fingerprint`] are the config's (`config::files`).
 
 use std::collections::HashSet;
 use std::ffi::OsString;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::config::files::{fingerprint, Fingerprint};
 use crate::reload::Handle;
 
 /// Events buffered between the watcher's thread and the task; more are dropped, which loses
@@ -122,24 +123,6 @@ fn relevant(event: &notify::Result<notify::Event>, names: &HashSet<OsString>) ->
         path.file_name()
             .is_some_and(|name| names.contains(name) || name.to_string_lossy().starts_with(".."))
     })
-}
-
-/// A hash of every file's bytes, in order (following symlinks); `None` for one that cannot be
-/// read. Compared, never stored or shown.
-pub(crate) type Fingerprint = Vec<Option<u64>>;
-
-/// The [`Fingerprint`] of `files` now. Blocking: reads every file.
-pub(crate) fn fingerprint(files: &[PathBuf]) -> Fingerprint {
-    files
-        .iter()
-        .map(|file| {
-            std::fs::read(file).ok().map(|bytes| {
-                let mut hasher = DefaultHasher::new();
-                bytes.hash(&mut hasher);
-                hasher.finish()
-            })
-        })
-        .collect()
 }
 
 /// [`fingerprint`] off the runtime's threads.

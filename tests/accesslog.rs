@@ -1,41 +1,22 @@
 //! The access log end to end: a proxied and a refused connection each leave one JSON line in the
 //! configured file, written out by the time `Server::run` returns.
 //!
-//! Self-contained helpers; everything binds 127.0.0.1 port 0.
+//! Everything binds 127.0.0.1 port 0; the log goes into a [`TempDir`].
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 mod common;
 
-use common::{within, TestBackend};
-use fulcrum::{CancellationToken, Config, Server};
+use common::{within, TempDir, TestBackend, TestServer};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A file path in the temp directory, removed when dropped.
-struct TempPath(PathBuf);
-
-impl TempPath {
-    fn new(name: &str) -> TempPath {
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        TempPath(std::env::temp_dir().join(format!("fulcrum-{name}-{}-{nanos}.jsonl", std::process::id())))
-    }
-}
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 #[tokio::test]
 async fn proxied_and_refused_connections_are_each_one_json_line_flushed_by_shutdown() {
-    let log = TempPath::new("access");
+    let dir = TempDir::new("access");
+    let log = dir.path().join("access.jsonl");
     let echo = TestBackend::echo().await;
     let backend = echo.addr;
     let toml = format!(
@@ -60,14 +41,11 @@ backends = ["{backend}"]
 [access_log]
 path = "{}"
 "#,
-        log.0.display()
+        log.display()
     );
-    let config = Config::from_toml(&toml, "<test>").expect("test config is valid");
-    let server = Server::bind(config).await.expect("server binds");
-    let web = server.local_addr("web").expect("listener web");
-    let limited = server.local_addr("limited").expect("listener limited");
-    let shutdown = CancellationToken::new();
-    let run = tokio::spawn(server.run(shutdown.clone()));
+    let server = TestServer::start(&toml).await;
+    let web = server.addr("web");
+    let limited = server.addr("limited");
 
     // One proxied connection: 5 bytes up, 5 echoed down, then a clean close.
     let mut client = within("connect web", TcpStream::connect(web))
@@ -101,12 +79,9 @@ path = "{}"
     let _ = within("the refused client to be closed", second.read_to_end(&mut rest)).await;
     drop(first);
 
-    shutdown.cancel();
-    within("Server::run to return", run)
-        .await
-        .expect("run does not panic");
+    server.stopped().await;
 
-    let text = std::fs::read_to_string(&log.0).expect("access log file exists");
+    let text = std::fs::read_to_string(&log).expect("access log file exists");
     let lines: Vec<Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
@@ -160,8 +135,7 @@ backends = ["127.0.0.1:9"]
 [access_log]
 path = "/nonexistent-directory-for-fulcrum-tests/access.jsonl"
 "#;
-    let config = Config::from_toml(toml, "<test>").expect("test config is valid");
-    let error = match Server::bind(config).await {
+    let error = match TestServer::try_start(toml).await {
         Ok(_) => panic!("the server started with an unopenable access log"),
         Err(e) => e.to_string(),
     };

@@ -10,11 +10,10 @@ mod common;
 use std::net::SocketAddr;
 use std::process::Output;
 
-use common::process::Fulcrum;
-use common::tls::{toml_path, TempDir};
+use common::process::{output as run_binary, output_under as run_binary_under, Fulcrum};
 use common::{
-    backend_list, connect, http as call, round_trip, wait_for_outcomes, wait_until, within, within_for,
-    TestBackend,
+    backend_list, connect, http as call, round_trip, toml_path, wait_for_outcomes, wait_until, within,
+    within_for, TempDir, TestBackend, TestServer,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -36,7 +35,7 @@ fn config(dir: &TempDir, backends: &[SocketAddr], admin: &str) -> String {
     )
 }
 
-fn generation(lb: &common::TestServer) -> u64 {
+fn generation(lb: &TestServer) -> u64 {
     lb.current().generation
 }
 
@@ -53,7 +52,7 @@ async fn with_a_token_every_protected_endpoint_needs_it_and_healthz_stays_open()
             "bind = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"",
         ),
     );
-    let lb = common::start_file(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let admin = lb.admin.expect("admin");
     let state_path = format!("/upstreams/pool/backends/{}/state", echo.addr);
     let protected: [(&str, &str, &str); 4] = [
@@ -107,7 +106,7 @@ async fn foreign_origins_rebinding_hosts_and_form_posts_are_refused_and_change_n
         "fulcrum.toml",
         &config(&dir, &[echo.addr], "bind = \"127.0.0.1:0\""),
     );
-    let lb = common::start_file(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let admin = lb.admin.expect("admin");
     let own = format!("http://{admin}");
     for headers in [
@@ -135,7 +134,7 @@ async fn on_a_non_loopback_address_without_a_token_mutations_are_refused_and_che
         "fulcrum.toml",
         &config(&dir, &[echo.addr], "bind = \"0.0.0.0:0\""),
     );
-    let lb = common::start_file(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let port = lb.admin.expect("admin").port();
     let admin: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
     assert_eq!(call(admin, "POST", "/reload", &[JSON], "").await.0, 403);
@@ -149,26 +148,6 @@ async fn on_a_non_loopback_address_without_a_token_mutations_are_refused_and_che
         stderr.contains("warning") && stderr.contains("token_file") && stderr.contains("0.0.0.0"),
         "{stderr}"
     );
-}
-
-/// Runs the real `fulcrum` binary with `args` (optionally under a `wrapper` command).
-async fn run_binary_under(wrapper: &[&str], args: &[&str]) -> Output {
-    let binary = env!("CARGO_BIN_EXE_fulcrum");
-    let mut command = match wrapper.split_first() {
-        Some((program, rest)) => {
-            let mut command = tokio::process::Command::new(program);
-            command.args(rest).arg(binary);
-            command
-        }
-        None => tokio::process::Command::new(binary),
-    };
-    within("fulcrum to finish", command.args(args).output())
-        .await
-        .expect("run fulcrum")
-}
-
-async fn run_binary(args: &[&str]) -> Output {
-    run_binary_under(&[], args).await
 }
 
 fn stdout(output: &Output) -> String {
@@ -201,13 +180,7 @@ async fn the_unix_socket_serves_ctl_and_refuses_another_users_process() {
     assert_eq!(stdout(&reload).trim(), "{\"result\":\"ok\",\"generation\":2}");
 
     // Not root, not the socket's group: no connection at all, so ctl says unreachable (2).
-    let other = [
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--",
-    ];
+    let other = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"];
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
     let refused = run_binary_under(&other, &["ctl", "--socket", socket_arg, "status"]).await;
     assert_eq!(refused.status.code(), Some(2), "{refused:?}");
@@ -228,7 +201,7 @@ async fn drain_keeps_open_connections_maint_closes_them_ready_returns_and_reload
     let b = TestBackend::echo().await;
     let admin_keys = "bind = \"127.0.0.1:0\"";
     let path = dir.write("fulcrum.toml", &config(&dir, &[a.addr, b.addr], admin_keys));
-    let lb = common::start_file(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let (addr, admin) = (lb.addr("main"), lb.admin.expect("admin"));
     let set = |backend: SocketAddr, state: &'static str| async move {
         let path = format!("/upstreams/pool/backends/{backend}/state");
@@ -418,7 +391,7 @@ async fn secrets_stay_out_of_check_errors_and_the_reload_answer() {
     let echo = TestBackend::echo().await;
     let base = config(&dir, &[echo.addr], "bind = \"127.0.0.1:0\"");
     let path = dir.write("fulcrum.toml", &base);
-    let lb = common::start_file(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let admin = lb.admin.expect("admin");
     let secret = "sw0rd/fish?#42";
     for broken in [
@@ -519,7 +492,7 @@ async fn clients_slower_than_the_head_deadline_to_send_a_request_head_are_cut_an
         "fulcrum.toml",
         &config(&dir, &[echo.addr], "bind = \"127.0.0.1:0\""),
     );
-    let lb = common::start_file(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let admin = lb.admin.expect("admin");
     // As many slow clients as there are slots, each with half a request head.
     let mut slow = Vec::with_capacity(MAX_CONNECTIONS);

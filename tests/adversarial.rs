@@ -23,10 +23,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::tls::{assert_echoes, connect_tls, toml_path, Pki, TempDir};
+use common::tls::{assert_echoes, connect_tls, Pki};
 use common::{
-    connect, payload, refused_addr, reset, round_trip, sha256, start, wait_until, within, within_for,
-    BlackHole, TestBackend, DEADLINE,
+    connect, payload, refused_addr, reset, round_trip, sha256, toml_path, wait_until, within, within_for,
+    BlackHole, TempDir, TestBackend, TestServer, DEADLINE,
 };
 use fulcrum::metrics::Reason;
 use rustls::pki_types::ServerName;
@@ -222,7 +222,7 @@ fn silent_clients_and_a_slowloris_hello_are_closed_at_the_total_handshake_deadli
         const SILENT: usize = 1000;
         let pki = Pki::new(&[]);
         let backend = TestBackend::echo().await;
-        let server = start(&mtls_config(&pki, backend.addr, "1s")).await;
+        let server = TestServer::start(&mtls_config(&pki, backend.addr, "1s")).await;
         let addr = server.addr("main");
         let listener = server.state.listener("main").expect("listener main").clone();
         let baseline = sockets("self");
@@ -307,7 +307,7 @@ fn malformed_hellos_are_closed_as_handshake_failures_without_a_dial_or_a_spin() 
     serially(|| async {
         let pki = Pki::new(&[]);
         let backend = TestBackend::echo().await;
-        let server = start(&mtls_config(&pki, backend.addr, "2s")).await;
+        let server = TestServer::start(&mtls_config(&pki, backend.addr, "2s")).await;
         let addr = server.addr("main");
         let listener = server.state.listener("main").expect("listener main").clone();
         let baseline = sockets("self");
@@ -405,7 +405,7 @@ fn fifty_concurrent_resets_on_either_side_reach_the_other_side_as_aborts_with_ex
         const PAIRS: usize = 50;
         let backend = Arc::new(TcpListener::bind("127.0.0.1:0").await.expect("bind backend"));
         let backend_addr = backend.local_addr().expect("backend address");
-        let server = start(&common::one_pool(&[backend_addr], "")).await;
+        let server = TestServer::start(&common::one_pool(&[backend_addr], "")).await;
         let accepting_backend = Arc::clone(&backend);
         let addr = server.addr("main");
         let baseline = sockets("self");
@@ -911,7 +911,7 @@ fn a_black_holed_backend_times_out_fails_over_and_delays_no_other_client() {
         let hole = BlackHole::start().await;
         let good = TestBackend::echo().await;
         // The black hole is listed first, so the first pick (all tied at 0) takes it.
-        let server = start(&common::one_pool(
+        let server = TestServer::start(&common::one_pool(
             &[hole.addr, good.addr],
             "connect_timeout = \"3s\"",
         ))
@@ -1063,7 +1063,7 @@ fn a_random_mix_of_faults_from_a_logged_seed_leaves_every_normal_stream_intact_a
         let backend_addr = listener.local_addr().expect("backend address");
         tokio::spawn(scripted_backend(listener));
         let stopped = refused_addr();
-        let server = start(&format!(
+        let server = TestServer::start(&format!(
             r#"
 [[listener]]
 name = "main"

@@ -13,9 +13,8 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use common::tls::{
-    assert_echoes, assert_refused, connect_tls, toml_path, wait_until, within, EchoBackend, Pki,
-};
+use common::tls::{assert_echoes, assert_refused, connect_tls, Pki};
+use common::{toml_path, wait_until, within, TestBackend, TestServer};
 use fulcrum::metrics::{HandshakeFailure, Reason};
 use rustls::ClientConfig;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -87,7 +86,7 @@ fn alice_config(pki: &Pki, tls_keys: &str, backend: SocketAddr) -> String {
 }
 
 /// Connections listener `tls` refused as unauthorized so far.
-fn unauthorized(lb: &common::TestServer) -> u64 {
+fn unauthorized(lb: &TestServer) -> u64 {
     lb.current()
         .listener("tls")
         .expect("tls")
@@ -109,7 +108,7 @@ fn negotiated(stream: &tokio_rustls::client::TlsStream<TcpStream>) -> Option<Str
         .map(|p| String::from_utf8_lossy(p).into_owned())
 }
 
-fn handshake_failures(lb: &common::TestServer, failure: HandshakeFailure) -> u64 {
+fn handshake_failures(lb: &TestServer, failure: HandshakeFailure) -> u64 {
     lb.current()
         .listener("tls")
         .expect("tls")
@@ -134,7 +133,7 @@ async fn a_real_grpc_client_makes_unary_and_streaming_calls_through_an_mtls_list
         .expect("PORT line");
     let relay = CountingRelay::start(SocketAddr::from(([127, 0, 0, 1], port))).await;
     let text = alice_config(&pki, "alpn = [\"h2\"]\n", relay.addr);
-    let lb = common::start(&text).await;
+    let lb = TestServer::start(&text).await;
     let addr = lb.addr("tls");
 
     let client = |name: &str| {
@@ -180,9 +179,9 @@ async fn a_real_grpc_client_makes_unary_and_streaming_calls_through_an_mtls_list
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_negotiates_h2_or_http1_1_as_it_asks() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let text = alice_config(&pki, "alpn = [\"h2\", \"http/1.1\"]\n", echo.addr);
-    let lb = common::start(&text).await;
+    let lb = TestServer::start(&text).await;
     let addr = lb.addr("tls");
     let (cert, key) = pki.write_pem("alice", &pki.client("alice"));
     for (flag, protocol) in [("--http2", "h2"), ("--http1.1", "http/1.1")] {
@@ -211,9 +210,9 @@ async fn curl_negotiates_h2_or_http1_1_as_it_asks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_offering_only_other_protocols_is_refused_with_no_application_protocol() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let text = alice_config(&pki, "alpn = [\"h2\"]\n", echo.addr);
-    let lb = common::start(&text).await;
+    let lb = TestServer::start(&text).await;
     let addr = lb.addr("tls");
     let (cert, key) = pki.write_pem("alice", &pki.client("alice"));
     let output = within(
@@ -257,7 +256,7 @@ async fn a_proxy_v2_header_to_the_backend_carries_the_alpn_tlv() {
     let backend_addr = backend.local_addr().expect("address");
     let text = alice_config(&pki, "alpn = [\"h2\", \"http/1.1\"]\n", backend_addr)
         .replace("backends = [", "proxy_protocol = \"v2\"\nbackends = [");
-    let lb = common::start(&text).await;
+    let lb = TestServer::start(&text).await;
     let client = with_alpn(pki.client_config(Some(&pki.client("alice"))), &["http/1.1"]);
     let stream = connect_tls(lb.addr("tls"), &client, "localhost")
         .await
@@ -325,7 +324,7 @@ async fn upstream_tls_offers_the_clients_protocol_with_alpn_client_or_a_fixed_li
             pki.tls_table(&pki.ca_file, "1.2"),
             toml_path(&pki.ca_file),
         );
-        let lb = common::start(&text).await;
+        let lb = TestServer::start(&text).await;
         let client = with_alpn(pki.client_config(Some(&pki.client("alice"))), &[client_protocol]);
         let mut stream = connect_tls(lb.addr("tls"), &client, "localhost")
             .await
@@ -345,8 +344,8 @@ async fn upstream_tls_offers_the_clients_protocol_with_alpn_client_or_a_fixed_li
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alpn_routes_send_h2_and_http1_1_to_different_upstreams_each_authorized_on_its_own() {
     let pki = Pki::new(&[]);
-    let web = EchoBackend::start().await;
-    let grpc = EchoBackend::start().await;
+    let web = TestBackend::echo().await;
+    let grpc = TestBackend::echo().await;
     let text = config(
         &pki,
         "alpn = [\"h2\", \"http/1.1\"]\n",
@@ -357,7 +356,7 @@ async fn alpn_routes_send_h2_and_http1_1_to_different_upstreams_each_authorized_
             grpc.addr
         ),
     );
-    let lb = common::start(&text).await;
+    let lb = TestServer::start(&text).await;
     let addr = lb.addr("tls");
     let alice = pki.client_config(Some(&pki.client("alice")));
     let carol = pki.client_config(Some(&pki.client("carol")));
@@ -378,9 +377,9 @@ async fn alpn_routes_send_h2_and_http1_1_to_different_upstreams_each_authorized_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alpn_required_refuses_a_client_that_offers_no_alpn_before_any_dial() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let text = alice_config(&pki, "alpn = [\"h2\"]\nalpn_required = true\n", echo.addr);
-    let lb = common::start(&text).await;
+    let lb = TestServer::start(&text).await;
     let alice = pki.client_config(Some(&pki.client("alice")));
     assert_refused(connect_tls(lb.addr("tls"), &alice, "localhost").await).await;
     wait_until("no_alpn counted", || {

@@ -4,8 +4,8 @@
 mod common;
 
 use common::{
-    close, connect, one_pool, read_to_end, refused_addr, refused_addrs, reset, round_trip, start, within,
-    BlackHole, TestBackend,
+    close, connect, one_pool, read_to_end, refused_addr, refused_addrs, reset, round_trip, within, BlackHole,
+    TestBackend, TestServer,
 };
 use fulcrum::metrics::Reason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,7 +28,7 @@ async fn an_idle_pool_of_three_spreads_sequential_connections_evenly() {
         TestBackend::echo().await,
     ];
     let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let server = start(&one_pool(&addrs, "")).await;
+    let server = TestServer::start(&one_pool(&addrs, "")).await;
 
     for i in 0..30u8 {
         let mut stream = connect(server.addr("main")).await;
@@ -49,7 +49,7 @@ async fn an_idle_pool_of_three_spreads_sequential_connections_evenly() {
 async fn new_connections_go_to_the_backend_with_fewer_active_connections() {
     let a = TestBackend::banner(b"A").await;
     let b = TestBackend::banner(b"B").await;
-    let server = start(&one_pool(&[a.addr, b.addr], "")).await;
+    let server = TestServer::start(&one_pool(&[a.addr, b.addr], "")).await;
 
     // Ten held connections: whatever the tie order, least connections puts five on each.
     let mut on_a = Vec::new();
@@ -99,7 +99,7 @@ async fn counts_return_to_zero_after_resets_refusals_and_timeouts() {
     let resetting = TestBackend::start(common::Behavior::ResetAfterFirstRead).await;
     // The first connection on an idle pool tries the backends in configured order, so it meets
     // the refusal and the connect timeout before it reaches a live backend.
-    let server = start(&one_pool(
+    let server = TestServer::start(&one_pool(
         &[refused, black_hole.addr, echo.addr, resetting.addr],
         "connect_timeout = \"300ms\"\nconnect_attempts = 4",
     ))
@@ -154,7 +154,7 @@ async fn counts_return_to_zero_after_resets_refusals_and_timeouts() {
 async fn a_client_is_served_past_a_refused_backend_and_the_refusal_is_counted() {
     let refused = refused_addr();
     let echo = TestBackend::echo().await;
-    let server = start(&one_pool(&[refused, echo.addr], "")).await;
+    let server = TestServer::start(&one_pool(&[refused, echo.addr], "")).await;
 
     // On an idle pool the first pick is the first configured backend: the refused one.
     let mut stream = connect(server.addr("main")).await;
@@ -174,7 +174,7 @@ async fn a_client_is_served_past_a_refused_backend_and_the_refusal_is_counted() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_backend_refuses_the_client_is_closed_without_data() {
-    let server = start(&one_pool(&refused_addrs(2), "")).await;
+    let server = TestServer::start(&one_pool(&refused_addrs(2), "")).await;
 
     let mut stream = connect(server.addr("main")).await;
     let received = read_to_end(&mut stream)

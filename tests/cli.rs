@@ -9,15 +9,16 @@ use std::process::Output;
 use common::process::output as fulcrum;
 
 use common::{
-    backend_list, connect, read_to_end, refused_addrs, round_trip, start, within, TempConfig, TestBackend,
+    backend_list, connect, read_to_end, refused_addrs, round_trip, within, TempDir, TestBackend, TestServer,
 };
 use tokio::io::AsyncWriteExt;
 
 /// Runs `fulcrum check` on a file holding `text`; returns the output and the file's path.
 async fn check(text: &str) -> (Output, String) {
-    let config = TempConfig::new(text);
-    let output = fulcrum(&["check", "--config", &config.display()]).await;
-    (output, config.display())
+    let dir = TempDir::new("check");
+    let config = dir.write("fulcrum.toml", text).display().to_string();
+    let output = fulcrum(&["check", "--config", &config]).await;
+    (output, config)
 }
 
 /// Asserts `check` rejected the file with a message naming the file, the key and the value.
@@ -106,8 +107,8 @@ async fn check_rejects_a_bad_duration() {
 
 #[tokio::test]
 async fn check_rejects_a_missing_file_naming_it() {
-    let path = std::env::temp_dir().join(format!("fulcrum-test-{}-does-not-exist.toml", std::process::id()));
-    let path = path.display().to_string();
+    let dir = TempDir::new("check-missing");
+    let path = dir.path().join("does-not-exist.toml").display().to_string();
     let output = fulcrum(&["check", "--config", &path]).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
@@ -188,7 +189,7 @@ async fn metrics_report_connections_rejections_active_counts_and_connect_failure
     let echo = TestBackend::echo().await;
     let refused = refused_addrs(2);
     let (refused_pool, refused_gone) = (refused[0], refused[1]);
-    let server = start(&format!(
+    let server = TestServer::start(&format!(
         r#"
 [[listener]]
 name = "main"
@@ -306,8 +307,8 @@ bind = "127.0.0.1:0"
 #[tokio::test]
 async fn certs_writes_a_dev_pki_with_private_keys_and_refuses_to_overwrite_without_force() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("fulcrum-cli-certs-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let temp = TempDir::new("cli-certs");
+    let dir = temp.path().join("pki");
     let out = dir.display().to_string();
     let args = [
         "certs",
@@ -344,7 +345,7 @@ async fn certs_writes_a_dev_pki_with_private_keys_and_refuses_to_overwrite_witho
     let mut forced = args.to_vec();
     forced.push("--force");
     let force = fulcrum(&forced).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(temp);
 
     assert!(
         first.status.success(),

@@ -74,7 +74,7 @@ impl Ledger {
         let released_before = Self::read(&self.released);
         self.picks_started.fetch_add(1, SeqCst);
         let lease = pool
-            .pick_at(&[], now)
+            .pick(&[], now)
             .expect("a stable backend is always in rotation");
         let picked_after = Self::read(&self.picked);
         let releasing_after = Self::read(&self.releasing);
@@ -163,9 +163,9 @@ fn picks_stay_balanced_while_another_backend_is_marked_down_and_up() {
         let flapper = {
             let pool = Arc::clone(&pool);
             thread::spawn(move || {
-                pool.set_in_rotation(2, false);
-                pool.set_in_rotation(2, true);
-                pool.set_in_rotation(2, false);
+                pool.set_in_rotation(2, false, now);
+                pool.set_in_rotation(2, true, now);
+                pool.set_in_rotation(2, false, now);
             })
         };
         // With picks only, the backends that never leave rotation differ by at most one.
@@ -188,13 +188,13 @@ fn a_backend_retired_before_a_pick_starts_is_never_picked_and_its_leases_drain()
     explore(|| {
         let now = Instant::now();
         let pool = Pool::new(2);
-        let held = pool.pick_at(&[], now).unwrap();
+        let held = pool.pick(&[], now).unwrap();
         assert_eq!(held.index(), 0);
         let retired = Arc::new(AtomicBool::new(false));
         let reloader = {
             let (pool, retired) = (Arc::clone(&pool), Arc::clone(&retired));
             thread::spawn(move || {
-                let added = pool.add();
+                let added = pool.add(now);
                 pool.retire(0);
                 retired.store(true, SeqCst);
                 added
@@ -205,7 +205,7 @@ fn a_backend_retired_before_a_pick_starts_is_never_picked_and_its_leases_drain()
                 let (pool, retired) = (Arc::clone(&pool), Arc::clone(&retired));
                 thread::spawn(move || {
                     let was_retired = retired.load(SeqCst);
-                    let lease = pool.pick_at(&[], now).unwrap();
+                    let lease = pool.pick(&[], now).unwrap();
                     assert!(
                         !(was_retired && lease.index() == 0),
                         "picked a backend retired before the pick started"
@@ -223,7 +223,7 @@ fn a_backend_retired_before_a_pick_starts_is_never_picked_and_its_leases_drain()
         drop(leases);
         assert_eq!(pool.active_all(), vec![0, 0, 0]);
         // Retired for good: a pick now only ever sees backends 1 and 2.
-        let lease = pool.pick_at(&[1], now).unwrap();
+        let lease = pool.pick(&[1], now).unwrap();
         assert_eq!(lease.index(), 2);
     });
 }

@@ -1,23 +1,27 @@
-//! The Grafana dashboard (`deploy/grafana/fulcrum.json`) and README's metrics table against what
-//! `/metrics` really exports: the dashboard is valid JSON, every query names at least one metric
-//! and only metrics fulcrum exports, and README lists every exported family.
+//! The Grafana dashboard (`deploy/grafana/fulcrum.json`) and the metrics table of
+//! `docs/operations.md` against what `/metrics` really exports: the dashboard is valid JSON, every
+//! query names at least one metric and only metrics fulcrum exports, and the operations page lists
+//! every exported family.
 
 use std::collections::BTreeSet;
 
+mod common;
+
+use common::TestServer;
+
 const DASHBOARD: &str = include_str!("../deploy/grafana/fulcrum.json");
-const README: &str = include_str!("../README.md");
+const OPERATIONS: &str = include_str!("../docs/operations.md");
 
 /// The families `/metrics` declares (`# TYPE` lines, classic text) and which are histograms.
 fn exported() -> (BTreeSet<String>, BTreeSet<String>) {
     let toml = "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"web\"\n\
                 [[upstream]]\nname = \"web\"\nbackends = [\"127.0.0.1:9\"]\n";
-    let config = fulcrum::Config::from_toml(toml, "<test>").expect("config");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let server = runtime.block_on(fulcrum::Server::bind(config)).expect("bind");
-    let text = fulcrum::admin::prometheus::render(&server.state());
+    let server = runtime.block_on(TestServer::start(toml));
+    let text = fulcrum::admin::prometheus::render(&server.state);
     let mut families = BTreeSet::new();
     let mut histograms = BTreeSet::new();
     for line in text.lines() {
@@ -105,14 +109,14 @@ fn every_dashboard_query_names_only_metrics_fulcrum_exports() {
 }
 
 #[test]
-fn readme_lists_every_exported_metric_family() {
+fn the_operations_page_lists_every_exported_metric_family() {
     let (families, _) = exported();
     assert!(families.len() >= 25, "{families:?}");
     let missing: Vec<_> = families
         .iter()
-        .filter(|f| !README.contains(&format!("`{f}`")))
+        .filter(|f| !OPERATIONS.contains(&format!("`{f}`")))
         .collect();
-    assert!(missing.is_empty(), "README's metrics table lacks {missing:?}");
+    assert!(missing.is_empty(), "docs/operations.md lacks {missing:?}");
 }
 
 #[test]

@@ -11,9 +11,8 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use common::tls::{toml_path, TempDir};
 use common::{
-    assert_ends, connect, http, round_trip, start, start_file, wait_until, within, Behavior, TestBackend,
+    assert_ends, connect, http, round_trip, toml_path, wait_until, within, Behavior, TempDir, TestBackend,
     TestServer,
 };
 use fulcrum::metrics::Reason;
@@ -66,7 +65,7 @@ async fn weights_1_and_3_spread_8_held_connections_2_and_6() {
         &[table(light.addr, "weight = 1"), table(heavy.addr, "weight = 3")],
         "",
     );
-    let server = start(&config).await;
+    let server = TestServer::start(&config).await;
     let mut held = Vec::new();
     for _ in 0..8 {
         held.push(banner(server.addr("main")).await);
@@ -89,7 +88,7 @@ async fn at_their_caps_clients_queue_in_order_and_past_the_queue_are_refused() {
         ],
         "queue_size = 2\nqueue_timeout = \"60s\"",
     );
-    let server = start(&config).await;
+    let server = TestServer::start(&config).await;
     let addr = server.addr("main");
     let queue = upstream(&server);
     let mut first = connect(addr).await;
@@ -128,7 +127,7 @@ async fn a_client_queued_past_queue_timeout_is_refused_and_leaks_nothing() {
         &[table(a.addr, "max_connections = 1")],
         "queue_size = 4\nqueue_timeout = \"200ms\"",
     );
-    let server = start(&config).await;
+    let server = TestServer::start(&config).await;
     let mut held = connect(server.addr("main")).await;
     assert_eq!(round_trip(&mut held, b"held").await, b"held");
     let mut waiting = connect(server.addr("main")).await;
@@ -144,7 +143,7 @@ async fn a_client_queued_past_queue_timeout_is_refused_and_leaks_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_queue_a_client_finding_every_backend_full_is_refused_at_once() {
     let a = TestBackend::echo().await;
-    let server = start(&pool(&[table(a.addr, "max_connections = 1")], "")).await;
+    let server = TestServer::start(&pool(&[table(a.addr, "max_connections = 1")], "")).await;
     let mut held = connect(server.addr("main")).await;
     assert_eq!(round_trip(&mut held, b"held").await, b"held");
     let mut refused = connect(server.addr("main")).await;
@@ -168,7 +167,7 @@ async fn the_backup_serves_while_both_primaries_are_down_and_a_returning_primary
         ],
         health,
     );
-    let server = start(&config).await;
+    let server = TestServer::start(&config).await;
     let addr = server.addr("main");
     for _ in 0..4 {
         let (got, _) = banner(addr).await;
@@ -226,7 +225,7 @@ async fn a_weight_set_through_the_admin_api_stands_until_a_reload_changes_the_co
         )
     };
     let path = dir.write("fulcrum.toml", &config("weight = 1"));
-    let server = start_file(&path).await;
+    let server = TestServer::start_file(&path).await;
     let admin_addr = server.admin.expect("admin listener");
     let slot = |s: &TestServer| upstream(s).backends[1].slot;
 
@@ -365,7 +364,7 @@ async fn backends_discovered_from_dns_follow_the_records_and_a_retired_one_keeps
          [dns]\nservers = [\"127.0.0.1:53\"]\n\n[access_log]\npath = {}\n",
         toml_path(&dir.path().join("access.log"))
     );
-    let server = start(&config).await;
+    let server = TestServer::start(&config).await;
     let addr = server.addr("main");
     let all: Vec<String> = [11, 12, 13]
         .iter()
@@ -435,7 +434,7 @@ async fn a_name_answering_1000_addresses_makes_256_backends_the_first_in_address
     let config = "[[listener]]\nname = \"main\"\nbind = \"127.0.0.1:0\"\nupstream = \"pool\"\n\n\
          [[upstream]]\nname = \"pool\"\ndiscover = \"app.internal:8080\"\ndiscover_interval = \"200ms\"\n\n\
          [dns]\nservers = [\"127.0.0.1:53\"]\n";
-    let server = start(config).await;
+    let server = TestServer::start(config).await;
     answer.sort_unstable();
     let first: Vec<String> = answer[..256].iter().map(|a| a.to_string()).collect();
     wait_until("the name to be resolved", || !discovered(&server).is_empty()).await;

@@ -7,8 +7,8 @@ mod common;
 use std::io;
 
 use common::{
-    connect, one_pool, payload, reset, round_trip, sha256, start, within, within_for, TestBackend,
-    TestServer, TRANSFER_DEADLINE,
+    connect, one_pool, payload, reset, round_trip, sha256, within, within_for, TestBackend, TestServer,
+    TRANSFER_DEADLINE,
 };
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -21,7 +21,7 @@ const SIZE: usize = 32 * 1024 * 1024;
 async fn balancer_and_raw_backend() -> (TestServer, TcpListener) {
     let backend = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
     let addr = backend.local_addr().expect("backend address");
-    (start(&one_pool(&[addr], "")).await, backend)
+    (TestServer::start(&one_pool(&[addr], "")).await, backend)
 }
 
 /// Opens a client connection through the balancer and accepts its backend side.
@@ -116,7 +116,7 @@ async fn thirty_two_mib_each_way_arrive_intact_when_the_backend_half_closes_firs
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_speaks_first_reaches_a_silent_client() {
     let backend = TestBackend::banner(b"220 fulcrum-test ready\r\n").await;
-    let server = start(&one_pool(&[backend.addr], "")).await;
+    let server = TestServer::start(&one_pool(&[backend.addr], "")).await;
 
     let mut client = connect(server.addr("main")).await;
     let mut banner = [0u8; 24];

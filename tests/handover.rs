@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::process::Fulcrum;
-use common::{one_pool, wait_until, within, TempConfig, TestBackend, DEADLINE};
+use common::{one_pool, wait_until, within, TempDir, TestBackend, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -57,14 +57,15 @@ async fn handover() {
     let echo = TestBackend::echo().await;
     let [port, admin] = free_ports();
     // One config for both, as in an upgrade: the listener and the admin socket are shared.
-    let config = TempConfig::new(&config(port, admin, echo.addr));
+    let dir = TempDir::new("handover");
+    let config = dir.write("fulcrum.toml", &config(port, admin, echo.addr));
 
-    let mut old = Fulcrum::run(&config.path);
+    let mut old = Fulcrum::run(&config);
     let addr = old.listening("main").await;
     let load = Load::start(addr);
     load.wait_for_more("the old process serves", PER_PHASE).await;
 
-    let mut new = Fulcrum::run(&config.path);
+    let mut new = Fulcrum::run(&config);
     assert_eq!(
         new.listening("main").await,
         addr,

@@ -2,111 +2,51 @@
 //!
 //! Covers active probes (refused and black-holed backends), recovery, the all-down refusal,
 //! `on_down`, and passive detection from real traffic. Every wait is a poll for a condition under
-//! a generous deadline; nothing asserts on elapsed time. Helpers live in this file on purpose.
+//! a generous deadline; nothing asserts on elapsed time. The server, the backends and the waits
+//! are the shared harness's (`tests/common`).
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::{backend_list, refused_addr, wait_until, Behavior, TestBackend, TestServer, DEADLINE};
 use fulcrum::config::BackendAddr;
 use fulcrum::health::Failure;
 use fulcrum::metrics::Reason;
 use fulcrum::state::{Backend, State};
-use fulcrum::{CancellationToken, Config, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use tokio::net::TcpStream;
 
-/// Upper bound for any condition to become true; only reached when something is broken.
-const DEADLINE: Duration = Duration::from_secs(10);
 /// Fast probes: fine, since tests wait for conditions rather than for time.
 const FAST: &str = "interval = \"100ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 2\n";
 
-/// An echo server that counts accepted connections. Stopping it drops the listener only:
-/// connections it already accepted keep echoing.
-struct EchoBackend {
-    addr: SocketAddr,
-    accepted: Arc<AtomicU64>,
-    task: JoinHandle<()>,
-}
-
-impl EchoBackend {
-    async fn start() -> EchoBackend {
-        EchoBackend::start_on("127.0.0.1:0".parse().expect("addr"))
-    }
-
-    /// Binds with SO_REUSEADDR so a restart on the same port works despite TIME_WAIT.
-    fn start_on(addr: SocketAddr) -> EchoBackend {
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-        socket.set_reuse_address(true).expect("reuseaddr");
-        socket.set_nonblocking(true).expect("nonblocking");
-        socket.bind(&addr.into()).expect("bind backend");
-        socket.listen(128).expect("listen");
-        let listener = TcpListener::from_std(socket.into()).expect("tokio listener");
-        let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicU64::new(0));
-        let count = Arc::clone(&accepted);
-        let task = tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(async move {
-                    let (mut r, mut w) = stream.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
-        EchoBackend { addr, accepted, task }
-    }
-
-    /// Closes the listening socket and waits until it is gone.
-    async fn stop(self) -> SocketAddr {
-        self.task.abort();
-        let _ = self.task.await;
-        self.addr
-    }
-}
-
-/// A loopback address nothing listens on (connects are refused).
-fn dead_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
-}
-
-/// The real server, on port 0, with upstream `u` over `backends` and listener `l`.
+/// The real server with listener `l` (at `addr`) in front of upstream `u` over `backends`.
 struct Proxy {
     addr: SocketAddr,
     state: Arc<State>,
-    shutdown: CancellationToken,
-    task: JoinHandle<()>,
+    server: TestServer,
 }
 
 impl Proxy {
     async fn start(backends: &[SocketAddr], health_check: Option<&str>) -> Proxy {
-        let list: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
         let mut text = format!(
             "drain_timeout = \"1s\"\n\
              [[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"u\"\n\
              [[upstream]]\nname = \"u\"\nbackends = [{}]\nconnect_timeout = \"2s\"\n",
-            list.join(", ")
+            backend_list(backends)
         );
         if let Some(body) = health_check {
             text.push_str("[upstream.health_check]\n");
             text.push_str(body);
         }
-        let config = Config::from_toml(&text, "tests/health.rs").expect("valid config");
-        let server = Server::bind(config).await.expect("bind server");
-        let addr = server.local_addr("l").expect("listener address");
-        let state = server.state();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(server.run(shutdown.clone()));
+        let server = TestServer::start(&text).await;
         Proxy {
-            addr,
-            state,
-            shutdown,
-            task,
+            addr: server.addr("l"),
+            state: Arc::clone(&server.state),
+            server,
         }
     }
 
@@ -127,23 +67,7 @@ impl Proxy {
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(DEADLINE, self.task)
-            .await
-            .expect("server stops")
-            .expect("server task");
-    }
-}
-
-/// Polls `condition` until it holds; panics naming `what` after [`DEADLINE`].
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let give_up = tokio::time::Instant::now() + DEADLINE;
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < give_up,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        self.server.stopped().await;
     }
 }
 
@@ -175,12 +99,12 @@ async fn closed_by_peer(stream: &mut TcpStream) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_backend_is_taken_out_of_rotation_and_served_again_after_it_restarts() {
-    let a = EchoBackend::start().await;
-    let b = EchoBackend::start().await;
+    let a = TestBackend::echo().await;
+    let b = TestBackend::echo().await;
     let proxy = Proxy::start(&[a.addr, b.addr], Some(FAST)).await;
     let a_label = a.addr.to_string();
 
-    let a_addr = a.stop().await;
+    let a_addr = a.stop_listening().await;
     wait_until("a is marked down", || !proxy.backend(0).is_up()).await;
     assert!(proxy.backend(1).is_up());
     let metrics = proxy.metrics();
@@ -215,7 +139,7 @@ async fn a_stopped_backend_is_taken_out_of_rotation_and_served_again_after_it_re
         "a down backend is not even dialed"
     );
 
-    let a = EchoBackend::start_on(a_addr);
+    let a = TestBackend::start_at(a_addr, Behavior::Echo).await;
     wait_until("a is marked up again", || proxy.backend(0).is_up()).await;
     assert!(proxy.metrics().contains(&format!(
         "fulcrum_backend_health_transitions_total{{upstream=\"u\",backend=\"{a_label}\",to=\"up\"}} 1"
@@ -224,7 +148,7 @@ async fn a_stopped_backend_is_taken_out_of_rotation_and_served_again_after_it_re
         echo_once(proxy.addr).await;
     }
     assert!(proxy.backend(0).connections.get() > served, "a is served again");
-    assert!(a.accepted.load(Ordering::Relaxed) > 0);
+    assert!(a.accepted() > 0);
     proxy.stop().await;
     drop(b);
 }
@@ -254,14 +178,14 @@ async fn a_black_holed_backend_is_marked_down_by_the_probe_timeout() {
         timeout: Duration::from_millis(100),
         ..Default::default()
     };
-    let outcome = fulcrum::health::probe::once(&BackendAddr::Ip(hole_addr), &check).await;
+    let outcome = fulcrum::probe::once(&BackendAddr::Ip(hole_addr), &check).await;
     assert!(matches!(outcome, Err(Failure::TimedOut(_))), "{outcome:?}");
     assert_eq!(
         outcome.expect_err("timed out").to_string(),
         "timed out after 100ms"
     );
 
-    let live = EchoBackend::start().await;
+    let live = TestBackend::echo().await;
     let proxy = Proxy::start(&[hole_addr, live.addr], Some(FAST)).await;
     wait_until("the black hole is marked down", || !proxy.backend(0).is_up()).await;
     assert!(
@@ -274,10 +198,10 @@ async fn a_black_holed_backend_is_marked_down_by_the_probe_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_backend_is_down_clients_are_closed_at_once_without_a_dial() {
-    let a = EchoBackend::start().await;
+    let a = TestBackend::echo().await;
     let proxy = Proxy::start(&[a.addr], Some(FAST)).await;
     echo_once(proxy.addr).await;
-    a.stop().await;
+    a.stop_listening().await;
     wait_until("the only backend is marked down", || !proxy.backend(0).is_up()).await;
 
     let dialed = proxy.backend(0).connect_failures.get();
@@ -299,11 +223,11 @@ async fn when_every_backend_is_down_clients_are_closed_at_once_without_a_dial() 
 /// Opens a connection through the proxy, stops the backend's listener (the connection's own
 /// socket stays open), waits for the backend to be marked down and hands back the connection.
 async fn connection_open_while_its_backend_goes_down(on_down: &str) -> (Proxy, TcpStream) {
-    let a = EchoBackend::start().await;
+    let a = TestBackend::echo().await;
     let proxy = Proxy::start(&[a.addr], Some(&format!("{FAST}{on_down}"))).await;
     let mut client = TcpStream::connect(proxy.addr).await.expect("connect to proxy");
     echo(&mut client).await.expect("echo before");
-    a.stop().await;
+    a.stop_listening().await;
     wait_until("the backend is marked down", || !proxy.backend(0).is_up()).await;
     (proxy, client)
 }
@@ -328,8 +252,8 @@ async fn by_default_open_connections_outlive_their_backend_going_down() {
 /// Sends clients through a dead and a live backend until the dead one is marked down; it must
 /// take exactly `fall` failed real connects, and no dial afterwards.
 async fn passive_detection_takes_out_a_dead_backend(health_check: Option<&str>) {
-    let live = EchoBackend::start().await;
-    let proxy = Proxy::start(&[dead_addr(), live.addr], health_check).await;
+    let live = TestBackend::echo().await;
+    let proxy = Proxy::start(&[refused_addr(), live.addr], health_check).await;
     for _ in 0..50 {
         if !proxy.backend(0).is_up() {
             break;

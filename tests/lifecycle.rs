@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 
 use common::process::Fulcrum;
 use common::{
-    connect, one_pool, payload, read_to_end, round_trip, start, wait_until_refused, within, within_for,
-    TempConfig, TestBackend, TRANSFER_DEADLINE,
+    connect, one_pool, payload, read_to_end, round_trip, wait_until_refused, within, within_for, TempDir,
+    TestBackend, TestServer, TRANSFER_DEADLINE,
 };
-use fulcrum::{CancellationToken, Config, Server};
+use fulcrum::{Config, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -56,7 +56,7 @@ async fn assert_refused(addr: SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_during_a_transfer_lets_it_finish_and_run_returns() {
     let echo = TestBackend::echo().await;
-    let server = start(&config(echo.addr, "60s")).await;
+    let server = TestServer::start(&config(echo.addr, "60s")).await;
     let addr = server.addr("main");
 
     let mut client = connect(addr).await;
@@ -77,7 +77,7 @@ async fn cancelling_during_a_transfer_lets_it_finish_and_run_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_still_open_at_the_drain_deadline_are_closed_and_run_returns() {
     let echo = TestBackend::echo().await;
-    let server = start(&config(echo.addr, "200ms")).await;
+    let server = TestServer::start(&config(echo.addr, "200ms")).await;
 
     let mut client = connect(server.addr("main")).await;
     assert_eq!(round_trip(&mut client, b"idle").await, b"idle");
@@ -113,9 +113,7 @@ async fn connections_queued_on_the_socket_when_the_drain_starts_are_served_not_r
     // Shutdown already requested: the accept loop stops before its first accept, as when a
     // drain starts with connections still in the queue (an upgrade via SO_REUSEPORT).
     let server = Server::from_listeners(config, vec![("main".into(), socket)], None).expect("server");
-    let shutdown = CancellationToken::new();
-    shutdown.cancel();
-    let run = tokio::spawn(server.run(shutdown));
+    let server = TestServer::draining(server);
 
     for (n, mut client) in (0u8..).zip(queued) {
         let echoed = read_to_end(&mut client)
@@ -123,15 +121,16 @@ async fn connections_queued_on_the_socket_when_the_drain_starts_are_served_not_r
             .expect("queued connection served, not reset");
         assert_eq!(echoed, [n; 100], "queued connection {n}");
     }
-    within("run to return", run).await.expect("run");
+    server.stopped().await;
     assert_eq!(echo.accepted(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_drains_on_sigterm_and_exits_zero() {
     let echo = TestBackend::echo().await;
-    let config = TempConfig::new(&config(echo.addr, "60s"));
-    let mut fulcrum = Fulcrum::run(&config.path);
+    let dir = TempDir::new("sigterm");
+    let config = dir.write("fulcrum.toml", &config(echo.addr, "60s"));
+    let mut fulcrum = Fulcrum::run(&config);
     let addr = fulcrum.listening("main").await;
 
     let mut client = connect(addr).await;
@@ -160,15 +159,14 @@ async fn the_binary_serves_and_stops_on_sigterm_after_the_reader_of_its_stderr_i
         .expect("a free port")
         .port();
     let text = config(echo.addr, "60s").replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
-    let config = TempConfig::new(&text);
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+    let dir = TempDir::new("sigterm-no-reader");
+    let config = dir.write("fulcrum.toml", &text);
+    let mut child = common::process::async_command(&[])
         .args(["run", "--config"])
-        .arg(&config.path)
+        .arg(&config)
         .env("RUST_LOG", "debug")
-        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn fulcrum run");
     drop(child.stderr.take()); // every log line from now on fails with EPIPE

@@ -13,10 +13,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::process::Fulcrum;
-use common::tls::{assert_echoes, connect_from, connect_tls, toml_path, EchoBackend, Pki, TempDir};
+use common::tls::{assert_echoes, connect_from, connect_tls, Pki};
 use common::{
-    access_log, backend_list, connect, round_trip, wait_for_outcomes, wait_until, within, Behavior,
-    TestBackend, TestServer,
+    access_log, backend_list, connect, round_trip, toml_path, wait_for_outcomes, wait_until, within,
+    Behavior, TempDir, TestBackend, TestServer,
 };
 use fulcrum::metrics::Reason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -52,7 +52,7 @@ fn rejected(lb: &TestServer, reason: Reason) -> u64 {
 async fn a_connection_silent_both_ways_is_closed_at_idle_timeout_while_an_active_one_keeps_flowing() {
     let dir = TempDir::new("idle");
     let echo = TestBackend::echo().await;
-    let lb = common::start(&plain(&dir, echo.addr, "idle_timeout = \"600ms\"", "")).await;
+    let lb = TestServer::start(&plain(&dir, echo.addr, "idle_timeout = \"600ms\"", "")).await;
     let addr = lb.addr("main");
     let mut silent = connect(addr).await;
     assert_eq!(round_trip(&mut silent, b"once").await, b"once");
@@ -86,7 +86,7 @@ async fn a_half_closed_connection_is_closed_at_half_closed_timeout() {
     let dir = TempDir::new("half");
     let silent = TestBackend::start(Behavior::Silent).await;
     let keys = "idle_timeout = \"1h\"\nhalf_closed_timeout = \"300ms\"";
-    let lb = common::start(&plain(&dir, silent.addr, keys, "")).await;
+    let lb = TestServer::start(&plain(&dir, silent.addr, keys, "")).await;
     let mut client = connect(lb.addr("main")).await;
     within("the request", client.write_all(b"request, then FIN"))
         .await
@@ -106,7 +106,7 @@ async fn connections_opened_together_are_closed_over_the_jitter_span_by_max_life
     let dir = TempDir::new("lifetime");
     let echo = TestBackend::echo().await;
     let keys = "max_lifetime = \"2s\"\nmax_lifetime_jitter = \"1s\"";
-    let lb = common::start(&plain(&dir, echo.addr, keys, "")).await;
+    let lb = TestServer::start(&plain(&dir, echo.addr, keys, "")).await;
     let addr = lb.addr("main");
     let opened = Instant::now();
     let mut ends = Vec::new();
@@ -201,7 +201,7 @@ async fn tcp_keepalive_is_on_for_both_legs_by_default_and_off_when_turned_off() 
             "[[upstream]]\nname = \"pool\"\n",
             &format!("[[upstream]]\nname = \"pool\"\n{upstream_keys}\n"),
         );
-        let lb = common::start(&text).await;
+        let lb = TestServer::start(&text).await;
         let addr = lb.addr("main");
         let mut client = connect(addr).await;
         assert_eq!(round_trip(&mut client, b"up").await, b"up");
@@ -219,7 +219,7 @@ async fn tcp_keepalive_is_on_for_both_legs_by_default_and_off_when_turned_off() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_max_connections_a_connection_is_refused_before_any_handshake_and_admin_still_answers() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let text = format!(
         "[[listener]]\nname = \"main\"\nbind = \"127.0.0.1:0\"\nupstream = \"pool\"\nmax_connections = 5\n{}\n\
          [[upstream]]\nname = \"pool\"\nbackends = [\"{}\"]\n[authorization]\nalice = [\"pool\"]\n\
@@ -227,7 +227,7 @@ async fn over_max_connections_a_connection_is_refused_before_any_handshake_and_a
         pki.tls_table(&pki.ca_file, "1.2"),
         echo.addr
     );
-    let lb = common::start(&text).await;
+    let lb = TestServer::start(&text).await;
     let addr = lb.addr("main");
     let alice = pki.client_config(Some(&pki.client("alice")));
     let mut open = Vec::new();
@@ -276,7 +276,7 @@ async fn the_process_cap_counts_every_listener_together() {
         "max_connections = 3\n{}[[listener]]\nname = \"second\"\nbind = \"127.0.0.1:0\"\nupstream = \"pool\"\n",
         plain(&dir, echo.addr, "", "")
     );
-    let lb = common::start(&text).await;
+    let lb = TestServer::start(&text).await;
     let mut open = Vec::new();
     for listener in ["main", "second", "main"] {
         let mut stream = connect(lb.addr(listener)).await;
@@ -349,14 +349,14 @@ async fn under_prlimit_the_default_cap_refuses_cleanly_before_the_descriptor_tab
 async fn only_max_handshakes_per_source_silent_tls_clients_are_held_and_a_good_client_elsewhere_is_served() {
     const SILENT: usize = 100;
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let text = format!(
         "[[listener]]\nname = \"main\"\nbind = \"127.0.0.1:0\"\nupstream = \"pool\"\nhandshake_timeout = \"1m\"\n{}\n\
          [[upstream]]\nname = \"pool\"\nbackends = [\"{}\"]\n[authorization]\nalice = [\"pool\"]\n",
         pki.tls_table(&pki.ca_file, "1.2"),
         echo.addr
     );
-    let lb = common::start(&text).await;
+    let lb = TestServer::start(&text).await;
     let addr = lb.addr("main");
     let source: IpAddr = "127.0.0.1".parse().expect("address");
     let mut silent = Vec::with_capacity(SILENT);
@@ -428,7 +428,7 @@ fn clients_of_one_ipv6_64_count_as_one_client_and_another_64_is_separate() {
                 "[rate_limit]\ncapacity = 5\nwindow = \"1h\"\n",
             )
             .replace("bind = \"127.0.0.1:0\"", "bind = \"[::1]:0\"");
-            let lb = common::start(&text).await;
+            let lb = TestServer::start(&text).await;
             let addr = lb.addr("main");
             let mut served = 0;
             for i in 1..=100u16 {
@@ -477,7 +477,7 @@ async fn the_concurrency_cap_and_the_window_count_survive_reloads() {
     let limit =
         |capacity: u32| format!("[rate_limit]\ncapacity = {capacity}\nwindow = \"1h\"\nmax_concurrent = 2\n");
     let path = dir.write("fulcrum.toml", &plain(&dir, echo.addr, "", &limit(10)));
-    let lb = common::start_file(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let addr = lb.addr("main");
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -543,7 +543,7 @@ async fn a_peer_outside_trusted_proxies_is_refused_before_its_header_is_read() {
     let dir = TempDir::new("trusted");
     let echo = TestBackend::echo().await;
     let keys = "trusted_proxies = [\"127.0.0.2/32\", \"::1/128\"]";
-    let lb = common::start(&proxy_config(&dir, echo.addr, keys)).await;
+    let lb = TestServer::start(&proxy_config(&dir, echo.addr, keys)).await;
     let addr = lb.addr("main");
     let mut untrusted = connect_from("127.0.0.1".parse().expect("address"), addr).await;
     let _ = untrusted.write_all(HEADER).await;
@@ -572,7 +572,7 @@ async fn a_peer_outside_trusted_proxies_is_refused_before_its_header_is_read() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_trickling_in_ends_at_the_one_deadline_it_shares_with_the_tls_handshake() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let text = format!(
         "[[listener]]\nname = \"main\"\nbind = \"127.0.0.1:0\"\nupstream = \"pool\"\naccept_proxy_protocol = true\n\
          trusted_proxies = [\"127.0.0.0/8\"]\n\

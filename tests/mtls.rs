@@ -11,10 +11,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use common::tls::{
-    assert_echoes, assert_refused, client_config, connect_tls, read_to_end_bounded, within, Balancer,
-    EchoBackend, Pki,
-};
+use common::tls::{assert_echoes, assert_refused, client_config, connect_tls, read_to_end_bounded, Pki};
+use common::{within, TestBackend, TestServer};
 use fulcrum::metrics::Reason;
 use fulcrum::pki::{Ca, Eku, LeafSpec, Pem};
 use rustls::ClientConfig;
@@ -25,15 +23,15 @@ const DAY: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// One mTLS listener `tls` in front of one echo backend (upstream `web`).
 struct Fixture {
-    lb: Balancer,
-    backend: EchoBackend,
+    lb: TestServer,
+    backend: TestBackend,
     pki: Pki,
 }
 
 impl Fixture {
     async fn start(min_version: &str, authorization: &str) -> Fixture {
         let pki = Pki::new(&[]);
-        let backend = EchoBackend::start().await;
+        let backend = TestBackend::echo().await;
         let toml = pki.one_pool_config(
             &pki.ca_file,
             min_version,
@@ -41,7 +39,7 @@ impl Fixture {
             &[backend.addr],
             &format!("[authorization]\n{authorization}"),
         );
-        let lb = Balancer::start(&toml).await;
+        let lb = TestServer::start(&toml).await;
         Fixture { lb, backend, pki }
     }
 
@@ -108,61 +106,95 @@ async fn authorized_client_gets_a_mebibyte_echoed_back_intact() {
     assert_eq!(f.lb.rejections("tls"), []);
 }
 
+/// The identity refusals: one row per client certificate an mTLS listener must refuse before
+/// any backend is dialed, with the reason it must count it under.
+#[derive(Clone, Copy, Debug)]
+enum Refusal {
+    /// No client certificate at all.
+    NoCertificate,
+    /// alice, issued by a CA the listener does not trust.
+    AnotherCa,
+    /// alice, expired yesterday.
+    Expired,
+    /// alice, valid from tomorrow.
+    NotYetValid,
+    /// alice, for server authentication only.
+    ServerAuthOnly,
+    /// bob: a valid identity that `[authorization]` does not grant `web`.
+    NotAuthorized,
+}
+
+impl Refusal {
+    /// The certificate the client presents (if any) and the reason the refusal is counted under.
+    fn client(self, f: &Fixture) -> (Option<Pem>, Reason) {
+        let now = SystemTime::now();
+        match self {
+            Refusal::NoCertificate => (None, Reason::TlsHandshake),
+            Refusal::AnotherCa => {
+                let stranger = Ca::new("some other CA").expect("generate CA");
+                let cert = stranger.client("alice").expect("issue client certificate");
+                (Some(cert), Reason::TlsHandshake)
+            }
+            Refusal::Expired => {
+                let cert = f.alice_with(|spec| {
+                    spec.not_before = now - 10 * DAY;
+                    spec.not_after = now - DAY;
+                });
+                (Some(cert), Reason::TlsHandshake)
+            }
+            Refusal::NotYetValid => {
+                let cert = f.alice_with(|spec| {
+                    spec.not_before = now + DAY;
+                    spec.not_after = now + 10 * DAY;
+                });
+                (Some(cert), Reason::TlsHandshake)
+            }
+            Refusal::ServerAuthOnly => {
+                let cert = f.alice_with(|spec| spec.eku = Eku::ServerAuth);
+                (Some(cert), Reason::TlsHandshake)
+            }
+            Refusal::NotAuthorized => (Some(f.pki.client("bob")), Reason::Unauthorized),
+        }
+    }
+}
+
+/// A listener where only alice may reach `web` refuses `refusal`'s client, counted under its
+/// reason, and no backend is dialed ([`Fixture::assert_refuses`]).
+async fn refuses_before_any_dial(refusal: Refusal) {
+    let f = Fixture::start("1.2", ALICE_MAY_REACH_WEB).await;
+    let (cert, reason) = refusal.client(&f);
+    f.assert_refuses(f.pki.client_config(cert.as_ref()), reason).await;
+}
+
 #[tokio::test]
 async fn client_without_a_certificate_is_refused_in_the_handshake_before_any_backend_is_dialed() {
-    let f = Fixture::start("1.2", ALICE_MAY_REACH_WEB).await;
-    f.assert_refuses(f.pki.client_config(None), Reason::TlsHandshake)
-        .await;
+    refuses_before_any_dial(Refusal::NoCertificate).await;
 }
 
 #[tokio::test]
 async fn certificate_from_another_ca_is_refused_in_the_handshake_before_any_backend_is_dialed() {
-    let f = Fixture::start("1.2", ALICE_MAY_REACH_WEB).await;
-    let stranger = Ca::new("some other CA").expect("generate CA");
-    let cert = stranger.client("alice").expect("issue client certificate");
-    f.assert_refuses(f.pki.client_config(Some(&cert)), Reason::TlsHandshake)
-        .await;
+    refuses_before_any_dial(Refusal::AnotherCa).await;
 }
 
 #[tokio::test]
 async fn expired_client_certificate_is_refused_in_the_handshake_before_any_backend_is_dialed() {
-    let f = Fixture::start("1.2", ALICE_MAY_REACH_WEB).await;
-    let now = SystemTime::now();
-    let cert = f.alice_with(|spec| {
-        spec.not_before = now - 10 * DAY;
-        spec.not_after = now - DAY;
-    });
-    f.assert_refuses(f.pki.client_config(Some(&cert)), Reason::TlsHandshake)
-        .await;
+    refuses_before_any_dial(Refusal::Expired).await;
 }
 
 #[tokio::test]
 async fn not_yet_valid_client_certificate_is_refused_in_the_handshake_before_any_backend_is_dialed() {
-    let f = Fixture::start("1.2", ALICE_MAY_REACH_WEB).await;
-    let now = SystemTime::now();
-    let cert = f.alice_with(|spec| {
-        spec.not_before = now + DAY;
-        spec.not_after = now + 10 * DAY;
-    });
-    f.assert_refuses(f.pki.client_config(Some(&cert)), Reason::TlsHandshake)
-        .await;
+    refuses_before_any_dial(Refusal::NotYetValid).await;
 }
 
 #[tokio::test]
 async fn server_auth_only_certificate_is_refused_as_a_client_certificate_before_any_backend_is_dialed() {
-    let f = Fixture::start("1.2", ALICE_MAY_REACH_WEB).await;
-    let cert = f.alice_with(|spec| spec.eku = Eku::ServerAuth);
-    f.assert_refuses(f.pki.client_config(Some(&cert)), Reason::TlsHandshake)
-        .await;
+    refuses_before_any_dial(Refusal::ServerAuthOnly).await;
 }
 
 #[tokio::test]
 async fn valid_identity_not_authorized_for_the_upstream_is_refused_as_unauthorized_before_any_backend_is_dialed(
 ) {
-    let f = Fixture::start("1.2", ALICE_MAY_REACH_WEB).await;
-    let bob = f.pki.client("bob");
-    f.assert_refuses(f.pki.client_config(Some(&bob)), Reason::Unauthorized)
-        .await;
+    refuses_before_any_dial(Refusal::NotAuthorized).await;
 }
 
 #[tokio::test]
@@ -208,8 +240,8 @@ async fn tls12_only_client_is_refused_where_min_version_is_1_3_while_a_tls13_cli
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_name_picks_the_upstream_and_authorization_applies_to_the_upstream_it_picks() {
     let pki = Pki::new(&["reports.localhost", "unknown.localhost"]);
-    let web = EchoBackend::start().await;
-    let reports = EchoBackend::start().await;
+    let web = TestBackend::echo().await;
+    let reports = TestBackend::echo().await;
     let toml = format!(
         r#"
 [[listener]]
@@ -236,7 +268,7 @@ bob = ["web"]
         web = web.addr,
         reports = reports.addr,
     );
-    let lb = Balancer::start(&toml).await;
+    let lb = TestServer::start(&toml).await;
     let addr = lb.addr("tls");
     let alice = pki.client_config(Some(&pki.client("alice")));
     let bob = pki.client_config(Some(&pki.client("bob")));
@@ -287,8 +319,8 @@ async fn session_resumed_from_one_listener_does_not_authenticate_on_a_listener_w
     let pki = Pki::new(&[]);
     let other_ca = Ca::new("second client CA").expect("generate CA");
     let other_ca_file = pki.dir.write("other-ca.pem", &other_ca.cert_pem());
-    let backend_a = EchoBackend::start().await;
-    let backend_b = EchoBackend::start().await;
+    let backend_a = TestBackend::echo().await;
+    let backend_b = TestBackend::echo().await;
     let toml = format!(
         r#"
 [[listener]]
@@ -317,7 +349,7 @@ alice = ["a", "b"]
         a = backend_a.addr,
         b = backend_b.addr,
     );
-    let lb = Balancer::start(&toml).await;
+    let lb = TestServer::start(&toml).await;
     let config = pki.client_config(Some(&pki.client("alice")));
 
     let mut first = connect_tls(lb.addr("a"), &config, "localhost")
@@ -345,7 +377,7 @@ alice = ["a", "b"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_client_is_closed_at_the_handshake_deadline_while_a_good_client_is_served() {
     let pki = Pki::new(&[]);
-    let backend = EchoBackend::start().await;
+    let backend = TestBackend::echo().await;
     let toml = format!(
         r#"
 [[listener]]
@@ -364,7 +396,7 @@ alice = ["web"]
         tls = pki.tls_table(&pki.ca_file, "1.2"),
         backend = backend.addr,
     );
-    let lb = Balancer::start(&toml).await;
+    let lb = TestServer::start(&toml).await;
     let mut silent = within("TCP connect", TcpStream::connect(lb.addr("tls")))
         .await
         .expect("TCP connect");
@@ -461,7 +493,7 @@ fn path(p: &Path) -> &str {
 
 /// The demo backend (`Mode::Hello`, "Hello world from server 1") behind an mTLS listener.
 struct HelloFixture {
-    lb: Balancer,
+    lb: TestServer,
     pki: Pki,
     _backend: tokio_util::sync::DropGuard,
 }
@@ -493,7 +525,7 @@ alice = ["web"]
 "#,
         tls = pki.tls_table(&pki.ca_file, "1.2"),
     );
-    let lb = Balancer::start(&toml).await;
+    let lb = TestServer::start(&toml).await;
     HelloFixture {
         lb,
         pki,

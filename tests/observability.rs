@@ -7,8 +7,10 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::tls::{connect_tls, toml_path, EchoBackend, Pki, TempDir};
-use common::{access_log, connect, http, round_trip, wait_until, within, TestBackend};
+use common::tls::{connect_tls, Pki};
+use common::{
+    access_log, connect, http, round_trip, toml_path, wait_until, within, TempDir, TestBackend, TestServer,
+};
 use fulcrum::admin::prometheus::{render, render_as, Format};
 use fulcrum::pki::LeafSpec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -51,7 +53,7 @@ fn status_of(state: &fulcrum::state::State) -> serde_json::Value {
 }
 
 /// An mTLS listener `tls` in front of an echo backend, alice and bob authorized for `web`.
-async fn mtls(pki: &Pki, backend: &EchoBackend, rest: &str) -> common::tls::Balancer {
+async fn mtls(pki: &Pki, backend: &TestBackend, rest: &str) -> TestServer {
     let toml = pki.one_pool_config(
         &pki.ca_file,
         "1.2",
@@ -59,13 +61,13 @@ async fn mtls(pki: &Pki, backend: &EchoBackend, rest: &str) -> common::tls::Bala
         &[backend.addr],
         &format!("[authorization]\nalice = [\"web\"]\nbob = [\"web\"]\ncarol = [\"web\"]\n{rest}"),
     );
-    common::tls::Balancer::start(&toml).await
+    TestServer::start(&toml).await
 }
 
 #[tokio::test]
 async fn after_n_handshakes_the_handshake_connect_and_duration_histograms_count_n() {
     let pki = Pki::new(&[]);
-    let backend = EchoBackend::start().await;
+    let backend = TestBackend::echo().await;
     let lb = mtls(&pki, &backend, "").await;
     let alice = pki.client_config(Some(&pki.client("alice")));
     const N: usize = 5;
@@ -109,7 +111,7 @@ async fn after_n_handshakes_the_handshake_connect_and_duration_histograms_count_
 #[tokio::test]
 async fn metrics_are_openmetrics_when_asked_and_the_classic_text_otherwise() {
     let backend = TestBackend::echo().await;
-    let server = common::start(&format!(
+    let server = TestServer::start(&format!(
         "{}\n[admin]\nbind = \"127.0.0.1:0\"\n",
         common::one_pool(&[backend.addr], "")
     ))
@@ -141,7 +143,7 @@ async fn metrics_are_openmetrics_when_asked_and_the_classic_text_otherwise() {
 async fn a_ten_mebibyte_stream_held_open_shows_in_the_byte_counters_before_it_closes() {
     const SIZE: usize = 10 * 1024 * 1024;
     let backend = TestBackend::echo().await;
-    let server = common::start(&common::one_pool(&[backend.addr], "")).await;
+    let server = TestServer::start(&common::one_pool(&[backend.addr], "")).await;
     let mut stream = connect(server.addr("main")).await;
     let data = common::payload(7, SIZE);
     let (mut read, mut write) = stream.split();
@@ -185,7 +187,7 @@ async fn a_ten_mebibyte_stream_held_open_shows_in_the_byte_counters_before_it_cl
 #[tokio::test]
 async fn expiry_gauges_equal_the_certificates_not_after_and_the_crls_next_update() {
     let pki = Pki::new(&[]);
-    let backend = EchoBackend::start().await;
+    let backend = TestBackend::echo().await;
     let next_update = UNIX_EPOCH + Duration::from_secs((unix_seconds(SystemTime::now() + 7 * DAY)) as u64);
     let crl = pki
         .dir
@@ -201,7 +203,7 @@ async fn expiry_gauges_equal_the_certificates_not_after_and_the_crls_next_update
         "min_version = \"1.2\"\n",
         &format!("min_version = \"1.2\"\ncrl = {}\n", toml_path(&crl)),
     );
-    let lb = common::tls::Balancer::start(&toml).await;
+    let lb = TestServer::start(&toml).await;
     let metrics = render(&lb.state);
     let gauge = |kind: &str| {
         sample(
@@ -264,7 +266,7 @@ fn check_with_certificate_valid_for(left: Duration) -> (bool, String, String) {
     let pki = Pki::new(&[]);
     let dir = TempDir::new("check-expiry");
     let config = config_with_server_certificate(&dir, &pki, SystemTime::now() + left);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+    let out = common::process::command(&[])
         .args(["check", "--config"])
         .arg(&config)
         .output()
@@ -301,7 +303,7 @@ fn check_does_not_warn_for_a_certificate_with_a_month_left_but_names_its_expiry(
 #[tokio::test]
 async fn status_lists_the_top_identities_by_open_connections_and_by_refusals() {
     let pki = Pki::new(&[]);
-    let backend = EchoBackend::start().await;
+    let backend = TestBackend::echo().await;
     let lb = mtls(&pki, &backend, "").await;
     let mut held = Vec::new();
     for (name, count) in [("alice", 3), ("bob", 2), ("carol", 1)] {
@@ -359,7 +361,7 @@ async fn logged_echo(
     interim: &str,
 ) -> (
     TestBackend,
-    common::TestServer,
+    TestServer,
     TempDir,
     std::path::PathBuf,
     tokio::net::TcpStream,
@@ -367,7 +369,7 @@ async fn logged_echo(
     let backend = TestBackend::echo().await;
     let dir = TempDir::new("interim");
     let log = dir.path().join("access.jsonl");
-    let server = common::start(&format!(
+    let server = TestServer::start(&format!(
         "{}\n[access_log]\npath = {}\ninterim = \"{interim}\"\n",
         common::one_pool(&[backend.addr], ""),
         toml_path(&log)
@@ -411,7 +413,7 @@ async fn a_connection_shorter_than_interim_gets_only_its_closing_entry() {
 #[tokio::test]
 async fn mtls_access_log_entries_carry_sni_the_tls_version_and_the_client_certificate() {
     let pki = Pki::new(&["api.example"]);
-    let backend = EchoBackend::start().await;
+    let backend = TestBackend::echo().await;
     let dir = TempDir::new("tls-fields");
     let log = dir.path().join("access.jsonl");
     let lb = mtls(

@@ -6,6 +6,7 @@
 //! is eligible, and every count back to zero once all connections are gone.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use fulcrum::balancer::{Lease, Pool};
 use proptest::prelude::*;
@@ -55,6 +56,9 @@ struct Connection {
 
 struct Harness {
     pool: Arc<Pool>,
+    /// The instant every step happens at: nothing here ramps, so the pool's time never matters
+    /// (it reads no clock itself).
+    now: Instant,
     model: Vec<Slot>,
     connections: Vec<Connection>,
 }
@@ -68,6 +72,7 @@ impl Harness {
         };
         Harness {
             pool: Pool::new(size),
+            now: Instant::now(),
             model: vec![slot; size],
             connections: Vec::new(),
         }
@@ -78,7 +83,7 @@ impl Harness {
         let eligible: Vec<usize> = (0..self.model.len())
             .filter(|&i| self.model[i].up && !self.model[i].retired && !exclude.contains(&i))
             .collect();
-        let Some(lease) = self.pool.pick(exclude) else {
+        let Some(lease) = self.pool.pick(exclude, self.now) else {
             prop_assert!(eligible.is_empty(), "no pick, but {:?} were eligible", eligible);
             return Ok(None);
         };
@@ -128,12 +133,12 @@ impl Harness {
             }
             Op::Fail { .. } | Op::Close { .. } => {}
             Op::MarkDown { slot } => {
-                self.pool.set_in_rotation(slot % slots, false);
+                self.pool.set_in_rotation(slot % slots, false, self.now);
                 self.model[slot % slots].up = false;
             }
             Op::MarkUp { slot } => {
                 // A retired slot stays out whatever its health says.
-                self.pool.set_in_rotation(slot % slots, true);
+                self.pool.set_in_rotation(slot % slots, true, self.now);
                 self.model[slot % slots].up = true;
             }
             Op::Reload { retire, add } => {
@@ -142,7 +147,7 @@ impl Harness {
                     self.model[i].retired = true;
                 }
                 for _ in 0..add {
-                    let index = self.pool.add();
+                    let index = self.pool.add(self.now);
                     prop_assert_eq!(index, self.model.len(), "slots are never reused");
                     self.model.push(Slot {
                         count: 0,

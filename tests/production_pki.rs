@@ -22,10 +22,8 @@ use common::pki::{
     chain_client_config, client, crl, days, dns_constrained_ca, expired_intermediate, intermediate, issue,
     leaf_params, pem_bundle, root, uri_constrained_ca, valid, Cert, ServerCert,
 };
-use common::tls::{
-    assert_echoes, assert_refused, connect_tls, toml_path, wait_until, within, EchoBackend, TempDir,
-};
-use common::TestServer;
+use common::tls::{assert_echoes, assert_refused, connect_tls};
+use common::{poll_for, toml_path, wait_until, within, TempDir, TestBackend, TestServer};
 use fulcrum::metrics::{HandshakeFailure, Reason};
 use rustls::{ClientConfig, HandshakeKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -175,17 +173,11 @@ async fn counted_since(
             .map(|((label, _), _)| *label)
             .collect()
     };
-    let deadline = tokio::time::Instant::now() + common::tls::PEER_DEADLINE;
-    loop {
+    poll_for(async || {
         let reasons = grown();
-        if !reasons.is_empty() {
-            return Some(reasons);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+        (!reasons.is_empty()).then_some(reasons)
+    })
+    .await
 }
 
 /// Whether a client gets through: its handshake, then `probe` echoed back by the backend; or
@@ -217,8 +209,8 @@ async fn outcome(addr: SocketAddr, client: &Arc<ClientConfig>, probe: &[u8]) -> 
 /// data, no dial, the handshake failure counted under its reason) as it expects. Every client is
 /// tried; the test fails at the end listing each one that was judged otherwise.
 async fn judge(case: Case) {
-    let echo = EchoBackend::start().await;
-    let lb = common::start(&case.config(echo.addr)).await;
+    let echo = TestBackend::echo().await;
+    let lb = TestServer::start(&case.config(echo.addr)).await;
     let addr = lb.addr("tls");
     let mut served = 0;
     let mut mismatches = Vec::new();
@@ -485,14 +477,14 @@ async fn a_listeners_own_authorization_replaces_the_global_table_for_that_listen
         "alice",
         Refused(None),
     );
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let text = format!(
         "{}{}[[upstream]]\nname = \"web\"\nbackends = [\"{}\"]\n\n[authorization]\nalice = [\"web\"]\n",
         a.listener("a", ""),
         b.listener("b", "[listener.authorization]\nbob = [\"web\"]\n"),
         echo.addr
     );
-    let lb = common::start(&text).await;
+    let lb = TestServer::start(&text).await;
     let client_of = |case: &Case| {
         chain_client_config(
             &case.server.ca_pem,
@@ -749,9 +741,9 @@ async fn a_reload_that_revokes_an_intermediate_closes_the_open_connections_of_it
         &i,
         &[(&alice, "alice"), (&bob, "bob"), (&carol, "carol")],
     );
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let path = config_file(&case, echo.addr);
-    let lb = common::start_file(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let addr = lb.addr("tls");
     let mut a = open(addr, &case, 0).await;
     let mut b = open(addr, &case, 1).await;
@@ -799,9 +791,9 @@ async fn a_session_resumed_after_its_intermediate_was_revoked_is_refused() {
     let i = intermediate("Example Intermediate I", &r);
     let alice = client(&i, &["alice"]);
     let case = before_the_revocation("a session of I's leaf", &r, &i, &[(&alice, "alice")]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let path = config_file(&case, echo.addr);
-    let lb = common::start_file(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let addr = lb.addr("tls");
     // One client throughout: it keeps the session (a TLS 1.3 ticket) of its full handshake.
     let alice_client = client_of(&case, 0);

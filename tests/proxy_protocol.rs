@@ -7,7 +7,8 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use common::tls::{connect_tls, toml_path, wait_until, within, Balancer, EchoBackend, Pki};
+use common::tls::{connect_tls, Pki};
+use common::{toml_path, wait_until, within, TempDir, TestBackend, TestServer};
 use fulcrum::metrics::Reason;
 use fulcrum::proxy_protocol::{parse, Parse};
 use rustls::pki_types::pem::PemObject;
@@ -40,7 +41,7 @@ async fn recording_backend() -> (SocketAddr, tokio::sync::oneshot::Receiver<(Vec
 #[tokio::test]
 async fn a_v1_header_with_the_real_client_address_reaches_the_backend_before_any_client_byte() {
     let (backend, recorded) = recording_backend().await;
-    let balancer = Balancer::start(&format!(
+    let balancer = TestServer::start(&format!(
         "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\nupstream = \"web\"\n\
          [[upstream]]\nname = \"web\"\nbackends = [\"{backend}\"]\nproxy_protocol = \"v1\"\n"
     ))
@@ -68,7 +69,7 @@ async fn a_v1_header_with_the_real_client_address_reaches_the_backend_before_any
 async fn a_v2_header_over_mtls_carries_the_client_address_identity_tls_version_and_cipher() {
     let pki = Pki::new(&[]);
     let (backend, recorded) = recording_backend().await;
-    let balancer = Balancer::start(&format!(
+    let balancer = TestServer::start(&format!(
         "[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\nupstream = \"web\"\n{}\
          [[upstream]]\nname = \"web\"\nbackends = [\"{backend}\"]\nproxy_protocol = \"v2\"\n\
          [authorization]\nalice = [\"web\"]\n",
@@ -107,8 +108,8 @@ async fn a_v2_header_over_mtls_carries_the_client_address_identity_tls_version_a
 
 #[tokio::test]
 async fn an_accepted_proxy_header_is_the_client_for_rate_limits_and_its_payload_is_kept() {
-    let backend = EchoBackend::start().await;
-    let balancer = Balancer::start(&format!(
+    let backend = TestBackend::echo().await;
+    let balancer = TestServer::start(&format!(
         "[[listener]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\nupstream = \"web\"\n\
          accept_proxy_protocol = true\ntrusted_proxies = [\"127.0.0.0/8\"]\n\
          [listener.rate_limit]\ncapacity = 1\nwindow = \"1h\"\n\
@@ -149,8 +150,8 @@ async fn an_accepted_proxy_header_is_the_client_for_rate_limits_and_its_payload_
 
 #[tokio::test]
 async fn a_malformed_proxy_header_closes_the_connection_before_any_backend_is_dialed() {
-    let backend = EchoBackend::start().await;
-    let balancer = Balancer::start(&format!(
+    let backend = TestBackend::echo().await;
+    let balancer = TestServer::start(&format!(
         "[[listener]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\nupstream = \"web\"\n\
          accept_proxy_protocol = true\ntrusted_proxies = [\"127.0.0.0/8\"]\n\
          [[upstream]]\nname = \"web\"\nbackends = [\"{}\"]\n",
@@ -236,7 +237,7 @@ async fn upstream_mtls_reaches_a_backend_that_requires_a_client_certificate() {
     let lb_client = backend_pki.client("fulcrum-lb");
     let (cert, key) = backend_pki.write_pem("lb", &lb_client);
     let (addr, handshakes) = tls_backend(&backend_cert, Some(&backend_pki.ca.cert_pem())).await;
-    let balancer = Balancer::start(&format!(
+    let balancer = TestServer::start(&format!(
         "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\nupstream = \"web\"\n\
          [[upstream]]\nname = \"web\"\nbackends = [\"{addr}\"]\n\
          [upstream.tls]\nca = {}\ncert = {}\nkey = {}\nserver_name = \"localhost\"\n",
@@ -264,7 +265,7 @@ async fn a_backend_whose_certificate_does_not_verify_is_refused_and_counted_as_a
     let impostor = Pki::new(&[]);
     let impostor_cert = impostor.ca.server(&[]).expect("impostor cert");
     let (addr, handshakes) = tls_backend(&impostor_cert, None).await;
-    let balancer = Balancer::start(&format!(
+    let balancer = TestServer::start(&format!(
         "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\nupstream = \"web\"\n\
          [[upstream]]\nname = \"web\"\nbackends = [\"{addr}\"]\nconnect_attempts = 1\n\
          [upstream.tls]\nca = {}\nserver_name = \"localhost\"\n",
@@ -295,12 +296,12 @@ async fn haproxy_with_accept_proxy_logs_the_client_address_fulcrum_sent() {
         panic!("haproxy is not installed: .ci/run installs Debian's haproxy for this test");
     };
     for version in ["v1", "v2"] {
-        let echo = EchoBackend::start().await;
+        let echo = TestBackend::echo().await;
         let port = {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe port");
             probe.local_addr().expect("addr").port()
         };
-        let dir = common::tls::TempDir::new("haproxy");
+        let dir = TempDir::new("haproxy");
         let cfg = dir.write(
             "haproxy.cfg",
             &format!(
@@ -322,7 +323,7 @@ async fn haproxy_with_accept_proxy_logs_the_client_address_fulcrum_sent() {
             .expect("start haproxy");
         let target: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         wait_until("haproxy listens", || std::net::TcpStream::connect(target).is_ok()).await;
-        let balancer = Balancer::start(&format!(
+        let balancer = TestServer::start(&format!(
             "[[listener]]\nname = \"plain\"\nbind = \"127.0.0.1:0\"\nupstream = \"web\"\n\
              [[upstream]]\nname = \"web\"\nbackends = [\"{target}\"]\nproxy_protocol = \"{version}\"\n"
         ))

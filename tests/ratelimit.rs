@@ -9,10 +9,8 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use common::tls::{
-    assert_echoes, assert_refused, connect_from, connect_tls, read_to_end_bounded, wait_until, within,
-    Balancer, EchoBackend, Pki,
-};
+use common::tls::{assert_echoes, assert_refused, connect_from, connect_tls, read_to_end_bounded, Pki};
+use common::{wait_until, within, TestBackend, TestServer};
 use fulcrum::metrics::Reason;
 use rustls::ClientConfig;
 use tokio::io::AsyncWriteExt;
@@ -37,13 +35,13 @@ async fn assert_served_from(source: IpAddr, addr: SocketAddr, what: &str) {
 }
 
 /// An mTLS listener `tls` in front of one echo backend, with `extra` appended to the config.
-async fn mtls_balancer(pki: &Pki, backend: &EchoBackend, listener_keys: &str, extra: &str) -> Balancer {
+async fn mtls_balancer(pki: &Pki, backend: &TestBackend, listener_keys: &str, extra: &str) -> TestServer {
     let toml = pki.one_pool_config(&pki.ca_file, "1.2", listener_keys, &[backend.addr], extra);
-    Balancer::start(&toml).await
+    TestServer::start(&toml).await
 }
 
 /// A plaintext listener `plain` in front of one echo backend, with `extra` appended.
-async fn plain_balancer(backend: &EchoBackend, extra: &str) -> Balancer {
+async fn plain_balancer(backend: &TestBackend, extra: &str) -> TestServer {
     let toml = format!(
         r#"
 [[listener]]
@@ -57,7 +55,7 @@ backends = ["{backend}"]
 "#,
         backend = backend.addr,
     );
-    Balancer::start(&toml).await
+    TestServer::start(&toml).await
 }
 
 const REJECT_RESPONSE: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\n\r\n";
@@ -65,7 +63,7 @@ const REJECT_RESPONSE: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\n\r\n";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixth_mtls_connection_in_a_window_gets_the_reject_response_while_another_identity_is_served() {
     let pki = Pki::new(&[]);
-    let backend = EchoBackend::start().await;
+    let backend = TestBackend::echo().await;
     let lb = mtls_balancer(
         &pki,
         &backend,
@@ -114,7 +112,7 @@ window = "1m"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixth_plaintext_connection_from_one_source_ip_is_refused_while_another_ip_is_served() {
-    let backend = EchoBackend::start().await;
+    let backend = TestBackend::echo().await;
     let lb = plain_balancer(
         &backend,
         r#"
@@ -145,7 +143,7 @@ window = "1m"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn third_simultaneous_connection_is_refused_and_a_new_one_is_served_after_one_closes() {
-    let backend = EchoBackend::start().await;
+    let backend = TestBackend::echo().await;
     let lb = plain_balancer(
         &backend,
         r#"
@@ -182,7 +180,7 @@ max_concurrent = 2
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_override_lets_batch_open_eight_while_alice_is_held_to_the_global_capacity() {
     let pki = Pki::new(&[]);
-    let backend = EchoBackend::start().await;
+    let backend = TestBackend::echo().await;
     let lb = mtls_balancer(
         &pki,
         &backend,

@@ -12,16 +12,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::process::Fulcrum;
-use common::tls::{
-    assert_echoes, assert_refused, client_config, connect_tls, toml_path, wait_until, within, EchoBackend,
-    Pki, TempDir, PEER_DEADLINE,
+use common::tls::{assert_echoes, assert_refused, client_config, connect_tls, Pki};
+use common::{
+    backend_list, connect, payload, read_to_end, round_trip, sha256, toml_path, wait_until,
+    wait_until_refused, within, TempDir, TestBackend, TestServer, DEADLINE,
 };
-use common::{backend_list, connect, payload, read_to_end, round_trip, sha256, wait_until_refused};
 use fulcrum::metrics::Reason;
 use fulcrum::pki::Ca;
-use fulcrum::reload::{Handle, ReloadError};
+use fulcrum::reload::ReloadError;
 use fulcrum::state::{Backend, ServerError, State};
-use fulcrum::{CancellationToken, Config, Server};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -31,50 +30,6 @@ const CHUNK: usize = 64 * 1024;
 
 const ALICE: &str = r#"alice = ["web"]"#;
 const ALICE_AND_BOB: &str = "alice = [\"web\"]\nbob = [\"web\"]";
-
-/// The balancer started from a config file, running on a task until dropped.
-struct Running {
-    handle: Handle,
-    admin: Option<SocketAddr>,
-    stop: CancellationToken,
-}
-
-impl Running {
-    async fn start(path: &Path) -> Running {
-        let config = Config::load(path).unwrap_or_else(|e| panic!("initial config: {e}"));
-        let server = Server::bind(config).await.expect("bind the balancer");
-        let handle = server.handle();
-        let admin = server.admin_addr();
-        let stop = CancellationToken::new();
-        tokio::spawn(server.run(stop.clone()));
-        Running { handle, admin, stop }
-    }
-
-    /// The current generation's state.
-    fn state(&self) -> Arc<State> {
-        self.handle.state()
-    }
-
-    /// A listener's bound address in the current generation.
-    fn addr(&self, listener: &str) -> SocketAddr {
-        self.state()
-            .listener(listener)
-            .unwrap_or_else(|| panic!("no listener {listener:?} in the current generation"))
-            .bind
-    }
-
-    /// Rewrites the config file with `text`, then reloads it.
-    async fn reload_file(&self, path: &Path, text: &str) -> Result<u64, ReloadError> {
-        std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-        within("the reload to be applied or refused", self.handle.reload()).await
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
 
 /// One mTLS listener `tls` (client certificates from `client_ca`) in front of upstream `web`.
 fn mtls_config(pki: &Pki, client_ca: &Path, backends: &[SocketAddr], authorization: &str) -> String {
@@ -138,8 +93,8 @@ async fn echo_chunk<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, seed: u64
 /// Asserts that the server ended `stream` (end of stream or reset) without sending data.
 async fn assert_closed_by_server<S: AsyncRead + Unpin>(stream: &mut S, whose: &str) {
     let mut buf = [0u8; 64];
-    match tokio::time::timeout(PEER_DEADLINE, stream.read(&mut buf)).await {
-        Err(_) => panic!("{whose} connection was still open {PEER_DEADLINE:?} after the reload"),
+    match tokio::time::timeout(DEADLINE, stream.read(&mut buf)).await {
+        Err(_) => panic!("{whose} connection was still open {DEADLINE:?} after the reload"),
         Ok(Ok(0)) | Ok(Err(_)) => {}
         Ok(Ok(n)) => panic!(
             "{whose} connection returned data instead of closing: {:?}",
@@ -156,14 +111,14 @@ fn der(pem: &str) -> CertificateDer<'static> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_lived_stream_keeps_flowing_across_ten_reloads() {
     let pki = Pki::new(&[]);
-    let kept = EchoBackend::start().await;
-    let a = EchoBackend::start().await;
-    let b = EchoBackend::start().await;
+    let kept = TestBackend::echo().await;
+    let a = TestBackend::echo().await;
+    let b = TestBackend::echo().await;
     let path = pki.dir.write(
         "fulcrum.toml",
         &mtls_config(&pki, &pki.ca_file, &[kept.addr], ALICE),
     );
-    let lb = Running::start(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let addr = lb.addr("tls");
     let alice = pki.client_config(Some(&pki.client("alice")));
     let bob = pki.client_config(Some(&pki.client("bob")));
@@ -173,7 +128,7 @@ async fn a_long_lived_stream_keeps_flowing_across_ten_reloads() {
         .expect("alice's handshake");
     echo_chunk(&mut stream, 0).await;
     assert_eq!(kept.accepted(), 1);
-    let kept_slot = backend(&lb.state(), kept.addr).expect("kept backend").slot;
+    let kept_slot = backend(&lb.current(), kept.addr).expect("kept backend").slot;
     let mut unauthorized = 0;
 
     for i in 1..=10u64 {
@@ -185,7 +140,7 @@ async fn a_long_lived_stream_keeps_flowing_across_ten_reloads() {
 
         let text = mtls_config(&pki, &pki.ca_file, &[kept.addr, added.addr], authorization);
         let generation = lb.reload_file(&path, &text).await.expect("a valid reload");
-        let state = lb.state();
+        let state = lb.current();
         assert_eq!(generation, i + 1, "reload {i}");
         assert_eq!(state.generation, i + 1, "reload {i}");
         assert_eq!(state.reloads.ok.get(), i);
@@ -223,7 +178,7 @@ async fn a_long_lived_stream_keeps_flowing_across_ten_reloads() {
         assert_echoes(&mut probe, format!("alice after reload {i}").as_bytes()).await;
         drop(probe);
         wait_until("alice's probe releases its backend", || {
-            lb.state().total_active() == 1
+            lb.current().total_active() == 1
         })
         .await;
         let bob_connected = connect_tls(addr, &bob, "localhost").await;
@@ -232,7 +187,7 @@ async fn a_long_lived_stream_keeps_flowing_across_ten_reloads() {
             assert_echoes(&mut probe, format!("bob after reload {i}").as_bytes()).await;
             drop(probe);
             wait_until("bob's probe releases its backend", || {
-                lb.state().total_active() == 1
+                lb.current().total_active() == 1
             })
             .await;
             2
@@ -240,7 +195,7 @@ async fn a_long_lived_stream_keeps_flowing_across_ten_reloads() {
             assert_refused(bob_connected).await;
             unauthorized += 1;
             wait_until("bob's refusal is counted", || {
-                lb.state()
+                lb.current()
                     .listener("tls")
                     .expect("listener tls")
                     .rejected
@@ -272,11 +227,11 @@ async fn a_long_lived_stream_keeps_flowing_across_ten_reloads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_config_is_refused_and_the_old_one_keeps_serving() {
     let pki = Pki::new(&[]);
-    let old = EchoBackend::start().await;
-    let new = EchoBackend::start().await;
+    let old = TestBackend::echo().await;
+    let new = TestBackend::echo().await;
     let good = mtls_config(&pki, &pki.ca_file, &[old.addr], ALICE);
     let path = pki.dir.write("fulcrum.toml", &good);
-    let lb = Running::start(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let addr = lb.addr("tls");
     let alice = pki.client_config(Some(&pki.client("alice")));
     let mut held = connect_tls(addr, &alice, "localhost")
@@ -305,7 +260,7 @@ async fn an_invalid_config_is_refused_and_the_old_one_keeps_serving() {
         "{refused:?}"
     );
 
-    let state = lb.state();
+    let state = lb.current();
     assert_eq!(state.generation, 1);
     assert_eq!(state.reloads.failed.get(), 2);
     assert_eq!(state.reloads.ok.get(), 0);
@@ -338,18 +293,18 @@ async fn an_invalid_config_is_refused_and_the_old_one_keeps_serving() {
         .expect("a handshake after the valid reload");
     assert_echoes(&mut moved, b"moved").await;
     assert_eq!(new.accepted(), 1);
-    assert_eq!(lb.state().reloads.failed.get(), 2);
+    assert_eq!(lb.current().reloads.failed.get(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_an_authorization_entry_closes_exactly_that_clients_connections() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let path = pki.dir.write(
         "fulcrum.toml",
         &mtls_config(&pki, &pki.ca_file, &[echo.addr], ALICE_AND_BOB),
     );
-    let lb = Running::start(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let addr = lb.addr("tls");
     let alice = pki.client_config(Some(&pki.client("alice")));
     let bob = pki.client_config(Some(&pki.client("bob")));
@@ -368,7 +323,7 @@ async fn removing_an_authorization_entry_closes_exactly_that_clients_connections
         assert_echoes(&mut b, format!("bob {n}").as_bytes()).await;
         bobs.push(b);
     }
-    assert_eq!(lb.state().total_active(), 4);
+    assert_eq!(lb.current().total_active(), 4);
 
     let text = mtls_config(&pki, &pki.ca_file, &[echo.addr], ALICE);
     assert_eq!(lb.reload_file(&path, &text).await.expect("a valid reload"), 2);
@@ -377,7 +332,7 @@ async fn removing_an_authorization_entry_closes_exactly_that_clients_connections
         assert_closed_by_server(b, "bob's").await;
     }
     wait_until("only alice's connections are counted", || {
-        lb.state().total_active() == 2
+        lb.current().total_active() == 2
     })
     .await;
     for (n, a) in alices.iter_mut().enumerate() {
@@ -385,7 +340,7 @@ async fn removing_an_authorization_entry_closes_exactly_that_clients_connections
     }
     assert_refused(connect_tls(addr, &bob, "localhost").await).await;
     wait_until("bob's new connection is refused as unauthorized", || {
-        lb.state()
+        lb.current()
             .listener("tls")
             .expect("listener tls")
             .rejected
@@ -407,13 +362,13 @@ async fn changing_the_client_ca_closes_the_connections_it_no_longer_trusts() {
     let both = pki
         .dir
         .write("both.pem", &format!("{}{}", pki.ca.cert_pem(), other.cert_pem()));
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let authorization = "alice = [\"web\"]\ncarol = [\"web\"]";
     let path = pki.dir.write(
         "fulcrum.toml",
         &mtls_config(&pki, &both, &[echo.addr], authorization),
     );
-    let lb = Running::start(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let addr = lb.addr("tls");
     let versions = [&rustls::version::TLS13, &rustls::version::TLS12];
     let alice = pki.client_config(Some(&pki.client("alice")));
@@ -436,12 +391,12 @@ async fn changing_the_client_ca_closes_the_connections_it_no_longer_trusts() {
     assert_closed_by_server(&mut c, "carol's").await;
     assert_echoes(&mut a, b"alice after the reload").await;
     wait_until("only alice's connection is counted", || {
-        lb.state().total_active() == 1
+        lb.current().total_active() == 1
     })
     .await;
     assert_refused(connect_tls(addr, &carol, "localhost").await).await;
     wait_until("carol's new connection fails the handshake", || {
-        lb.state()
+        lb.current()
             .listener("tls")
             .expect("listener tls")
             .rejected
@@ -459,12 +414,12 @@ async fn changing_the_client_ca_closes_the_connections_it_no_longer_trusts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_server_certificate_is_served_after_reload() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let path = pki.dir.write(
         "fulcrum.toml",
         &mtls_config(&pki, &pki.ca_file, &[echo.addr], ALICE),
     );
-    let lb = Running::start(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let addr = lb.addr("tls");
     let old_der = der(&std::fs::read_to_string(&pki.server_cert).expect("read server cert"));
 
@@ -524,13 +479,13 @@ async fn a_rotated_server_certificate_is_served_after_reload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_added_by_reload_accepts_and_a_removed_one_refuses() {
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let dir = TempDir::new("reload-listeners");
     let any = "127.0.0.1:0";
     let path = dir.write("fulcrum.toml", &plain_config(&[("a", any)], &[echo.addr], ""));
-    let lb = Running::start(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let a_addr = lb.addr("a");
-    assert!(lb.state().listener("b").is_none());
+    assert!(lb.current().listener("b").is_none());
     let mut held = connect(a_addr).await;
     assert_eq!(round_trip(&mut held, b"on a").await, b"on a");
 
@@ -546,7 +501,7 @@ async fn a_listener_added_by_reload_accepts_and_a_removed_one_refuses() {
 
     let text = plain_config(&[("b", any)], &[echo.addr], "");
     assert_eq!(lb.reload_file(&path, &text).await.expect("removing a"), 3);
-    assert!(lb.state().listener("a").is_none());
+    assert!(lb.current().listener("a").is_none());
     wait_until_refused(a_addr).await;
     assert_eq!(lb.addr("b"), b_addr, "an unchanged listener moved");
     let mut on_b_again = connect(b_addr).await;
@@ -554,7 +509,7 @@ async fn a_listener_added_by_reload_accepts_and_a_removed_one_refuses() {
     // Connections accepted by the removed listener drain instead of being cut.
     assert_eq!(round_trip(&mut held, b"still on a").await, b"still on a");
     assert_eq!(round_trip(&mut on_a, b"still on a").await, b"still on a");
-    let state = lb.state();
+    let state = lb.current();
     assert_eq!(state.listener("b").expect("listener b").accepted.get(), 2);
     assert_eq!(echo.accepted(), 4);
 }
@@ -580,13 +535,13 @@ async fn admin_request(admin: SocketAddr, method: &str, path: &str) -> (String, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_reload_on_the_admin_listener_applies_the_file() {
-    let first = EchoBackend::start().await;
-    let second = EchoBackend::start().await;
+    let first = TestBackend::echo().await;
+    let second = TestBackend::echo().await;
     let dir = TempDir::new("reload-admin");
     let admin = "[admin]\nbind = \"127.0.0.1:0\"\n";
     let listeners = [("main", "127.0.0.1:0")];
     let path = dir.write("fulcrum.toml", &plain_config(&listeners, &[first.addr], admin));
-    let lb = Running::start(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let admin_addr = lb.admin.expect("admin listener");
     let addr = lb.addr("main");
 
@@ -594,7 +549,7 @@ async fn post_reload_on_the_admin_listener_applies_the_file() {
     let (status, body) = admin_request(admin_addr, "POST", "/reload").await;
     assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
     assert_eq!(body, "{\"result\":\"ok\",\"generation\":2}\n");
-    assert_eq!(lb.state().generation, 2);
+    assert_eq!(lb.current().generation, 2);
     let mut client = connect(addr).await;
     assert_eq!(round_trip(&mut client, b"hello").await, b"hello");
     assert_eq!((first.accepted(), second.accepted()), (0, 1));
@@ -611,7 +566,7 @@ async fn post_reload_on_the_admin_listener_applies_the_file() {
         body.contains("bogus"),
         "the error does not name the bad key: {body}"
     );
-    assert_eq!(lb.state().generation, 2);
+    assert_eq!(lb.current().generation, 2);
 
     let (status, metrics) = admin_request(admin_addr, "GET", "/metrics").await;
     assert_eq!(status, "HTTP/1.1 200 OK");
@@ -632,8 +587,8 @@ async fn post_reload_on_the_admin_listener_applies_the_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_binary() {
-    let first = EchoBackend::start().await;
-    let second = EchoBackend::start().await;
+    let first = TestBackend::echo().await;
+    let second = TestBackend::echo().await;
     let dir = TempDir::new("reload-sighup");
     let listeners = [("main", "127.0.0.1:0")];
     let path: PathBuf = dir.write("fulcrum.toml", &plain_config(&listeners, &[first.addr], ""));

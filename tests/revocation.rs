@@ -12,11 +12,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use common::tls::{
-    assert_echoes, assert_refused, client_config, connect_tls, toml_path, wait_until, within, EchoBackend,
-    Pki,
-};
-use common::TestServer;
+use common::tls::{assert_echoes, assert_refused, client_config, connect_tls, Pki};
+use common::{toml_path, wait_until, within, TestBackend, TestServer};
 use fulcrum::metrics::{HandshakeFailure, Reason};
 use fulcrum::pki::{Ca, Eku, LeafSpec, Pem};
 use rustls::pki_types::pem::PemObject;
@@ -93,12 +90,6 @@ fn crl_key(path: &Path) -> String {
     format!("crl = {}\n", toml_path(path))
 }
 
-/// Writes `text` over `path` and reloads the running balancer from it.
-async fn reload(lb: &TestServer, path: &Path, text: &str) -> Result<u64, fulcrum::reload::ReloadError> {
-    std::fs::write(path, text).expect("write the config file");
-    within("the reload", lb.handle.reload()).await
-}
-
 fn handshake_failures(lb: &TestServer, failure: HandshakeFailure) -> u64 {
     lb.current()
         .listener("tls")
@@ -154,7 +145,7 @@ async fn served(addr: SocketAddr, client: &Arc<ClientConfig>, probe: &[u8]) -> O
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_client_is_refused_at_the_handshake_while_its_sibling_is_served() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let alice = pki.client("alice");
     let bob = pki.client("bob");
     let crl = write_crl(&pki, &pki.ca, "ca.crl", &[&alice]);
@@ -167,7 +158,7 @@ async fn a_revoked_client_is_refused_at_the_handshake_while_its_sibling_is_serve
             extra: "",
         },
     );
-    let lb = common::start(&text).await;
+    let lb = TestServer::start(&text).await;
     let addr = lb.addr("tls");
 
     assert_refused(connect_tls(addr, &pki.client_config(Some(&alice)), "localhost").await).await;
@@ -183,7 +174,7 @@ async fn a_revoked_client_is_refused_at_the_handshake_while_its_sibling_is_serve
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crls_of_another_ca_corrupt_or_missing_are_refused_by_check_and_by_reload() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let other = Ca::new("another CA").expect("generate CA");
     let foreign = write_crl(&pki, &other, "other.crl", &[]);
     let corrupt = pki.dir.write(
@@ -203,7 +194,7 @@ async fn crls_of_another_ca_corrupt_or_missing_are_refused_by_check_and_by_reloa
         )
     };
     let path = pki.dir.write("fulcrum.toml", &setup(""));
-    let lb = common::start_file(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let addr = lb.addr("tls");
     let alice = pki.client_config(Some(&pki.client("alice")));
 
@@ -218,7 +209,8 @@ async fn crls_of_another_ca_corrupt_or_missing_are_refused_by_check_and_by_reloa
             .expect_err("check refuses the CRL")
             .to_string();
         assert!(error.contains(expected), "{error}");
-        let refused = reload(&lb, &path, &text)
+        let refused = lb
+            .reload_file(&path, &text)
             .await
             .expect_err("reload refuses the CRL");
         assert!(refused.to_string().contains(expected), "{refused}");
@@ -230,7 +222,7 @@ async fn crls_of_another_ca_corrupt_or_missing_are_refused_by_check_and_by_reloa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_client_with_open_connections_closes_exactly_its_connections_on_reload() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let alice = pki.client("alice");
     let bob = pki.client("bob");
     let authorization = "alice = [\"web\"]\nbob = [\"web\"]";
@@ -241,7 +233,7 @@ async fn revoking_a_client_with_open_connections_closes_exactly_its_connections_
         extra: "",
     };
     let path = pki.dir.write("fulcrum.toml", &config(&pki, echo.addr, &setup));
-    let lb = common::start_file(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let addr = lb.addr("tls");
     let alice_client = pki.client_config(Some(&alice));
     let mut a1 = connect_tls(addr, &alice_client, "localhost")
@@ -258,7 +250,7 @@ async fn revoking_a_client_with_open_connections_closes_exactly_its_connections_
     }
 
     write_crl(&pki, &pki.ca, "ca.crl", &[&alice]);
-    reload(&lb, &path, &config(&pki, echo.addr, &setup))
+    lb.reload_file(&path, &config(&pki, echo.addr, &setup))
         .await
         .expect("reload with the new CRL");
 
@@ -278,7 +270,7 @@ async fn revoking_a_client_with_open_connections_closes_exactly_its_connections_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_watch_a_new_crl_closes_the_revoked_clients_connections_without_a_signal() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let alice = pki.client("alice");
     let bob = pki.client("bob");
     let crl = write_crl(&pki, &pki.ca, "ca.crl", &[]);
@@ -288,7 +280,7 @@ async fn with_watch_a_new_crl_closes_the_revoked_clients_connections_without_a_s
         extra: "[reload]\nwatch = true\ndebounce = \"200ms\"\n",
     };
     let path = pki.dir.write("fulcrum.toml", &config(&pki, echo.addr, &setup));
-    let lb = common::start_file(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let addr = lb.addr("tls");
     let mut a = connect_tls(addr, &pki.client_config(Some(&alice)), "localhost")
         .await
@@ -319,8 +311,8 @@ async fn with_watch_a_new_crl_closes_the_revoked_clients_connections_without_a_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls13_and_tls12_sessions_resume_while_the_certificate_is_valid() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
-    let lb = common::start(&config(&pki, echo.addr, &ALICE)).await;
+    let echo = TestBackend::echo().await;
+    let lb = TestServer::start(&config(&pki, echo.addr, &ALICE)).await;
     let addr = lb.addr("tls");
     let alice = pki.client("alice");
     for versions in [&TLS13[..], &TLS12[..]] {
@@ -337,8 +329,8 @@ async fn tls13_and_tls12_sessions_resume_while_the_certificate_is_valid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumption_after_the_client_certificate_expired_is_refused() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
-    let lb = common::start(&config(&pki, echo.addr, &ALICE)).await;
+    let echo = TestBackend::echo().await;
+    let lb = TestServer::start(&config(&pki, echo.addr, &ALICE)).await;
     let addr = lb.addr("tls");
     let alice = short_lived(&pki, "alice", Duration::from_secs(4));
     let clients = [
@@ -374,7 +366,7 @@ async fn a_resumption_after_the_client_certificate_expired_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resumptions_after_a_revocation_or_a_lost_authorization_are_refused() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let alice = pki.client("alice");
     let bob = pki.client("bob");
     let crl = write_crl(&pki, &pki.ca, "ca.crl", &[]);
@@ -391,7 +383,7 @@ async fn resumptions_after_a_revocation_or_a_lost_authorization_are_refused() {
         )
     };
     let path = pki.dir.write("fulcrum.toml", &text(both));
-    let lb = common::start_file(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let addr = lb.addr("tls");
     let alice_client = client_config(&pki.ca.cert_pem(), Some(&alice), &TLS13);
     let bob_client = client_config(&pki.ca.cert_pem(), Some(&bob), &TLS12);
@@ -400,7 +392,7 @@ async fn resumptions_after_a_revocation_or_a_lost_authorization_are_refused() {
 
     // Alice is revoked; bob loses his authorization.
     write_crl(&pki, &pki.ca, "ca.crl", &[&alice]);
-    reload(&lb, &path, &text("alice = [\"web\"]"))
+    lb.reload_file(&path, &text("alice = [\"web\"]"))
         .await
         .expect("reload");
     assert_refused(connect_tls(addr, &alice_client, "localhost").await).await;
@@ -421,7 +413,7 @@ async fn resumptions_after_a_revocation_or_a_lost_authorization_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_opened_before_a_reload_that_removes_its_identity_and_handshaking_after_it_is_refused() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let setup = |authorization| Setup {
         tls_keys: "",
         authorization,
@@ -431,7 +423,7 @@ async fn a_connection_opened_before_a_reload_that_removes_its_identity_and_hands
         "fulcrum.toml",
         &config(&pki, echo.addr, &setup("alice = [\"web\"]")),
     );
-    let lb = common::start_file(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let addr = lb.addr("tls");
     let tcp = within("TCP connect", TcpStream::connect(addr))
         .await
@@ -441,7 +433,7 @@ async fn a_connection_opened_before_a_reload_that_removes_its_identity_and_hands
     })
     .await;
 
-    reload(&lb, &path, &config(&pki, echo.addr, &setup("bob = [\"web\"]")))
+    lb.reload_file(&path, &config(&pki, echo.addr, &setup("bob = [\"web\"]")))
         .await
         .expect("reload");
     let connector = tokio_rustls::TlsConnector::from(pki.client_config(Some(&pki.client("alice"))));
@@ -465,7 +457,7 @@ async fn a_connection_opened_before_a_reload_that_removes_its_identity_and_hands
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_is_closed_when_its_certificate_expires_unless_close_on_expiry_is_off() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let keep = format!(
         "[[listener]]\nname = \"keep\"\nbind = \"127.0.0.1:0\"\nupstream = \"web\"\n{}close_on_expiry = false\n",
         pki.tls_table(&pki.ca_file, "1.2")
@@ -475,7 +467,7 @@ async fn a_connection_is_closed_when_its_certificate_expires_unless_close_on_exp
         authorization: "alice = [\"web\"]",
         extra: &keep,
     };
-    let lb = common::start(&config(&pki, echo.addr, &setup)).await;
+    let lb = TestServer::start(&config(&pki, echo.addr, &setup)).await;
     let alice = short_lived(&pki, "alice", Duration::from_secs(3));
     let client = pki.client_config(Some(&alice));
     let mut closing = connect_tls(lb.addr("tls"), &client, "localhost")
@@ -531,12 +523,12 @@ fn watched(echo: SocketAddr, cert: &Path, key: &Path) -> String {
 }
 
 /// A balancer watching the PKI's server certificate; a client trusting it; the certificate now.
-async fn start_watched(pki: &Pki, echo: &EchoBackend) -> (TestServer, Arc<ClientConfig>, String) {
+async fn start_watched(pki: &Pki, echo: &TestBackend) -> (TestServer, Arc<ClientConfig>, String) {
     let path = pki.dir.write(
         "fulcrum.toml",
         &watched(echo.addr, &pki.server_cert, &pki.server_key),
     );
-    let lb = common::start_file(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let old = std::fs::read_to_string(&pki.server_cert).expect("server cert");
     (lb, pki.client_config(None), old)
 }
@@ -544,7 +536,7 @@ async fn start_watched(pki: &Pki, echo: &EchoBackend) -> (TestServer, Arc<Client
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_watch_an_atomically_renamed_server_certificate_is_served_to_the_next_client() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let (lb, client, old) = start_watched(&pki, &echo).await;
     wait_until_served(lb.addr("tls"), &client, &old).await;
 
@@ -560,7 +552,7 @@ async fn with_watch_an_atomically_renamed_server_certificate_is_served_to_the_ne
 async fn with_watch_a_kubernetes_data_symlink_swap_is_picked_up() {
     use std::os::unix::fs::symlink;
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let secret = pki.dir.path().join("secret");
     let version = |name: &str, pem: &Pem| {
         let dir = secret.join(name);
@@ -577,7 +569,7 @@ async fn with_watch_a_kubernetes_data_symlink_swap_is_picked_up() {
         "fulcrum.toml",
         &watched(echo.addr, &secret.join("tls.crt"), &secret.join("tls.key")),
     );
-    let lb = common::start_file(&path).await;
+    let lb = TestServer::start_file(&path).await;
     let client = pki.client_config(None);
     wait_until_served(lb.addr("tls"), &client, &first.cert).await;
 
@@ -592,7 +584,7 @@ async fn with_watch_a_kubernetes_data_symlink_swap_is_picked_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_watch_a_bad_new_certificate_leaves_the_old_one_in_force() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let (lb, client, old) = start_watched(&pki, &echo).await;
 
     std::fs::write(&pki.server_cert, "not a certificate\n").expect("break the certificate");
@@ -616,7 +608,7 @@ async fn with_watch_a_bad_new_certificate_leaves_the_old_one_in_force() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_handshake_failure_is_counted_by_its_reason() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let other = Ca::new("a CA without a CRL").expect("generate CA");
     let bundle = pki.dir.write(
         "bundle.pem",
@@ -631,7 +623,7 @@ async fn each_handshake_failure_is_counted_by_its_reason() {
         crl_key(&crl),
         echo.addr
     );
-    let lb = common::start(&text).await;
+    let lb = TestServer::start(&text).await;
     let addr = lb.addr("tls");
     let now = SystemTime::now();
     let leaf = |spec: LeafSpec| pki.ca.leaf(&spec).expect("issue a certificate");
@@ -727,13 +719,13 @@ async fn each_handshake_failure_is_counted_by_its_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_identity_from_cn_a_certificate_named_only_by_its_common_name_is_refused() {
     let pki = Pki::new(&[]);
-    let echo = EchoBackend::start().await;
+    let echo = TestBackend::echo().await;
     let setup = Setup {
         tls_keys: "identity_from_cn = false\n",
         authorization: "alice = [\"web\"]",
         extra: "",
     };
-    let lb = common::start(&config(&pki, echo.addr, &setup)).await;
+    let lb = TestServer::start(&config(&pki, echo.addr, &setup)).await;
     let addr = lb.addr("tls");
     let cn_only = pki
         .ca

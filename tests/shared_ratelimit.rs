@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::redis::{RedisServer, TlsRedis};
-use common::tls::{connect_from, toml_path, Pki};
-use common::{start, within, TestBackend, TestServer, DEADLINE};
+use common::tls::{connect_from, Pki};
+use common::{toml_path, within, TestBackend, TestServer, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
@@ -85,7 +85,7 @@ async fn two_instances_sharing_redis_serve_exactly_capacity_in_total() {
         &redis.url(),
         "timeout = \"2s\"\non_unavailable = \"deny\"",
     );
-    let (a, b) = (start(&toml).await, start(&toml).await);
+    let (a, b) = (TestServer::start(&toml).await, TestServer::start(&toml).await);
     assert_twenty_served_in_total(&a, &b, &backend).await;
     drop(redis);
 }
@@ -100,7 +100,7 @@ async fn with_deny_a_dead_redis_refuses_and_a_restarted_one_brings_shared_limiti
         &redis.url(),
         "timeout = \"200ms\"\non_unavailable = \"deny\"",
     );
-    let server = start(&toml).await;
+    let server = TestServer::start(&toml).await;
     // Two connections use up exactly one claimed share (20 / 10).
     assert!(served(&server).await);
     assert!(served(&server).await);
@@ -143,7 +143,7 @@ async fn with_local_a_dead_redis_falls_back_to_the_per_instance_limit() {
         &redis.url(),
         "timeout = \"200ms\"\non_unavailable = \"local\"",
     );
-    let server = start(&toml).await;
+    let server = TestServer::start(&toml).await;
     assert!(served(&server).await);
     redis.stop();
     // The local limiter counts on its own from here: capacity 5 more, then refusals.
@@ -166,7 +166,7 @@ async fn with_deny_a_redis_that_never_answers_refuses_within_the_timeout() {
         &url,
         "timeout = \"100ms\"\non_unavailable = \"deny\"",
     );
-    let server = start(&toml).await;
+    let server = TestServer::start(&toml).await;
     // `served` fails the test if the refusal does not come within the hang guard.
     assert!(!served(&server).await);
     assert!(!served(&server).await);
@@ -184,7 +184,7 @@ async fn with_allow_an_unreachable_redis_admits_and_counts_the_errors() {
         &url,
         "timeout = \"200ms\"\non_unavailable = \"allow\"",
     );
-    let server = start(&toml).await;
+    let server = TestServer::start(&toml).await;
     for _ in 0..5 {
         assert!(served(&server).await);
     }
@@ -211,7 +211,7 @@ async fn measure_connection_setup_with_and_without_the_shared_limiter() {
         .expect("the config has a local part")
         .to_owned();
     for (name, toml) in [("local limiter", local), ("shared limiter", shared)] {
-        let server = start(&toml).await;
+        let server = TestServer::start(&toml).await;
         let clients: Vec<IpAddr> = (1..=4).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i))).collect();
         // Warm-up: the first connection of each client claims its share.
         for client in &clients {
@@ -261,9 +261,9 @@ async fn a_second_instance_can_bind_the_same_address_with_one_worker() {
         "{}\n[runtime]\nworkers = 1\n",
         common::one_pool(&[backend.addr], "")
     );
-    let first = start(&one_worker).await;
+    let first = TestServer::start(&one_worker).await;
     let addr = first.addr("main");
-    let second = start(&one_worker.replace("127.0.0.1:0", &addr.to_string())).await;
+    let second = TestServer::start(&one_worker.replace("127.0.0.1:0", &addr.to_string())).await;
     assert_eq!(second.addr("main"), addr);
     let mut stream = common::connect(addr).await;
     assert_eq!(common::round_trip(&mut stream, b"hi").await, b"hi");
@@ -335,7 +335,7 @@ impl TlsCase {
     /// A fulcrum instance with capacity 20 counted in this Redis, `[rate_limit.shared]`
     /// completed by `keys` (see [`tls_keys`]).
     async fn fulcrum(&self, keys: &str) -> TestServer {
-        start(&self.toml(keys)).await
+        TestServer::start(&self.toml(keys)).await
     }
 
     fn toml(&self, keys: &str) -> String {

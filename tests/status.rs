@@ -1,44 +1,17 @@
 //! The admin listener's operator views: `/status` (JSON) against what is really open, the status
 //! page at `/`, and `/status` during the drain.
 //!
-//! Self-contained: the helpers (echo backends, raw HTTP GET, polling under a deadline) live here.
-//! Everything binds 127.0.0.1 port 0.
+//! The raw HTTP GET and the `/status` poll live here; the server, the backends and the waits are
+//! the shared harness's (`tests/common`). Everything binds 127.0.0.1 port 0.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{refused_addr, within, TestBackend, DEADLINE};
-use fulcrum::{CancellationToken, Config, Server};
+use common::{poll_for, refused_addr, within, TestBackend, TestServer};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Bound on any single wait; only reached when something is broken.
-const POLL: Duration = Duration::from_millis(10);
-
-struct Running {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    shutdown: CancellationToken,
-    run: tokio::task::JoinHandle<()>,
-}
-
-async fn start(toml: &str) -> Running {
-    let config = Config::from_toml(toml, "<test>").expect("test config is valid");
-    let server = Server::bind(config).await.expect("server binds");
-    let addr = server.local_addr("web").expect("listener web");
-    let admin = server.admin_addr().expect("admin listener");
-    let shutdown = CancellationToken::new();
-    let run = tokio::spawn(server.run(shutdown.clone()));
-    Running {
-        addr,
-        admin,
-        shutdown,
-        run,
-    }
-}
 
 /// One GET over a fresh TCP connection: (status line, headers, body).
 async fn get(admin: SocketAddr, path: &str) -> (String, String, String) {
@@ -65,17 +38,17 @@ async fn status(admin: SocketAddr) -> Value {
 
 /// Polls `/status` until `condition` holds on it, and returns that snapshot.
 async fn status_when(admin: SocketAddr, what: &str, condition: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
+    let mut last = Value::Null;
+    let shown = poll_for(async || {
         let snapshot = status(admin).await;
         if condition(&snapshot) {
-            return snapshot;
+            return Some(snapshot);
         }
-        if start.elapsed() > DEADLINE {
-            panic!("/status never showed {what}; last: {snapshot:#}");
-        }
-        tokio::time::sleep(POLL).await;
-    }
+        last = snapshot;
+        None
+    })
+    .await;
+    shown.unwrap_or_else(|| panic!("/status never showed {what}; last: {last:#}"))
 }
 
 /// A connection through the balancer whose echo came back, so it is known to be proxied.
@@ -133,23 +106,24 @@ async fn status_reports_the_connections_held_open_per_backend_with_totals() {
         TestBackend::echo().await,
     ];
     let backends = echoes.each_ref().map(|b| b.addr);
-    let server = start(&config(&backends)).await;
+    let server = TestServer::start(&config(&backends)).await;
+    let admin = server.admin.expect("admin listener");
     let mut held = Vec::new();
     for _ in 0..5 {
-        held.push(proxied(server.addr).await);
+        held.push(proxied(server.addr("web")).await);
     }
 
-    let snapshot = status_when(server.admin, "5 active connections", |s| {
-        s["active_connections"] == 5
-    })
-    .await;
+    let snapshot = status_when(admin, "5 active connections", |s| s["active_connections"] == 5).await;
     assert_eq!(snapshot["generation"], 1);
     assert_eq!(snapshot["draining"], false);
     assert!(snapshot["remaining_connections"].is_null());
     assert!(snapshot["uptime_seconds"].as_u64().is_some());
     let listener = &snapshot["listeners"][0];
     assert_eq!(listener["name"], "web");
-    assert_eq!(listener["bind"], serde_json::json!([server.addr.to_string()]));
+    assert_eq!(
+        listener["bind"],
+        serde_json::json!([server.addr("web").to_string()])
+    );
     assert_eq!(listener["upstream"], "web");
     assert_eq!(listener["tls"], false);
     assert_eq!(listener["mtls"], false);
@@ -178,10 +152,7 @@ async fn status_reports_the_connections_held_open_per_backend_with_totals() {
 
     // Closing two connections shows up as two fewer active, the totals unchanged.
     held.truncate(3);
-    let snapshot = status_when(server.admin, "3 active connections", |s| {
-        s["active_connections"] == 3
-    })
-    .await;
+    let snapshot = status_when(admin, "3 active connections", |s| s["active_connections"] == 3).await;
     let totals: u64 = backends
         .iter()
         .map(|b| {
@@ -191,24 +162,25 @@ async fn status_reports_the_connections_held_open_per_backend_with_totals() {
         })
         .sum();
     assert_eq!(totals, 5);
-    server.shutdown.cancel();
+    server.cancel();
     drop(held);
-    within("Server::run to return", server.run)
-        .await
-        .expect("run does not panic");
+    server.stopped().await;
 }
 
 #[tokio::test]
 async fn status_counts_refused_connections_by_reason_and_connect_failures_per_backend() {
     let dead = refused_addr();
-    let server = start(&config(&[dead])).await;
-    let mut client = TcpStream::connect(server.addr).await.expect("connect balancer");
+    let server = TestServer::start(&config(&[dead])).await;
+    let admin = server.admin.expect("admin listener");
+    let mut client = TcpStream::connect(server.addr("web"))
+        .await
+        .expect("connect balancer");
     let mut rest = Vec::new();
     within("the refused client to be closed", client.read_to_end(&mut rest))
         .await
         .expect("clean close");
 
-    let snapshot = status_when(server.admin, "one connect_failed refusal", |s| {
+    let snapshot = status_when(admin, "one connect_failed refusal", |s| {
         s["listeners"][0]["rejected"]["connect_failed"] == 1
     })
     .await;
@@ -218,18 +190,16 @@ async fn status_counts_refused_connections_by_reason_and_connect_failures_per_ba
     assert_eq!(b["connect_failures_total"], 1);
     assert_eq!(b["connections_total"], 0);
     assert_eq!(b["active"], 0);
-    server.shutdown.cancel();
-    within("Server::run to return", server.run)
-        .await
-        .expect("run does not panic");
+    server.stopped().await;
 }
 
 #[tokio::test]
 async fn the_status_page_is_self_contained_html_that_polls_status() {
     let echo = TestBackend::echo().await;
     let backends = [echo.addr];
-    let server = start(&config(&backends)).await;
-    let (line, headers, body) = get(server.admin, "/").await;
+    let server = TestServer::start(&config(&backends)).await;
+    let admin = server.admin.expect("admin listener");
+    let (line, headers, body) = get(admin, "/").await;
     assert_eq!(line, "HTTP/1.1 200 OK");
     assert!(
         headers.contains("content-type: text/html; charset=utf-8"),
@@ -246,35 +216,31 @@ async fn the_status_page_is_self_contained_html_that_polls_status() {
         "no external assets"
     );
 
-    let (line, _, _) = get(server.admin, "/nothing-here").await;
+    let (line, _, _) = get(admin, "/nothing-here").await;
     assert_eq!(line, "HTTP/1.1 404 Not Found");
-    server.shutdown.cancel();
-    within("Server::run to return", server.run)
-        .await
-        .expect("run does not panic");
+    server.stopped().await;
 }
 
 #[tokio::test]
 async fn status_shows_draining_and_the_remaining_connections_while_the_server_drains() {
     let echoes = [TestBackend::echo().await, TestBackend::echo().await];
     let backends = echoes.each_ref().map(|b| b.addr);
-    let server = start(&config(&backends)).await;
-    let first = proxied(server.addr).await;
-    let second = proxied(server.addr).await;
-    server.shutdown.cancel();
+    let server = TestServer::start(&config(&backends)).await;
+    let admin = server.admin.expect("admin listener");
+    let first = proxied(server.addr("web")).await;
+    let second = proxied(server.addr("web")).await;
+    server.cancel();
 
     // The admin listener keeps answering during the drain.
-    let snapshot = status_when(server.admin, "draining", |s| s["draining"] == true).await;
+    let snapshot = status_when(admin, "draining", |s| s["draining"] == true).await;
     assert_eq!(snapshot["remaining_connections"], 2);
     drop(first);
-    let snapshot = status_when(server.admin, "1 remaining connection", |s| {
+    let snapshot = status_when(admin, "1 remaining connection", |s| {
         s["remaining_connections"] == 1
     })
     .await;
     assert_eq!(snapshot["draining"], true);
-    assert!(!server.run.is_finished(), "run waits for the last connection");
+    assert!(!server.has_returned(), "run waits for the last connection");
     drop(second);
-    within("Server::run to return after the drain", server.run)
-        .await
-        .expect("run does not panic");
+    server.stopped().await;
 }

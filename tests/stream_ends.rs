@@ -9,8 +9,11 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use common::tls::{connect_tls, toml_path, EchoBackend, Pki, TempDir};
-use common::{access_log, connect, reset, wait_for_outcomes, within, Behavior, TestBackend};
+use common::tls::{connect_tls, Pki};
+use common::{
+    access_log, connect, reset, toml_path, wait_for_outcomes, within, Behavior, TempDir, TestBackend,
+    TestServer,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -45,14 +48,11 @@ async fn drain<S: AsyncRead + Unpin>(stream: &mut S) -> (u64, io::Result<()>) {
 async fn alice_through_mtls(
     backend: SocketAddr,
     listener_keys: &str,
-) -> (
-    common::TestServer,
-    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-) {
+) -> (TestServer, tokio_rustls::client::TlsStream<tokio::net::TcpStream>) {
     let pki = Pki::new(&[]);
     let authorized = "[authorization]\nalice = [\"web\"]\n";
     let text = pki.one_pool_config(&pki.ca_file, "1.2", listener_keys, &[backend], authorized);
-    let lb = common::start(&text).await;
+    let lb = TestServer::start(&text).await;
     let alice = pki.client_config(Some(&pki.client("alice")));
     let tls = connect_tls(lb.addr("tls"), &alice, "localhost")
         .await
@@ -73,7 +73,7 @@ async fn entry(dir: &TempDir, outcome: &str) -> serde_json::Value {
 async fn a_backend_that_stops_reading_is_cut_at_idle_timeout_with_a_reset_and_fewer_bytes_than_were_sent() {
     let dir = TempDir::new("stalled");
     let backends = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let lb = common::start(&config(
+    let lb = TestServer::start(&config(
         &dir,
         backends.local_addr().expect("addr"),
         "idle_timeout = \"1s\"",
@@ -103,7 +103,7 @@ async fn a_backend_that_stops_reading_is_cut_at_idle_timeout_with_a_reset_and_fe
 async fn an_idle_connection_with_nothing_in_flight_ends_with_a_fin_on_both_sides() {
     let dir = TempDir::new("idle");
     let backends = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let lb = common::start(&config(
+    let lb = TestServer::start(&config(
         &dir,
         backends.local_addr().expect("addr"),
         "idle_timeout = \"1s\"",
@@ -134,7 +134,7 @@ async fn an_idle_connection_with_nothing_in_flight_ends_with_a_fin_on_both_sides
 async fn a_backends_reset_reaches_a_plain_client_and_a_tls_client_as_an_abrupt_end() {
     let backend = TestBackend::start(Behavior::ResetAfterFirstRead).await;
     let dir = TempDir::new("backend-reset");
-    let lb = common::start(&config(&dir, backend.addr, "")).await;
+    let lb = TestServer::start(&config(&dir, backend.addr, "")).await;
     let mut client = connect(lb.addr("main")).await;
     client.write_all(b"hello").await.expect("write");
     let (_, end) = drain(&mut client).await;
@@ -154,7 +154,7 @@ async fn a_backends_reset_reaches_a_plain_client_and_a_tls_client_as_an_abrupt_e
 async fn a_clients_reset_reaches_the_backend_as_a_reset() {
     let backends = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let dir = TempDir::new("client-reset");
-    let lb = common::start(&config(&dir, backends.local_addr().expect("addr"), "")).await;
+    let lb = TestServer::start(&config(&dir, backends.local_addr().expect("addr"), "")).await;
     let mut client = connect(lb.addr("main")).await;
     let (mut backend, _) = within("fulcrum's dial", backends.accept()).await.expect("accept");
     client.write_all(b"hello").await.expect("write");
@@ -175,7 +175,7 @@ async fn a_clients_reset_reaches_the_backend_as_a_reset() {
 async fn a_backend_that_closes_and_resets_on_late_bytes_is_logged_as_a_reset_without_counting_them() {
     let backends = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let dir = TempDir::new("late");
-    let lb = common::start(&config(&dir, backends.local_addr().expect("addr"), "")).await;
+    let lb = TestServer::start(&config(&dir, backends.local_addr().expect("addr"), "")).await;
     let mut client = connect(lb.addr("main")).await;
     let (mut backend, _) = within("fulcrum's dial", backends.accept()).await.expect("accept");
     within("the answer", backend.write_all(b"answer"))
@@ -200,9 +200,9 @@ async fn a_backend_that_closes_and_resets_on_late_bytes_is_logged_as_a_reset_wit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_a_half_closed_backend_still_reads_are_counted_as_delivered() {
-    let backend = EchoBackend::start().await;
+    let backend = TestBackend::echo().await;
     let dir = TempDir::new("half");
-    let lb = common::start(&config(&dir, backend.addr, "")).await;
+    let lb = TestServer::start(&config(&dir, backend.addr, "")).await;
     let mut client = connect(lb.addr("main")).await;
     client.write_all(b"ping").await.expect("write");
     client.shutdown().await.expect("shutdown");
@@ -217,7 +217,7 @@ async fn bytes_a_half_closed_backend_still_reads_are_counted_as_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_client_cut_at_idle_timeout_with_nothing_in_flight_gets_close_notify_not_an_abrupt_end() {
-    let backend = EchoBackend::start().await;
+    let backend = TestBackend::echo().await;
     let (_lb, mut tls) = alice_through_mtls(backend.addr, "idle_timeout = \"1s\"").await;
     tls.write_all(b"ping").await.expect("write");
     let mut got = [0u8; 4];

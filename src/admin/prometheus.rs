@@ -3,7 +3,7 @@
 //!
 //! On each scrape the state is read once into `Families` (plain values, no lock held on the
 //! connection path), which a `prometheus-client` collector encodes. The metric names and labels
-//! are a public contract: keep them (README lists each with its type and labels). No family is
+//! are a public contract: keep them (docs/operations.md lists each with its type and labels). No family is
 //! labelled by client identity: identities are unbounded (they are in `/status`'s top lists).
 //! This module renders; the counters live in `metrics` and in the state they count.
 

@@ -7,7 +7,7 @@
 //! umask is never changed: other threads create files), and the path switches atomically from the
 //! socket that was there, if any, to this one, never missing in between. A socket already at the
 //! path is replaced, as before: a stale one left by a process that is gone, or the live one of the
-//! process this one upgrades (README "Upgrades without a gap"); anything else at the path is an
+//! process this one upgrades (docs/operations.md "Upgrades without a gap"); anything else at the path is an
 //! error and is left alone. [`SocketFile`] remembers the file's device and inode; dropped when
 //! serving stops, it removes the path only if it still names that same file, so an old process
 //! exiting after an upgrade leaves the new process's socket in place.

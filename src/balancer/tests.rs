@@ -1,6 +1,16 @@
 use super::*;
 use proptest::prelude::*;
+use std::future::Future;
+use std::sync::OnceLock;
 use std::task::Poll;
+
+/// The instant the tests run at. The pool never reads the clock for a pick (time is an
+/// argument), so any instant will do: it is taken once, and a slow start is measured in offsets
+/// from it, never in time that really passes.
+fn t0() -> Instant {
+    static T0: OnceLock<Instant> = OnceLock::new();
+    *T0.get_or_init(Instant::now)
+}
 
 fn counts(pool: &Pool) -> Vec<u32> {
     pool.active_all()
@@ -9,7 +19,9 @@ fn counts(pool: &Pool) -> Vec<u32> {
 #[test]
 fn an_idle_pool_is_visited_round_robin() {
     let pool = Pool::new(3);
-    let picks: Vec<usize> = (0..9).map(|_| pool.pick(&[]).expect("backend").index()).collect();
+    let picks: Vec<usize> = (0..9)
+        .map(|_| pool.pick(&[], t0()).expect("backend").index())
+        .collect();
     assert_eq!(picks, vec![0, 1, 2, 0, 1, 2, 0, 1, 2]);
 }
 
@@ -18,7 +30,7 @@ fn short_connections_one_after_another_spread_evenly() {
     let pool = Pool::new(4);
     let mut seen = [0u32; 4];
     for _ in 0..400 {
-        let lease = pool.pick(&[]).expect("backend");
+        let lease = pool.pick(&[], t0()).expect("backend");
         seen[lease.index()] += 1;
     }
     assert_eq!(seen, [100; 4]);
@@ -28,10 +40,12 @@ fn short_connections_one_after_another_spread_evenly() {
 #[test]
 fn the_least_loaded_backend_gets_every_new_connection() {
     let pool = Pool::new(2);
-    let held: Vec<Lease> = (0..5).map(|_| pool.pick(&[1]).expect("backend 0")).collect();
+    let held: Vec<Lease> = (0..5)
+        .map(|_| pool.pick(&[1], t0()).expect("backend 0"))
+        .collect();
     assert!(held.iter().all(|l| l.index() == 0));
     let next: Vec<usize> = (0..10)
-        .map(|_| pool.pick(&[]).expect("backend"))
+        .map(|_| pool.pick(&[], t0()).expect("backend"))
         .map(|l| l.index())
         .collect();
     assert_eq!(next, vec![1; 10]);
@@ -40,8 +54,8 @@ fn the_least_loaded_backend_gets_every_new_connection() {
 #[test]
 fn dropping_a_lease_gives_its_count_back() {
     let pool = Pool::new(2);
-    let a = pool.pick(&[]).unwrap();
-    let b = pool.pick(&[]).unwrap();
+    let a = pool.pick(&[], t0()).unwrap();
+    let b = pool.pick(&[], t0()).unwrap();
     assert_eq!(counts(&pool), vec![1, 1]);
     drop(a);
     assert_eq!(counts(&pool), vec![0, 1]);
@@ -52,34 +66,34 @@ fn dropping_a_lease_gives_its_count_back() {
 #[test]
 fn excluded_backends_are_skipped_even_when_least_loaded() {
     let pool = Pool::new(3);
-    let lease = pool.pick(&[0, 1]).expect("backend 2");
+    let lease = pool.pick(&[0, 1], t0()).expect("backend 2");
     assert_eq!(lease.index(), 2);
-    assert!(pool.pick(&[0, 1, 2]).is_none());
+    assert!(pool.pick(&[0, 1, 2], t0()).is_none());
 }
 
 #[test]
 fn backends_out_of_rotation_get_nothing_and_keep_their_count() {
     let pool = Pool::new(2);
-    let held = pool.pick(&[]).unwrap();
+    let held = pool.pick(&[], t0()).unwrap();
     assert_eq!(held.index(), 0);
-    pool.set_in_rotation(0, false);
+    pool.set_in_rotation(0, false, t0());
     for _ in 0..5 {
-        assert_eq!(pool.pick(&[]).unwrap().index(), 1);
+        assert_eq!(pool.pick(&[], t0()).unwrap().index(), 1);
     }
-    pool.set_in_rotation(1, false);
-    assert!(pool.pick(&[]).is_none());
+    pool.set_in_rotation(1, false, t0());
+    assert!(pool.pick(&[], t0()).is_none());
     assert!(!pool.any_in_rotation());
     drop(held);
     assert_eq!(counts(&pool), vec![0, 0]);
-    pool.set_in_rotation(0, true);
-    assert_eq!(pool.pick(&[]).unwrap().index(), 0);
+    pool.set_in_rotation(0, true, t0());
+    assert_eq!(pool.pick(&[], t0()).unwrap().index(), 0);
 }
 
 #[test]
 fn an_empty_pool_picks_nothing() {
     let pool = Pool::new(0);
     assert!(pool.is_empty());
-    assert!(pool.pick(&[]).is_none());
+    assert!(pool.pick(&[], t0()).is_none());
 }
 
 #[test]
@@ -90,7 +104,7 @@ fn leases_dropped_on_many_threads_return_counts_to_zero() {
             s.spawn(|| {
                 let mut held = Vec::new();
                 for i in 0..10_000 {
-                    held.push(pool.pick(&[]).expect("backend"));
+                    held.push(pool.pick(&[], t0()).expect("backend"));
                     if i % 3 == 0 {
                         held.clear();
                     }
@@ -130,7 +144,7 @@ proptest! {
                 Op::Pick | Op::PickExcluding(_) => {
                     let exclude: Vec<usize> = match op { Op::PickExcluding(e) => vec![e % size], _ => vec![] };
                     let eligible: Vec<usize> = (0..size).filter(|i| up[*i] && !exclude.contains(i)).collect();
-                    match pool.pick(&exclude) {
+                    match pool.pick(&exclude, t0()) {
                         Some(lease) => {
                             let i = lease.index();
                             prop_assert!(eligible.contains(&i), "picked {} which is not eligible", i);
@@ -149,7 +163,7 @@ proptest! {
                     }
                 }
                 Op::Rotation(i, in_rotation) => {
-                    pool.set_in_rotation(i % size, in_rotation);
+                    pool.set_in_rotation(i % size, in_rotation, t0());
                     up[i % size] = in_rotation;
                 }
             }
@@ -164,8 +178,8 @@ proptest! {
 /// with a 10 s slow start at `t0`.
 fn pool_with_a_returning_backend(t0: Instant) -> (Arc<Pool>, Vec<Lease>) {
     let pool = Pool::new(3);
-    pool.set_in_rotation(2, false);
-    let held: Vec<Lease> = (0..40).map(|_| pool.pick_at(&[], t0).expect("backend")).collect();
+    pool.set_in_rotation(2, false, t0);
+    let held: Vec<Lease> = (0..40).map(|_| pool.pick(&[], t0).expect("backend")).collect();
     assert_eq!(counts(&pool), vec![20, 20, 0]);
     pool.ramp_up(2, t0, Duration::from_secs(10));
     (pool, held)
@@ -173,9 +187,9 @@ fn pool_with_a_returning_backend(t0: Instant) -> (Arc<Pool>, Vec<Lease>) {
 
 #[test]
 fn a_backend_in_slow_start_gets_only_a_small_share_at_first() {
-    let t0 = Instant::now();
+    let t0 = t0();
     let (pool, mut held) = pool_with_a_returning_backend(t0);
-    held.extend((0..20).map(|_| pool.pick_at(&[], t0).expect("backend")));
+    held.extend((0..20).map(|_| pool.pick(&[], t0).expect("backend")));
     // cap = ceil(0.1 * (min of others + 1)) = 3 while the others hold 20-30.
     assert_eq!(counts(&pool)[2], 3, "{:?}", counts(&pool));
     assert!(pool.is_ramping(2, t0));
@@ -183,13 +197,13 @@ fn a_backend_in_slow_start_gets_only_a_small_share_at_first() {
 
 #[test]
 fn a_backend_in_slow_start_gets_more_as_the_period_passes() {
-    let t0 = Instant::now();
+    let t0 = t0();
     let (pool, mut held) = pool_with_a_returning_backend(t0);
     let halfway = t0 + Duration::from_secs(5);
-    held.extend((0..6).map(|_| pool.pick_at(&[], halfway).expect("backend")));
+    held.extend((0..6).map(|_| pool.pick(&[], halfway).expect("backend")));
     // f = 0.55: cap = ceil(0.55 * 21) = 12, and six picks all fit under it.
     assert_eq!(counts(&pool), vec![20, 20, 6]);
-    held.extend((0..20).map(|_| pool.pick_at(&[], halfway).expect("backend")));
+    held.extend((0..20).map(|_| pool.pick(&[], halfway).expect("backend")));
     let c = counts(&pool);
     let cap = (0.55 * f64::from(c[0].min(c[1]) + 1)).ceil() as u32;
     assert!(c[2] <= cap && c[2] + 1 >= cap, "{c:?} with cap {cap}");
@@ -198,25 +212,25 @@ fn a_backend_in_slow_start_gets_more_as_the_period_passes() {
 
 #[test]
 fn after_slow_start_a_backend_is_plain_least_connections_again() {
-    let t0 = Instant::now();
+    let t0 = t0();
     let (pool, mut held) = pool_with_a_returning_backend(t0);
     let later = t0 + Duration::from_secs(10);
     assert!(!pool.is_ramping(2, later));
-    held.extend((0..20).map(|_| pool.pick_at(&[], later).expect("backend")));
+    held.extend((0..20).map(|_| pool.pick(&[], later).expect("backend")));
     assert_eq!(counts(&pool), vec![20, 20, 20]);
 }
 
 #[test]
 fn a_backend_in_slow_start_still_gets_connections_nobody_else_can_take() {
-    let t0 = Instant::now();
+    let t0 = t0();
     let (pool, held) = pool_with_a_returning_backend(t0);
     let more: Vec<Lease> = (0..5)
-        .map(|_| pool.pick_at(&[0, 1], t0).expect("backend 2"))
+        .map(|_| pool.pick(&[0, 1], t0).expect("backend 2"))
         .collect();
     assert!(more.iter().all(|l| l.index() == 2));
-    pool.set_in_rotation(0, false);
-    pool.set_in_rotation(1, false);
-    let alone = pool.pick_at(&[], t0).expect("the only backend in rotation");
+    pool.set_in_rotation(0, false, t0);
+    pool.set_in_rotation(1, false, t0);
+    let alone = pool.pick(&[], t0).expect("the only backend in rotation");
     assert_eq!(alone.index(), 2);
     drop((held, more, alone));
     assert_eq!(counts(&pool), vec![0, 0, 0]);
@@ -224,30 +238,30 @@ fn a_backend_in_slow_start_still_gets_connections_nobody_else_can_take() {
 
 #[test]
 fn taking_a_backend_out_ends_its_slow_start() {
-    let t0 = Instant::now();
+    let t0 = t0();
     let (pool, _held) = pool_with_a_returning_backend(t0);
-    pool.set_in_rotation(2, false);
-    pool.set_in_rotation(2, true);
+    pool.set_in_rotation(2, false, t0);
+    pool.set_in_rotation(2, true, t0);
     assert!(!pool.is_ramping(2, t0));
 }
 
 #[test]
 fn a_retired_backend_gets_nothing_new_and_adding_never_takes_its_slot() {
     let pool = Pool::new(2);
-    let held = pool.pick(&[]).unwrap();
+    let held = pool.pick(&[], t0()).unwrap();
     assert_eq!(held.index(), 0);
     pool.retire(0);
-    pool.set_in_rotation(0, true); // e.g. a late health probe: a retired slot stays out
+    pool.set_in_rotation(0, true, t0()); // e.g. a late health probe: a retired slot stays out
     for _ in 0..4 {
-        assert_eq!(pool.pick(&[]).unwrap().index(), 1);
+        assert_eq!(pool.pick(&[], t0()).unwrap().index(), 1);
     }
-    assert_eq!(pool.add(), 2);
+    assert_eq!(pool.add(t0()), 2);
     drop(held);
     assert_eq!(pool.active_all(), vec![0, 0, 0]);
     // Drained, still not reused by `add`: an older generation may map slot 0 to the removed
     // backend; only its owner knows when none does ([`Pool::reuse`]).
-    assert_eq!(pool.add(), 3);
-    let picks: Vec<usize> = (0..6).map(|_| pool.pick(&[]).unwrap().index()).collect();
+    assert_eq!(pool.add(t0()), 3);
+    let picks: Vec<usize> = (0..6).map(|_| pool.pick(&[], t0()).unwrap().index()).collect();
     assert!(!picks.contains(&0), "{picks:?}");
 }
 
@@ -259,23 +273,26 @@ fn a_retired_slot_is_reused_only_once_its_last_lease_is_gone_and_then_serves_its
         max_connections: Some(1),
         backup: false,
     };
-    assert!(!pool.reuse(0, spec), "a slot in rotation is not free");
-    let held = pool.pick(&[1]).unwrap();
+    assert!(!pool.reuse(0, spec, t0()), "a slot in rotation is not free");
+    let held = pool.pick(&[1], t0()).unwrap();
     pool.retire(0);
-    assert!(!pool.reuse(0, spec), "a retired slot with a lease is not free");
-    assert!(!pool.reuse(7, spec), "no such slot");
+    assert!(
+        !pool.reuse(0, spec, t0()),
+        "a retired slot with a lease is not free"
+    );
+    assert!(!pool.reuse(7, spec, t0()), "no such slot");
     drop(held);
-    assert!(pool.reuse(0, spec));
+    assert!(pool.reuse(0, spec, t0()));
     assert_eq!(pool.len(), 2, "no slot was added");
     assert_eq!(pool.spec(0), Some(spec));
-    let lease = pool.pick(&[1]).expect("the reused slot is in rotation");
+    let lease = pool.pick(&[1], t0()).expect("the reused slot is in rotation");
     assert_eq!((lease.index(), pool.active_all()), (0, vec![1, 0]));
-    assert!(pool.pick(&[1]).is_none(), "its new cap of 1 holds");
+    assert!(pool.pick(&[1], t0()).is_none(), "its new cap of 1 holds");
     drop(lease);
     pool.retire(0);
-    assert!(pool.reuse(0, Spec::default()), "a slot can be reused again");
+    assert!(pool.reuse(0, Spec::default(), t0()), "a slot can be reused again");
     assert_eq!(pool.spec(0), Some(Spec::default()));
-    let mut picks: Vec<usize> = (0..4).map(|_| pool.pick(&[]).unwrap().index()).collect();
+    let mut picks: Vec<usize> = (0..4).map(|_| pool.pick(&[], t0()).unwrap().index()).collect();
     picks.sort_unstable();
     assert_eq!(picks, [0, 0, 1, 1], "the reused slot takes its turn");
 }
@@ -286,7 +303,7 @@ fn a_retired_slot_is_reused_only_once_its_last_lease_is_gone_and_then_serves_its
 fn weighted(specs: &[Spec]) -> Arc<Pool> {
     let pool = Pool::new(0);
     for spec in specs {
-        pool.add_with(*spec);
+        pool.add_with(*spec, t0());
     }
     pool
 }
@@ -314,7 +331,7 @@ const BACKUP: Spec = Spec {
 #[test]
 fn weights_1_and_3_spread_8_held_connections_2_and_6() {
     let pool = weighted(&[weight(1), weight(3)]);
-    let held: Vec<Lease> = (0..8).map(|_| pool.pick(&[]).expect("a backend")).collect();
+    let held: Vec<Lease> = (0..8).map(|_| pool.pick(&[], t0()).expect("a backend")).collect();
     assert_eq!(counts(&pool), vec![2, 6]);
     drop(held);
     assert_eq!(counts(&pool), vec![0, 0]);
@@ -324,11 +341,11 @@ fn weights_1_and_3_spread_8_held_connections_2_and_6() {
 fn equal_scores_across_weights_take_turns() {
     // Weights 1 and 2 holding 1 and 3: both score (1+1)/1 = (3+1)/2 = 2.
     let pool = weighted(&[weight(1), weight(2)]);
-    let held: Vec<Lease> = (0..4).map(|_| pool.pick(&[]).expect("a backend")).collect();
+    let held: Vec<Lease> = (0..4).map(|_| pool.pick(&[], t0()).expect("a backend")).collect();
     assert_eq!(counts(&pool), vec![1, 3]);
     // Short connections on the tie alternate: the one that waited longer goes first.
     let order: Vec<usize> = (0..6)
-        .map(|_| pool.pick(&[]).expect("a backend").index())
+        .map(|_| pool.pick(&[], t0()).expect("a backend").index())
         .collect();
     assert_eq!(order, [0, 1, 0, 1, 0, 1]);
     drop(held);
@@ -337,33 +354,33 @@ fn equal_scores_across_weights_take_turns() {
 #[test]
 fn a_backend_at_its_cap_is_skipped_until_a_lease_of_it_drops() {
     let pool = weighted(&[capped(1), Spec::default()]);
-    let first = pool.pick(&[]).expect("a backend");
+    let first = pool.pick(&[], t0()).expect("a backend");
     assert_eq!(first.index(), 0);
-    let others: Vec<Lease> = (0..3).map(|_| pool.pick(&[]).expect("a backend")).collect();
+    let others: Vec<Lease> = (0..3).map(|_| pool.pick(&[], t0()).expect("a backend")).collect();
     assert!(
         others.iter().all(|l| l.index() == 1),
         "the capped backend took a second connection"
     );
     drop(first);
-    assert_eq!(pool.pick(&[]).expect("a backend").index(), 0);
+    assert_eq!(pool.pick(&[], t0()).expect("a backend").index(), 0);
 }
 
 #[test]
 fn every_backend_full_answers_full_for_a_caller_that_queues() {
     let pool = weighted(&[capped(1), capped(1)]);
-    let _held: Vec<Lease> = (0..2).map(|_| pool.pick(&[]).expect("a backend")).collect();
-    assert!(matches!(pool.choose(&[], Instant::now(), true), Choice::Full));
-    assert!(matches!(pool.choose(&[], Instant::now(), false), Choice::Full));
-    assert!(pool.pick(&[]).is_none());
+    let _held: Vec<Lease> = (0..2).map(|_| pool.pick(&[], t0()).expect("a backend")).collect();
+    assert!(matches!(pool.choose(&[], t0(), true), Choice::Full));
+    assert!(matches!(pool.choose(&[], t0(), false), Choice::Full));
+    assert!(pool.pick(&[], t0()).is_none());
 }
 
 #[test]
 fn waiters_are_served_first_come_first_served_as_slots_free() {
     let pool = weighted(&[capped(1), capped(1)]);
-    let mut held: Vec<Lease> = (0..2).map(|_| pool.pick(&[]).expect("a backend")).collect();
-    let mut third = Box::pin(pool.wait(&[], 2).expect("room in the queue"));
-    let mut fourth = Box::pin(pool.wait(&[], 2).expect("room in the queue"));
-    assert_eq!(pool.wait(&[], 2).map(|_| ()), Err(QueueFull));
+    let mut held: Vec<Lease> = (0..2).map(|_| pool.pick(&[], t0()).expect("a backend")).collect();
+    let mut third = Box::pin(pool.wait(&[], 2, t0()).expect("room in the queue"));
+    let mut fourth = Box::pin(pool.wait(&[], 2, t0()).expect("room in the queue"));
+    assert_eq!(pool.wait(&[], 2, t0()).map(|_| ()), Err(QueueFull));
     assert_eq!(pool.waiting(), 2);
     let waker = std::task::Waker::noop();
     let mut cx = std::task::Context::from_waker(waker);
@@ -371,7 +388,7 @@ fn waiters_are_served_first_come_first_served_as_slots_free() {
     assert!(fourth.as_mut().poll(&mut cx).is_pending());
     // A new caller does not overtake the queue.
     drop(held.remove(1));
-    assert!(matches!(pool.choose(&[], Instant::now(), true), Choice::Full));
+    assert!(matches!(pool.choose(&[], t0(), true), Choice::Full));
     let Poll::Ready(served) = third.as_mut().poll(&mut cx) else {
         panic!("the first waiter was not served by the freed slot");
     };
@@ -390,9 +407,9 @@ fn waiters_are_served_first_come_first_served_as_slots_free() {
 #[test]
 fn a_waiter_that_gives_up_leaves_the_queue_and_hands_on_a_slot_it_was_given() {
     let pool = weighted(&[capped(1)]);
-    let held = pool.pick(&[]).expect("a backend");
-    let first = pool.wait(&[], 2).expect("room");
-    let mut second = Box::pin(pool.wait(&[], 2).expect("room"));
+    let held = pool.pick(&[], t0()).expect("a backend");
+    let first = pool.wait(&[], 2, t0()).expect("room");
+    let mut second = Box::pin(pool.wait(&[], 2, t0()).expect("room"));
     drop(held); // served to `first`, which never takes it
     drop(first);
     let waker = std::task::Waker::noop();
@@ -409,7 +426,7 @@ fn a_waiter_that_gives_up_leaves_the_queue_and_hands_on_a_slot_it_was_given() {
 #[test]
 fn a_backup_gets_nothing_while_a_primary_is_in_rotation() {
     let pool = weighted(&[Spec::default(), BACKUP]);
-    let held: Vec<Lease> = (0..5).map(|_| pool.pick(&[]).expect("a backend")).collect();
+    let held: Vec<Lease> = (0..5).map(|_| pool.pick(&[], t0()).expect("a backend")).collect();
     assert_eq!(counts(&pool), vec![5, 0]);
     drop(held);
 }
@@ -417,22 +434,22 @@ fn a_backup_gets_nothing_while_a_primary_is_in_rotation() {
 #[test]
 fn a_backup_serves_while_no_primary_is_up_and_stops_when_one_returns() {
     let pool = weighted(&[Spec::default(), Spec::default(), BACKUP]);
-    pool.set_in_rotation(0, false);
-    pool.set_in_rotation(1, false);
-    let on_backup = pool.pick(&[]).expect("the backup");
+    pool.set_in_rotation(0, false, t0());
+    pool.set_in_rotation(1, false, t0());
+    let on_backup = pool.pick(&[], t0()).expect("the backup");
     assert_eq!(on_backup.index(), 2);
-    pool.set_in_rotation(1, true);
-    assert_eq!(pool.pick(&[]).expect("a backend").index(), 1);
+    pool.set_in_rotation(1, true, t0());
+    assert_eq!(pool.pick(&[], t0()).expect("a backend").index(), 1);
     // Excluding the only primary (it just failed to dial) falls over to the backup too.
-    assert_eq!(pool.pick(&[1]).expect("the backup").index(), 2);
+    assert_eq!(pool.pick(&[1], t0()).expect("the backup").index(), 2);
 }
 
 #[test]
 fn backups_take_the_overflow_of_full_primaries_only_without_a_queue() {
     let pool = weighted(&[capped(1), BACKUP]);
-    let _primary = pool.pick(&[]).expect("the primary");
-    assert!(matches!(pool.choose(&[], Instant::now(), true), Choice::Full));
-    let Choice::Leased(lease) = pool.choose(&[], Instant::now(), false) else {
+    let _primary = pool.pick(&[], t0()).expect("the primary");
+    assert!(matches!(pool.choose(&[], t0(), true), Choice::Full));
+    let Choice::Leased(lease) = pool.choose(&[], t0(), false) else {
         panic!("without a queue the overflow goes to the backup");
     };
     assert_eq!(lease.index(), 1);
@@ -441,10 +458,10 @@ fn backups_take_the_overflow_of_full_primaries_only_without_a_queue() {
 #[test]
 fn a_new_weight_keeps_the_count_and_changes_the_share() {
     let pool = weighted(&[weight(1), weight(1)]);
-    let mut held: Vec<Lease> = (0..2).map(|_| pool.pick(&[]).expect("a backend")).collect();
-    pool.respec(1, weight(4));
+    let mut held: Vec<Lease> = (0..2).map(|_| pool.pick(&[], t0()).expect("a backend")).collect();
+    pool.respec(1, weight(4), t0());
     assert_eq!(counts(&pool), vec![1, 1]);
-    held.extend((0..5).map(|_| pool.pick(&[]).expect("a backend")));
+    held.extend((0..5).map(|_| pool.pick(&[], t0()).expect("a backend")));
     // (1+1)/1 = 2 against (5+1)/4 = 1.5 and (6+1)/4 = 1.75: the heavier one took all five.
     assert_eq!(counts(&pool), vec![1, 6]);
     assert_eq!(pool.weight(1), 4);
@@ -481,7 +498,7 @@ proptest! {
         let mut up = vec![true; size];
         for op in ops {
             match op {
-                WeightedOp::Pick => match pool.pick(&[]) {
+                WeightedOp::Pick => match pool.pick(&[], t0()) {
                     Some(lease) => {
                         let i = lease.index();
                         prop_assert!(up[i], "picked {} which is out of rotation", i);
@@ -504,11 +521,11 @@ proptest! {
                     }
                 }
                 WeightedOp::Rotation(i, in_rotation) => {
-                    pool.set_in_rotation(i % size, in_rotation);
+                    pool.set_in_rotation(i % size, in_rotation, t0());
                     up[i % size] = in_rotation;
                 }
                 WeightedOp::Reweigh(i, w) => {
-                    pool.respec(i % size, weight(w));
+                    pool.respec(i % size, weight(w), t0());
                     weights[i % size] = w;
                 }
             }

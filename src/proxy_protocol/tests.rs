@@ -1,6 +1,11 @@
 //! Tests of the PROXY protocol codec: the spec's examples byte for byte, round trips, incremental
 //! parsing and every refusal.
 
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use super::encode::mapped;
+use super::parse::crc32c;
+use super::wire::*;
 use super::*;
 use proptest::prelude::*;
 use std::net::{SocketAddrV4, SocketAddrV6};

@@ -179,15 +179,17 @@ impl ClusterLimiter {
         }
     }
 
-    /// Decides for one connection of `key`: local share, else one claim from Redis (bounded by
-    /// `timeout`), else `on_unavailable`.
-    pub async fn check(&self, key: &ClientKey) -> Decision {
+    /// Decides for one connection of `key` arriving at `now`: local share, else one claim from
+    /// Redis (bounded by `timeout`), else `on_unavailable`. The shared windows are counted on the
+    /// wall clock, read here; a local fallback after a failed round trip decides at the time it
+    /// runs, read here too.
+    pub async fn check(&self, key: &ClientKey, now: Instant) -> Decision {
         let key = &match key {
             ClientKey::Ip(ip) => ClientKey::from_ip(*ip),
             identity => identity.clone(),
         };
         // Concurrency first: a connection refused here costs no share.
-        let permit = match self.concurrency.check(key, Instant::now()) {
+        let permit = match self.concurrency.check(key, now) {
             Decision::Allow(permit) => permit,
             reject => return reject,
         };

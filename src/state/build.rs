@@ -139,7 +139,7 @@ pub fn check(config: &Config) -> Result<Checked, ServerError> {
 /// built from its files: the part of building a generation that can fail.
 pub(crate) struct Loaded {
     /// With `[reload] watch`: the files' fingerprint, taken before any of them is read.
-    fingerprint: crate::watch::Fingerprint,
+    fingerprint: crate::config::files::Fingerprint,
     listeners: Vec<Option<ServerTls>>,
     upstreams: Vec<Option<Arc<crate::tls::UpstreamTls>>>,
     redis: Option<redis::Client>,
@@ -174,7 +174,7 @@ impl Loaded {
 
 pub(crate) fn load(config: &Config) -> Result<Loaded, ServerError> {
     let fingerprint = match config.reload.watch {
-        true => crate::watch::fingerprint(&config.files()),
+        true => crate::config::files::fingerprint(&config.files()),
         false => Vec::new(),
     };
     let upstreams = config
@@ -358,7 +358,7 @@ impl State {
                 access_log_interim: config.access_log_interim,
             }));
         }
-        let nofile = crate::net::open_file_limit().unwrap_or(1024);
+        let nofile = crate::caps::open_file_limit().unwrap_or(1024);
         let max_connections = config
             .max_connections
             .unwrap_or_else(|| crate::caps::default_max_connections(nofile));

@@ -1,4 +1,5 @@
 use super::*;
+use crate::identity::ClientIdentity;
 use std::time::UNIX_EPOCH;
 
 fn live() -> Live {
@@ -105,7 +106,10 @@ fn a_discovered_set_becomes_backends_and_a_missing_address_is_retired() {
     let first = Upstream::new(&config, None, None, &addrs);
     let labels: Vec<&str> = first.backends.iter().map(|b| b.label.as_str()).collect();
     assert_eq!(labels, ["127.0.0.11:80", "127.0.0.12:80"]);
-    let lease = first.pool.pick(&[first.backends[0].slot]).expect("a backend");
+    let lease = first
+        .pool
+        .pick(&[first.backends[0].slot], Instant::now())
+        .expect("a backend");
     assert_eq!(lease.index(), first.backends[1].slot);
     let next = Upstream::new(&config, None, Some(&first), &addrs[..1]);
     assert!(
@@ -117,7 +121,7 @@ fn a_discovered_set_becomes_backends_and_a_missing_address_is_retired() {
     assert_eq!(next.pool.active(lease.index()), 1);
     for _ in 0..3 {
         assert_eq!(
-            next.pool.pick(&[]).expect("a backend").index(),
+            next.pool.pick(&[], Instant::now()).expect("a backend").index(),
             next.backends[0].slot
         );
     }
@@ -151,6 +155,7 @@ fn a_runtime_weight_stands_until_the_configured_weight_changes() {
             weight: 7,
             ..first.pool.spec(slot).expect("spec")
         },
+        Instant::now(),
     );
     let same = Upstream::new(&config(2), None, Some(&first), &[]);
     assert_eq!(
@@ -180,7 +185,9 @@ fn a_rotating_discovered_set_reuses_the_slots_of_removed_backends_instead_of_gro
         let labels: Vec<String> = running.backends.iter().map(|b| b.label.clone()).collect();
         let wanted: Vec<String> = set(round).iter().map(|a| a.to_string()).collect();
         assert_eq!(labels, wanted, "round {round}");
-        let leases: Vec<_> = (0..4).filter_map(|_| running.pool.pick(&[])).collect();
+        let leases: Vec<_> = (0..4)
+            .filter_map(|_| running.pool.pick(&[], Instant::now()))
+            .collect();
         let mut picked: Vec<usize> = leases.iter().map(|l| l.index()).collect();
         picked.sort_unstable();
         let mut own: Vec<usize> = running.backends.iter().map(|b| b.slot).collect();
@@ -198,7 +205,7 @@ fn a_removed_backend_keeps_its_slot_while_a_lease_of_it_or_a_generation_holding_
     let first = Upstream::new(&config, None, None, &[addr(1), addr(2)]);
     let lease = first
         .pool
-        .pick(&[first.backends[1].slot])
+        .pick(&[first.backends[1].slot], Instant::now())
         .expect("the first backend");
     assert_eq!(lease.index(), 0);
     let second = Upstream::new(&config, None, Some(&first), &[addr(2)]);

@@ -3,7 +3,8 @@
 //! of its CRLs; each upstream's backend CA and client certificate; the shared rate limit's Redis
 //! CA and client certificate. Read from the files the generation was loaded from (already checked
 //! by the loaders: a file that no longer parses here is left out, not an error). Reported as
-//! `fulcrum_certificate_not_after_timestamp_seconds`, in `/status` and by `fulcrum check`.
+//! `fulcrum_certificate_not_after_timestamp_seconds`, in `/status` and by `fulcrum check`; and a
+//! CRL past its `nextUpdate` is warned about when it passes it (`warn_at_crl_next_update`).
 
 use std::path::Path;
 use std::time::SystemTime;
@@ -11,6 +12,8 @@ use std::time::SystemTime;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use super::ServerTls;
 use crate::config::Config;
@@ -141,6 +144,30 @@ fn first(path: &Path) -> Option<SystemTime> {
 /// The earliest `notAfter` in a bundle.
 fn earliest(path: &Path) -> Option<SystemTime> {
     not_afters(path).into_iter().min()
+}
+
+/// Warns once per CRL when it passes its `nextUpdate` (at once if it already has): the CRL keeps
+/// being applied, but the operator should fetch a fresh one. Stopped with its generation.
+pub(crate) async fn warn_at_crl_next_update(
+    mut deadlines: Vec<(String, String, SystemTime)>,
+    stop: CancellationToken,
+) {
+    deadlines.sort_by_key(|(_, _, at)| *at);
+    for (listener, issuer, at) in deadlines {
+        while SystemTime::now() < at {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(crate::clock::until_wall(at, SystemTime::now())) => {}
+            }
+        }
+        let next_update = humantime::format_rfc3339_seconds(at);
+        warn!(
+            %listener,
+            %issuer,
+            %next_update,
+            "CRL is past its nextUpdate and is still applied: publish a fresh one and reload"
+        );
+    }
 }
 
 #[cfg(test)]

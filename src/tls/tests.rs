@@ -1,3 +1,9 @@
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::server::StoresServerSessions;
+use rustls::CertificateError;
+
 use super::*;
 use crate::pki::Ca;
 

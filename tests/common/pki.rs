@@ -21,7 +21,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 
-use super::tls::{toml_path, TempDir};
+use super::{toml_path, TempDir};
 
 /// A certificate, its PKCS#8 private key, and (for a CA) what it needs to issue more.
 pub struct Cert {

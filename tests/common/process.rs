@@ -1,5 +1,7 @@
-//! The real `fulcrum` binary as a child process: started with `run --config`, its stderr read
-//! line by line (colours removed), signalled with `kill`, and awaited under a deadline.
+//! The one way to start the real `fulcrum` binary: [`command`] builds it (optionally under a
+//! wrapper such as `prlimit` or `setpriv`), [`output`] runs a short command (`check`, `verify`,
+//! `ctl` ...) to completion, and [`Fulcrum`] runs `run --config` with its stderr read line by
+//! line (colours removed), signalled with `kill`, and awaited under a deadline.
 //!
 //! The child is killed when the handle drops, so a failing test never leaves one behind.
 
@@ -13,16 +15,42 @@ use tokio::sync::mpsc;
 
 use super::{strip_ansi, within};
 
+/// The binary, or `WRAPPER... -- fulcrum` when `wrapper` (a program and its arguments) is not
+/// empty, with `RUST_LOG` removed and stdin closed. Callers add the arguments and say what
+/// becomes of stdout and stderr; [`std::process::Command::output`] suits a blocking test.
+pub fn command(wrapper: &[&str]) -> std::process::Command {
+    let binary = env!("CARGO_BIN_EXE_fulcrum");
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = std::process::Command::new(program);
+            command.args(args).arg("--").arg(binary);
+            command
+        }
+        None => std::process::Command::new(binary),
+    };
+    command.env_remove("RUST_LOG").stdin(Stdio::null());
+    command
+}
+
+/// [`command`] for the test's runtime, killed when dropped.
+pub fn async_command(wrapper: &[&str]) -> Command {
+    let mut command = Command::from(command(wrapper));
+    command.kill_on_drop(true);
+    command
+}
+
 /// Runs the binary with `args` (a short command such as `check` or `verify`) to completion,
 /// within the deadline.
 pub async fn output(args: &[&str]) -> std::process::Output {
-    let child = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+    output_under(&[], args).await
+}
+
+/// [`output`] under `wrapper` (see [`command`]).
+pub async fn output_under(wrapper: &[&str], args: &[&str]) -> std::process::Output {
+    let child = async_command(wrapper)
         .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn fulcrum");
     within("fulcrum to exit", child.wait_with_output())
@@ -45,23 +73,11 @@ impl Fulcrum {
     /// Starts the binary under `wrapper` (a program and its arguments, such as `prlimit
     /// --nofile=64:64`, which gets `-- fulcrum run ...`), or directly when `wrapper` is empty.
     pub fn run_under(wrapper: &[&str], config: &Path) -> Fulcrum {
-        let binary = env!("CARGO_BIN_EXE_fulcrum");
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut command = Command::new(program);
-                command.args(args).arg("--").arg(binary);
-                command
-            }
-            None => Command::new(binary),
-        };
-        let mut child = command
+        let mut child = async_command(wrapper)
             .args(["run", "--config"])
             .arg(config)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .expect("spawn fulcrum run");
         let stderr = child.stderr.take().expect("piped stderr");

@@ -9,7 +9,7 @@
 use std::net::TcpListener as StdListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::tls::Pki;
-use super::DEADLINE;
+use super::{poll_for, DEADLINE};
 
 /// How a TLS `redis-server` is set up.
 pub struct TlsRedis<'a> {
@@ -98,13 +98,11 @@ impl RedisServer {
                 panic!("cannot run redis-server ({e}); install it (.ci/run installs the Debian package redis-server)")
             });
         let server = RedisServer { port, child, probe };
-        let start = Instant::now();
-        while !server.pings().await {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "redis-server on port {port} never answered PING"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if poll_for(async || server.pings().await.then_some(()))
+            .await
+            .is_none()
+        {
+            panic!("redis-server on port {port} never answered PING after {DEADLINE:?}");
         }
         server
     }

@@ -1,103 +1,24 @@
-//! Helpers for the mTLS, authorization and rate-limit end-to-end tests: certificate files in a
-//! per-test temporary directory, counting echo backends, an in-process balancer, rustls clients,
-//! and deadline-bounded waits.
+//! TLS for the end-to-end tests: a test CA with a server certificate written to a
+//! [`TempDir`], rustls clients presenting (or not) a client certificate, and the checks that a
+//! TLS connection was served (an echo) or refused (no data).
 //!
-//! Everything binds 127.0.0.x port 0, certificates are generated at run time, and every wait on
-//! a peer has a generous deadline ([`PEER_DEADLINE`]) that only guards against hangs: it is never
-//! what a test asserts.
+//! Certificates are generated at run time; every wait on a peer goes through [`within`].
 
-#![allow(dead_code)] // each test binary uses a different subset
-
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use fulcrum::metrics::Reason;
 use fulcrum::pki::{Ca, Pem};
-use fulcrum::state::State;
-use fulcrum::CancellationToken;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore, SupportedProtocolVersion};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-/// Hang guard for any single wait on a peer or a condition. Generous on purpose: a healthy run
-/// takes milliseconds, so this only decides how long a broken run takes to fail.
-pub const PEER_DEADLINE: Duration = Duration::from_secs(10);
-
-/// Runs `future` under [`PEER_DEADLINE`], panicking with `what` if it does not finish.
-pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(PEER_DEADLINE, future).await {
-        Ok(value) => value,
-        Err(_) => panic!("timed out after {PEER_DEADLINE:?} waiting for {what}"),
-    }
-}
-
-/// Polls `condition` until it holds, panicking with `what` after [`PEER_DEADLINE`].
-pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PEER_DEADLINE;
-    while !condition() {
-        if Instant::now() >= deadline {
-            panic!("timed out after {PEER_DEADLINE:?} waiting until {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// A unique directory under the system temp dir, removed with everything in it on drop.
-pub struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    pub fn new(label: &str) -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let path = std::env::temp_dir().join(format!(
-            "fulcrum-test-{label}-{}-{}-{nanos}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-        TempDir { path }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Writes `contents` to `name` inside the directory and returns the absolute path.
-    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
-        let path = self.path.join(name);
-        std::fs::write(&path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-        path
-    }
-
-    /// [`write`](TempDir::write), mode 0600: a secret file (`token_file`, `password_file`) that
-    /// group or others may read is refused.
-    pub fn write_secret(&self, name: &str, contents: &str) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt as _;
-        let path = self.write(name, contents);
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .unwrap_or_else(|e| panic!("chmod 600 {}: {e}", path.display()));
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
+use super::{backend_list, toml_path, within, TempDir};
 
 /// A test CA with a server certificate, all written as PEM files to a temp dir.
 pub struct Pki {
@@ -165,7 +86,7 @@ impl Pki {
             "[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\nupstream = \"web\"\n{listener_keys}\n{tls}\n\
              [[upstream]]\nname = \"web\"\nbackends = [{backends}]\n\n{rest}\n",
             tls = self.tls_table(client_ca, min_version),
-            backends = super::backend_list(backends),
+            backends = backend_list(backends),
         )
     }
 
@@ -177,11 +98,6 @@ impl Pki {
             &[&rustls::version::TLS13, &rustls::version::TLS12],
         )
     }
-}
-
-/// A path as a TOML string.
-pub fn toml_path(path: &Path) -> String {
-    format!("{:?}", path.to_str().expect("temp paths are UTF-8"))
 }
 
 /// A rustls client trusting `roots_pem`, offering `versions`, presenting `cert` if given.
@@ -290,130 +206,4 @@ pub async fn read_to_end_bounded<S: AsyncRead + Unpin>(stream: &mut S, limit: us
         out.extend_from_slice(&buf[..n]);
     }
     panic!("peer sent more than {limit} bytes without closing");
-}
-
-/// A TCP echo server on 127.0.0.1 port 0 that counts the connections it accepts.
-pub struct EchoBackend {
-    pub addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-    stop: CancellationToken,
-}
-
-impl EchoBackend {
-    pub async fn start() -> EchoBackend {
-        let socket = TcpListener::bind("127.0.0.1:0").await.expect("bind echo backend");
-        let addr = socket.local_addr().expect("echo backend address");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let stop = CancellationToken::new();
-        tokio::spawn(echo_loop(socket, Arc::clone(&accepted), stop.clone()));
-        EchoBackend { addr, accepted, stop }
-    }
-
-    /// Connections this backend has accepted so far.
-    pub fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for EchoBackend {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-async fn echo_loop(socket: TcpListener, accepted: Arc<AtomicUsize>, stop: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = socket.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(_) => continue,
-            },
-        };
-        accepted.fetch_add(1, Ordering::SeqCst);
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let (mut read, mut write) = stream.into_split();
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = async {
-                    let _ = tokio::io::copy(&mut read, &mut write).await;
-                    let _ = write.shutdown().await;
-                } => {}
-            }
-        });
-    }
-}
-
-/// The real balancer, running in-process until dropped.
-pub struct Balancer {
-    pub state: Arc<State>,
-    addrs: Vec<(String, SocketAddr)>,
-    stop: CancellationToken,
-}
-
-impl Balancer {
-    /// Parses `toml`, binds every listener (their `bind` should use port 0) and starts serving.
-    pub async fn start(toml: &str) -> Balancer {
-        let config = fulcrum::Config::from_toml(toml, "<test>").unwrap_or_else(|e| panic!("{e}\n{toml}"));
-        let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
-        let server = fulcrum::Server::bind(config).await.expect("bind the balancer");
-        let addrs = names
-            .into_iter()
-            .map(|name| {
-                let addr = server.local_addr(&name).expect("listener address");
-                (name, addr)
-            })
-            .collect();
-        let state = server.state();
-        let stop = CancellationToken::new();
-        tokio::spawn(server.run(stop.clone()));
-        Balancer { state, addrs, stop }
-    }
-
-    pub fn addr(&self, listener: &str) -> SocketAddr {
-        self.addrs
-            .iter()
-            .find(|(name, _)| name == listener)
-            .map(|(_, addr)| *addr)
-            .unwrap_or_else(|| panic!("no listener {listener:?}"))
-    }
-
-    /// The non-zero rejection counters of a listener, as `(label, count)`.
-    pub fn rejections(&self, listener: &str) -> Vec<(&'static str, u64)> {
-        let l = self
-            .state
-            .listener(listener)
-            .unwrap_or_else(|| panic!("no listener {listener:?}"));
-        Reason::ALL
-            .iter()
-            .map(|r| (r.label(), l.rejected.get(*r)))
-            .filter(|(_, n)| *n > 0)
-            .collect()
-    }
-
-    /// Waits until the listener's rejection counters are exactly `expected` (non-zero ones).
-    pub async fn wait_for_rejections(&self, listener: &str, expected: &[(Reason, u64)]) {
-        let expected: Vec<(&'static str, u64)> = expected.iter().map(|(r, n)| (r.label(), *n)).collect();
-        let deadline = Instant::now() + PEER_DEADLINE;
-        loop {
-            let actual = self.rejections(listener);
-            if actual == expected {
-                return;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "timed out after {PEER_DEADLINE:?} waiting until listener {listener:?} counts \
-                     rejections {expected:?}; it counts {actual:?}"
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-}
-
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
 }

@@ -351,7 +351,8 @@ fn after_a_reload_with_the_same_policy_the_same_limiter_goes_on() {
     let limiter = RateLimiter::new(policy(2, Some(5)), epoch);
     let key = ClientKey::Identity("alice".into());
     let _held = [limiter.check(&key, epoch), limiter.check(&key, epoch)];
-    let next = RateLimiter::carry_over(Some(&limiter), policy(2, Some(5)), Instant::now());
+    // The reload happens a second later; the limiter goes on with its own epoch.
+    let next = RateLimiter::carry_over(Some(&limiter), policy(2, Some(5)), epoch + Duration::from_secs(1));
     assert!(
         matches!(next.check(&key, epoch), Decision::Reject(RejectReason::Rate)),
         "the window's count went on"

@@ -1,0 +1,462 @@
+//! The `[[listener]]` section: [`ListenerConfig`] and its `[listener.tls]` ([`TlsConfig`]), the
+//! raw tables they are read from, their defaults, and every rule about a valid listener (unique
+//! name and address, known upstreams in `upstream`, `sni`, `alpn` and `authorization`, PROXY
+//! header fronts, connection bounds, TLS settings).
+//!
+//! A listener key is added here (its raw field, its typed field, its rule), in the model that
+//! uses it and in the README, nowhere else in `config`. This file must not validate another
+//! section: the global rate limit and the listener's own come from `ratelimit.rs`, value parsers
+//! from `values.rs`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::ratelimit::{ListenerLimit, RateLimitConfig, RawRateLimitOverride};
+use super::upstream::UpstreamConfig;
+use super::values::{ConfigError, Keepalive, RawKeepalive, Validator};
+use crate::addr::IpNet;
+
+/// Default deadline for a client's TLS handshake, from accept to the end of the handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `[[listener]] idle_timeout`: a connection silent both ways this long is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default `[[listener]] max_handshakes_per_source`.
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: u32 = 32;
+/// Default `[listener.tls] session_cache`: TLS sessions a listener remembers for resumption.
+pub const DEFAULT_SESSION_CACHE: usize = 256;
+/// Default `[listener.tls] session_timeout`: how long a session may be resumed.
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// One accepting socket and the upstream group its connections go to.
+#[derive(Clone, Debug)]
+pub struct ListenerConfig {
+    /// Unique name, used in logs and metric labels.
+    pub name: String,
+    pub bind: SocketAddr,
+    /// Name of an upstream in [`Config::upstreams`](super::Config::upstreams) (validated to exist).
+    pub upstream: String,
+    /// TLS termination; `None` is a plaintext listener.
+    pub tls: Option<TlsConfig>,
+    /// Server name (lowercase) -> upstream, for TLS listeners serving several upstreams.
+    pub sni: Vec<(String, String)>,
+    /// `[listener.alpn]`: negotiated protocol -> upstream (an SNI route wins over it).
+    pub alpn_routes: Vec<(String, String)>,
+    /// Deadline for the whole TLS handshake (not per read).
+    pub handshake_timeout: Duration,
+    /// The limit on this listener's clients (its own, else the global one); `None`: unlimited.
+    pub rate_limit: Option<ListenerLimit>,
+    /// Bytes written to a client refused by the rate limiter before closing (e.g. an HTTP 429).
+    pub reject_response: Option<Vec<u8>>,
+    /// Expect a PROXY protocol v1/v2 header from a trusted front; its source address is the
+    /// client's for rate limits, logs and the header fulcrum sends on.
+    pub accept_proxy_protocol: bool,
+    /// `trusted_proxies`: with `accept_proxy_protocol` (which requires it in a config file), the
+    /// fronts allowed to send a header; a connection from anywhere else is refused before its
+    /// header is read. Empty: no peer may send one.
+    pub trusted_proxies: Vec<IpNet>,
+    /// No byte either way for this long closes the connection (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// After one side has sent FIN, the other direction may stay silent this long (`None`:
+    /// only `idle_timeout` applies).
+    pub half_closed_timeout: Option<Duration>,
+    /// A connection is closed at an age in `[max_lifetime - max_lifetime_jitter, max_lifetime]`.
+    pub max_lifetime: Option<Duration>,
+    pub max_lifetime_jitter: Duration,
+    /// TCP keepalive on the client leg (`None`: off).
+    pub tcp_keepalive: Option<Keepalive>,
+    /// Open connections on this listener at once; `None`: only the process cap applies.
+    pub max_connections: Option<usize>,
+    /// Connections from one source (its prefix) in the PROXY-header or TLS-handshake phase at
+    /// once.
+    pub max_handshakes_per_source: u32,
+    /// `[listener.authorization]`: this listener's own identity -> upstreams table, in place of
+    /// [`Config::authorization`](super::Config::authorization) (mTLS listeners only).
+    pub authorization: Option<Vec<(String, Vec<String>)>>,
+}
+
+/// TLS settings of a listener. Paths are resolved against the config file's directory.
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA bundle; present means client certificates are required and verified (mTLS).
+    /// Certificates of it issued by another of it are intermediates, the others anchors.
+    pub client_ca: Option<PathBuf>,
+    /// `[listener.tls.trust_domains]`: SPIFFE trust domain -> PEM bundle. A certificate whose
+    /// identity is a SPIFFE ID of trust domain TD must chain to TD's bundle (mTLS, like
+    /// `client_ca`, which it makes optional).
+    pub trust_domains: BTreeMap<String, PathBuf>,
+    pub min_version: TlsVersion,
+    /// PEM file of CRLs (mTLS only): a client certificate they revoke is refused. Each CRL must
+    /// be signed by a certificate of `client_ca`.
+    pub crl: Option<PathBuf>,
+    /// Close an open mTLS connection when its client certificate expires (default true).
+    pub close_on_expiry: bool,
+    /// Whether a certificate without a spiffe URI or DNS SAN may be named by its Common Name
+    /// (default true; see [`crate::identity`]).
+    pub identity_from_cn: bool,
+    /// Sessions remembered for resumption (0: no resumption, every handshake is a full one).
+    pub session_cache: usize,
+    /// How long after its full handshake a session may be resumed.
+    pub session_timeout: Duration,
+    /// `alpn`: the application protocols offered by ALPN, in order of preference (empty: no
+    /// ALPN, as a plain L4 balancer must not promise a protocol its backends may not speak).
+    pub alpn: Vec<String>,
+    /// `alpn_required`: a client that offers no ALPN at all is refused (without it, it is served
+    /// by the listener's own upstream).
+    pub alpn_required: bool,
+}
+
+impl TlsConfig {
+    /// TLS with `cert` and `key`, no client authentication, and every other setting at its
+    /// default (as a `[listener.tls]` table with only those two keys).
+    pub fn new(cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> TlsConfig {
+        TlsConfig {
+            cert: cert.into(),
+            key: key.into(),
+            client_ca: None,
+            trust_domains: BTreeMap::new(),
+            min_version: TlsVersion::Tls12,
+            crl: None,
+            close_on_expiry: true,
+            identity_from_cn: true,
+            session_cache: DEFAULT_SESSION_CACHE,
+            session_timeout: DEFAULT_SESSION_TIMEOUT,
+            alpn: Vec::new(),
+            alpn_required: false,
+        }
+    }
+}
+
+/// Lowest TLS version a listener accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2 (ECDHE key exchange with AEAD ciphers only) and TLS 1.3.
+    Tls12,
+    /// TLS 1.3 only.
+    Tls13,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListener {
+    name: String,
+    bind: String,
+    upstream: String,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    sni: BTreeMap<String, String>,
+    #[serde(default)]
+    alpn: BTreeMap<String, String>,
+    handshake_timeout: Option<String>,
+    rate_limit: Option<RawRateLimitOverride>,
+    reject_response: Option<String>,
+    #[serde(default)]
+    accept_proxy_protocol: bool,
+    trusted_proxies: Option<Vec<String>>,
+    idle_timeout: Option<String>,
+    half_closed_timeout: Option<String>,
+    max_lifetime: Option<String>,
+    max_lifetime_jitter: Option<String>,
+    tcp_keepalive: Option<RawKeepalive>,
+    max_connections: Option<usize>,
+    max_handshakes_per_source: Option<u32>,
+    authorization: Option<BTreeMap<String, Vec<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+    #[serde(default)]
+    trust_domains: BTreeMap<String, PathBuf>,
+    min_version: Option<String>,
+    crl: Option<PathBuf>,
+    close_on_expiry: Option<bool>,
+    identity_from_cn: Option<bool>,
+    session_cache: Option<usize>,
+    session_timeout: Option<String>,
+    alpn: Option<Vec<String>>,
+    alpn_required: Option<bool>,
+}
+
+impl Validator<'_> {
+    /// Every `[[listener]]` (at least one), each naming only `upstreams`, its rate limit settled
+    /// against the global one (`rate_limit`).
+    pub(super) fn listeners(
+        &self,
+        raw: Vec<RawListener>,
+        upstreams: &[UpstreamConfig],
+        rate_limit: &Option<RateLimitConfig>,
+    ) -> Result<Vec<ListenerConfig>, ConfigError> {
+        if raw.is_empty() {
+            return Err(self.invalid("listener", "[]", "at least one [[listener]] is required"));
+        }
+        let mut listeners: Vec<ListenerConfig> = Vec::with_capacity(raw.len());
+        for (i, l) in raw.into_iter().enumerate() {
+            let listener = self.listener(i, l, &listeners, upstreams, rate_limit)?;
+            listeners.push(listener);
+        }
+        Ok(listeners)
+    }
+
+    /// Listener `i`, unique among the `earlier` ones.
+    fn listener(
+        &self,
+        i: usize,
+        l: RawListener,
+        earlier: &[ListenerConfig],
+        upstreams: &[UpstreamConfig],
+        rate_limit: &Option<RateLimitConfig>,
+    ) -> Result<ListenerConfig, ConfigError> {
+        let key = |field: &str| format!("listener[{i}] ({:?}).{field}", l.name);
+        self.name(&key("name"), &l.name)?;
+        if earlier.iter().any(|o| o.name == l.name) {
+            return Err(self.invalid(key("name"), &l.name, "duplicate listener name"));
+        }
+        let bind = self.socket_addr(&key("bind"), &l.bind)?;
+        if bind.port() != 0 && earlier.iter().any(|o| o.bind == bind) {
+            return Err(self.invalid(
+                key("bind"),
+                &l.bind,
+                "another listener already binds this address",
+            ));
+        }
+        let known = |name: &str| upstreams.iter().any(|u| u.name == name);
+        if !known(&l.upstream) {
+            return Err(self.invalid(key("upstream"), &l.upstream, "no [[upstream]] has this name"));
+        }
+        let tls = match l.tls {
+            Some(t) => Some(self.tls(&key("tls"), t)?),
+            None => None,
+        };
+        if !l.sni.is_empty() && tls.is_none() {
+            return Err(self.invalid(key("sni"), "{..}", "SNI routing needs [listener.tls]"));
+        }
+        let mut sni = Vec::with_capacity(l.sni.len());
+        for (server_name, upstream) in l.sni {
+            if !known(&upstream) {
+                let k = key(&format!("sni.{server_name:?}"));
+                return Err(self.invalid(k, &upstream, "no [[upstream]] has this name"));
+            }
+            sni.push((server_name.to_ascii_lowercase(), upstream));
+        }
+        let mut alpn_routes = Vec::with_capacity(l.alpn.len());
+        for (protocol, upstream) in l.alpn {
+            let k = key(&format!("alpn.{protocol:?}"));
+            let offered = tls.as_ref().is_some_and(|t| t.alpn.contains(&protocol));
+            if !offered {
+                return Err(self.invalid(
+                    k,
+                    &upstream,
+                    "routes a protocol that [listener.tls] alpn does not offer",
+                ));
+            }
+            if !known(&upstream) {
+                return Err(self.invalid(k, &upstream, "no [[upstream]] has this name"));
+            }
+            alpn_routes.push((protocol, upstream));
+        }
+        let handshake_timeout = match &l.handshake_timeout {
+            Some(text) => self.duration(&key("handshake_timeout"), text)?,
+            None => DEFAULT_HANDSHAKE_TIMEOUT,
+        };
+        let rate_limit = match (l.rate_limit, rate_limit) {
+            (Some(own), global) => Some(ListenerLimit::Own(self.listener_rate_limit(&key, own, global)?)),
+            (None, Some(global)) => Some(ListenerLimit::Global(global.policy.clone())),
+            (None, None) => None,
+        };
+        let trusted_proxies = match &l.trusted_proxies {
+            None if l.accept_proxy_protocol => {
+                return Err(self.invalid(
+                    key("accept_proxy_protocol"),
+                    "true",
+                    "needs trusted_proxies: the fronts allowed to send a PROXY header (their addresses or \
+                     networks, e.g. [\"10.0.0.0/8\"]); [\"0.0.0.0/0\", \"::/0\"] trusts any peer to name any source",
+                ))
+            }
+            None => Vec::new(),
+            Some(_) if !l.accept_proxy_protocol => {
+                return Err(self.invalid(
+                    key("trusted_proxies"),
+                    "[..]",
+                    "only means something with accept_proxy_protocol = true",
+                ))
+            }
+            Some(list) => list
+                .iter()
+                .map(|text| {
+                    IpNet::parse(text).map_err(|reason| self.invalid(key("trusted_proxies"), text, reason))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let idle_timeout = match &l.idle_timeout {
+            Some(text) => self.duration_or_off(&key("idle_timeout"), text)?,
+            None => Some(DEFAULT_IDLE_TIMEOUT),
+        };
+        let half_closed_timeout = match &l.half_closed_timeout {
+            Some(text) => self.duration_or_off(&key("half_closed_timeout"), text)?,
+            None => idle_timeout,
+        };
+        let max_lifetime = match &l.max_lifetime {
+            Some(text) => Some(self.duration(&key("max_lifetime"), text)?),
+            None => None,
+        };
+        let max_lifetime_jitter = match (&l.max_lifetime_jitter, max_lifetime) {
+            (None, Some(lifetime)) => lifetime / 10,
+            (None, None) => Duration::ZERO,
+            (Some(text), None) => {
+                return Err(self.invalid(key("max_lifetime_jitter"), text, "needs max_lifetime"))
+            }
+            (Some(text), Some(lifetime)) => {
+                let jitter = self
+                    .duration_or_off(&key("max_lifetime_jitter"), text)?
+                    .unwrap_or_default();
+                if jitter > lifetime / 2 {
+                    return Err(self.invalid(
+                        key("max_lifetime_jitter"),
+                        text,
+                        "must be at most half of max_lifetime",
+                    ));
+                }
+                jitter
+            }
+        };
+        let tcp_keepalive = self.keepalive(&key("tcp_keepalive"), l.tcp_keepalive)?;
+        let max_connections = match l.max_connections {
+            Some(0) => return Err(self.invalid(key("max_connections"), 0, "must be at least 1")),
+            other => other,
+        };
+        let max_handshakes_per_source = match l.max_handshakes_per_source {
+            Some(0) => return Err(self.invalid(key("max_handshakes_per_source"), 0, "must be at least 1")),
+            Some(n) => n,
+            None => DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+        };
+        let mutual_tls = tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca.is_some() || !t.trust_domains.is_empty());
+        let authorization = match l.authorization {
+            Some(_) if !mutual_tls => {
+                return Err(self.invalid(
+                    key("authorization"),
+                    "{..}",
+                    "needs client certificates ([listener.tls] client_ca or trust_domains)",
+                ))
+            }
+            Some(table) => Some(self.authorization(&key("authorization"), table, upstreams)?),
+            None => None,
+        };
+        Ok(ListenerConfig {
+            name: l.name,
+            authorization,
+            bind,
+            upstream: l.upstream,
+            tls,
+            sni,
+            alpn_routes,
+            handshake_timeout,
+            rate_limit,
+            reject_response: l.reject_response.map(String::into_bytes),
+            accept_proxy_protocol: l.accept_proxy_protocol,
+            trusted_proxies,
+            idle_timeout,
+            half_closed_timeout,
+            max_lifetime,
+            max_lifetime_jitter,
+            tcp_keepalive,
+            max_connections,
+            max_handshakes_per_source,
+        })
+    }
+
+    fn tls(&self, key: &str, raw: RawTls) -> Result<TlsConfig, ConfigError> {
+        let min_version = match raw.min_version.as_deref() {
+            None | Some("1.2") => TlsVersion::Tls12,
+            Some("1.3") => TlsVersion::Tls13,
+            Some(other) => {
+                return Err(self.invalid(format!("{key}.min_version"), other, "expected \"1.2\" or \"1.3\""))
+            }
+        };
+        for (domain, path) in &raw.trust_domains {
+            if let Err(why) = trust_domain_name(domain) {
+                return Err(self.invalid(format!("{key}.trust_domains"), domain, why));
+            }
+            if path.as_os_str().is_empty() {
+                return Err(self.invalid(
+                    format!("{key}.trust_domains.{domain:?}"),
+                    "",
+                    "expected a PEM bundle file",
+                ));
+            }
+        }
+        if raw.client_ca.is_none() && raw.trust_domains.is_empty() {
+            // Settings of client authentication, given without it: surely a mistake.
+            let mtls_only = [
+                ("crl", raw.crl.as_ref().map(|p| p.display().to_string())),
+                ("close_on_expiry", raw.close_on_expiry.map(|b| b.to_string())),
+                ("identity_from_cn", raw.identity_from_cn.map(|b| b.to_string())),
+            ];
+            if let Some((field, Some(value))) = mtls_only.into_iter().find(|(_, v)| v.is_some()) {
+                return Err(self.invalid(
+                    format!("{key}.{field}"),
+                    value,
+                    "needs client_ca or trust_domains (mutual TLS)",
+                ));
+            }
+        }
+        let session_timeout = match &raw.session_timeout {
+            Some(text) => self.duration(&format!("{key}.session_timeout"), text)?,
+            None => DEFAULT_SESSION_TIMEOUT,
+        };
+        let alpn = self.alpn_list(&format!("{key}.alpn"), raw.alpn.unwrap_or_default())?;
+        let alpn_required = raw.alpn_required.unwrap_or(false);
+        if alpn_required && alpn.is_empty() {
+            return Err(self.invalid(
+                format!("{key}.alpn_required"),
+                "true",
+                "needs alpn (the protocols to offer)",
+            ));
+        }
+        Ok(TlsConfig {
+            cert: self.base.join(raw.cert),
+            key: self.base.join(raw.key),
+            client_ca: raw.client_ca.map(|p| self.base.join(p)),
+            trust_domains: raw
+                .trust_domains
+                .into_iter()
+                .map(|(domain, path)| (domain, self.base.join(path)))
+                .collect(),
+            min_version,
+            crl: raw.crl.map(|p| self.base.join(p)),
+            close_on_expiry: raw.close_on_expiry.unwrap_or(true),
+            identity_from_cn: raw.identity_from_cn.unwrap_or(true),
+            session_cache: raw.session_cache.unwrap_or(DEFAULT_SESSION_CACHE),
+            session_timeout,
+            alpn,
+            alpn_required,
+        })
+    }
+}
+
+/// Checks a SPIFFE trust domain name: lowercase letters, digits, `.`, `-` and `_` (the SPIFFE
+/// ID specification), 1 to 255 characters.
+fn trust_domain_name(name: &str) -> Result<(), &'static str> {
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_');
+    if name.is_empty() || name.len() > 255 {
+        return Err("a trust domain name is 1 to 255 characters");
+    }
+    if !name.chars().all(allowed) {
+        return Err(
+            "a trust domain name has only lowercase letters, digits, '.', '-' and '_' (no scheme, no path)",
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,568 @@
+//! The `[[upstream]]` section: [`UpstreamConfig`] with its backends ([`BackendConfig`]) or its
+//! `discover` name (and `[dns]`, the resolver that name is asked of), its queue and connect
+//! settings, `[upstream.health_check]` ([`HealthCheckConfig`]) and `[upstream.tls]`
+//! ([`UpstreamTlsConfig`]), the raw tables they are read from, their defaults and their rules.
+//!
+//! An upstream key is added here, in the model that uses it and in the README. This file must not
+//! resolve names, dial or probe anything (`discovery`, `net` and `health` do), nor validate
+//! another section; value parsers come from `values.rs`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::values::{BackendAddr, ConfigError, Keepalive, RawKeepalive, Validator};
+
+/// Default time a connection may take to reach a backend before the next one is tried.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default `[[upstream]] queue_timeout`: how long a client may wait for a backend below its cap.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest `[[upstream]] queue_size`.
+pub const MAX_QUEUE_SIZE: usize = 100_000;
+/// Default `[[upstream]] discover_interval`: how often a `discover` name is resolved again.
+pub const DEFAULT_DISCOVER_INTERVAL: Duration = Duration::from_secs(10);
+/// Default `[[upstream]] discover_max_backends`: the most backends one DNS answer makes.
+pub const DEFAULT_DISCOVER_MAX_BACKENDS: usize = 256;
+/// Default number of distinct backends tried for one client connection.
+pub const DEFAULT_CONNECT_ATTEMPTS: usize = 3;
+/// Default time between two health probes of one backend.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// Default deadline of one health probe (connect, send and expected reply together), capped at
+/// the interval when only the interval is set.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default consecutive successes that bring a down backend back.
+pub const DEFAULT_HEALTH_RISE: u32 = 2;
+/// Default consecutive failures (probes or real connects) that take a backend out.
+pub const DEFAULT_HEALTH_FALL: u32 = 3;
+
+/// A group of interchangeable backends.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// No duplicates; empty exactly when the backends are discovered (`discover`).
+    pub backends: Vec<BackendConfig>,
+    /// `discover = "host:port"`: one backend per A/AAAA record of the name.
+    pub discover: Option<Discover>,
+    /// Callers that may wait for a backend below its `max_connections` (0: refuse at once).
+    pub queue_size: usize,
+    /// How long one may wait in that queue.
+    pub queue_timeout: Duration,
+    /// Deadline for one dial (name resolution included).
+    pub connect_timeout: Duration,
+    /// How many distinct backends one client connection may try before it is closed.
+    pub connect_attempts: usize,
+    /// Health checking. Always present: without a `[upstream.health_check]` table it holds the
+    /// defaults with `active = false` (passive detection plus recovery probes only).
+    pub health_check: HealthCheckConfig,
+    /// Send a PROXY protocol header to backends before any client byte (off when `None`).
+    pub proxy_protocol: Option<crate::proxy_protocol::Version>,
+    /// Connect to backends over TLS (`[upstream.tls]`).
+    pub tls: Option<UpstreamTlsConfig>,
+    /// TCP keepalive on the backend leg (`None`: off).
+    pub tcp_keepalive: Option<Keepalive>,
+}
+
+/// One configured backend: a plain `"host:port"` string, or a table with its weight, cap and role.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub addr: BackendAddr,
+    /// 1 to 256: its share of connections relative to the others (default 1).
+    pub weight: u32,
+    /// Connections it may hold at once (`None`: unlimited).
+    pub max_connections: Option<u32>,
+    /// A standby: receives connections only when no primary can take them.
+    pub backup: bool,
+}
+
+impl BackendConfig {
+    /// A backend with the defaults: weight 1, no cap, primary.
+    pub fn new(addr: BackendAddr) -> BackendConfig {
+        BackendConfig {
+            addr,
+            weight: 1,
+            max_connections: None,
+            backup: false,
+        }
+    }
+}
+
+/// `[[upstream]] discover`: backends are the addresses a name resolves to, re-resolved every
+/// `interval` (sooner when the records' TTL is shorter).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Discover {
+    pub host: String,
+    pub port: u16,
+    pub interval: Duration,
+    /// `discover_max_backends`: at most this many addresses of one answer become backends (the
+    /// first in address order); at least 1.
+    pub max_backends: usize,
+}
+
+impl fmt::Display for Discover {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// `[dns]`: the resolver used by `discover`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Name servers to ask (empty: the system's, from `/etc/resolv.conf`).
+    pub servers: Vec<SocketAddr>,
+}
+
+/// `[upstream.tls]`: TLS to the backends, verifying them. Paths resolve like the listener's.
+#[derive(Clone, Debug)]
+pub struct UpstreamTlsConfig {
+    /// PEM CA bundle the backends' certificates must chain to.
+    pub ca: PathBuf,
+    /// Client certificate and key for mTLS to the backends (both or neither).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Name checked in the backends' certificates (and sent as SNI); default: the backend's host.
+    pub server_name: Option<String>,
+    /// What is offered by ALPN to the backends.
+    pub alpn: UpstreamAlpn,
+}
+
+/// `[upstream.tls] alpn`: what fulcrum offers the backends by ALPN.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum UpstreamAlpn {
+    /// Nothing (the default).
+    #[default]
+    None,
+    /// `"client"`: the protocol the client negotiated with fulcrum (nothing if it negotiated none).
+    Client,
+    /// A fixed list, in order of preference.
+    Fixed(Vec<String>),
+}
+
+/// `[upstream.health_check]`: how backends are probed and when they change state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    /// Whether the table was given: healthy backends are probed too. When false, only backends
+    /// that passive detection took out are probed, to bring them back.
+    pub active: bool,
+    /// Time between the starts of two probes of one backend (jittered by +-10%).
+    pub interval: Duration,
+    /// Deadline of one whole probe: connect, `send` and the `expect`ed reply.
+    pub timeout: Duration,
+    /// Consecutive successful probes that mark a down backend up.
+    pub rise: u32,
+    /// Consecutive failures (probes or real connects) that mark an up backend down.
+    pub fall: u32,
+    /// Bytes written after connecting; empty means none.
+    pub send: Vec<u8>,
+    /// Bytes the reply must start with; empty means a connect (and `send`) is enough.
+    pub expect: Vec<u8>,
+    /// What happens to connections already open to a backend when it is marked down.
+    pub on_down: OnDown,
+    /// Ramp-in period for a backend that comes back up; `None` gives it full share at once.
+    pub slow_start: Option<Duration>,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            active: false,
+            interval: DEFAULT_HEALTH_INTERVAL,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            rise: DEFAULT_HEALTH_RISE,
+            fall: DEFAULT_HEALTH_FALL,
+            send: Vec::new(),
+            expect: Vec::new(),
+            on_down: OnDown::Keep,
+            slow_start: None,
+        }
+    }
+}
+
+/// `on_down`: the fate of open connections to a backend that is marked down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnDown {
+    /// They run to their natural end (default): a backend failing probes may still serve them.
+    Keep,
+    /// They are closed at once (both sides reset).
+    Close,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstream {
+    name: String,
+    backends: Option<Vec<RawBackend>>,
+    discover: Option<String>,
+    discover_interval: Option<String>,
+    discover_max_backends: Option<usize>,
+    queue_size: Option<usize>,
+    queue_timeout: Option<String>,
+    connect_timeout: Option<String>,
+    connect_attempts: Option<usize>,
+    health_check: Option<RawHealthCheck>,
+    proxy_protocol: Option<String>,
+    tls: Option<RawUpstreamTls>,
+    tcp_keepalive: Option<RawKeepalive>,
+}
+
+/// A backend: `"host:port"` or `{ addr = "host:port", weight, max_connections, backup }`.
+enum RawBackend {
+    Addr(String),
+    Table(RawBackendTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackendTable {
+    addr: String,
+    weight: Option<u32>,
+    max_connections: Option<u32>,
+    #[serde(default)]
+    backup: bool,
+}
+
+impl<'de> Deserialize<'de> for RawBackend {
+    // By hand rather than `untagged`, so that a mistyped table says which field is wrong.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawBackend;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "\"host:port\" or a table { addr = \"host:port\", weight, max_connections, backup }",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<RawBackend, E> {
+                Ok(RawBackend::Addr(text.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawBackend, A::Error> {
+                RawBackendTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawBackend::Table)
+            }
+        }
+        deserializer.deserialize_any(Visit)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTls {
+    ca: PathBuf,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    server_name: Option<String>,
+    alpn: Option<RawUpstreamAlpn>,
+}
+
+/// `alpn = "client"` or `alpn = ["h2", ...]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawUpstreamAlpn {
+    Client(String),
+    Fixed(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    interval: Option<String>,
+    timeout: Option<String>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+    send: Option<String>,
+    expect: Option<String>,
+    on_down: Option<String>,
+    slow_start: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDns {
+    #[serde(default)]
+    servers: Vec<String>,
+}
+
+impl Validator<'_> {
+    /// Every `[[upstream]]`, names unique.
+    pub(super) fn upstreams(&self, raw: Vec<RawUpstream>) -> Result<Vec<UpstreamConfig>, ConfigError> {
+        let mut upstreams = Vec::with_capacity(raw.len());
+        for (i, u) in raw.into_iter().enumerate() {
+            let upstream = self.upstream(i, u)?;
+            if upstreams.iter().any(|o: &UpstreamConfig| o.name == upstream.name) {
+                return Err(self.invalid(
+                    format!("upstream[{i}].name"),
+                    &upstream.name,
+                    "duplicate upstream name",
+                ));
+            }
+            upstreams.push(upstream);
+        }
+        Ok(upstreams)
+    }
+
+    fn upstream(&self, i: usize, u: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
+        let key = |field: &str| format!("upstream[{i}] ({:?}).{field}", u.name);
+        self.name(&key("name"), &u.name)?;
+        let (backends, discover) = match (u.backends, &u.discover) {
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    key("discover"),
+                    u.discover.as_deref().unwrap_or_default(),
+                    "an upstream has either backends or discover, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(self.invalid(
+                    key("backends"),
+                    "(missing)",
+                    "an upstream needs backends = [...] or discover = \"host:port\"",
+                ))
+            }
+            (Some(list), None) => (self.backends(&key("backends"), list)?, None),
+            (None, Some(target)) => (
+                Vec::new(),
+                Some(self.discover(&key, target, u.discover_interval.as_deref())?),
+            ),
+        };
+        if u.discover_interval.is_some() && discover.is_none() {
+            return Err(self.invalid(
+                key("discover_interval"),
+                u.discover_interval.as_deref().unwrap_or_default(),
+                "only means something with discover",
+            ));
+        }
+        let discover = match (discover, u.discover_max_backends) {
+            (_, Some(0)) => {
+                return Err(self.invalid(key("discover_max_backends"), 0, "must be at least 1"));
+            }
+            (None, Some(max)) => {
+                return Err(self.invalid(
+                    key("discover_max_backends"),
+                    max,
+                    "only means something with discover",
+                ));
+            }
+            (Some(discover), Some(max_backends)) => Some(Discover {
+                max_backends,
+                ..discover
+            }),
+            (discover, None) => discover,
+        };
+        let queue_size = u.queue_size.unwrap_or(0);
+        if queue_size > MAX_QUEUE_SIZE {
+            return Err(self.invalid(
+                key("queue_size"),
+                queue_size,
+                format!("must be at most {MAX_QUEUE_SIZE}"),
+            ));
+        }
+        let queue_timeout = match &u.queue_timeout {
+            Some(text) => self.duration(&key("queue_timeout"), text)?,
+            None => DEFAULT_QUEUE_TIMEOUT,
+        };
+        if queue_timeout.is_zero() {
+            return Err(self.invalid(key("queue_timeout"), "0s", "must be longer than zero"));
+        }
+        let connect_timeout = match &u.connect_timeout {
+            Some(text) => self.duration(&key("connect_timeout"), text)?,
+            None => DEFAULT_CONNECT_TIMEOUT,
+        };
+        let connect_attempts = u.connect_attempts.unwrap_or(DEFAULT_CONNECT_ATTEMPTS);
+        if connect_attempts == 0 {
+            return Err(self.invalid(key("connect_attempts"), 0, "must be at least 1"));
+        }
+        let health_check = match u.health_check {
+            Some(raw) => self.health_check(&key("health_check"), raw)?,
+            None => HealthCheckConfig::default(),
+        };
+        let proxy_protocol = match u.proxy_protocol.as_deref() {
+            None => None,
+            Some("v1") => Some(crate::proxy_protocol::Version::V1),
+            Some("v2") => Some(crate::proxy_protocol::Version::V2),
+            Some(other) => {
+                return Err(self.invalid(key("proxy_protocol"), other, "expected \"v1\" or \"v2\""))
+            }
+        };
+        let tls = match u.tls {
+            None => None,
+            Some(t) => Some(UpstreamTlsConfig {
+                ca: self.base.join(t.ca),
+                client_cert: self.client_cert(&key("tls"), t.cert, t.key)?,
+                server_name: t.server_name,
+                alpn: match t.alpn {
+                    None => UpstreamAlpn::None,
+                    Some(RawUpstreamAlpn::Client(word)) if word == "client" => UpstreamAlpn::Client,
+                    Some(RawUpstreamAlpn::Client(word)) => {
+                        return Err(self.invalid(
+                            key("tls.alpn"),
+                            word,
+                            "expected \"client\" or a list of protocols",
+                        ))
+                    }
+                    Some(RawUpstreamAlpn::Fixed(list)) => {
+                        UpstreamAlpn::Fixed(self.alpn_list(&key("tls.alpn"), list)?)
+                    }
+                },
+            }),
+        };
+        let tcp_keepalive = self.keepalive(&key("tcp_keepalive"), u.tcp_keepalive)?;
+        Ok(UpstreamConfig {
+            tcp_keepalive,
+            name: u.name.clone(),
+            backends,
+            discover,
+            queue_size,
+            queue_timeout,
+            connect_timeout,
+            connect_attempts,
+            health_check,
+            proxy_protocol,
+            tls,
+        })
+    }
+
+    fn backends(&self, key: &str, list: Vec<RawBackend>) -> Result<Vec<BackendConfig>, ConfigError> {
+        if list.is_empty() {
+            return Err(self.invalid(key, "[]", "an upstream needs at least one backend"));
+        }
+        let mut backends: Vec<BackendConfig> = Vec::with_capacity(list.len());
+        for raw in list {
+            let backend = match raw {
+                RawBackend::Addr(text) => BackendConfig::new(
+                    BackendAddr::parse(&text).map_err(|reason| self.invalid(key, &text, reason))?,
+                ),
+                RawBackend::Table(t) => {
+                    let addr =
+                        BackendAddr::parse(&t.addr).map_err(|reason| self.invalid(key, &t.addr, reason))?;
+                    let weight = t.weight.unwrap_or(1);
+                    if !(1..=crate::balancer::MAX_WEIGHT).contains(&weight) {
+                        let k = format!("{key} ({:?}).weight", t.addr);
+                        return Err(self.invalid(
+                            k,
+                            weight,
+                            format!("must be 1 to {}", crate::balancer::MAX_WEIGHT),
+                        ));
+                    }
+                    if t.max_connections == Some(0) {
+                        let k = format!("{key} ({:?}).max_connections", t.addr);
+                        return Err(self.invalid(k, 0, "must be at least 1 (leave it out for no cap)"));
+                    }
+                    BackendConfig {
+                        addr,
+                        weight,
+                        max_connections: t.max_connections,
+                        backup: t.backup,
+                    }
+                }
+            };
+            if backends.iter().any(|b| b.addr == backend.addr) {
+                return Err(self.invalid(key, backend.addr.to_string(), "backend listed twice"));
+            }
+            backends.push(backend);
+        }
+        if backends.iter().all(|b| b.backup) {
+            return Err(self.invalid(
+                key,
+                "[..]",
+                "every backend is a backup: at least one must be a primary",
+            ));
+        }
+        Ok(backends)
+    }
+
+    fn discover(
+        &self,
+        key: &impl Fn(&str) -> String,
+        target: &str,
+        interval: Option<&str>,
+    ) -> Result<Discover, ConfigError> {
+        let (host, port) = match BackendAddr::parse(target) {
+            Ok(BackendAddr::Name { host, port }) => (host, port),
+            Ok(BackendAddr::Ip(_)) => {
+                return Err(self.invalid(
+                    key("discover"),
+                    target,
+                    "expected a name to resolve; list addresses in backends",
+                ))
+            }
+            Err(reason) => return Err(self.invalid(key("discover"), target, reason)),
+        };
+        let interval = match interval {
+            Some(text) => self.duration(&key("discover_interval"), text)?,
+            None => DEFAULT_DISCOVER_INTERVAL,
+        };
+        if interval.is_zero() {
+            return Err(self.invalid(key("discover_interval"), "0s", "must be longer than zero"));
+        }
+        Ok(Discover {
+            host,
+            port,
+            interval,
+            max_backends: DEFAULT_DISCOVER_MAX_BACKENDS,
+        })
+    }
+
+    pub(super) fn dns(&self, raw: Option<RawDns>) -> Result<DnsConfig, ConfigError> {
+        let mut servers = Vec::new();
+        for text in raw.map(|d| d.servers).unwrap_or_default() {
+            // A bare address means port 53.
+            let addr = match text.parse::<std::net::IpAddr>() {
+                Ok(ip) => SocketAddr::new(ip, 53),
+                Err(_) => self.socket_addr("dns.servers", &text)?,
+            };
+            servers.push(addr);
+        }
+        Ok(DnsConfig { servers })
+    }
+
+    fn health_check(&self, key: &str, raw: RawHealthCheck) -> Result<HealthCheckConfig, ConfigError> {
+        let key = |field: &str| format!("{key}.{field}");
+        let interval = match &raw.interval {
+            Some(text) => self.duration(&key("interval"), text)?,
+            None => DEFAULT_HEALTH_INTERVAL,
+        };
+        let timeout = match &raw.timeout {
+            Some(text) => {
+                let timeout = self.duration(&key("timeout"), text)?;
+                if timeout > interval {
+                    return Err(self.invalid(
+                        key("timeout"),
+                        text,
+                        format!(
+                            "must not exceed interval ({})",
+                            humantime::format_duration(interval)
+                        ),
+                    ));
+                }
+                timeout
+            }
+            None => DEFAULT_HEALTH_TIMEOUT.min(interval),
+        };
+        let count = |field: &str, value: Option<u32>, default: u32| match value {
+            Some(0) => Err(self.invalid(key(field), 0, "must be at least 1")),
+            Some(n) => Ok(n),
+            None => Ok(default),
+        };
+        let on_down = match raw.on_down.as_deref() {
+            None | Some("keep") => OnDown::Keep,
+            Some("close") => OnDown::Close,
+            Some(other) => return Err(self.invalid(key("on_down"), other, "expected \"keep\" or \"close\"")),
+        };
+        let slow_start = match &raw.slow_start {
+            Some(text) => Some(self.duration(&key("slow_start"), text)?),
+            None => None,
+        };
+        Ok(HealthCheckConfig {
+            active: true,
+            interval,
+            timeout,
+            rise: count("rise", raw.rise, DEFAULT_HEALTH_RISE)?,
+            fall: count("fall", raw.fall, DEFAULT_HEALTH_FALL)?,
+            send: raw.send.map(String::into_bytes).unwrap_or_default(),
+            expect: raw.expect.map(String::into_bytes).unwrap_or_default(),
+            on_down,
+            slow_start,
+        })
+    }
+}

@@ -1,0 +1,71 @@
+//! The client's transport ([`Client`]): plain TCP, or TLS over TCP, and the ways of closing it
+//! that every phase shares (a shutdown, a reject response first), each under [`CLOSE_DEADLINE`].
+//!
+//! It only carries the stream: reading it, relaying it and deciding when to close it are the
+//! phases' business.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+/// Deadline for saying goodbye to a peer: a reject response, a TLS close_notify, a shutdown.
+pub(super) const CLOSE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// A client transport: plain TCP, or TLS over TCP (boxed: a session is large, and plain
+/// connections should not carry its size).
+pub(super) enum Client {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Client {
+    /// The socket underneath (to reset it).
+    pub(super) fn tcp(&self) -> &TcpStream {
+        match self {
+            Client::Plain(tcp) => tcp,
+            Client::Tls(tls) => tls.get_ref().0,
+        }
+    }
+
+    /// Shuts our side down: a TLS close_notify first on TLS, then the FIN.
+    pub(super) async fn close(&mut self) {
+        let _ = tokio::time::timeout(CLOSE_DEADLINE, self.shutdown()).await;
+    }
+
+    /// Turns a refused client away: `response` (the listener's `reject_response`) if any, then
+    /// [`Client::close`].
+    pub(super) async fn turn_away(&mut self, response: Option<&[u8]>) {
+        if let Some(response) = response {
+            let _ = tokio::time::timeout(CLOSE_DEADLINE, self.write_all(response)).await;
+        }
+        self.close().await;
+    }
+
+    /// The stream to write to: the socket, or the TLS session over it.
+    fn writer(&mut self) -> Pin<&mut (dyn AsyncWrite + Unpin + Send)> {
+        match self {
+            Client::Plain(tcp) => Pin::new(tcp),
+            Client::Tls(tls) => Pin::new(tls.as_mut()),
+        }
+    }
+}
+
+/// For the refusal paths (a reject response, the shutdown); the relay takes the streams apart.
+impl AsyncWrite for Client {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.get_mut().writer().poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().writer().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().writer().poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,124 @@
+//! TLS as a client: to an upstream's backends (`[upstream.tls]`) and to the shared rate limit's
+//! Redis (`[rate_limit.shared.tls]`). It builds client configurations from checked files; it
+//! must not serve or decide anything about clients of fulcrum.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use rustls::RootCertStore;
+
+use super::files::{certificates, private_key, read, trust_anchors, TlsError};
+use super::provider::provider;
+
+/// The client configuration for TLS to an upstream's backends: verify them against `ca`,
+/// present a client certificate when one is configured (mTLS to the backend), and offer the
+/// configured ALPN protocols (with `alpn = "client"`, see [`UpstreamTls::config_for`]).
+pub fn client_config(tls: &crate::config::UpstreamTlsConfig) -> Result<UpstreamTls, TlsError> {
+    let roots = trust_anchors("backend CA", &tls.ca, &read("backend CA", &tls.ca)?)?;
+    let identity = tls.client_cert.as_ref().map(ClientIdentity::read).transpose()?;
+    let mut config = checked_client_config(roots, identity.as_ref())?;
+    if let crate::config::UpstreamAlpn::Fixed(list) = &tls.alpn {
+        config.alpn_protocols = list.iter().map(|p| p.as_bytes().to_vec()).collect();
+    }
+    Ok(UpstreamTls {
+        config: Arc::new(config),
+        server_name: tls.server_name.clone(),
+        pass_client_alpn: tls.alpn == crate::config::UpstreamAlpn::Client,
+        by_protocol: Mutex::default(),
+    })
+}
+
+/// TLS to an upstream's backends.
+#[derive(Debug)]
+pub struct UpstreamTls {
+    pub config: Arc<rustls::ClientConfig>,
+    /// The name to verify (default: the backend's host).
+    pub server_name: Option<String>,
+    /// `alpn = "client"`: offer the backend the protocol the client negotiated.
+    pass_client_alpn: bool,
+    /// With `pass_client_alpn`, the configuration per protocol, made at first use. Bounded: the
+    /// protocols are those the listeners offer.
+    by_protocol: Mutex<HashMap<Vec<u8>, Arc<rustls::ClientConfig>>>,
+}
+
+impl UpstreamTls {
+    /// The configuration to dial a backend with for a client that negotiated `client_alpn`.
+    pub fn config_for(&self, client_alpn: Option<&[u8]>) -> Arc<rustls::ClientConfig> {
+        let Some(protocol) = client_alpn.filter(|_| self.pass_client_alpn) else {
+            return Arc::clone(&self.config);
+        };
+        let mut by_protocol = self.by_protocol.lock().unwrap_or_else(|p| p.into_inner());
+        let config = by_protocol.entry(protocol.to_vec()).or_insert_with(|| {
+            let mut config = (*self.config).clone();
+            config.alpn_protocols = vec![protocol.to_vec()];
+            Arc::new(config)
+        });
+        Arc::clone(config)
+    }
+}
+
+/// The TLS files for the shared rate limit's Redis, checked like [`client_config`] checks an
+/// upstream's (CA usable, key matching the certificate), as the PEM the redis client takes.
+/// Without `ca` the redis client trusts the system's roots.
+pub fn redis_certificates(tls: &crate::config::RedisTlsConfig) -> Result<redis::TlsCertificates, TlsError> {
+    let (roots, root_cert) = match &tls.ca {
+        Some(path) => {
+            let pem = read("Redis CA", path)?;
+            (trust_anchors("Redis CA", path, &pem)?, Some(pem))
+        }
+        None => (RootCertStore::empty(), None),
+    };
+    let identity = tls.client_cert.as_ref().map(ClientIdentity::read).transpose()?;
+    checked_client_config(roots, identity.as_ref())?;
+    Ok(redis::TlsCertificates {
+        client_tls: identity.map(|identity| redis::ClientTlsConfig {
+            client_cert: identity.cert_pem,
+            client_key: identity.key_pem,
+        }),
+        root_cert,
+    })
+}
+
+/// A client certificate and key as read from their files, PEM.
+struct ClientIdentity {
+    cert: PathBuf,
+    key: PathBuf,
+    cert_pem: Vec<u8>,
+    key_pem: Vec<u8>,
+}
+
+impl ClientIdentity {
+    fn read((cert, key): &(PathBuf, PathBuf)) -> Result<ClientIdentity, TlsError> {
+        Ok(ClientIdentity {
+            cert_pem: read("client certificate", cert)?,
+            key_pem: read("client key", key)?,
+            cert: cert.clone(),
+            key: key.clone(),
+        })
+    }
+}
+
+/// A client configuration verifying servers against `roots` and presenting `identity`: the
+/// check that the key matches the certificate.
+fn checked_client_config(
+    roots: RootCertStore,
+    identity: Option<&ClientIdentity>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?
+        .with_root_certificates(roots);
+    let Some(identity) = identity else {
+        return Ok(builder.with_no_client_auth());
+    };
+    let chain = certificates("client certificate", &identity.cert, &identity.cert_pem)?;
+    let key = private_key("client key", &identity.key, &identity.key_pem)?;
+    builder
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| TlsError::KeyMismatch {
+            cert: identity.cert.clone(),
+            key: identity.key.clone(),
+            reason: e.to_string(),
+        })
+}
