@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Open connections counted against a cap.
 #[derive(Debug, Default)]
-pub struct Gauge(AtomicUsize);
+pub(crate) struct Gauge(AtomicUsize);
 
 impl Gauge {
     /// Takes one of `cap` places, or `None` when all are taken.
-    pub fn take(self: &Arc<Self>, cap: usize) -> Option<Place> {
+    pub(crate) fn take(self: &Arc<Self>, cap: usize) -> Option<Place> {
         let before = self.0.fetch_add(1, Ordering::AcqRel);
         if before >= cap {
             self.0.fetch_sub(1, Ordering::AcqRel);
@@ -28,14 +28,14 @@ impl Gauge {
     }
 
     /// Places taken now.
-    pub fn get(&self) -> usize {
+    pub(crate) fn get(&self) -> usize {
         self.0.load(Ordering::Acquire)
     }
 }
 
 /// One place of a [`Gauge`], given back on drop.
 #[derive(Debug)]
-pub struct Place(Arc<Gauge>);
+pub(crate) struct Place(Arc<Gauge>);
 
 impl Drop for Place {
     fn drop(&mut self) {
@@ -45,14 +45,14 @@ impl Drop for Place {
 
 /// Connections in their handshake phase, per source (an address masked to its prefix).
 #[derive(Debug, Default)]
-pub struct Handshakes {
+pub(crate) struct Handshakes {
     /// Only sources with a connection in the phase: at most as many entries as such connections.
     by_source: Mutex<HashMap<IpAddr, u32>>,
 }
 
 impl Handshakes {
     /// Counts one more connection of `source` in the phase, unless `max` already are.
-    pub fn enter(self: &Arc<Self>, source: IpAddr, max: u32) -> Option<InHandshake> {
+    pub(crate) fn enter(self: &Arc<Self>, source: IpAddr, max: u32) -> Option<InHandshake> {
         let mut by_source = self.lock();
         let count = by_source.entry(source).or_insert(0);
         if *count >= max {
@@ -66,7 +66,7 @@ impl Handshakes {
     }
 
     /// Connections of `source` in the phase now.
-    pub fn of(&self, source: IpAddr) -> u32 {
+    pub(crate) fn of(&self, source: IpAddr) -> u32 {
         self.lock().get(&source).copied().unwrap_or(0)
     }
 
@@ -78,7 +78,7 @@ impl Handshakes {
 
 /// A connection in its handshake phase; leaving the phase (drop) uncounts it.
 #[derive(Debug)]
-pub struct InHandshake {
+pub(crate) struct InHandshake {
     handshakes: Arc<Handshakes>,
     source: IpAddr,
 }
@@ -98,7 +98,7 @@ impl Drop for InHandshake {
 /// This process's soft limit on open files (`Max open files` in `/proc/self/limits`), if it
 /// can be read and is not unlimited: what the default caps are derived from. (The one read of
 /// the system in this room; the caps themselves take it as an argument.)
-pub fn open_file_limit() -> Option<u64> {
+pub(crate) fn open_file_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line.split_whitespace().nth(3)?.parse().ok()
@@ -108,7 +108,7 @@ pub fn open_file_limit() -> Option<u64> {
 /// descriptors per proxied connection (client and backend), after a reserve of a quarter of the
 /// limit, at most 256, for listening sockets, the admin listener, health probes, Redis, log
 /// files and splice pipes. At 20 000 that is 9 872; at 1 024, 384; never less than 1.
-pub fn default_max_connections(nofile: u64) -> usize {
+pub(crate) fn default_max_connections(nofile: u64) -> usize {
     usize::try_from((nofile.saturating_sub(reserve(nofile)) / 2).max(1)).unwrap_or(usize::MAX)
 }
 
@@ -127,7 +127,7 @@ fn reserve(nofile: u64) -> u64 {
 /// With the default cap that is a quarter of the reserve: 64 pipes at 20 000 or 1 024, 8 at 128.
 /// A lower cap leaves more; a cap set above what the limit can hold leaves none, and every
 /// direction copies through a buffer (no descriptor).
-pub fn pipe_budget(nofile: u64, max_connections: usize) -> usize {
+pub(crate) fn pipe_budget(nofile: u64, max_connections: usize) -> usize {
     let connections = u64::try_from(max_connections)
         .unwrap_or(u64::MAX)
         .saturating_mul(2);

@@ -9,21 +9,21 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 /// How far ahead a deadline saturates: thirty years, as tokio's own "far future".
-pub const FAR: Duration = Duration::from_secs(30 * 365 * 86_400);
+pub(crate) const FAR: Duration = Duration::from_secs(30 * 365 * 86_400);
 
 /// `at + d`, or `at + FAR` if that is sooner or the sum would overflow.
-pub fn later(at: Instant, d: Duration) -> Instant {
+pub(crate) fn later(at: Instant, d: Duration) -> Instant {
     // `at + FAR` is within range for any instant of a running system (tokio counts from boot).
     at.checked_add(d.min(FAR)).unwrap_or(at)
 }
 
 /// The longest a task waiting for a wall-clock time sleeps at a time: wall-clock deadlines are
 /// slept on the monotonic clock, so a step of the wall clock is noticed within this.
-pub const WALL_CLOCK_RECHECK: Duration = Duration::from_secs(60);
+pub(crate) const WALL_CLOCK_RECHECK: Duration = Duration::from_secs(60);
 
 /// How long from `now` until the wall-clock time `at` (zero if it has passed), at most
 /// [`WALL_CLOCK_RECHECK`].
-pub fn until_wall(at: SystemTime, now: SystemTime) -> Duration {
+pub(crate) fn until_wall(at: SystemTime, now: SystemTime) -> Duration {
     at.duration_since(now)
         .unwrap_or(Duration::ZERO)
         .min(WALL_CLOCK_RECHECK)

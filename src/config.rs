@@ -19,7 +19,7 @@
 //! parsers they share; above this file, `files.rs` reads a loaded [`Config`] for the files it is
 //! made of and their fingerprint. Every public item but those of `files` is re-exported here, at
 //! `crate::config::X`, so a section file never has to be named from outside. Addresses and
-//! prefixes ([`IpNet`], [`SourcePrefixes`]) belong to [`crate::addr`].
+//! prefixes ([`IpNet`], [`SourcePrefixes`]) belong to `crate::addr`, re-exported here.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -27,11 +27,11 @@
 //! | [`tls`] | each listener's rustls configuration (TLS policy), with one file each for the client verifier, the session cache, client TLS (backends, Redis), the provider and reading PEM files; [`tls::expiry`] when the configured certificates expire, and the CRL `nextUpdate` warning |
 //! | [`proxy`] | the two-way byte relay with half-close and per-side errors |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2 headers: the wire types, encoding and parsing, one file each (pure); [`proxy_protocol::reader`] reads one off a socket |
-//! | [`clock`] | deadlines from configured or peer-supplied durations, saturating instead of panicking, and waits toward wall-clock times (pure) |
-//! | [`caps`] | caps on open connections (process, listener) and on handshakes per source; RAII places; the splice pipe budget (pure); the open-file limit they derive from |
+//! | `clock` | deadlines from configured or peer-supplied durations, saturating instead of panicking, and waits toward wall-clock times (pure) |
+//! | `caps` | caps on open connections (process, listener) and on handshakes per source; RAII places; the splice pipe budget (pure); the open-file limit they derive from |
 //! | [`balancer`] | weighted least-connections selection, caps, backups, the queue, and the lease that is a connection's count (pure) |
 //! | [`authz`] | which identities may reach which upstreams, default deny (pure) |
-//! | [`trust`] | the client trust boundary: anchors and intermediates, path building, name constraints, CRLs bound to their issuer's key, SPIFFE trust domains (pure) |
+//! | `trust` | the client trust boundary: anchors and intermediates, path building, name constraints, CRLs bound to their issuer's key, SPIFFE trust domains (pure) |
 //! | [`identity`] | the client identity rule: verified leaf certificate -> name (pure) |
 //! | [`metrics`] | counters, histograms and their buckets, rejection reasons; [`metrics::identities`] the bounded per-identity table (pure) |
 //! | [`logging`] | the process's log lines: the subscriber and its non-blocking stderr writer |
@@ -39,7 +39,7 @@
 //! | `discovery` | `discover`: resolving upstreams' names (hickory) and rebuilding when their address sets change |
 //! | `throttle` | the throttle on log lines a peer can cause |
 //! | [`config`] | TOML -> validated [`Config`]; every rule about valid configuration (pure), one file per section under `config/`; the files a config is made of and their fingerprint |
-//! | [`addr`] | addresses and prefixes: the values several rooms use ([`addr::IpNet`], [`addr::SourcePrefixes`]); pure |
+//! | `addr` | addresses and prefixes: the values several rooms use (`IpNet`, `SourcePrefixes`, public as [`config::IpNet`] and [`config::SourcePrefixes`]); pure |
 //! | [`ctl`] | `fulcrum ctl`: a client of the admin API |
 //! | [`pki`] | development certificates for `fulcrum certs`, the demo and tests |
 //! | [`backend`] | the demo backend (`fulcrum backend`) |
@@ -59,13 +59,13 @@
 //! ([`ratelimit::RateLimiter`]).
 
 mod accesslog;
-pub mod addr;
+mod addr;
 pub mod admin;
 pub mod authz;
 pub mod backend;
 pub mod balancer;
-pub mod caps;
-pub mod clock;
+mod caps;
+mod clock;
 pub mod config;
 mod connection;
 pub mod ctl;
@@ -86,7 +86,7 @@ mod server;
 pub mod state;
 mod throttle;
 pub mod tls;
-pub mod trust;
+mod trust;
 pub mod verify;
 mod watch;
 

@@ -1,14 +1,14 @@
 //! Health probes and their outcomes: probe loops, and applying outcomes to live backends. The
 //! I/O side of `health` (its pure core), above the live model (`state`) it changes.
 //!
-//! [`spawn`] starts one probe loop per backend of an upstream; [`once`] is one probe (connect,
-//! `send`, the `expect`ed reply, all within the probe `timeout`); [`record`] applies an outcome,
+//! `spawn` starts one probe loop per backend of an upstream; [`once`] is one probe (connect,
+//! `send`, the `expect`ed reply, all within the probe `timeout`); `record` applies an outcome,
 //! from a probe or from a real client's dial (passive detection), to the backend: rotation in the
 //! pool, the down signal, slow start, counters and one log line per transition. The decisions
 //! themselves are the pure core's (`health`). Probes dial through `net`, as client connections do,
 //! and a probe that fails for want of this process's own descriptors or memory is judged as a
 //! client's dial is (`net::is_local_exhaustion`): logged as local, never held against
-//! the backend ([`record_probe`]).
+//! the backend (`record_probe`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -31,7 +31,7 @@ static LOCAL_FAILURES: LogThrottle = LogThrottle::new();
 
 /// What became of a probe's outcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Probed {
+pub(crate) enum Probed {
     /// Applied to the backend's health ([`record`]).
     Recorded,
     /// The probe failed for want of this process's own descriptors, buffers or memory: it says
@@ -43,7 +43,7 @@ pub enum Probed {
 /// Applies a probe's outcome to backend `index` of `upstream`, unless the probe failed for want
 /// of local resources (`net::is_local_exhaustion`, as client dials are judged): then the backend's
 /// health is left as it was, and a (throttled) warning says the probe could not run.
-pub fn record_probe(upstream: &Upstream, index: usize, outcome: Result<(), Failure>) -> Probed {
+pub(crate) fn record_probe(upstream: &Upstream, index: usize, outcome: Result<(), Failure>) -> Probed {
     match outcome {
         Err(failure) if is_local_exhaustion(&failure) => {
             if let Some(suppressed) = LOCAL_FAILURES.admit() {
@@ -67,7 +67,7 @@ pub fn record_probe(upstream: &Upstream, index: usize, outcome: Result<(), Failu
 
 /// Applies one outcome to backend `index` of `upstream`, acting on a transition: rotation, the
 /// down signal, slow start, counters and one log line.
-pub fn record(upstream: &Upstream, index: usize, source: Source, outcome: Result<(), Failure>) {
+pub(crate) fn record(upstream: &Upstream, index: usize, source: Source, outcome: Result<(), Failure>) {
     let Some(backend) = upstream.backend(index) else {
         return;
     };
@@ -129,7 +129,7 @@ fn back_in_rotation(upstream: &Upstream, index: usize) {
 /// admin API, `who` for the log line): `drain` takes it out of rotation, `maint` also closes
 /// its open connections, `ready` returns it to rotation if it is healthy. Returns the state it
 /// had, or `None` if the backend is not in this generation.
-pub fn set_admin_state(
+pub(crate) fn set_admin_state(
     upstream: &Upstream,
     index: usize,
     state: AdminState,
@@ -170,7 +170,7 @@ pub fn set_admin_state(
 
 /// Starts one probe loop per backend of `upstream`, tracked by `tracker`, stopped by `shutdown`
 /// (a reload stops one generation's loops and starts the next one's).
-pub fn spawn(upstream: &Arc<Upstream>, tracker: &TaskTracker, shutdown: &CancellationToken) {
+pub(crate) fn spawn(upstream: &Arc<Upstream>, tracker: &TaskTracker, shutdown: &CancellationToken) {
     for backend in &upstream.backends {
         tracker.spawn(probe_loop(Arc::clone(upstream), backend.slot, shutdown.clone()));
     }

@@ -12,7 +12,7 @@
 //! side); it does not bind sockets, spawn tasks or move bytes: the orchestrator that does
 //! (`server`) sits above it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -52,12 +52,12 @@ pub struct State {
     /// How long open connections may run after shutdown starts.
     pub(crate) drain_timeout: Duration,
     /// Cap on open client connections for the whole process.
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// Splice pipes that may be alive at once, held or pooled ([`crate::caps::pipe_budget`]):
     /// applied to the relay when this generation goes live.
-    pub max_pipes: usize,
+    pub(crate) max_pipes: usize,
     /// `[admin]`: its token and request rules (the sockets are bound once, at start).
-    pub admin: Option<crate::config::AdminConfig>,
+    pub(crate) admin: Option<crate::config::AdminConfig>,
     /// The global rate limiter, if any: a reload takes over its counts.
     pub(crate) global_limiter: Option<Limiter>,
     /// `[reload]`: whether (and how) this generation's files are watched.
@@ -84,57 +84,57 @@ pub struct State {
     /// Open connections and refusals per client identity (shared by every generation).
     pub identities: Arc<Identities>,
     /// When this generation's certificates and CRLs expire.
-    pub certificates: Vec<crate::tls::expiry::Expiry>,
+    pub(crate) certificates: Vec<crate::tls::expiry::Expiry>,
 }
 
 /// A listener's routing, policies and counters.
 pub struct Listener {
-    pub name: String,
+    pub(crate) name: String,
     /// Where connections go unless SNI picks another upstream.
-    pub upstream: Arc<Upstream>,
+    pub(crate) upstream: Arc<Upstream>,
     /// Bound address (the first socket's, with port 0 resolved once bound).
     pub bind: SocketAddr,
     /// TLS termination; `None` for plaintext.
-    pub tls: Option<ServerTls>,
+    pub(crate) tls: Option<ServerTls>,
     /// Whether clients must present a certificate (and are then authorized by identity).
-    pub mutual_tls: bool,
+    pub(crate) mutual_tls: bool,
     /// Lowercase server name -> upstream.
-    pub sni: Vec<(String, Arc<Upstream>)>,
+    pub(crate) sni: Vec<(String, Arc<Upstream>)>,
     /// Negotiated ALPN protocol -> upstream (`[listener.alpn]`).
-    pub alpn_routes: Vec<(Vec<u8>, Arc<Upstream>)>,
+    pub(crate) alpn_routes: Vec<(Vec<u8>, Arc<Upstream>)>,
     /// `[listener.tls] alpn_required`.
-    pub alpn_required: bool,
-    pub handshake_timeout: Duration,
+    pub(crate) alpn_required: bool,
+    pub(crate) handshake_timeout: Duration,
     /// Expect a PROXY protocol header first (see [`crate::config::ListenerConfig`]).
-    pub accept_proxy_protocol: bool,
-    pub authorization: Arc<Authorization>,
-    pub limiter: Option<Limiter>,
+    pub(crate) accept_proxy_protocol: bool,
+    pub(crate) authorization: Arc<Authorization>,
+    pub(crate) limiter: Option<Limiter>,
     /// `limiter` when it is this listener's own (`[listener.rate_limit]`): a reload takes over
     /// its counts.
     pub(crate) own_limiter: Option<crate::ratelimit::RateLimiter>,
-    pub reject_response: Option<Vec<u8>>,
+    pub(crate) reject_response: Option<Vec<u8>>,
     /// With `accept_proxy_protocol`: the fronts allowed to send a header (empty: none).
-    pub trusted_proxies: Vec<crate::config::IpNet>,
+    pub(crate) trusted_proxies: Vec<crate::config::IpNet>,
     /// When a quiet, half-closed or old connection is closed (see [`crate::proxy::Timeouts`]).
-    pub idle_timeout: Option<Duration>,
-    pub half_closed_timeout: Option<Duration>,
-    pub max_lifetime: Option<Duration>,
-    pub max_lifetime_jitter: Duration,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) half_closed_timeout: Option<Duration>,
+    pub(crate) max_lifetime: Option<Duration>,
+    pub(crate) max_lifetime_jitter: Duration,
     /// TCP keepalive on the client leg.
-    pub tcp_keepalive: Option<crate::config::Keepalive>,
+    pub(crate) tcp_keepalive: Option<crate::config::Keepalive>,
     /// Cap on this listener's open connections (`None`: only the process cap).
-    pub max_connections: Option<usize>,
-    pub max_handshakes_per_source: u32,
+    pub(crate) max_connections: Option<usize>,
+    pub(crate) max_handshakes_per_source: u32,
     /// How much of a source address is one client.
-    pub prefixes: crate::config::SourcePrefixes,
+    pub(crate) prefixes: crate::config::SourcePrefixes,
     /// Open connections of this listener (carried over reloads with the name).
-    pub open: Arc<crate::caps::Gauge>,
+    pub(crate) open: Arc<crate::caps::Gauge>,
     /// Connections in their PROXY-header or TLS-handshake phase, per source (carried over too).
-    pub handshakes: Arc<crate::caps::Handshakes>,
+    pub(crate) handshakes: Arc<crate::caps::Handshakes>,
     /// How certificates become identities (`identity_from_cn`).
-    pub identity_rule: crate::identity::Rule,
+    pub(crate) identity_rule: crate::identity::Rule,
     /// Close mTLS connections when their client certificate expires (`close_on_expiry`).
-    pub close_on_expiry: bool,
+    pub(crate) close_on_expiry: bool,
     /// Counters carry over reloads for a listener that keeps its name.
     pub accepted: Arc<Counter>,
     pub rejected: Arc<Rejections>,
@@ -169,6 +169,17 @@ impl Listener {
         vec![self.bind]
     }
 
+    /// Connections open on this listener now (the places its cap counts).
+    pub fn open_connections(&self) -> usize {
+        self.open.get()
+    }
+
+    /// Connections counted under `source` (an address masked to its prefix) in their handshake
+    /// phase now.
+    pub fn handshakes_from(&self, source: IpAddr) -> u32 {
+        self.handshakes.of(source)
+    }
+
     /// The upstream for a TLS server name and negotiated protocol: an SNI entry, else an ALPN
     /// entry (SNI wins when both match), else the listener's own upstream.
     pub fn route(&self, server_name: Option<&str>, alpn: Option<&[u8]>) -> &Arc<Upstream> {
@@ -186,7 +197,7 @@ impl Listener {
 /// An upstream group: its backends, their pool and dial settings.
 #[derive(Debug)]
 pub struct Upstream {
-    pub name: String,
+    pub(crate) name: String,
     /// In configured (or, discovered, address) order. Kept backends are the same `Arc` across
     /// reloads.
     pub backends: Vec<Arc<Backend>>,
@@ -201,29 +212,29 @@ pub struct Upstream {
     pub(crate) vacated: Vec<(usize, Weak<Backend>)>,
     /// Shared by every generation of this upstream: a backend's count follows its slot.
     pub pool: Arc<Pool>,
-    pub connect_timeout: Duration,
-    pub connect_attempts: usize,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) connect_attempts: usize,
     /// Probe settings, thresholds, `on_down` and slow start (see [`crate::health`]).
-    pub health_check: HealthCheckConfig,
+    pub(crate) health_check: HealthCheckConfig,
     /// PROXY protocol header sent to backends before any client byte.
-    pub proxy_protocol: Option<crate::proxy_protocol::Version>,
+    pub(crate) proxy_protocol: Option<crate::proxy_protocol::Version>,
     /// TLS to the backends (`[upstream.tls]`).
-    pub tls: Option<Arc<crate::tls::UpstreamTls>>,
+    pub(crate) tls: Option<Arc<crate::tls::UpstreamTls>>,
     /// TCP keepalive on the backend leg.
-    pub tcp_keepalive: Option<crate::config::Keepalive>,
+    pub(crate) tcp_keepalive: Option<crate::config::Keepalive>,
     /// Clients that may wait for a backend below its cap (0: refused at once), and how long.
-    pub queue_size: usize,
-    pub queue_timeout: Duration,
+    pub(crate) queue_size: usize,
+    pub(crate) queue_timeout: Duration,
     /// Connect and queue-wait durations (carried over reloads).
     pub figures: Arc<UpstreamFigures>,
     /// `discover`: the name its backends come from.
-    pub discover: Option<Discover>,
+    pub(crate) discover: Option<Discover>,
 }
 
 /// One backend's address, counters and health. Its active count lives in the pool, at `slot`.
 #[derive(Debug)]
 pub struct Backend {
-    pub addr: BackendAddr,
+    pub(crate) addr: BackendAddr,
     /// Index in the upstream's pool.
     pub slot: usize,
     /// The configured `host:port` text: the `backend` label in metrics and logs.
@@ -231,9 +242,9 @@ pub struct Backend {
     pub connections: Counter,
     pub connect_failures: Counter,
     /// Bytes to and from this backend, counted as they move.
-    pub bytes: Traffic,
+    pub(crate) bytes: Traffic,
     /// Rise/fall state, the down signal and transition counters.
-    pub health: BackendHealth,
+    pub(crate) health: BackendHealth,
 }
 
 impl Backend {
@@ -450,7 +461,7 @@ pub struct Live {
     /// Open mTLS connections, over every generation.
     pub(crate) registry: Arc<Registry>,
     /// Open client connections of the process, over every generation.
-    pub open: Arc<crate::caps::Gauge>,
+    pub(crate) open: Arc<crate::caps::Gauge>,
     /// The file to re-read on reload, if the config came from one.
     pub(crate) path: Option<PathBuf>,
 }

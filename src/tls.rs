@@ -5,7 +5,7 @@
 //! Policy, fixed here and nowhere else: the crypto provider of [`provider`] (ring by default);
 //! TLS 1.3, plus TLS 1.2 with ECDHE key exchange and AEAD ciphers only when `min_version = "1.2"`
 //! (rustls offers nothing weaker). With `client_ca` or `trust_domains`, a client certificate is
-//! required and judged by the listener's [`Trust`](crate::trust::Trust) (anchors and intermediates, path, dates, name
+//! required and judged by the listener's `trust::Trust` (anchors and intermediates, path, dates, name
 //! constraints, trust domains, CRLs bound to their issuer's key: see `trust`), which
 //! [`client_trust`] loads from the files and [`ClientVerifier`] runs inside rustls's handshake;
 //! rustls checks the client's signature with the provider's algorithms.
@@ -58,7 +58,7 @@ pub use verifier::{client_trust, ClientVerifier};
 #[derive(Clone)]
 pub struct ServerTls {
     pub config: Arc<ServerConfig>,
-    /// mTLS: the verifier rustls runs, holding the listener's [`Trust`](crate::trust::Trust).
+    /// mTLS: the verifier rustls runs, holding the listener's `trust::Trust`.
     pub verifier: Option<Arc<ClientVerifier>>,
     /// The CRLs in force (`[listener.tls] crl`), in file order.
     pub crls: Vec<CrlInfo>,
@@ -66,7 +66,7 @@ pub struct ServerTls {
 
 impl ServerTls {
     /// Judges a client certificate chain (leaf first) against this listener's trust at `now`
-    /// ([`Trust::verify`](crate::trust::Trust::verify)). `Ok(None)` without client authentication.
+    /// (`trust::Trust::verify`). `Ok(None)` without client authentication.
     pub fn verify(
         &self,
         chain: &[CertificateDer<'_>],

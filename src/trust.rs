@@ -39,8 +39,9 @@ mod names;
 mod revocation;
 mod signature;
 
+pub use revocation::CrlInfo;
 use revocation::Uncovered;
-pub use revocation::{CrlError, CrlInfo, Revocations};
+pub(crate) use revocation::{CrlError, Revocations};
 use signature::accepted_signature;
 
 /// The most certificates a client may send (leaf included).
@@ -282,7 +283,7 @@ impl Trust {
 }
 
 /// A SPIFFE ID's trust domain: the authority of `spiffe://TD/...`.
-pub fn trust_domain(id: &str) -> &str {
+pub(crate) fn trust_domain(id: &str) -> &str {
     let rest = id.get("spiffe://".len()..).unwrap_or("");
     rest.split('/').next().unwrap_or("")
 }

@@ -1,5 +1,5 @@
 //! `fulcrum verify`: judges a client certificate chain exactly as a handshake on a listener would
-//! at a given time, through the same code (the listener's [`Trust`](crate::trust::Trust) loaded
+//! at a given time, through the same code (the listener's `trust::Trust` loaded
 //! by `tls`, the identity rule, authorization), contacting nothing. The operator's answer to
 //! "why was my client refused?".
 //!

@@ -261,7 +261,7 @@ async fn over_max_connections_a_connection_is_refused_before_any_handshake_and_a
 
     drop(open.pop());
     wait_until("a place is free again", || {
-        lb.current().listener("main").expect("main").open.get() == 4
+        lb.current().listener("main").expect("main").open_connections() == 4
     })
     .await;
     let mut again = connect_tls(addr, &alice, "localhost").await.expect("handshake");
@@ -365,7 +365,12 @@ async fn only_max_handshakes_per_source_silent_tls_clients_are_held_and_a_good_c
     }
     wait_until("32 held, 68 refused", || {
         rejected(&lb, Reason::HandshakeLimit) == (SILENT - 32) as u64
-            && lb.current().listener("main").expect("main").handshakes.of(source) == 32
+            && lb
+                .current()
+                .listener("main")
+                .expect("main")
+                .handshakes_from(source)
+                == 32
     })
     .await;
     let mut ended = 0;

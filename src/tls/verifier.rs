@@ -18,7 +18,7 @@ use super::provider::chosen_provider;
 use crate::config::TlsConfig;
 use crate::trust::{CrlError, CrlInfo, Revocations, Store, Trust};
 
-/// The client certificate verifier of an mTLS listener: [`Trust::verify`] at handshake time,
+/// The client certificate verifier of an mTLS listener: `Trust::verify` at handshake time,
 /// with the TLS signature checks of the crypto provider. It remembers the verdicts of the last
 /// few handshakes so that admission reads the verified path's expiry without verifying again.
 #[derive(Debug)]
