@@ -95,6 +95,12 @@ impl Drop for InHandshake {
     }
 }
 
+/// Whether `e` says this process is out of descriptors, buffers or memory (not a peer's fault).
+pub(crate) fn is_resource_exhaustion(e: &std::io::Error) -> bool {
+    // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12 (Linux).
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
 /// This process's soft limit on open files (`Max open files` in `/proc/self/limits`), if it
 /// can be read and is not unlimited: what the default caps are derived from. (The one read of
 /// the system in this room; the caps themselves take it as an argument.)

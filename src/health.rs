@@ -124,6 +124,15 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Whether it failed for want of this process's own resources (descriptors, buffers,
+    /// memory): judged as local, never against the backend.
+    pub(crate) fn is_local(&self) -> bool {
+        match self {
+            Failure::Connect(e) | Failure::Io(e) => crate::caps::is_resource_exhaustion(e),
+            _ => false,
+        }
+    }
+
     /// Classifies a failed dial made under `timeout`.
     pub fn from_connect(e: io::Error, timeout: Duration) -> Failure {
         match e.kind() {

@@ -16,7 +16,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::config::{BackendAddr, Keepalive};
-use crate::health::Failure;
 use crate::proxy_protocol::SslInfo;
 use crate::state::{Backend, Upstream};
 
@@ -54,14 +53,14 @@ pub(crate) async fn open(
     upstream: &Upstream,
     backend: &Backend,
     origin: &Origin<'_>,
-) -> Result<BackendStream, Failure> {
+) -> Result<BackendStream, DialError> {
     let timeout = upstream.connect_timeout;
     let open = async {
         let mut stream = dial(&backend.addr, timeout)
             .await
-            .map_err(|e| Failure::from_connect(e, timeout))?;
+            .map_err(|e| DialError::from_connect(e, timeout))?;
         if let Some(settings) = &upstream.tcp_keepalive {
-            keepalive(&stream, settings).map_err(Failure::Io)?;
+            keepalive(&stream, settings).map_err(DialError::Io)?;
         }
         if let Some(version) = upstream.proxy_protocol {
             let header = crate::proxy_protocol::encode(
@@ -71,7 +70,7 @@ pub(crate) async fn open(
                 origin.ssl,
                 origin.authority,
             );
-            stream.write_all(&header).await.map_err(Failure::Io)?;
+            stream.write_all(&header).await.map_err(DialError::Io)?;
         }
         let Some(tls) = &upstream.tls else {
             return Ok(BackendStream::Plain(stream));
@@ -83,16 +82,16 @@ pub(crate) async fn open(
             (None, BackendAddr::Ip(ip)) => ip.ip().to_string(),
         };
         let name = rustls::pki_types::ServerName::try_from(name)
-            .map_err(|e| Failure::Io(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+            .map_err(|e| DialError::Io(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
         let tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, stream)
             .await
-            .map_err(Failure::Io)?;
+            .map_err(DialError::Io)?;
         Ok(BackendStream::Tls(Box::new(tls)))
     };
     tokio::time::timeout(timeout, open)
         .await
-        .map_err(|_| Failure::TimedOut(timeout))?
+        .map_err(|_| DialError::TimedOut(timeout))?
 }
 
 /// The backend side of a connection: plain TCP, or TLS to the backend (`[upstream.tls]`).
@@ -123,17 +122,36 @@ pub(crate) fn keepalive(stream: &TcpStream, settings: &Keepalive) -> io::Result<
     socket.set_tcp_user_timeout(Some(settings.user_timeout()))
 }
 
-/// Whether `e` says this process is out of descriptors, buffers or memory (not the peer's fault).
-pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
-    // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12 (Linux).
-    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+/// Why opening a connection to a backend (the dial, the PROXY header, the TLS handshake)
+/// failed. `health` judges it as `health::Failure` (the `probe` room maps one to the other).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DialError {
+    #[error("connect refused")]
+    Refused,
+    #[error("timed out after {}", humantime::format_duration(*.0))]
+    TimedOut(Duration),
+    #[error("connect failed: {0}")]
+    Connect(io::Error),
+    #[error("i/o failed: {0}")]
+    Io(io::Error),
 }
 
-/// Whether a dial failed for want of local resources (descriptors, memory): a fault of this
-/// process, which says nothing about the backend's health.
-pub(crate) fn is_local_exhaustion(failure: &Failure) -> bool {
-    match failure {
-        Failure::Connect(e) | Failure::Io(e) => is_resource_exhaustion(e),
-        _ => false,
+impl DialError {
+    /// Classifies a failed connect made under `timeout`.
+    fn from_connect(e: io::Error, timeout: Duration) -> DialError {
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => DialError::Refused,
+            io::ErrorKind::TimedOut => DialError::TimedOut(timeout),
+            _ => DialError::Connect(e),
+        }
+    }
+
+    /// Whether it failed for want of local resources (descriptors, memory): a fault of this
+    /// process, which says nothing about the backend's health.
+    pub(crate) fn is_local(&self) -> bool {
+        match self {
+            DialError::Connect(e) | DialError::Io(e) => crate::caps::is_resource_exhaustion(e),
+            _ => false,
+        }
     }
 }

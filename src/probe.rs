@@ -7,7 +7,7 @@
 //! pool, the down signal, slow start, counters and one log line per transition. The decisions
 //! themselves are the pure core's (`health`). Probes dial through `net`, as client connections do,
 //! and a probe that fails for want of this process's own descriptors or memory is judged as a
-//! client's dial is (`net::is_local_exhaustion`): logged as local, never held against
+//! client's dial is (`Failure::is_local`): logged as local, never held against
 //! the backend (`record_probe`).
 
 use std::sync::atomic::Ordering;
@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::config::{BackendAddr, HealthCheckConfig};
 use crate::health::{check_reply, jittered, AdminState, Failure, Source, Transition};
-use crate::net::{dial, is_local_exhaustion};
+use crate::net::{dial, DialError};
 use crate::state::Upstream;
 use crate::throttle::LogThrottle;
 
@@ -41,11 +41,11 @@ pub(crate) enum Probed {
 }
 
 /// Applies a probe's outcome to backend `index` of `upstream`, unless the probe failed for want
-/// of local resources (`net::is_local_exhaustion`, as client dials are judged): then the backend's
+/// of local resources (`Failure::is_local`, as client dials are judged): then the backend's
 /// health is left as it was, and a (throttled) warning says the probe could not run.
 pub(crate) fn record_probe(upstream: &Upstream, index: usize, outcome: Result<(), Failure>) -> Probed {
     match outcome {
-        Err(failure) if is_local_exhaustion(&failure) => {
+        Err(failure) if failure.is_local() => {
             if let Some(suppressed) = LOCAL_FAILURES.admit() {
                 let backend = upstream.backend(index).map_or("", |b| b.label.as_str());
                 warn!(
@@ -260,6 +260,18 @@ impl Rng {
     /// Uniform in [0, 1).
     fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// A failed dial of real traffic, as health judges it.
+impl From<DialError> for Failure {
+    fn from(e: DialError) -> Failure {
+        match e {
+            DialError::Refused => Failure::Refused,
+            DialError::TimedOut(after) => Failure::TimedOut(after),
+            DialError::Connect(e) => Failure::Connect(e),
+            DialError::Io(e) => Failure::Io(e),
+        }
     }
 }
 

@@ -88,11 +88,11 @@ async fn dial(upstream: &Upstream, origin: &Origin<'_>) -> Result<Connected, Rea
                 backend.connect_failures.inc();
                 debug!(backend = %backend.label, error = %failure, "backend connect failed");
                 tried.push(lease.index());
-                if crate::net::is_local_exhaustion(&failure) {
+                if failure.is_local() {
                     // Out of descriptors or memory here: says nothing about the backend's health.
                     continue;
                 }
-                record(upstream, lease.index(), Source::Traffic, Err(failure));
+                record(upstream, lease.index(), Source::Traffic, Err(failure.into()));
             }
         }
     }

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::net::is_resource_exhaustion;
+use crate::caps::is_resource_exhaustion;
 use crate::state::{Listener, Live, ServerError, State};
 
 /// Listen backlog for client-facing sockets.
