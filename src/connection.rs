@@ -158,24 +158,27 @@ async fn reach_backend(
         Step::Aborted => return None,
     };
     // 2. Admission: the upstream, and the client's identity and authorization on TLS listeners.
-    let admission = admission::admit(client, listener, live, who, deadline, abort, entry).await;
+    let admitted = match &listener.tls {
+        None => admission::admit_plain(client, listener, who, entry),
+        Some(tls) => match admission::admit(client, tls, listener, live, who, deadline, abort, entry).await {
+            Admission::Admitted(admitted) => *admitted,
+            Admission::Refused { refusal, client } => {
+                refusal.record(listener, entry);
+                if let Some(mut client) = client {
+                    client.close().await;
+                }
+                return None;
+            }
+            Admission::Aborted => return None,
+        },
+    };
     let Admitted {
         mut client,
         // From here on, the listener as the generation live at admission has it.
         listener,
         upstream,
         who,
-    } = match admission {
-        Admission::Admitted(admitted) => *admitted,
-        Admission::Refused { refusal, client } => {
-            refusal.record(listener, entry);
-            if let Some(mut client) = client {
-                client.close().await;
-            }
-            return None;
-        }
-        Admission::Aborted => return None,
-    };
+    } = admitted;
     // 3. The limits: the client's rate limit.
     let limited = match limits::limit(&listener, &who.key).await {
         Ok(limited) => limited,

@@ -145,13 +145,4 @@ impl DialError {
             _ => DialError::Connect(e),
         }
     }
-
-    /// Whether it failed for want of local resources (descriptors, memory): a fault of this
-    /// process, which says nothing about the backend's health.
-    pub(crate) fn is_local(&self) -> bool {
-        match self {
-            DialError::Connect(e) | DialError::Io(e) => crate::caps::is_resource_exhaustion(e),
-            _ => false,
-        }
-    }
 }

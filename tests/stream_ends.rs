@@ -15,7 +15,7 @@ use common::{
     TestServer,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 /// Listener `main` in front of `backend`, with `listener_keys` and an access log in `dir`.
 fn config(dir: &TempDir, backend: SocketAddr, listener_keys: &str) -> String {
@@ -60,6 +60,17 @@ async fn alice_through_mtls(
     (lb, tls)
 }
 
+/// One connection through listener `main` (with `listener_keys`) to a backend the test holds:
+/// the access log's directory, the server, the client's stream and the backend's.
+async fn through(label: &str, listener_keys: &str) -> (TempDir, TestServer, TcpStream, TcpStream) {
+    let dir = TempDir::new(label);
+    let backends = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let lb = TestServer::start(&config(&dir, backends.local_addr().expect("addr"), listener_keys)).await;
+    let client = connect(lb.addr("main")).await;
+    let (backend, _) = within("fulcrum's dial", backends.accept()).await.expect("accept");
+    (dir, lb, client, backend)
+}
+
 /// The one access log entry whose outcome is `outcome`, once written.
 async fn entry(dir: &TempDir, outcome: &str) -> serde_json::Value {
     wait_for_outcomes(&log(dir), outcome, 1).await;
@@ -71,16 +82,7 @@ async fn entry(dir: &TempDir, outcome: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_stops_reading_is_cut_at_idle_timeout_with_a_reset_and_fewer_bytes_than_were_sent() {
-    let dir = TempDir::new("stalled");
-    let backends = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let lb = TestServer::start(&config(
-        &dir,
-        backends.local_addr().expect("addr"),
-        "idle_timeout = \"1s\"",
-    ))
-    .await;
-    let client = connect(lb.addr("main")).await;
-    let (mut backend, _) = within("fulcrum's dial", backends.accept()).await.expect("accept");
+    let (dir, _lb, client, mut backend) = through("stalled", "idle_timeout = \"1s\"").await;
     // The backend reads nothing while the client writes until fulcrum cuts the connection.
     let (_, mut write) = client.into_split();
     let chunk = vec![7u8; 64 * 1024];
@@ -101,16 +103,7 @@ async fn a_backend_that_stops_reading_is_cut_at_idle_timeout_with_a_reset_and_fe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_with_nothing_in_flight_ends_with_a_fin_on_both_sides() {
-    let dir = TempDir::new("idle");
-    let backends = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let lb = TestServer::start(&config(
-        &dir,
-        backends.local_addr().expect("addr"),
-        "idle_timeout = \"1s\"",
-    ))
-    .await;
-    let mut client = connect(lb.addr("main")).await;
-    let (mut backend, _) = within("fulcrum's dial", backends.accept()).await.expect("accept");
+    let (dir, _lb, mut client, mut backend) = through("idle", "idle_timeout = \"1s\"").await;
     client.write_all(b"hello").await.expect("write");
     let mut got = [0u8; 5];
     within("the bytes", backend.read_exact(&mut got))
@@ -152,11 +145,7 @@ async fn a_backends_reset_reaches_a_plain_client_and_a_tls_client_as_an_abrupt_e
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_reset_reaches_the_backend_as_a_reset() {
-    let backends = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let dir = TempDir::new("client-reset");
-    let lb = TestServer::start(&config(&dir, backends.local_addr().expect("addr"), "")).await;
-    let mut client = connect(lb.addr("main")).await;
-    let (mut backend, _) = within("fulcrum's dial", backends.accept()).await.expect("accept");
+    let (dir, _lb, mut client, mut backend) = through("client-reset", "").await;
     client.write_all(b"hello").await.expect("write");
     let mut got = [0u8; 5];
     within("the bytes", backend.read_exact(&mut got))
@@ -173,11 +162,7 @@ async fn a_clients_reset_reaches_the_backend_as_a_reset() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_closes_and_resets_on_late_bytes_is_logged_as_a_reset_without_counting_them() {
-    let backends = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let dir = TempDir::new("late");
-    let lb = TestServer::start(&config(&dir, backends.local_addr().expect("addr"), "")).await;
-    let mut client = connect(lb.addr("main")).await;
-    let (mut backend, _) = within("fulcrum's dial", backends.accept()).await.expect("accept");
+    let (dir, lb, mut client, mut backend) = through("late", "").await;
     within("the answer", backend.write_all(b"answer"))
         .await
         .expect("write");

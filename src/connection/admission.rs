@@ -52,10 +52,30 @@ pub(super) enum Admission {
     Aborted,
 }
 
-/// Phase 2: handshake -> identity -> authorization on TLS listeners, by `deadline`; the upstream
-/// is then the span's `upstream` and the access log's. `who` comes from the front.
+/// Phase 2 on a plain listener: nothing to check; the listener's upstream is the span's
+/// `upstream` and the access log's. (Not boxed: no allocation on the plain path.)
+pub(super) fn admit_plain(
+    client: TcpStream,
+    listener: &Arc<Listener>,
+    who: Who,
+    entry: &mut Entry,
+) -> Admitted {
+    let upstream = Arc::clone(&listener.upstream);
+    note_upstream(&upstream, entry);
+    Admitted {
+        client: Client::Plain(client),
+        listener: Arc::clone(listener),
+        upstream,
+        who,
+    }
+}
+
+/// Phase 2 on a TLS listener (`tls`): handshake -> identity -> authorization, by `deadline`; the
+/// upstream is then the span's `upstream` and the access log's. `who` comes from the front.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn admit(
     client: TcpStream,
+    tls: &ServerTls,
     listener: &Arc<Listener>,
     live: &Live,
     mut who: Who,
@@ -63,16 +83,6 @@ pub(super) async fn admit(
     abort: &CancellationToken,
     entry: &mut Entry,
 ) -> Admission {
-    let Some(tls) = &listener.tls else {
-        let upstream = Arc::clone(&listener.upstream);
-        note_upstream(&upstream, entry);
-        return Admission::Admitted(Box::new(Admitted {
-            client: Client::Plain(client),
-            listener: Arc::clone(listener),
-            upstream,
-            who,
-        }));
-    };
     let refused = |refusal, client| Admission::Refused { refusal, client };
     // Counted until the handshake is over (this function returns).
     let _in_handshake = match in_handshake(listener, who.addr) {

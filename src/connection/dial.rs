@@ -85,6 +85,8 @@ async fn dial(upstream: &Upstream, origin: &Origin<'_>) -> Result<Connected, Rea
                 });
             }
             Err(failure) => {
+                // As health judges it: the probe room maps the dial's error.
+                let failure = crate::health::Failure::from(failure);
                 backend.connect_failures.inc();
                 debug!(backend = %backend.label, error = %failure, "backend connect failed");
                 tried.push(lease.index());
@@ -92,7 +94,7 @@ async fn dial(upstream: &Upstream, origin: &Origin<'_>) -> Result<Connected, Rea
                     // Out of descriptors or memory here: says nothing about the backend's health.
                     continue;
                 }
-                record(upstream, lease.index(), Source::Traffic, Err(failure.into()));
+                record(upstream, lease.index(), Source::Traffic, Err(failure));
             }
         }
     }
