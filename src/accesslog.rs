@@ -70,6 +70,9 @@ pub(crate) struct Entry {
     pub(crate) aborted: bool,
     /// Why it was refused, when `outcome` is `refused`.
     pub(crate) reason: Option<Reason>,
+    /// What a shadow authorization table would have decided (`would_allow`, `would_deny`),
+    /// only when it disagrees with the real one.
+    pub(crate) shadow: Option<&'static str>,
 }
 
 impl Entry {
@@ -95,6 +98,7 @@ impl Entry {
             outcome: "drain_deadline",
             aborted: false,
             reason: None,
+            shadow: None,
         }
     }
 
@@ -126,6 +130,7 @@ impl Entry {
             outcome: self.outcome,
             aborted: self.aborted,
             reason: self.reason.map(Reason::label),
+            shadow: self.shadow,
         };
         // Serializing plain strings and numbers cannot fail; fall back to an empty object anyway.
         serde_json::to_string(&line).unwrap_or_else(|_| "{}".to_string())
@@ -204,6 +209,8 @@ struct Line<'a> {
     outcome: &'static str,
     aborted: bool,
     reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shadow: Option<&'static str>,
 }
 
 /// The sending half, shared by every listener, and the writer's pieces until it starts.

@@ -1,5 +1,6 @@
 //! The admin side: the HTTP API on a TCP address and/or a Unix socket, serving `/` (the status
-//! page), `/status` (JSON), `/metrics` (Prometheus text), `/healthz`, `POST /reload` and
+//! page), `/status` (JSON), `/metrics` (Prometheus text), `/healthz`, `POST /reload`,
+//! `POST /impact` (the reload preview, `impact`) and
 //! `POST /upstreams/{upstream}/backends/{backend}/state`, and the read-only views of the live
 //! state it serves: [`status`] (the snapshot and the page) and [`prometheus`] (the metrics text).
 //!
@@ -34,6 +35,7 @@ use crate::health::AdminState;
 use crate::reload::Handle;
 
 pub mod guard;
+pub(crate) mod impact;
 pub mod prometheus;
 pub(crate) mod socket;
 pub mod status;
@@ -185,6 +187,7 @@ fn router(admin: Admin) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/reload", post(reload))
+        .route("/impact", post(impact))
         .route(
             "/upstreams/{upstream}/backends/{backend}/state",
             post(backend_state),
@@ -301,6 +304,26 @@ async fn reload(State(admin): State<Admin>, axum::Extension(who): axum::Extensio
                 serde_json::Value::String(e.to_string())
             ),
         ),
+    }
+}
+
+/// The reload preview: which open connections the config file named by the body would close.
+/// Loading and judging read files and verify chains, so they run off the async workers.
+async fn impact(
+    State(admin): State<Admin>,
+    axum::Extension(who): axum::Extension<Who>,
+    body: axum::body::Bytes,
+) -> Response {
+    let path = match impact::candidate(&body) {
+        Ok(path) => path,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
+    info!(by = who.label(), path = %path.display(), "POST /impact: previewing a configuration");
+    let live = Arc::clone(&admin.handle.live);
+    match tokio::task::spawn_blocking(move || impact::preview(&live, &path)).await {
+        Ok(Ok(closing)) => json(StatusCode::OK, impact::render(&closing)),
+        Ok(Err(why)) => error(StatusCode::UNPROCESSABLE_ENTITY, &why),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the preview did not finish"),
     }
 }
 

@@ -28,6 +28,7 @@ use serde::Deserialize;
 
 mod admin;
 mod authorization;
+mod certificate;
 pub(crate) mod files;
 mod listener;
 mod ratelimit;
@@ -36,6 +37,8 @@ mod values;
 
 pub use crate::addr::{IpNet, SourcePrefixes, DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_PREFIX};
 pub use admin::AdminConfig;
+pub use authorization::AuthorizationConfig;
+pub use certificate::{select, CertificateConfig, ServerName, TrustFiles};
 pub use listener::{
     ListenerConfig, TlsConfig, TlsVersion, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_HANDSHAKES_PER_SOURCE, DEFAULT_SESSION_CACHE, DEFAULT_SESSION_TIMEOUT,
@@ -87,7 +90,7 @@ pub struct Config {
     /// `[runtime] workers`: threads serving connections; `None` means one per core.
     pub workers: Option<std::num::NonZeroUsize>,
     /// Identity -> upstreams it may reach (default deny). Upstream names are validated.
-    pub authorization: Vec<(String, Vec<String>)>,
+    pub authorization: AuthorizationConfig,
     /// Global per-client limits; `None` means no limiting (unless a listener sets its own).
     pub rate_limit: Option<RateLimitConfig>,
     /// `[access_log]`: one JSON line per closed connection; `None` writes none.
@@ -217,7 +220,7 @@ struct RawConfig {
     upstream: Vec<RawUpstream>,
     admin: Option<RawAdmin>,
     #[serde(default)]
-    authorization: std::collections::BTreeMap<String, Vec<String>>,
+    authorization: authorization::RawAuthorization,
     rate_limit: Option<RawRateLimit>,
     access_log: Option<RawAccessLog>,
     reload: Option<RawReload>,

@@ -76,6 +76,7 @@ pub(crate) fn handle(
         client.addr = %peer,
         listener = %listener.name,
         client.id = field::Empty,
+        shadow = field::Empty,
         upstream = field::Empty,
         backend.addr = field::Empty,
         alpn = field::Empty,

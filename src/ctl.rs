@@ -3,12 +3,12 @@
 //! [`run`] sends one request (hyper's HTTP/1.1 client, over TCP or the admin Unix socket, with
 //! the token when one is given, under [`DEADLINE`]) and turns the answer into text for a person
 //! or, with `--json`, the API's own JSON. [`CtlError`] says which exit code applies: 1 when the
-//! admin API refused (401, 403, 404, 422, ...), 2 when it could not be reached. This module is a
-//! client only; the rules it meets are `admin`'s.
+//! admin API refused (401, 403, 404, 422, ...), 2 when it could not be reached or the command
+//! could not be sent. This module is a client only; the rules it meets are `admin`'s.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
@@ -45,6 +45,10 @@ pub enum Command {
         backend: String,
         weight: u32,
     },
+    /// Preview a reload: which open connections the config file `config` would close.
+    Impact {
+        config: PathBuf,
+    },
 }
 
 /// Why a `fulcrum ctl` call failed.
@@ -56,14 +60,17 @@ pub enum CtlError {
     /// The admin API could not be reached (or the token file read).
     #[error("{0}")]
     Unreachable(String),
+    /// The command could not be sent as given.
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl CtlError {
-    /// The process exit code: 1 refused, 2 unreachable.
+    /// The process exit code: 1 refused, 2 unreachable or unusable.
     pub fn exit_code(&self) -> u8 {
         match self {
             CtlError::Refused { .. } => 1,
-            CtlError::Unreachable(_) => 2,
+            CtlError::Unreachable(_) | CtlError::Usage(_) => 2,
         }
     }
 }
@@ -98,6 +105,7 @@ pub async fn run(
             backend,
             weight,
         } => backend_call(upstream, backend, serde_json::json!({ "weight": weight })),
+        Command::Impact { config } => ("POST", "/impact".to_string(), Some(candidate(config)?)),
     };
     let call = request(target, token.as_deref(), method, &path, body);
     let (status, text) = tokio::time::timeout(DEADLINE, call)
@@ -132,6 +140,7 @@ pub async fn run(
             "upstream {upstream} backend {backend}: weight {} (was {})",
             value["weight"], value["previous_weight"]
         ),
+        Command::Impact { .. } => describe_impact(&value),
     })
 }
 
@@ -209,6 +218,17 @@ fn backend_call(
         encode(backend)
     );
     ("POST", path, Some(body.to_string()))
+}
+
+/// The body of `POST /impact`: the candidate's path made absolute (the balancer runs in a
+/// directory of its own), as UTF-8.
+fn candidate(config: &Path) -> Result<String, CtlError> {
+    let absolute = std::path::absolute(config)
+        .map_err(|e| CtlError::Usage(format!("cannot make {} absolute: {e}", config.display())))?;
+    absolute
+        .into_os_string()
+        .into_string()
+        .map_err(|path| CtlError::Usage(format!("{} is not a UTF-8 path", Path::new(&path).display())))
 }
 
 /// Percent-encodes a path segment (backend labels hold `:` and, for IPv6, brackets).
@@ -315,6 +335,36 @@ fn describe_status(status: &Value) -> String {
     out.trim_end().to_string()
 }
 
+/// `/impact` as text: a table of the connections that would be closed per identity, listener
+/// and reason, then the total.
+fn describe_impact(impact: &Value) -> String {
+    let field = |group: &Value, key: &str| match &group[key] {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    };
+    let mut rows = vec![["IDENTITY", "LISTENER", "REASON", "CONNECTIONS"].map(String::from)];
+    for group in impact["groups"].as_array().into_iter().flatten() {
+        rows.push(["identity", "listener", "reason", "count"].map(|key| field(group, key)));
+    }
+    let mut widths = [0; 4];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let [a, b, c, _] = widths;
+    let mut out = String::new();
+    if rows.len() > 1 {
+        for [identity, listener, reason, count] in &rows {
+            let _ = writeln!(out, "{identity:<a$}  {listener:<b$}  {reason:<c$}  {count}");
+        }
+    }
+    let total = impact["would_close"].as_u64().unwrap_or(0);
+    let plural = if total == 1 { "" } else { "s" };
+    let _ = write!(out, "{total} connection{plural} would be closed");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,6 +374,37 @@ mod tests {
         assert_eq!(encode("127.0.0.1:8080"), "127.0.0.1%3A8080");
         assert_eq!(encode("[::1]:80"), "%5B%3A%3A1%5D%3A80");
         assert_eq!(encode("app-0.app:8080"), "app-0.app%3A8080");
+    }
+
+    #[test]
+    fn an_impact_reads_as_a_table_per_identity_listener_and_reason_then_the_total() {
+        let impact = serde_json::json!({
+            "would_close": 3,
+            "groups": [{"identity": "bob", "listener": "tls", "reason": "unauthorized", "count": 2},
+                       {"identity": "carol", "listener": "tls", "reason": "revoked", "count": 1}]
+        });
+        assert_eq!(
+            describe_impact(&impact),
+            "IDENTITY  LISTENER  REASON        CONNECTIONS\n\
+             bob       tls       unauthorized  2\n\
+             carol     tls       revoked       1\n\
+             3 connections would be closed"
+        );
+        let none = serde_json::json!({"would_close": 0, "groups": []});
+        assert_eq!(describe_impact(&none), "0 connections would be closed");
+    }
+
+    #[test]
+    fn an_impact_candidate_is_sent_as_an_absolute_path() {
+        let sent = candidate(Path::new("next.toml")).expect("a UTF-8 path");
+        let expected = std::env::current_dir()
+            .expect("a working directory")
+            .join("next.toml");
+        assert_eq!(Path::new(&sent), expected);
+        assert_eq!(
+            candidate(Path::new("/etc/next.toml")).expect("UTF-8"),
+            "/etc/next.toml"
+        );
     }
 
     #[test]

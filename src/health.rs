@@ -121,6 +121,10 @@ pub enum Failure {
     ShortReply { got: usize, want: usize },
     #[error("probe i/o failed: {0}")]
     Io(io::Error),
+    /// The TLS handshake to the backend failed (its certificate refused included: the message
+    /// names what was wrong with it).
+    #[error("tls handshake failed: {0}")]
+    Tls(io::Error),
 }
 
 impl Failure {
@@ -128,7 +132,7 @@ impl Failure {
     /// memory): judged as local, never against the backend.
     pub(crate) fn is_local(&self) -> bool {
         match self {
-            Failure::Connect(e) | Failure::Io(e) => crate::caps::is_resource_exhaustion(e),
+            Failure::Connect(e) | Failure::Io(e) | Failure::Tls(e) => crate::caps::is_resource_exhaustion(e),
             _ => false,
         }
     }

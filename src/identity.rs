@@ -88,8 +88,18 @@ impl fmt::Display for ClientIdentity {
     /// Writes the name; control characters (which [`identity_from_der`] never produces) are
     /// escaped so that a hand-built identity cannot forge log lines.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        Escaped(&self.0).fmt(f)
+    }
+}
+
+/// A name from a certificate for a log line or a message, its control characters escaped so
+/// that it cannot forge log lines.
+pub(crate) struct Escaped<'a>(pub(crate) &'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if !self.0.chars().any(char::is_control) {
-            return f.write_str(&self.0);
+            return f.write_str(self.0);
         }
         for c in self.0.chars() {
             if c.is_control() {

@@ -48,6 +48,12 @@ enum Command {
         /// Judge at this time instead of now (RFC 3339 UTC, e.g. 2026-12-07T12:00:00Z).
         #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
         at: Option<std::time::SystemTime>,
+        /// The client's source address, for grants limited to networks (`from`).
+        #[arg(long)]
+        from: Option<std::net::IpAddr>,
+        /// The server name the client asks for (SNI), on listeners with several certificates.
+        #[arg(long)]
+        server_name: Option<String>,
         /// Print one JSON object instead of a line.
         #[arg(long)]
         json: bool,
@@ -128,6 +134,16 @@ enum CtlCommand {
         backend: String,
         weight: u32,
     },
+    /// Preview a reload: which open mTLS connections the config file would close, per identity,
+    /// listener and reason. Nothing is applied.
+    Impact {
+        /// The candidate config file; the balancer reads it, so it must be able to.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the API's JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[cfg(feature = "mimalloc")]
@@ -150,11 +166,19 @@ fn main() -> std::process::ExitCode {
         config,
         listener,
         at,
+        from,
+        server_name,
         json,
         chain,
     } = &cli.command
     {
-        return verify(config, listener.as_deref(), *at, *json, chain);
+        let question = fulcrum::verify::Question {
+            listener: listener.as_deref(),
+            server_name: server_name.as_deref(),
+            from: *from,
+            at: at.unwrap_or_else(std::time::SystemTime::now),
+        };
+        return verify(config, question, *json, chain);
     }
     // Kept until main returns: dropping it writes the log lines still queued.
     let _log = fulcrum::logging::init(&cli.log_level);
@@ -186,6 +210,7 @@ fn ctl(
     use fulcrum::ctl::{Command as Ask, Target};
     use fulcrum::health::AdminState;
     let target = socket.map_or(Target::Tcp(admin), Target::Socket);
+    let json = json || matches!(command, CtlCommand::Impact { json: true, .. });
     let set = |upstream, backend, state| Ask::Set {
         upstream,
         backend,
@@ -206,6 +231,7 @@ fn ctl(
             backend,
             weight,
         },
+        CtlCommand::Impact { config, .. } => Ask::Impact { config },
     };
     let outcome = match runtime(1) {
         Ok(runtime) => runtime.block_on(fulcrum::ctl::run(&target, token_file.as_ref(), &ask, json)),
@@ -226,8 +252,7 @@ fn ctl(
 /// `fulcrum verify`: exit 0 accepted, 1 refused, 2 when no verdict could be given.
 fn verify(
     config: &std::path::Path,
-    listener: Option<&str>,
-    at: Option<std::time::SystemTime>,
+    question: fulcrum::verify::Question<'_>,
     json: bool,
     chain: &std::path::Path,
 ) -> std::process::ExitCode {
@@ -235,8 +260,7 @@ fn verify(
         .map_err(|e| e.to_string())
         .and_then(|config| {
             let chain = fulcrum::verify::read_chain(chain).map_err(|e| e.to_string())?;
-            let at = at.unwrap_or_else(std::time::SystemTime::now);
-            fulcrum::verify::judge(&config, listener, &chain, at).map_err(|e| e.to_string())
+            fulcrum::verify::judge(&config, question, &chain).map_err(|e| e.to_string())
         });
     match verdict {
         Ok(verdict) => {
@@ -262,7 +286,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             for warning in &checked.warnings {
                 eprintln!("warning: {warning}");
             }
-            for line in &checked.trust {
+            for line in checked.trust.iter().chain(&checked.policy) {
                 println!("{line}");
             }
             // The earliest certificate deadline (CRLs are renewed on their own schedule).

@@ -24,6 +24,11 @@ pub enum Reason {
     TlsHandshake,
     /// The client's identity may not reach the upstream, or its certificate names no usable identity.
     Unauthorized,
+    /// A deny entry of the authorization table matches the client's identity.
+    Denied,
+    /// The client's source is outside the listener's `allow_from`, inside its `deny_from`
+    /// (refused at accept, before any handshake), or outside the networks its grant lists.
+    SourceDenied,
     /// Over the client's connection rate or concurrency limit.
     RateLimited,
     /// `accept_proxy_protocol`: a missing, malformed or late PROXY protocol header.
@@ -44,11 +49,13 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 13] = [
         Reason::ConnectFailed,
         Reason::NoHealthyBackend,
         Reason::TlsHandshake,
         Reason::Unauthorized,
+        Reason::Denied,
+        Reason::SourceDenied,
         Reason::RateLimited,
         Reason::ProxyHeader,
         Reason::MaxConnections,
@@ -64,6 +71,8 @@ impl Reason {
             Reason::NoHealthyBackend => "no_healthy_backend",
             Reason::TlsHandshake => "tls_handshake",
             Reason::Unauthorized => "unauthorized",
+            Reason::Denied => "denied",
+            Reason::SourceDenied => "source_denied",
             Reason::RateLimited => "rate_limited",
             Reason::ProxyHeader => "proxy_header",
             Reason::MaxConnections => "max_connections",
@@ -233,6 +242,34 @@ impl Rejections {
 
     pub fn get(&self, reason: Reason) -> u64 {
         self.0[reason as usize].get()
+    }
+}
+
+/// What a listener's shadow authorization table would have decided, per upstream
+/// (`fulcrum_authorization_shadow_total`): only listeners with a shadow table count, and only
+/// upstreams their clients asked for, so the map stays as small as the routes.
+#[derive(Debug, Default)]
+pub struct ShadowVerdicts(std::sync::Mutex<std::collections::BTreeMap<(String, bool), u64>>);
+
+impl ShadowVerdicts {
+    /// One admission judged by the shadow table: it would have allowed (`true`) or refused.
+    pub fn count(&self, upstream: &str, would_allow: bool) {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match counts.get_mut(&(upstream.to_string(), would_allow)) {
+            Some(n) => *n += 1,
+            None => {
+                counts.insert((upstream.to_string(), would_allow), 1);
+            }
+        }
+    }
+
+    /// `(upstream, would_allow, count)`, sorted.
+    pub fn counts(&self) -> Vec<(String, bool, u64)> {
+        let counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        counts
+            .iter()
+            .map(|((u, allow), n)| (u.clone(), *allow, *n))
+            .collect()
     }
 }
 

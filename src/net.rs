@@ -83,10 +83,11 @@ pub(crate) async fn open(
         };
         let name = rustls::pki_types::ServerName::try_from(name)
             .map_err(|e| DialError::Io(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        // The name is sent as SNI (not for an IP) and, without `server_identity`, verified.
         let tls = tokio_rustls::TlsConnector::from(config)
             .connect(name, stream)
             .await
-            .map_err(DialError::Io)?;
+            .map_err(|e| DialError::Tls(tls.handshake_error(e)))?;
         Ok(BackendStream::Tls(Box::new(tls)))
     };
     tokio::time::timeout(timeout, open)
@@ -134,6 +135,10 @@ pub(crate) enum DialError {
     Connect(io::Error),
     #[error("i/o failed: {0}")]
     Io(io::Error),
+    /// The TLS handshake to the backend failed, its certificate refused included (the message
+    /// then says why: for `server_identity`, the identity found and the one expected).
+    #[error("tls handshake failed: {0}")]
+    Tls(io::Error),
 }
 
 impl DialError {

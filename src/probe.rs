@@ -271,6 +271,7 @@ impl From<DialError> for Failure {
             DialError::TimedOut(after) => Failure::TimedOut(after),
             DialError::Connect(e) => Failure::Connect(e),
             DialError::Io(e) => Failure::Io(e),
+            DialError::Tls(e) => Failure::Tls(e),
         }
     }
 }

@@ -105,10 +105,17 @@ impl Server {
         }
         let state = State::assemble(&config, tls, addrs, None, 1, discovered);
         for l in &state.listeners {
+            let summary = l.authorization.summary();
+            let entry_tables = config
+                .listeners
+                .iter()
+                .filter(|c| c.name == l.name)
+                .flat_map(|c| c.tls.iter().flat_map(|t| &t.certificates))
+                .any(|c| c.authorization.is_some());
             if !l.mutual_tls {
                 info!(listener = %l.name, "listener accepts clients without certificates: no identity authorization applies");
-            } else if config.authorization.is_empty() {
-                warn!(listener = %l.name, "mTLS listener but [authorization] is empty: every client will be refused");
+            } else if summary.exact + summary.patterns == 0 && !entry_tables {
+                warn!(listener = %l.name, "mTLS listener but its authorization grants nothing: every client will be refused");
             }
         }
         if let (Some(settings), Some(addr)) =

@@ -6,7 +6,8 @@
 //! generation; a reload swaps in the next one, and every task keeps the generation it started
 //! with. The [`Registry`] of open mTLS connections is shared by every generation, so a reload can
 //! close those whose access it takes away. How a generation is built from a loaded config (pure
-//! once its files are read) is [`build`].
+//! once its files are read) is [`build`]; which open connections a generation would close, for a
+//! reload and for its preview, is [`impact`].
 //!
 //! This module is read by everything that runs (accept loops, connections, probes, the admin
 //! side); it does not bind sockets, spawn tasks or move bytes: the orchestrator that does
@@ -18,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::authz::{Authorization, Decision};
+use crate::authz::Authorization;
 use crate::balancer::{Pool, Spec};
 use crate::config::{BackendAddr, BackendConfig, Config, Discover, HealthCheckConfig, UpstreamConfig};
 use crate::health::BackendHealth;
@@ -30,10 +31,13 @@ use crate::ratelimit::Limiter;
 use crate::tls::ServerTls;
 
 pub mod build;
+mod certificates;
 mod discovered;
 mod error;
+pub mod impact;
 mod registry;
 
+pub(crate) use certificates::ListenerTls;
 pub use discovered::{Discovered, Outcomes, Resolution};
 pub use error::ServerError;
 pub(crate) use registry::close_at_expiry;
@@ -94,8 +98,8 @@ pub struct Listener {
     pub(crate) upstream: Arc<Upstream>,
     /// Bound address (the first socket's, with port 0 resolved once bound).
     pub bind: SocketAddr,
-    /// TLS termination; `None` for plaintext.
-    pub(crate) tls: Option<ServerTls>,
+    /// TLS termination, its certificates chosen by SNI; `None` for plaintext.
+    pub(crate) tls: Option<ListenerTls>,
     /// Whether clients must present a certificate (and are then authorized by identity).
     pub(crate) mutual_tls: bool,
     /// Lowercase server name -> upstream.
@@ -115,6 +119,9 @@ pub struct Listener {
     pub(crate) reject_response: Option<Vec<u8>>,
     /// With `accept_proxy_protocol`: the fronts allowed to send a header (empty: none).
     pub(crate) trusted_proxies: Vec<crate::config::IpNet>,
+    /// `allow_from` (empty: any source) and `deny_from`, checked at accept.
+    pub(crate) allow_from: Vec<crate::config::IpNet>,
+    pub(crate) deny_from: Vec<crate::config::IpNet>,
     /// When a quiet, half-closed or old connection is closed (see [`crate::proxy::Timeouts`]).
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) half_closed_timeout: Option<Duration>,
@@ -138,6 +145,8 @@ pub struct Listener {
     /// Counters carry over reloads for a listener that keeps its name.
     pub accepted: Arc<Counter>,
     pub rejected: Arc<Rejections>,
+    /// What the shadow authorization table would have decided (`fulcrum_authorization_shadow_total`).
+    pub shadow: Arc<crate::metrics::ShadowVerdicts>,
     /// Why TLS handshakes failed (`fulcrum_tls_handshake_failures_total`).
     pub handshake_failures: Arc<HandshakeFailures>,
     /// Handshake and connection durations, bytes (carried over too).
@@ -178,6 +187,26 @@ impl Listener {
     /// phase now.
     pub fn handshakes_from(&self, source: IpAddr) -> u32 {
         self.handshakes.of(source)
+    }
+
+    /// The TLS (certificate and client trust) a client that asked for `server_name` is served
+    /// and judged with; `None` on a plain listener.
+    pub(crate) fn tls_for(&self, server_name: Option<&str>) -> Option<&ServerTls> {
+        Some(&self.tls.as_ref()?.choose(server_name).tls)
+    }
+
+    /// Whether `allow_from` / `deny_from` let a client from `source` in.
+    pub(crate) fn admits_source(&self, source: IpAddr) -> bool {
+        let allowed = self.allow_from.is_empty() || self.allow_from.iter().any(|net| net.contains(source));
+        allowed && !self.deny_from.iter().any(|net| net.contains(source))
+    }
+
+    /// The authorization a client that asked for `server_name` is judged by.
+    pub(crate) fn authorization_for(&self, server_name: Option<&str>) -> &Arc<Authorization> {
+        self.tls
+            .as_ref()
+            .and_then(|tls| tls.choose(server_name).authorization.as_ref())
+            .unwrap_or(&self.authorization)
     }
 
     /// The upstream for a TLS server name and negotiated protocol: an SNI entry, else an ALPN
@@ -431,17 +460,23 @@ impl State {
             .unwrap_or_default()
     }
 
-    /// `(listener, CRL issuer, nextUpdate)` of every CRL in force.
+    /// `(listener, CRL issuer, nextUpdate)` of every CRL in force (once, when certificates of a
+    /// listener share a client trust).
     pub fn crl_deadlines(&self) -> Vec<(String, String, SystemTime)> {
-        self.listeners
+        let mut deadlines: Vec<_> = self
+            .listeners
             .iter()
             .flat_map(|l| {
                 l.tls
                     .iter()
-                    .flat_map(|tls| &tls.crls)
+                    .flat_map(ListenerTls::each)
+                    .flat_map(|(_, tls)| &tls.crls)
                     .filter_map(|crl| crl.next_update.map(|at| (l.name.clone(), crl.issuer.clone(), at)))
             })
-            .collect()
+            .collect();
+        deadlines.sort();
+        deadlines.dedup();
+        deadlines
     }
 
     /// Sum of active connections over all upstreams.
@@ -533,50 +568,18 @@ impl Live {
     }
 }
 
-/// Whether `next` judges client certificates exactly as `previous` did: the same verifier
-/// (anchors, intermediates, CRLs, trust domains), or client authentication in neither.
-fn same_trust(previous: Option<&Arc<Listener>>, next: &Listener) -> bool {
-    let Some(previous) = previous else {
-        return false;
-    };
-    let verifier = |l: &Listener| l.tls.as_ref().map(|tls| tls.verifier.clone());
-    match (verifier(previous), verifier(next)) {
-        (Some(Some(before)), Some(Some(now))) => Arc::ptr_eq(&before, &now),
-        (Some(None), Some(None)) => true,
-        _ => false,
-    }
-}
-
-/// Cuts every connection of `open` that `next` no longer allows: its identity lost the
-/// upstream in `[authorization]`, or its certificate no longer verifies under the
-/// listener's client CA and CRLs. Connections whose listener or upstream is gone keep
-/// running (they drain). Returns how many were cut.
+/// Cuts every connection of `open` that `next` no longer allows (its source, its chain or its
+/// authorization: see [`State::would_close`], the judgement the reload preview shows), with
+/// `previous` the generation live until now. Returns how many were cut.
 ///
-/// A certificate is verified again only if its listener's trust changed from `previous`
-/// (the generation live until now) to `next`. Every open connection was verified under
-/// `previous`'s trust, at its handshake (admission judges again if a swap came in between)
-/// or at the swap that made `previous` live; a rebuild that reuses what was loaded (a changed
-/// `discover` set) keeps every listener's verifier, so it verifies no certificate at all.
+/// A rebuild that reuses what was loaded (a changed `discover` set) keeps every listener's
+/// verifier, so it verifies no certificate at all.
 fn revoke_lost_access(open: &[Arc<Entry>], previous: &State, next: &State) -> usize {
-    let mut revoked = 0;
-    for entry in open {
-        let grant = entry.grant();
-        let Some(listener) = next.listener(&grant.listener) else {
-            continue;
-        };
-        if next.upstream(&grant.upstream).is_none() {
-            continue;
-        }
-        let authorized = listener.authorization.check(&grant.identity, &grant.upstream) == Decision::Allow;
-        let allowed = authorized
-            && (same_trust(previous.listener(&grant.listener), listener)
-                || listener.tls.as_ref().is_none_or(|tls| tls.accepts(&grant.chain)));
-        if !allowed {
-            entry.cut(Cut::AccessRevoked);
-            revoked += 1;
-        }
+    let lost = next.would_close(open, previous, SystemTime::now());
+    for loss in &lost {
+        loss.entry.cut(Cut::AccessRevoked);
     }
-    revoked
+    lost.len()
 }
 
 #[cfg(test)]

@@ -10,8 +10,14 @@
 //! [`client_trust`] loads from the files and [`ClientVerifier`] runs inside rustls's handshake;
 //! rustls checks the client's signature with the provider's algorithms.
 //!
-//! Resumption: every listener (and every generation of it: a reload starts afresh) has its own
-//! in-memory [`SessionCache`] of at most `session_cache` sessions, each resumable for
+//! Several certificates: a listener with `[[listener.tls.certificate]]` entries has one
+//! [`ServerTls`] per entry besides its fallback ([`Certificates`], loaded by [`server_configs`]):
+//! each its own rustls configuration, verifier and session cache, the handshake picking one by
+//! the client's SNI (`config::select`). Certificates with the same client trust files share one
+//! loaded verifier; none shares a session cache, so no session is resumed under another entry.
+//!
+//! Resumption: every listener's certificate (and every generation of it: a reload starts afresh)
+//! has its own in-memory [`SessionCache`] of at most `session_cache` sessions, each resumable for
 //! `session_timeout`. Resumption is stateful only: TLS 1.2 by session ID, TLS 1.3 by one
 //! ticket per full handshake that is a key into that cache; no stateless tickets are issued, so
 //! there are no ticket keys to rotate or leak, and a session never leaves the process. rustls
@@ -34,7 +40,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::{CertificateError, ServerConfig};
 
-use crate::config::{TlsConfig, TlsVersion};
+use crate::config::{TlsConfig, TlsVersion, TrustFiles};
 use crate::metrics::HandshakeFailure;
 pub use crate::trust::CrlInfo;
 use crate::trust::{Rejection, Verified};
@@ -50,11 +56,12 @@ pub use files::TlsError;
 use files::{certificates, private_key, read};
 pub use provider::{install_default_provider, provider};
 pub use session::SessionCache;
-pub use verifier::{client_trust, ClientVerifier};
+pub use verifier::{client_trust, client_trust_of, ClientVerifier};
 
-/// A listener's TLS: the rustls configuration, and the client trust (mTLS) kept apart so that a
-/// connection can check a resumed session's chain and a reload can check open connections'
-/// certificates against new trust.
+/// One certificate of a listener (its only one, its fallback or an entry): the rustls
+/// configuration, and the client trust (mTLS) kept apart so that a connection can check a
+/// resumed session's chain and a reload can check open connections' certificates against new
+/// trust.
 #[derive(Clone)]
 pub struct ServerTls {
     pub config: Arc<ServerConfig>,
@@ -140,8 +147,69 @@ pub fn rejection_of(error: &io::Error) -> Option<&Rejection> {
     }
 }
 
-/// Loads certificate, key, CA and CRL files and builds a listener's server configuration.
+/// Every certificate of a TLS listener, loaded: the fallback, served when the client's SNI names
+/// no entry, and each `[[listener.tls.certificate]]` entry's, in config order (a default entry
+/// is the fallback too: the same configuration, session cache and verifier).
+#[derive(Clone)]
+pub struct Certificates {
+    pub fallback: ServerTls,
+    pub entries: Vec<ServerTls>,
+}
+
+/// Loads the fallback certificate of a listener (its only one without entries) with its CA and
+/// CRL files, and builds its server configuration.
 pub fn server_config(tls: &TlsConfig) -> Result<ServerTls, TlsError> {
+    let verifier = verifier(tls.trust(), tls.identity_from_cn)?;
+    certificate(tls, &tls.cert, &tls.key, verifier)
+}
+
+/// Loads every certificate of a listener ([`Certificates`]); equal client trust files are
+/// loaded once.
+pub fn server_configs(tls: &TlsConfig) -> Result<Certificates, TlsError> {
+    let mut verifiers: Vec<(TrustFiles<'_>, Verifier)> = Vec::new();
+    let mut load = |cert, key, trust| -> Result<ServerTls, TlsError> {
+        let verifier = match verifiers.iter().find(|(t, _)| *t == trust) {
+            Some((_, loaded)) => loaded.clone(),
+            None => {
+                let loaded = verifier(trust, tls.identity_from_cn)?;
+                verifiers.push((trust, loaded.clone()));
+                loaded
+            }
+        };
+        certificate(tls, cert, key, verifier)
+    };
+    let entries = tls
+        .certificates
+        .iter()
+        .map(|c| load(&c.cert, &c.key, c.trust()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let default = tls.certificates.iter().zip(&entries).find(|(c, _)| c.default);
+    let fallback = match default {
+        Some((_, entry)) => entry.clone(),
+        None => load(&tls.cert, &tls.key, tls.trust())?,
+    };
+    Ok(Certificates { fallback, entries })
+}
+
+/// A certificate's client verifier (none without client authentication) and its CRLs' report.
+type Verifier = (Option<Arc<ClientVerifier>>, Vec<CrlInfo>);
+
+/// The verifier of `trust`.
+fn verifier(trust: TrustFiles<'_>, identity_from_cn: bool) -> Result<Verifier, TlsError> {
+    Ok(match client_trust_of(trust, identity_from_cn)? {
+        Some((trust, crls)) => (Some(Arc::new(ClientVerifier::new(trust))), crls),
+        None => (None, Vec::new()),
+    })
+}
+
+/// The server configuration of one certificate (`cert`, `key`) with `verifier`, under the
+/// listener's policy (`tls`: versions, ALPN, a session cache of its own).
+fn certificate(
+    tls: &TlsConfig,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    (verifier, crls): Verifier,
+) -> Result<ServerTls, TlsError> {
     let provider = provider();
     let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -150,23 +218,19 @@ pub fn server_config(tls: &TlsConfig) -> Result<ServerTls, TlsError> {
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(versions)
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let (verifier, crls) = match client_trust(tls)? {
-        Some((trust, crls)) => (Some(Arc::new(ClientVerifier::new(trust))), crls),
-        None => (None, Vec::new()),
-    };
     let builder = match &verifier {
         Some(verifier) => {
             builder.with_client_cert_verifier(Arc::clone(verifier) as Arc<dyn ClientCertVerifier>)
         }
         None => builder.with_no_client_auth(),
     };
-    let chain = certificates("certificate", &tls.cert, &read("certificate", &tls.cert)?)?;
-    let key = private_key("key", &tls.key, &read("key", &tls.key)?)?;
+    let chain = certificates("certificate", cert, &read("certificate", cert)?)?;
+    let private_key = private_key("key", key, &read("key", key)?)?;
     let mut config = builder
-        .with_single_cert(chain, key)
+        .with_single_cert(chain, private_key)
         .map_err(|e| TlsError::KeyMismatch {
-            cert: tls.cert.clone(),
-            key: tls.key.clone(),
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
             reason: e.to_string(),
         })?;
     config.ignore_client_order = true;

@@ -313,20 +313,7 @@ async fn fulcrum_ctl_runs_every_command_against_the_binary_in_text_and_json() {
     );
     let mut fulcrum = Fulcrum::run(&path);
     fulcrum.listening("main").await;
-    let admin = fulcrum
-        .wait_for_line("the admin address", |line| {
-            line.contains("admin listening")
-                .then(|| {
-                    line.split("addr=")
-                        .nth(1)?
-                        .split_whitespace()
-                        .next()?
-                        .parse::<SocketAddr>()
-                        .ok()
-                })
-                .flatten()
-        })
-        .await;
+    let admin = fulcrum.admin_addr().await;
     let admin_arg = admin.to_string();
     let token = dir.path().join("admin.token");
     let token_arg = token.to_str().expect("UTF-8 path");

@@ -205,6 +205,19 @@ fn families(state: &State) -> Families {
         }
     }
     let s = b.counter(
+        "fulcrum_authorization_shadow",
+        "Admissions judged by a shadow authorization table, per listener, upstream and what it would have decided.",
+    );
+    for l in state.listeners() {
+        for (upstream, would_allow, count) in l.shadow.counts() {
+            let mut labels = listener(&l.name);
+            labels.push(("upstream", upstream));
+            let outcome = if would_allow { "would_allow" } else { "would_deny" };
+            labels.push(("outcome", outcome.to_string()));
+            s.push(sample(labels, Value::Int(count)));
+        }
+    }
+    let s = b.counter(
         "fulcrum_tls_handshake_failures",
         "Failed TLS handshakes (and refused resumed sessions) on TLS listeners, per listener and reason.",
     );
@@ -372,6 +385,7 @@ fn families(state: &State) -> Families {
             Scope::Upstream(name) => upstream(name),
             Scope::Redis => Vec::new(),
         };
+        labels.extend(cert.certificate.iter().map(|c| ("certificate", c.clone())));
         labels.push(("kind", cert.kind.to_string()));
         let at = cert
             .not_after

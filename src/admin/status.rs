@@ -52,6 +52,10 @@ pub struct CertificateStatus {
     pub listener: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
+    /// Of a listener's certificate entry (`[[listener.tls.certificate]]`): its first server
+    /// name, as the `certificate` label.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
     /// As the `kind` label of `fulcrum_certificate_not_after_timestamp_seconds`.
     pub kind: &'static str,
     /// RFC 3339, and UNIX seconds.
@@ -229,6 +233,7 @@ fn certificates(state: &State, wall: SystemTime) -> Vec<CertificateStatus> {
             CertificateStatus {
                 listener,
                 upstream,
+                certificate: c.certificate.clone(),
                 kind: c.kind,
                 not_after: humantime::format_rfc3339_seconds(c.not_after).to_string(),
                 not_after_seconds: c.not_after.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),

@@ -36,13 +36,7 @@ impl Config {
         let mut files: Vec<PathBuf> = self.path.iter().cloned().collect();
         for l in &self.listeners {
             if let Some(t) = &l.tls {
-                files.extend(
-                    [Some(&t.cert), Some(&t.key), t.client_ca.as_ref(), t.crl.as_ref()]
-                        .into_iter()
-                        .flatten()
-                        .chain(t.trust_domains.values())
-                        .cloned(),
-                );
+                files.extend(t.files().cloned());
             }
         }
         for u in &self.upstreams {

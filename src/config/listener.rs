@@ -6,7 +6,8 @@
 //! A listener key is added here (its raw field, its typed field, its rule), in the model that
 //! uses it and in the README, nowhere else in `config`. This file must not validate another
 //! section: the global rate limit and the listener's own come from `ratelimit.rs`, value parsers
-//! from `values.rs`.
+//! from `values.rs`, the `[[listener.tls.certificate]]` entries (and the client trust keys they
+//! share with `[listener.tls]`) from `certificate.rs`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,6 +16,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::authorization::{AuthorizationConfig, RawAuthorization};
+use super::certificate::{select, CertificateConfig, ClientTrust, RawCertificate, TrustFiles};
 use super::ratelimit::{ListenerLimit, RateLimitConfig, RawRateLimitOverride};
 use super::upstream::UpstreamConfig;
 use super::values::{ConfigError, Keepalive, RawKeepalive, Validator};
@@ -73,12 +76,22 @@ pub struct ListenerConfig {
     /// Connections from one source (its prefix) in the PROXY-header or TLS-handshake phase at
     /// once.
     pub max_handshakes_per_source: u32,
+    /// `allow_from`: only clients from these networks are served (empty: any source). Checked at
+    /// accept, before any handshake; with PROXY protocol the header's source is the client's.
+    pub allow_from: Vec<IpNet>,
+    /// `deny_from`: clients from these networks are refused at accept (beats `allow_from`).
+    pub deny_from: Vec<IpNet>,
     /// `[listener.authorization]`: this listener's own identity -> upstreams table, in place of
     /// [`Config::authorization`](super::Config::authorization) (mTLS listeners only).
-    pub authorization: Option<Vec<(String, Vec<String>)>>,
+    pub authorization: Option<AuthorizationConfig>,
 }
 
 /// TLS settings of a listener. Paths are resolved against the config file's directory.
+///
+/// `cert`, `key`, `client_ca`, `trust_domains` and `crl` are the **fallback**: what a client
+/// whose SNI names no `certificates` entry (or who sends none) is served and judged with. That
+/// is `[listener.tls]`'s own, or, when an entry has `default = true`, that entry's (then also in
+/// `certificates`). Every certificate of a listener verifies clients, or none does.
 #[derive(Clone, Debug)]
 pub struct TlsConfig {
     /// PEM certificate chain, leaf first.
@@ -96,6 +109,9 @@ pub struct TlsConfig {
     /// PEM file of CRLs (mTLS only): a client certificate they revoke is refused. Each CRL must
     /// be signed by a certificate of `client_ca`.
     pub crl: Option<PathBuf>,
+    /// `[[listener.tls.certificate]]`: certificates chosen by the client's SNI, each with its
+    /// client trust and maybe its own authorization, in config order (empty: one certificate).
+    pub certificates: Vec<CertificateConfig>,
     /// Close an open mTLS connection when its client certificate expires (default true).
     pub close_on_expiry: bool,
     /// Whether a certificate without a spiffe URI or DNS SAN may be named by its Common Name
@@ -130,7 +146,47 @@ impl TlsConfig {
             session_timeout: DEFAULT_SESSION_TIMEOUT,
             alpn: Vec::new(),
             alpn_required: false,
+            certificates: Vec::new(),
         }
+    }
+
+    /// The fallback's client trust (see [`TlsConfig`]).
+    pub fn trust(&self) -> TrustFiles<'_> {
+        TrustFiles::of(&self.client_ca, &self.trust_domains, &self.crl)
+    }
+
+    /// Whether clients must present a certificate (mTLS): the fallback's trust says, and every
+    /// entry's agrees (config validation).
+    pub fn verifies_clients(&self) -> bool {
+        self.trust().verifies_clients()
+    }
+
+    /// The entry a client that sent `server_name` is served by ([`select`]); `None`: the
+    /// fallback (which may be the default entry).
+    pub fn certificate_for(&self, server_name: Option<&str>) -> Option<&CertificateConfig> {
+        let names = self.certificates.iter().map(|c| c.server_names.as_slice());
+        select(names, server_name).and_then(|i| self.certificates.get(i))
+    }
+
+    /// Every file these settings name: the fallback's, then each entry's.
+    pub fn files(&self) -> impl Iterator<Item = &PathBuf> {
+        let fallback = [
+            Some(&self.cert),
+            Some(&self.key),
+            self.client_ca.as_ref(),
+            self.crl.as_ref(),
+        ];
+        let entries = self.certificates.iter().flat_map(|c| {
+            [Some(&c.cert), Some(&c.key), c.client_ca.as_ref(), c.crl.as_ref()]
+                .into_iter()
+                .flatten()
+                .chain(c.trust_domains.values())
+        });
+        fallback
+            .into_iter()
+            .flatten()
+            .chain(self.trust_domains.values())
+            .chain(entries)
     }
 }
 
@@ -167,14 +223,16 @@ pub(super) struct RawListener {
     tcp_keepalive: Option<RawKeepalive>,
     max_connections: Option<usize>,
     max_handshakes_per_source: Option<u32>,
-    authorization: Option<BTreeMap<String, Vec<String>>>,
+    allow_from: Option<Vec<String>>,
+    deny_from: Option<Vec<String>>,
+    authorization: Option<RawAuthorization>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTls {
-    cert: PathBuf,
-    key: PathBuf,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
     #[serde(default)]
     trust_domains: BTreeMap<String, PathBuf>,
@@ -186,6 +244,8 @@ struct RawTls {
     session_timeout: Option<String>,
     alpn: Option<Vec<String>>,
     alpn_required: Option<bool>,
+    #[serde(default)]
+    certificate: Vec<RawCertificate>,
 }
 
 impl Validator<'_> {
@@ -235,7 +295,7 @@ impl Validator<'_> {
             return Err(self.invalid(key("upstream"), &l.upstream, "no [[upstream]] has this name"));
         }
         let tls = match l.tls {
-            Some(t) => Some(self.tls(&key("tls"), t)?),
+            Some(t) => Some(self.tls(&key("tls"), t, upstreams)?),
             None => None,
         };
         if !l.sni.is_empty() && tls.is_none() {
@@ -291,12 +351,22 @@ impl Validator<'_> {
                     "only means something with accept_proxy_protocol = true",
                 ))
             }
-            Some(list) => list
-                .iter()
-                .map(|text| {
-                    IpNet::parse(text).map_err(|reason| self.invalid(key("trusted_proxies"), text, reason))
-                })
-                .collect::<Result<_, _>>()?,
+            Some(list) => self.network_list(&key("trusted_proxies"), list)?,
+        };
+        let allow_from = match &l.allow_from {
+            Some(list) if list.is_empty() => {
+                return Err(self.invalid(
+                    key("allow_from"),
+                    "[]",
+                    "admits no source; leave allow_from out to admit every source",
+                ))
+            }
+            Some(list) => self.network_list(&key("allow_from"), list)?,
+            None => Vec::new(),
+        };
+        let deny_from = match &l.deny_from {
+            Some(list) => self.network_list(&key("deny_from"), list)?,
+            None => Vec::new(),
         };
         let idle_timeout = match &l.idle_timeout {
             Some(text) => self.duration_or_off(&key("idle_timeout"), text)?,
@@ -357,6 +427,8 @@ impl Validator<'_> {
         Ok(ListenerConfig {
             name: l.name,
             authorization,
+            allow_from,
+            deny_from,
             bind,
             upstream: l.upstream,
             tls,
@@ -377,7 +449,15 @@ impl Validator<'_> {
         })
     }
 
-    fn tls(&self, key: &str, raw: RawTls) -> Result<TlsConfig, ConfigError> {
+    /// A list of networks (`10.0.0.0/8`, `::1`, a bare address is one host).
+    fn network_list(&self, key: &str, list: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+        list.iter()
+            .map(|text| IpNet::parse(text).map_err(|reason| self.invalid(key, text, reason)))
+            .collect()
+    }
+
+    /// `[listener.tls]` at `key`, its certificate entries naming only `upstreams`.
+    fn tls(&self, key: &str, raw: RawTls, upstreams: &[UpstreamConfig]) -> Result<TlsConfig, ConfigError> {
         let min_version = match raw.min_version.as_deref() {
             None | Some("1.2") => TlsVersion::Tls12,
             Some("1.3") => TlsVersion::Tls13,
@@ -385,22 +465,28 @@ impl Validator<'_> {
                 return Err(self.invalid(format!("{key}.min_version"), other, "expected \"1.2\" or \"1.3\""))
             }
         };
-        for (domain, path) in &raw.trust_domains {
-            if let Err(why) = trust_domain_name(domain) {
-                return Err(self.invalid(format!("{key}.trust_domains"), domain, why));
-            }
-            if path.as_os_str().is_empty() {
-                return Err(self.invalid(
-                    format!("{key}.trust_domains.{domain:?}"),
-                    "",
-                    "expected a PEM bundle file",
-                ));
-            }
+        let listener_trust = ClientTrust {
+            client_ca: raw.client_ca.map(|p| self.base.join(p)),
+            trust_domains: self.trust_domains(&format!("{key}.trust_domains"), raw.trust_domains)?,
+            crl: raw.crl.map(|p| self.base.join(p)),
+        };
+        if let Some(crl) = listener_trust
+            .crl
+            .as_ref()
+            .filter(|_| !listener_trust.files().verifies_clients())
+        {
+            return Err(self.invalid(
+                format!("{key}.crl"),
+                crl.display(),
+                "needs client_ca or trust_domains (mutual TLS)",
+            ));
         }
-        if raw.client_ca.is_none() && raw.trust_domains.is_empty() {
+        let certificates = self.certificates(key, raw.certificate, &listener_trust, upstreams)?;
+        let (cert, private_key, fallback) =
+            self.fallback(key, (raw.cert, raw.key), &listener_trust, &certificates)?;
+        if !fallback.files().verifies_clients() {
             // Settings of client authentication, given without it: surely a mistake.
             let mtls_only = [
-                ("crl", raw.crl.as_ref().map(|p| p.display().to_string())),
                 ("close_on_expiry", raw.close_on_expiry.map(|b| b.to_string())),
                 ("identity_from_cn", raw.identity_from_cn.map(|b| b.to_string())),
             ];
@@ -426,37 +512,19 @@ impl Validator<'_> {
             ));
         }
         Ok(TlsConfig {
-            cert: self.base.join(raw.cert),
-            key: self.base.join(raw.key),
-            client_ca: raw.client_ca.map(|p| self.base.join(p)),
-            trust_domains: raw
-                .trust_domains
-                .into_iter()
-                .map(|(domain, path)| (domain, self.base.join(path)))
-                .collect(),
+            cert,
+            key: private_key,
+            client_ca: fallback.client_ca,
+            trust_domains: fallback.trust_domains,
             min_version,
-            crl: raw.crl.map(|p| self.base.join(p)),
+            crl: fallback.crl,
             close_on_expiry: raw.close_on_expiry.unwrap_or(true),
             identity_from_cn: raw.identity_from_cn.unwrap_or(true),
             session_cache: raw.session_cache.unwrap_or(DEFAULT_SESSION_CACHE),
             session_timeout,
             alpn,
             alpn_required,
+            certificates,
         })
     }
-}
-
-/// Checks a SPIFFE trust domain name: lowercase letters, digits, `.`, `-` and `_` (the SPIFFE
-/// ID specification), 1 to 255 characters.
-fn trust_domain_name(name: &str) -> Result<(), &'static str> {
-    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_');
-    if name.is_empty() || name.len() > 255 {
-        return Err("a trust domain name is 1 to 255 characters");
-    }
-    if !name.chars().all(allowed) {
-        return Err(
-            "a trust domain name has only lowercase letters, digits, '.', '-' and '_' (no scheme, no path)",
-        );
-    }
-    Ok(())
 }

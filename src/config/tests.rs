@@ -202,7 +202,7 @@ fn tls_sni_authorization_and_rate_limit_keys_load_typed() {
         Some(&b"HTTP/1.1 429 Too Many Requests\r\n\r\n"[..])
     );
     assert_eq!(l.rate_limit.as_ref().map(|r| r.policy().capacity), Some(7));
-    assert_eq!(config.authorization.len(), 2);
+    assert_eq!(config.authorization.entries.len(), 2);
     let r = config.rate_limit.expect("rate limit").policy;
     assert_eq!(
         (r.capacity, r.window, r.max_concurrent),
@@ -1257,7 +1257,7 @@ fn a_listeners_own_authorization_must_name_known_upstreams_and_needs_client_cert
     let config = mtls_listener("client_ca='ca.pem'\n", own).expect("valid");
     assert_eq!(
         config.listeners[0].authorization,
-        Some(vec![("alice".into(), vec!["u".into()])])
+        Some(crate::authz::Policy::exact([("alice", ["u"])]))
     );
     let e = mtls_listener(
         "client_ca='ca.pem'\n",

@@ -121,8 +121,13 @@ pub struct UpstreamTlsConfig {
     pub ca: PathBuf,
     /// Client certificate and key for mTLS to the backends (both or neither).
     pub client_cert: Option<(PathBuf, PathBuf)>,
-    /// Name checked in the backends' certificates (and sent as SNI); default: the backend's host.
+    /// Name sent as SNI and, without `server_identity`, checked in the backends' certificates;
+    /// default: the backend's host.
     pub server_name: Option<String>,
+    /// `server_identity`: the backends' certificates are checked for one of these identities
+    /// (SPIFFE IDs, DNS names or patterns) instead of for `server_name`, for backends whose
+    /// certificates carry only a SPIFFE ID. Never empty.
+    pub server_identity: Option<Vec<crate::authz::Name>>,
     /// What is offered by ALPN to the backends.
     pub alpn: UpstreamAlpn,
 }
@@ -252,7 +257,19 @@ struct RawUpstreamTls {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     server_name: Option<String>,
+    server_identity: Option<RawServerIdentity>,
     alpn: Option<RawUpstreamAlpn>,
+}
+
+/// `server_identity = "spiffe://..."` or a list of such.
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a SPIFFE ID or DNS name (or pattern), or a list of them"
+)]
+enum RawServerIdentity {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// `alpn = "client"` or `alpn = ["h2", ...]`.
@@ -390,6 +407,10 @@ impl Validator<'_> {
                 ca: self.base.join(t.ca),
                 client_cert: self.client_cert(&key("tls"), t.cert, t.key)?,
                 server_name: t.server_name,
+                server_identity: t
+                    .server_identity
+                    .map(|raw| self.server_identity(&key("tls.server_identity"), raw))
+                    .transpose()?,
                 alpn: match t.alpn {
                     None => UpstreamAlpn::None,
                     Some(RawUpstreamAlpn::Client(word)) if word == "client" => UpstreamAlpn::Client,
@@ -516,6 +537,41 @@ impl Validator<'_> {
         Ok(DnsConfig { servers })
     }
 
+    /// `[upstream.tls] server_identity`: at least one entry, each an exact identity or a
+    /// well-formed pattern, none a URI other than a SPIFFE ID (no certificate identity could
+    /// match it).
+    fn server_identity(
+        &self,
+        key: &str,
+        raw: RawServerIdentity,
+    ) -> Result<Vec<crate::authz::Name>, ConfigError> {
+        let list = match raw {
+            RawServerIdentity::One(text) => vec![text],
+            RawServerIdentity::Many(list) => list,
+        };
+        if list.is_empty() {
+            return Err(self.invalid(
+                key,
+                "[]",
+                "list at least one SPIFFE ID or DNS name, or leave server_identity out",
+            ));
+        }
+        let entry = |text: &String| {
+            if text.is_empty() {
+                return Err(self.invalid(key, "\"\"", "an empty name matches no backend"));
+            }
+            if text.contains("://") && !text.starts_with("spiffe://") {
+                return Err(self.invalid(
+                    key,
+                    text,
+                    "a backend's identities are its SPIFFE ID (spiffe://...) and DNS names",
+                ));
+            }
+            crate::authz::Name::parse(text).map_err(|e| self.invalid(key, text, e.to_string()))
+        };
+        list.iter().map(entry).collect()
+    }
+
     fn health_check(&self, key: &str, raw: RawHealthCheck) -> Result<HealthCheckConfig, ConfigError> {
         let key = |field: &str| format!("{key}.{field}");
         let interval = match &raw.interval {
@@ -566,3 +622,6 @@ impl Validator<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,14 +1,18 @@
 //! Phase 2, admission: which upstream the client reaches, and as whom ([`admit`]).
 //!
-//! On a TLS listener: the handshake under the connection's deadline, then, judged against the
+//! On a TLS listener: the handshake under the connection's deadline (with the certificate and
+//! client trust the client's SNI chooses among the listener's), then, judged against the
 //! generation live at that moment (not the one live at accept), the upstream (SNI, ALPN or the
 //! listener's), the client identity from the verified certificate (verified again for a resumed
-//! session or one from before a reload) and the authorization of that identity for that upstream
-//! (mTLS; default deny). An authorized mTLS connection is registered, so that a reload removing
-//! its access, or its certificate's expiry, closes it. A plain listener admits as it accepted.
+//! session or one from before a reload, by the trust the same SNI chooses) and the authorization
+//! of that identity, from its source, for that upstream (mTLS; default deny; deny entries first;
+//! a shadow table is judged beside and only counted). An authorized mTLS connection is
+//! registered, so that a reload removing its access, or its certificate's expiry, closes it. A
+//! plain listener admits as it accepted.
 //! The rules are `tls`'s, `identity`'s and `authz`'s; this file applies them in order and records
 //! what they found. It does not limit, dial or relay.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,11 +27,12 @@ use super::front::Who;
 use super::limits::in_handshake;
 use super::refusal::{Refusal, Step};
 use crate::accesslog::Entry;
-use crate::authz::Decision as Authz;
+use crate::authz::{Decision as Authz, Denial, Matched};
+use crate::identity::ClientIdentity;
 use crate::metrics::{HandshakeFailure, Reason};
 use crate::proxy_protocol::SslInfo;
 use crate::ratelimit::ClientKey;
-use crate::state::{Grant, Listener, Live, State, Upstream};
+use crate::state::{Grant, Listener, ListenerTls, Live, State, Upstream};
 use crate::tls::ServerTls;
 
 /// A client through admission, on its way to the limit and a backend.
@@ -70,12 +75,13 @@ pub(super) fn admit_plain(
     }
 }
 
-/// Phase 2 on a TLS listener (`tls`): handshake -> identity -> authorization, by `deadline`; the
-/// upstream is then the span's `upstream` and the access log's. `who` comes from the front.
+/// Phase 2 on a TLS listener (`tls`, its certificates): handshake -> identity -> authorization,
+/// by `deadline`; the upstream is then the span's `upstream` and the access log's. `who` comes
+/// from the front.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn admit(
     client: TcpStream,
-    tls: &ServerTls,
+    tls: &ListenerTls,
     listener: &Arc<Listener>,
     live: &Live,
     mut who: Who,
@@ -89,8 +95,8 @@ pub(super) async fn admit(
         Ok(place) => place,
         Err(refusal) => return refused(refusal, None),
     };
-    let client = match handshake(client, tls, listener, deadline, abort).await {
-        Step::Next(client) => client,
+    let (client, handshake_tls) = match handshake(client, tls, listener, deadline, abort).await {
+        Step::Next(done) => done,
         Step::Refused(refusal) => return refused(refusal, None),
         Step::Aborted => return Admission::Aborted,
     };
@@ -127,12 +133,18 @@ pub(super) async fn admit(
         resumed: session.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
         server_name: who.authority.as_deref(),
         alpn: alpn.as_deref(),
-        handshake_tls: tls,
+        handshake_tls,
         accepted_by: listener,
+        source: who.addr.ip(),
+        shadow: std::cell::RefCell::new(None),
     };
     let current = live.state();
     let first = presented.judge(&current);
-    let (judged, registration) = match live.admit(current.generation, first, |now| presented.judge(now)) {
+    let admitted = live.admit(current.generation, first, |now| presented.judge(now));
+    if let Some(shadow) = presented.shadow.take() {
+        shadow.record(entry);
+    }
+    let (judged, registration) = match admitted {
         Ok(admitted) => admitted,
         Err(refusal) => return refused(refusal, Some(Client::Tls(client))),
     };
@@ -159,24 +171,38 @@ pub(super) async fn admit(
 }
 
 /// The TLS handshake, by `deadline` unless the drain deadline passes first: timed on success,
-/// counted by its cause on failure.
-async fn handshake(
+/// counted by its cause on failure. With certificate entries it reads the ClientHello first and
+/// completes with the certificate its server name chooses; it returns the one it ran with.
+async fn handshake<'t>(
     client: TcpStream,
-    tls: &ServerTls,
+    tls: &'t ListenerTls,
     listener: &Listener,
     deadline: tokio::time::Instant,
     abort: &CancellationToken,
-) -> Step<Box<TlsStream<TcpStream>>> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
+) -> Step<(Box<TlsStream<TcpStream>>, &'t ServerTls)> {
     let handshake_started = Instant::now();
+    let accept = async {
+        match tls.only() {
+            Some(only) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&only.config));
+                Ok::<_, std::io::Error>((acceptor.accept(client).await?, only))
+            }
+            None => {
+                let hello = rustls::server::Acceptor::default();
+                let start = tokio_rustls::LazyConfigAcceptor::new(hello, client).await?;
+                let chosen = &tls.choose(start.client_hello().server_name()).tls;
+                Ok((start.into_stream(Arc::clone(&chosen.config)).await?, chosen))
+            }
+        }
+    };
     let handshake = tokio::select! {
         _ = abort.cancelled() => return Step::Aborted,
-        handshake = Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(client))) => handshake,
+        handshake = Box::pin(tokio::time::timeout_at(deadline, accept)) => handshake,
     };
     match handshake {
-        Ok(Ok(stream)) => {
+        Ok(Ok((stream, chosen))) => {
             listener.figures.handshake.observe(handshake_started.elapsed());
-            Step::Next(Box::new(stream))
+            Step::Next((Box::new(stream), chosen))
         }
         Ok(Err(e)) => {
             let failure = crate::tls::classify_io(&e);
@@ -212,6 +238,57 @@ struct Presented<'a> {
     /// The TLS configuration the handshake ran with (the accepting generation's).
     handshake_tls: &'a ServerTls,
     accepted_by: &'a Listener,
+    /// The client's source address (the PROXY header's, when one was accepted).
+    source: IpAddr,
+    /// The last judgement's shadow verdict, if its listener has a shadow table.
+    shadow: std::cell::RefCell<Option<ShadowVerdict>>,
+}
+
+/// What a listener's shadow authorization table said of a client, beside the real table.
+struct ShadowVerdict {
+    listener: Arc<Listener>,
+    upstream: String,
+    would_allow: bool,
+    allowed: bool,
+}
+
+impl ShadowVerdict {
+    /// Counts it on its listener; when it disagrees with the real table, says so in the span
+    /// (every log line of the connection) and the access log entry.
+    fn record(&self, entry: &mut Entry) {
+        self.listener.shadow.count(&self.upstream, self.would_allow);
+        if self.would_allow != self.allowed {
+            let shadow = if self.would_allow {
+                "would_allow"
+            } else {
+                "would_deny"
+            };
+            Span::current().record("shadow", shadow);
+            entry.shadow = Some(shadow);
+        }
+    }
+}
+
+/// The refusal for an authorization `denial` of `identity` (from `source`) for `upstream`.
+fn refusal(
+    denial: Denial,
+    identity: &ClientIdentity,
+    upstream: &str,
+    source: IpAddr,
+    matched: Matched<'_>,
+) -> Refusal {
+    let refusal = match denial {
+        Denial::Unlisted => Refusal::new(
+            Reason::Unauthorized,
+            format_args!("{identity} may not reach upstream {upstream:?} ({matched})"),
+        ),
+        Denial::Denied => Refusal::new(Reason::Denied, format_args!("{identity} is refused by {matched}")),
+        Denial::Source => Refusal::new(
+            Reason::SourceDenied,
+            format_args!("{identity} may reach upstream {upstream:?} only from the networks of {matched}, not from {source}"),
+        ),
+    };
+    refusal.of(identity.to_string().into())
 }
 
 /// Admission's verdict: where the connection goes, and who it is.
@@ -250,7 +327,7 @@ impl Presented<'_> {
             };
             return Ok((judged, None));
         }
-        let Some(tls) = &listener.tls else {
+        let Some(tls) = listener.tls_for(self.server_name) else {
             // Unreachable: an mTLS listener has TLS. Refuse rather than assume.
             return Err(Refusal::handshake(
                 listener,
@@ -294,9 +371,26 @@ impl Presented<'_> {
         let certified = crate::identity::inspect(leaf, listener.identity_rule)
             .map_err(|e| Refusal::new(Reason::Unauthorized, e))?;
         let identity = certified.identity;
-        if listener.authorization.check(&identity, &upstream.name) == Authz::Deny {
-            let detail = format!("{identity} may not reach upstream {:?}", upstream.name);
-            return Err(Refusal::new(Reason::Unauthorized, detail).of(identity.to_string().into()));
+        let authorization = listener.authorization_for(self.server_name);
+        let verdict = authorization.judge(&identity, &upstream.name, self.source);
+        if let Some(shadow) = authorization.shadow() {
+            let would_allow = shadow.check(&identity, &upstream.name, self.source) == Authz::Allow;
+            let allowed = verdict.decision == Authz::Allow;
+            self.shadow.replace(Some(ShadowVerdict {
+                listener: Arc::clone(listener),
+                upstream: upstream.name.clone(),
+                would_allow,
+                allowed,
+            }));
+        }
+        if let Authz::Deny(denial) = verdict.decision {
+            return Err(refusal(
+                denial,
+                &identity,
+                &upstream.name,
+                self.source,
+                verdict.matched,
+            ));
         }
         // `notAfter` is the last second of validity (RFC 5280, as webpki reads it): the path
         // expires one second after its earliest one, the anchor's and the intermediates' of
@@ -309,6 +403,8 @@ impl Presented<'_> {
             upstream: upstream.name.clone(),
             identity: identity.clone(),
             chain: self.chain.clone(),
+            server_name: self.server_name.map(str::to_string),
+            source: self.source,
             expires,
         };
         let judged = Judged {

@@ -73,6 +73,10 @@ pub(super) async fn front(
     } else {
         peer
     };
+    if !listener.admits_source(addr.ip()) {
+        let detail = format_args!("{} is refused by allow_from/deny_from", addr.ip());
+        return Step::Refused(Refusal::new(Reason::SourceDenied, detail));
+    }
     Step::Next(Who {
         key: ClientKey::from_ip(listener.prefixes.mask(addr.ip())),
         addr,

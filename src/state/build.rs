@@ -13,12 +13,12 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Discovered, Listener, ServerError, State, Upstream};
+use super::{Discovered, Listener, ListenerTls, ServerError, State, Upstream};
 use crate::authz::Authorization;
-use crate::config::{Config, ListenerLimit};
+use crate::config::{Config, ListenerLimit, TlsConfig};
 use crate::ratelimit::{ClusterLimiter, Limiter, RateLimiter};
 use crate::tls::expiry::Expiry;
-use crate::tls::ServerTls;
+use crate::tls::Certificates;
 
 /// What `fulcrum check` reports of a configuration that loads.
 #[derive(Debug)]
@@ -29,6 +29,9 @@ pub struct Checked {
     pub certificates: Vec<Expiry>,
     /// Per mTLS listener and CA file, the anchors and intermediates found in it (one line each).
     pub trust: Vec<String>,
+    /// Per mTLS listener, its effective authorization (entries, patterns, deny, shadow) and the
+    /// patterns that overlap (one line each).
+    pub policy: Vec<String>,
 }
 
 /// Checks everything `run` would load (config and certificate files) without binding anything,
@@ -96,34 +99,37 @@ pub fn check(config: &Config) -> Result<Checked, ServerError> {
         }
     }
     let mut trust = Vec::new();
-    for listener in &config.listeners {
-        let verifier = state
-            .listener(&listener.name)
-            .and_then(|l| l.tls.as_ref())
-            .and_then(|tls| tls.verifier.as_ref());
-        let Some(verifier) = verifier else { continue };
-        let stores = verifier
-            .trust
-            .client_ca
+    for listener in state.listeners() {
+        // Each client trust once, named by the first certificate using it.
+        let mut verifiers: Vec<&Arc<crate::tls::ClientVerifier>> = Vec::new();
+        for (entry, tls) in listener.tls.iter().flat_map(ListenerTls::each) {
+            let Some(verifier) = tls
+                .verifier
+                .as_ref()
+                .filter(|v| !verifiers.iter().any(|s| Arc::ptr_eq(s, v)))
+            else {
+                continue;
+            };
+            verifiers.push(verifier);
+            let of = entry.map_or_else(String::new, |name| format!(" certificate {:?}", name.to_string()));
+            describe_trust(&listener.name, &of, verifier, &mut trust, &mut warnings);
+        }
+    }
+    let mut policy = Vec::new();
+    for listener in state.listeners().filter(|l| l.mutual_tls) {
+        let name = format!("listener {:?}", listener.name);
+        policy.extend(policy_lines(&name, &listener.authorization));
+        let entries = config
+            .listeners
             .iter()
-            .map(|s| ("client_ca".to_string(), s));
-        let domains = verifier.trust.trust_domains.iter();
-        for (file, store) in stores.chain(domains.map(|(d, s)| (format!("trust domain {d:?}"), s))) {
-            let (anchors, intermediates) = store.describe();
-            trust.push(format!(
-                "listener {:?} {file}: anchors: {}; intermediates: {}",
-                listener.name,
-                anchors.join(" | "),
-                if intermediates.is_empty() {
-                    "none".into()
-                } else {
-                    intermediates.join(" | ")
-                }
-            ));
-            for (subject, why) in &store.unusable {
-                warnings.push(format!(
-                    "listener {:?} {file}: {subject} is not used as a trust anchor: {why}",
-                    listener.name
+            .filter(|l| l.name == listener.name)
+            .flat_map(|l| l.tls.iter().flat_map(|t| &t.certificates));
+        for entry in entries {
+            if let Some(own) = &entry.authorization {
+                let table = Authorization::new(&own.inheriting_deny(&config.authorization));
+                policy.extend(policy_lines(
+                    &format!("{name} certificate {:?}", entry.label()),
+                    &table,
                 ));
             }
         }
@@ -132,7 +138,58 @@ pub fn check(config: &Config) -> Result<Checked, ServerError> {
         warnings,
         certificates,
         trust,
+        policy,
     })
+}
+
+/// `fulcrum check`'s account of one client trust of `listener` (`of`: which certificate's, empty
+/// for the fallback's): a line per CA file with its anchors and intermediates into `trust`, and
+/// a warning per certificate of it not usable as an anchor.
+fn describe_trust(
+    listener: &str,
+    of: &str,
+    verifier: &crate::tls::ClientVerifier,
+    trust: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) {
+    let stores = verifier
+        .trust
+        .client_ca
+        .iter()
+        .map(|s| ("client_ca".to_string(), s));
+    let domains = verifier.trust.trust_domains.iter();
+    for (file, store) in stores.chain(domains.map(|(d, s)| (format!("trust domain {d:?}"), s))) {
+        let (anchors, intermediates) = store.describe();
+        let intermediates = match intermediates.is_empty() {
+            true => "none".into(),
+            false => intermediates.join(" | "),
+        };
+        trust.push(format!(
+            "listener {listener:?}{of} {file}: anchors: {}; intermediates: {intermediates}",
+            anchors.join(" | "),
+        ));
+        for (subject, why) in &store.unusable {
+            warnings.push(format!(
+                "listener {listener:?}{of} {file}: {subject} is not used as a trust anchor: {why}"
+            ));
+        }
+    }
+}
+
+/// `fulcrum check`'s account of an authorization table (`whose`: the listener's or one of its
+/// certificates'): what it holds, and each pair of patterns an identity could match both of
+/// (its own table's and its shadow's).
+fn policy_lines(whose: &str, authorization: &Authorization) -> Vec<String> {
+    let mut lines = vec![format!("{whose} authorization: {}", authorization.summary())];
+    let tables = std::iter::once(("", authorization)).chain(authorization.shadow().map(|s| ("shadow ", s)));
+    for (which, table) in tables {
+        for (wins, loses) in table.overlaps() {
+            lines.push(format!(
+                "{whose} {which}patterns overlap: {wins:?} wins over {loses:?} for identities both match"
+            ));
+        }
+    }
+    lines
 }
 
 /// Every certificate file a generation needs, loaded, and the shared rate limit's redis client
@@ -140,7 +197,7 @@ pub fn check(config: &Config) -> Result<Checked, ServerError> {
 pub(crate) struct Loaded {
     /// With `[reload] watch`: the files' fingerprint, taken before any of them is read.
     fingerprint: crate::config::files::Fingerprint,
-    listeners: Vec<Option<ServerTls>>,
+    listeners: Vec<Option<Certificates>>,
     upstreams: Vec<Option<Arc<crate::tls::UpstreamTls>>>,
     redis: Option<redis::Client>,
     certificates: Vec<Expiry>,
@@ -156,7 +213,11 @@ impl Loaded {
             listeners: config
                 .listeners
                 .iter()
-                .map(|l| current.listener(&l.name).and_then(|x| x.tls.clone()))
+                .map(|l| {
+                    current
+                        .listener(&l.name)
+                        .and_then(|x| x.tls.as_ref().map(ListenerTls::loaded))
+                })
                 .collect(),
             upstreams: config
                 .upstreams
@@ -194,7 +255,7 @@ pub(crate) fn load(config: &Config) -> Result<Loaded, ServerError> {
         .listeners
         .iter()
         .map(|l| match &l.tls {
-            Some(t) => crate::tls::server_config(t)
+            Some(t) => crate::tls::server_configs(t)
                 .map(Some)
                 .map_err(|source| ServerError::Tls {
                     listener: l.name.clone(),
@@ -243,7 +304,7 @@ impl State {
                 Arc::new(Upstream::new(u, tls, previous, &found))
             })
             .collect();
-        let authorization = Arc::new(Authorization::new(config.authorization.iter().cloned()));
+        let authorization = Arc::new(Authorization::new(&config.authorization));
         let reloads = previous.map_or_else(Default::default, |p| Arc::clone(&p.reloads));
         let epoch = Instant::now();
         let ratelimit_backend_errors =
@@ -308,11 +369,13 @@ impl State {
                 name: l.name.clone(),
                 bind,
                 upstream,
-                tls,
-                mutual_tls: l
-                    .tls
-                    .as_ref()
-                    .is_some_and(|t| t.client_ca.is_some() || !t.trust_domains.is_empty()),
+                tls: l.tls.as_ref().zip(tls).map(|(settings, loaded)| {
+                    // An entry's own table, built as the listener's own is below.
+                    ListenerTls::new(settings, loaded, |own| {
+                        Arc::new(Authorization::new(&own.inheriting_deny(&config.authorization)))
+                    })
+                }),
+                mutual_tls: l.tls.as_ref().is_some_and(TlsConfig::verifies_clients),
                 sni: l
                     .sni
                     .iter()
@@ -327,7 +390,7 @@ impl State {
                 handshake_timeout: l.handshake_timeout,
                 accept_proxy_protocol: l.accept_proxy_protocol,
                 authorization: match &l.authorization {
-                    Some(own) => Arc::new(Authorization::new(own.iter().cloned())),
+                    Some(own) => Arc::new(Authorization::new(&own.inheriting_deny(&config.authorization))),
                     None => Arc::clone(&authorization),
                 },
                 limiter,
@@ -335,6 +398,7 @@ impl State {
                 reject_response: l.reject_response.clone(),
                 accepted: old.map_or_else(Default::default, |o| Arc::clone(&o.accepted)),
                 rejected: old.map_or_else(Default::default, |o| Arc::clone(&o.rejected)),
+                shadow: old.map_or_else(Default::default, |o| Arc::clone(&o.shadow)),
                 handshake_failures: old.map_or_else(Default::default, |o| Arc::clone(&o.handshake_failures)),
                 figures: old.map_or_else(Default::default, |o| Arc::clone(&o.figures)),
                 identities: Arc::clone(&identities),
@@ -343,6 +407,8 @@ impl State {
                 },
                 close_on_expiry: l.tls.as_ref().is_some_and(|t| t.close_on_expiry),
                 trusted_proxies: l.trusted_proxies.clone(),
+                allow_from: l.allow_from.clone(),
+                deny_from: l.deny_from.clone(),
                 idle_timeout: l.idle_timeout,
                 half_closed_timeout: l.half_closed_timeout,
                 max_lifetime: l.max_lifetime,

@@ -30,6 +30,11 @@ pub(crate) struct Grant {
     pub(crate) upstream: String,
     pub(crate) identity: ClientIdentity,
     pub(crate) chain: Vec<CertificateDer<'static>>,
+    /// The server name the client asked for (SNI): which of the listener's certificates, trust
+    /// and authorization it was admitted under.
+    pub(crate) server_name: Option<String>,
+    /// The client's source address (the PROXY header's, when one was accepted).
+    pub(crate) source: std::net::IpAddr,
     /// When to close it (the earliest `notAfter` of its chain), with `close_on_expiry`.
     pub(crate) expires: Option<SystemTime>,
 }

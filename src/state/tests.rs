@@ -22,6 +22,8 @@ fn grant(expires: Option<u64>) -> Grant {
         upstream: "u".into(),
         identity: ClientIdentity::new("alice"),
         chain: Vec::new(),
+        server_name: None,
+        source: std::net::Ipv4Addr::LOCALHOST.into(),
         expires: expires.map(|s| UNIX_EPOCH + Duration::from_secs(s)),
     }
 }
@@ -261,7 +263,7 @@ fn a_rebuild_that_keeps_the_trust_verifies_no_open_certificate_and_a_reload_does
     // can cut it, since alice stays authorized.
     let open = register(&live, None);
     let current = live.state();
-    let tls = current.listener("a").and_then(|l| l.tls.as_ref()).expect("TLS");
+    let tls = current.listener("a").and_then(|l| l.tls_for(None)).expect("TLS");
     assert!(!tls.accepts(&[]), "an empty chain verifies");
     let addrs = vec![("a".to_string(), current.listener("a").expect("a").bind)];
 

@@ -1,6 +1,8 @@
 //! TLS as a client: to an upstream's backends (`[upstream.tls]`) and to the shared rate limit's
 //! Redis (`[rate_limit.shared.tls]`). It builds client configurations from checked files; it
-//! must not serve or decide anything about clients of fulcrum.
+//! must not serve or decide anything about clients of fulcrum. A backend is verified against
+//! `ca` and the name dialed, or with `server_identity` against `ca` and the identities its
+//! certificate carries (`client/server_identity.rs`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,14 +12,18 @@ use rustls::RootCertStore;
 
 use super::files::{certificates, private_key, read, trust_anchors, TlsError};
 use super::provider::provider;
+use crate::authz::Name;
 
-/// The client configuration for TLS to an upstream's backends: verify them against `ca`,
-/// present a client certificate when one is configured (mTLS to the backend), and offer the
-/// configured ALPN protocols (with `alpn = "client"`, see [`UpstreamTls::config_for`]).
+mod server_identity;
+
+/// The client configuration for TLS to an upstream's backends: verify them against `ca` (and
+/// the dial name, or `server_identity`), present a client certificate when one is configured
+/// (mTLS to the backend), and offer the configured ALPN protocols (with `alpn = "client"`, see
+/// [`UpstreamTls::config_for`]).
 pub fn client_config(tls: &crate::config::UpstreamTlsConfig) -> Result<UpstreamTls, TlsError> {
     let roots = trust_anchors("backend CA", &tls.ca, &read("backend CA", &tls.ca)?)?;
     let identity = tls.client_cert.as_ref().map(ClientIdentity::read).transpose()?;
-    let mut config = checked_client_config(roots, identity.as_ref())?;
+    let mut config = checked_client_config(roots, tls.server_identity.as_deref(), identity.as_ref())?;
     if let crate::config::UpstreamAlpn::Fixed(list) = &tls.alpn {
         config.alpn_protocols = list.iter().map(|p| p.as_bytes().to_vec()).collect();
     }
@@ -33,7 +39,8 @@ pub fn client_config(tls: &crate::config::UpstreamTlsConfig) -> Result<UpstreamT
 #[derive(Debug)]
 pub struct UpstreamTls {
     pub config: Arc<rustls::ClientConfig>,
-    /// The name to verify (default: the backend's host).
+    /// The name sent as SNI (default: the backend's host), verified unless `server_identity`
+    /// is set.
     pub server_name: Option<String>,
     /// `alpn = "client"`: offer the backend the protocol the client negotiated.
     pass_client_alpn: bool,
@@ -56,6 +63,13 @@ impl UpstreamTls {
         });
         Arc::clone(config)
     }
+
+    /// The error of a failed handshake to a backend (what tokio-rustls returns), made readable:
+    /// a refusal by `server_identity` is its own message, naming the identities found and
+    /// expected, rather than rustls's debug rendering of it.
+    pub fn handshake_error(&self, error: std::io::Error) -> std::io::Error {
+        server_identity::readable(error)
+    }
 }
 
 /// The TLS files for the shared rate limit's Redis, checked like [`client_config`] checks an
@@ -70,7 +84,7 @@ pub fn redis_certificates(tls: &crate::config::RedisTlsConfig) -> Result<redis::
         None => (RootCertStore::empty(), None),
     };
     let identity = tls.client_cert.as_ref().map(ClientIdentity::read).transpose()?;
-    checked_client_config(roots, identity.as_ref())?;
+    checked_client_config(roots, None, identity.as_ref())?;
     Ok(redis::TlsCertificates {
         client_tls: identity.map(|identity| redis::ClientTlsConfig {
             client_cert: identity.cert_pem,
@@ -99,16 +113,25 @@ impl ClientIdentity {
     }
 }
 
-/// A client configuration verifying servers against `roots` and presenting `identity`: the
-/// check that the key matches the certificate.
+/// A client configuration verifying servers against `roots` and the name dialed, or with
+/// `server_identity` the identity they present, and presenting `identity`: the check that the
+/// key matches the certificate.
 fn checked_client_config(
     roots: RootCertStore,
+    server_identity: Option<&[Name]>,
     identity: Option<&ClientIdentity>,
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
+    let provider = provider();
+    let algorithms = provider.signature_verification_algorithms;
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?
-        .with_root_certificates(roots);
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let builder = match server_identity {
+        None => builder.with_root_certificates(roots),
+        Some(expected) => builder.dangerous().with_custom_certificate_verifier(Arc::new(
+            server_identity::ServerIdentityVerifier::new(roots, expected, algorithms),
+        )),
+    };
     let Some(identity) = identity else {
         return Ok(builder.with_no_client_auth());
     };

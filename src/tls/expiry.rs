@@ -1,7 +1,8 @@
 //! When the certificates a configuration relies on stop being valid: each listener's server
 //! certificate, the earliest certificate of its client CA bundle and the earliest `nextUpdate`
-//! of its CRLs; each upstream's backend CA and client certificate; the shared rate limit's Redis
-//! CA and client certificate. Read from the files the generation was loaded from (already checked
+//! of its CRLs, and the same for each of its `[[listener.tls.certificate]]` entries (a client
+//! trust several share is reported once); each upstream's backend CA and client certificate;
+//! the shared rate limit's Redis CA and client certificate. Read from the files the generation was loaded from (already checked
 //! by the loaders: a file that no longer parses here is left out, not an error). Reported as
 //! `fulcrum_certificate_not_after_timestamp_seconds`, in `/status` and by `fulcrum check`; and a
 //! CRL past its `nextUpdate` is warned about when it passes it (`warn_at_crl_next_update`).
@@ -15,8 +16,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::ServerTls;
-use crate::config::Config;
+use super::{Certificates, ServerTls};
+use crate::config::{Config, TrustFiles};
 
 /// Certificates expiring within this many days are warned about (`fulcrum check`, the status
 /// page).
@@ -35,6 +36,9 @@ pub enum Scope {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Expiry {
     pub scope: Scope,
+    /// Of a listener's `[[listener.tls.certificate]]` entry other than its fallback: the entry's
+    /// first server name (the `certificate` label).
+    pub certificate: Option<String>,
     /// `server`, `client_ca`, `crl_next_update`, `upstream_ca`, `upstream_cert`, `redis_ca`,
     /// `redis_cert`: the `kind` label.
     pub kind: &'static str,
@@ -68,22 +72,24 @@ impl Expiry {
             "redis_cert" => "client certificate to Redis",
             other => other,
         };
-        match &self.scope {
-            Scope::Listener(name) => format!("listener {name:?} {what}"),
-            Scope::Upstream(name) => format!("upstream {name:?} {what}"),
-            Scope::Redis => format!("[rate_limit.shared] {what}"),
+        match (&self.scope, &self.certificate) {
+            (Scope::Listener(name), Some(entry)) => format!("listener {name:?} certificate {entry:?} {what}"),
+            (Scope::Listener(name), None) => format!("listener {name:?} {what}"),
+            (Scope::Upstream(name), _) => format!("upstream {name:?} {what}"),
+            (Scope::Redis, _) => format!("[rate_limit.shared] {what}"),
         }
     }
 }
 
 /// Every deadline of `config`, with the CRLs as `listeners` (aligned with `config.listeners`)
 /// loaded them.
-pub fn of(config: &Config, listeners: &[Option<ServerTls>]) -> Vec<Expiry> {
+pub fn of(config: &Config, listeners: &[Option<Certificates>]) -> Vec<Expiry> {
     let mut found = Vec::new();
-    let mut add = |scope: &Scope, kind, at: Option<SystemTime>| {
+    let mut add = |scope: &Scope, certificate: &Option<String>, kind, at: Option<SystemTime>| {
         if let Some(not_after) = at {
             found.push(Expiry {
                 scope: scope.clone(),
+                certificate: certificate.clone(),
                 kind,
                 not_after,
             });
@@ -92,20 +98,42 @@ pub fn of(config: &Config, listeners: &[Option<ServerTls>]) -> Vec<Expiry> {
     for (l, loaded) in config.listeners.iter().zip(listeners) {
         let Some(tls) = &l.tls else { continue };
         let scope = Scope::Listener(l.name.clone());
-        add(&scope, "server", first(&tls.cert));
-        add(&scope, "client_ca", tls.client_ca.as_deref().and_then(earliest));
-        add(
-            &scope,
-            "crl_next_update",
-            loaded.as_ref().and_then(ServerTls::crl_next_update),
-        );
+        let loaded = loaded.as_ref();
+        // The fallback, then each entry that is not it (the default entry is).
+        let entries = tls.certificates.iter().enumerate().filter(|(_, c)| !c.default);
+        let certificates = std::iter::once((None, &tls.cert, tls.trust(), loaded.map(|l| &l.fallback)))
+            .chain(entries.map(|(i, c)| {
+                (
+                    Some(c.label()),
+                    &c.cert,
+                    c.trust(),
+                    loaded.and_then(|l| l.entries.get(i)),
+                )
+            }));
+        let mut reported: Vec<TrustFiles<'_>> = Vec::new();
+        for (certificate, cert, trust, server_tls) in certificates {
+            add(&scope, &certificate, "server", first(cert));
+            if reported.contains(&trust) {
+                continue;
+            }
+            reported.push(trust);
+            add(
+                &scope,
+                &certificate,
+                "client_ca",
+                trust.client_ca.and_then(earliest),
+            );
+            let next_update = server_tls.and_then(ServerTls::crl_next_update);
+            add(&scope, &certificate, "crl_next_update", next_update);
+        }
     }
     for u in &config.upstreams {
         let Some(tls) = &u.tls else { continue };
         let scope = Scope::Upstream(u.name.clone());
-        add(&scope, "upstream_ca", earliest(&tls.ca));
+        add(&scope, &None, "upstream_ca", earliest(&tls.ca));
         add(
             &scope,
+            &None,
             "upstream_cert",
             tls.client_cert.as_ref().and_then(|(c, _)| first(c)),
         );
@@ -115,9 +143,15 @@ pub fn of(config: &Config, listeners: &[Option<ServerTls>]) -> Vec<Expiry> {
         .as_ref()
         .and_then(|r| r.shared.as_ref()?.tls.as_ref());
     if let Some(tls) = redis {
-        add(&Scope::Redis, "redis_ca", tls.ca.as_deref().and_then(earliest));
         add(
             &Scope::Redis,
+            &None,
+            "redis_ca",
+            tls.ca.as_deref().and_then(earliest),
+        );
+        add(
+            &Scope::Redis,
+            &None,
             "redis_cert",
             tls.client_cert.as_ref().and_then(|(c, _)| first(c)),
         );
@@ -181,6 +215,7 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
         let at = |secs: u64| Expiry {
             scope: Scope::Redis,
+            certificate: None,
             kind: "redis_ca",
             not_after: now + Duration::from_secs(secs),
         };

@@ -269,3 +269,56 @@ fn handshake_errors_are_classified_by_their_cause() {
     let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "tls handshake eof");
     assert_eq!(classify_io(&eof), HandshakeFailure::Closed);
 }
+
+/// `f`'s listener with `[listener.tls]` keys `tls` (paths relative to `f`'s directory).
+fn listener_tls(f: &Files, tls: &str) -> TlsConfig {
+    let text = format!(
+        "[[listener]]\nname='a'\nbind='127.0.0.1:0'\nupstream='u'\n[listener.tls]\n{tls}\n\
+         [[upstream]]\nname='u'\nbackends=['127.0.0.1:1']\n"
+    );
+    let text = text.replace("DIR", &f.dir.display().to_string());
+    let config = crate::Config::from_toml(&text, "t").expect("valid config");
+    config.listeners[0].tls.clone().expect("TLS")
+}
+
+const ENTRY: &str = "[[listener.tls.certificate]]\ncert='DIR/server.pem'\nkey='DIR/server.key'\n";
+
+#[test]
+fn entries_share_a_verifier_where_their_client_trust_is_the_same_and_never_a_session_cache() {
+    let f = Files::new("entries");
+    let tls = listener_tls(
+        &f,
+        &format!(
+            "cert='DIR/server.pem'\nkey='DIR/server.key'\nclient_ca='DIR/ca.pem'\n\
+             {ENTRY}server_names=['a.example']\n{ENTRY}server_names=['b.example']\n"
+        ),
+    );
+    let loaded = server_configs(&tls).expect("loads");
+    let [a, b] = &loaded.entries[..] else {
+        panic!("two entries")
+    };
+    for (one, other) in [(a, b), (a, &loaded.fallback)] {
+        let (v1, v2) = (
+            one.verifier.as_ref().expect("mTLS"),
+            other.verifier.as_ref().expect("mTLS"),
+        );
+        assert!(Arc::ptr_eq(v1, v2), "the same client_ca loaded twice");
+        assert!(!Arc::ptr_eq(&one.config, &other.config));
+        assert!(!Arc::ptr_eq(
+            &one.config.session_storage,
+            &other.config.session_storage
+        ));
+    }
+}
+
+#[test]
+fn a_default_entry_is_the_fallback_itself() {
+    let f = Files::new("default");
+    let tls = listener_tls(
+        &f,
+        &format!("{ENTRY}default=true\n{ENTRY}server_names=['a.example']\n"),
+    );
+    let loaded = server_configs(&tls).expect("loads");
+    assert!(Arc::ptr_eq(&loaded.entries[0].config, &loaded.fallback.config));
+    assert!(!Arc::ptr_eq(&loaded.entries[1].config, &loaded.fallback.config));
+}

@@ -15,7 +15,7 @@ use x509_parser::prelude::FromDer;
 
 use super::files::{certificates, pem_reason, read, TlsError};
 use super::provider::chosen_provider;
-use crate::config::TlsConfig;
+use crate::config::{TlsConfig, TrustFiles};
 use crate::trust::{CrlError, CrlInfo, Revocations, Store, Trust};
 
 /// The client certificate verifier of an mTLS listener: `Trust::verify` at handshake time,
@@ -123,9 +123,19 @@ impl ClientCertVerifier for ClientVerifier {
 }
 
 /// The client trust of a listener (`client_ca`, `trust_domains`, `crl`, `identity_from_cn`), or
-/// `None` without client authentication; with the CRLs' report.
+/// `None` without client authentication; with the CRLs' report. The fallback's, on a listener
+/// with certificate entries (see [`TlsConfig`]); [`client_trust_of`] loads any certificate's.
 pub fn client_trust(tls: &TlsConfig) -> Result<Option<(Trust, Vec<CrlInfo>)>, TlsError> {
-    if tls.client_ca.is_none() && tls.trust_domains.is_empty() {
+    client_trust_of(tls.trust(), tls.identity_from_cn)
+}
+
+/// The client trust loaded from `files`, identities taken by the listener's `identity_from_cn`;
+/// `None` without client authentication.
+pub fn client_trust_of(
+    files: TrustFiles<'_>,
+    identity_from_cn: bool,
+) -> Result<Option<(Trust, Vec<CrlInfo>)>, TlsError> {
+    if !files.verifies_clients() {
         return Ok(None);
     }
     let store = |what: &'static str, path: &Path| -> Result<Store, TlsError> {
@@ -137,23 +147,19 @@ pub fn client_trust(tls: &TlsConfig) -> Result<Option<(Trust, Vec<CrlInfo>)>, Tl
         })
     };
     let mut trust = Trust {
-        client_ca: tls
-            .client_ca
-            .as_deref()
-            .map(|path| store("client CA", path))
-            .transpose()?,
+        client_ca: files.client_ca.map(|path| store("client CA", path)).transpose()?,
         rule: crate::identity::Rule {
-            from_common_name: tls.identity_from_cn,
+            from_common_name: identity_from_cn,
         },
         ..Trust::default()
     };
-    for (domain, path) in &tls.trust_domains {
+    for (domain, path) in files.trust_domains {
         trust
             .trust_domains
             .insert(domain.clone(), store("trust domain bundle", path)?);
     }
     let mut crls = Vec::new();
-    if let Some(path) = &tls.crl {
+    if let Some(path) = files.crl {
         let pem = read("CRL", path)?;
         let failed = |reason: String| TlsError::Crl {
             path: path.to_path_buf(),

@@ -126,6 +126,20 @@ impl Fulcrum {
         .await
     }
 
+    /// The admin API's TCP address, from its `admin listening` log line.
+    pub async fn admin_addr(&mut self) -> SocketAddr {
+        self.wait_for_line("the admin address", |line| {
+            if !line.contains("admin listening") {
+                return None;
+            }
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix("addr="))?
+                .parse()
+                .ok()
+        })
+        .await
+    }
+
     /// The process id, as `kill` and `/proc` take it.
     pub fn pid(&self) -> String {
         self.child.id().expect("fulcrum is running").to_string()
