@@ -16,7 +16,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
@@ -143,7 +143,7 @@ pub(crate) struct Interim<'a> {
     every: Duration,
     next: tokio::time::Instant,
     started: Instant,
-    log: &'a AccessLog,
+    log: Arc<AccessLog>,
     /// The access log entry so far (the interim entries' fields).
     entry: &'a Entry,
 }
@@ -152,7 +152,7 @@ impl<'a> Interim<'a> {
     /// Interim entries of `entry`, a connection that started at `started`, to `log` `every` so
     /// often; the first one `every` after `started`.
     pub(crate) fn new(
-        log: &'a AccessLog,
+        log: &Arc<AccessLog>,
         every: Duration,
         started: Instant,
         entry: &'a Entry,
@@ -161,7 +161,7 @@ impl<'a> Interim<'a> {
             every,
             next: crate::clock::later(tokio::time::Instant::from_std(started), every),
             started,
-            log,
+            log: Arc::clone(log),
             entry,
         }
     }

@@ -1,6 +1,8 @@
 //! The admin side: the HTTP API on a TCP address and/or a Unix socket, serving `/` (the status
 //! page), `/status` (JSON), `/metrics` (Prometheus text), `/healthz`, `POST /reload`,
-//! `POST /impact` (the reload preview, `impact`) and
+//! `POST /impact` (the reload preview, `impact`), `GET /connections` and
+//! `POST /connections/close` (the open connections, `connections`), `GET`/`POST /quarantine` and
+//! `POST /quarantine/release` (`quarantine`), and
 //! `POST /upstreams/{upstream}/backends/{backend}/state`, and the read-only views of the live
 //! state it serves: [`status`] (the snapshot and the page) and [`prometheus`] (the metrics text).
 //!
@@ -34,9 +36,11 @@ use crate::balancer::MAX_WEIGHT;
 use crate::health::AdminState;
 use crate::reload::Handle;
 
+pub(crate) mod connections;
 pub mod guard;
 pub(crate) mod impact;
 pub mod prometheus;
+pub(crate) mod quarantine;
 pub(crate) mod socket;
 pub mod status;
 
@@ -188,6 +192,10 @@ fn router(admin: Admin) -> Router {
         .route("/healthz", get(healthz))
         .route("/reload", post(reload))
         .route("/impact", post(impact))
+        .route("/connections", get(connections_list))
+        .route("/connections/close", post(connections_close))
+        .route("/quarantine", get(quarantine_list).post(quarantine_add))
+        .route("/quarantine/release", post(quarantine_release))
         .route(
             "/upstreams/{upstream}/backends/{backend}/state",
             post(backend_state),
@@ -325,6 +333,68 @@ async fn impact(
         Ok(Err(why)) => error(StatusCode::UNPROCESSABLE_ENTITY, &why),
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the preview did not finish"),
     }
+}
+
+async fn quarantine_list(State(admin): State<Admin>) -> Response {
+    json(
+        StatusCode::OK,
+        quarantine::list(&admin.handle.live).to_string() + "\n",
+    )
+}
+
+/// Quarantines an identity or serial and closes its open connections.
+async fn quarantine_add(
+    State(admin): State<Admin>,
+    axum::Extension(who): axum::Extension<Who>,
+    body: axum::body::Bytes,
+) -> Response {
+    let added = quarantine::request(&body).and_then(|request| quarantine::add(&admin.handle.live, &request));
+    match added {
+        Ok(answer) => {
+            info!(by = who.label(), answer = %answer, "POST /quarantine");
+            json(StatusCode::OK, answer.to_string() + "\n")
+        }
+        Err(why) => error(StatusCode::BAD_REQUEST, &why),
+    }
+}
+
+async fn quarantine_release(
+    State(admin): State<Admin>,
+    axum::Extension(who): axum::Extension<Who>,
+    body: axum::body::Bytes,
+) -> Response {
+    let released =
+        quarantine::request(&body).and_then(|request| quarantine::release(&admin.handle.live, &request));
+    match released {
+        Ok(answer) => {
+            info!(by = who.label(), answer = %answer, "POST /quarantine/release");
+            json(StatusCode::OK, answer.to_string() + "\n")
+        }
+        Err(why) => error(StatusCode::BAD_REQUEST, &why),
+    }
+}
+
+/// A page of the open connections, by the query string's filters and cursor.
+async fn connections_list(State(admin): State<Admin>, uri: axum::http::Uri) -> Response {
+    match connections::listing(uri.query()) {
+        Ok(listing) => json(StatusCode::OK, connections::list(&admin.handle.live, &listing)),
+        Err(why) => error(StatusCode::BAD_REQUEST, &why),
+    }
+}
+
+/// Closes (or counts, `dry_run`) the open connections the body's filters match.
+async fn connections_close(
+    State(admin): State<Admin>,
+    axum::Extension(who): axum::Extension<Who>,
+    body: axum::body::Bytes,
+) -> Response {
+    let closing = match connections::closing(&body) {
+        Ok(closing) => closing,
+        Err(why) => return error(StatusCode::BAD_REQUEST, &why),
+    };
+    let answer = connections::close(&admin.handle.live, &closing);
+    info!(by = who.label(), filter = ?closing.filter, answer = %answer, "POST /connections/close");
+    json(StatusCode::OK, answer.to_string() + "\n")
 }
 
 /// `{"state": ...}`, `{"weight": ...}` or both.

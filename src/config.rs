@@ -45,7 +45,8 @@ pub use listener::{
 };
 pub use ratelimit::{
     redact_url, ListenerLimit, OnUnavailable, RateLimitConfig, RateLimitPolicy, RedisTlsConfig,
-    SharedRateLimitConfig, DEFAULT_MAX_CLIENTS, DEFAULT_SHARED_KEY_PREFIX, DEFAULT_SHARED_TIMEOUT,
+    SharedConcurrency, SharedRateLimitConfig, DEFAULT_MAX_CLIENTS, DEFAULT_SHARED_KEY_PREFIX,
+    DEFAULT_SHARED_TIMEOUT,
 };
 pub use upstream::{
     BackendConfig, Discover, DnsConfig, HealthCheckConfig, OnDown, UpstreamAlpn, UpstreamConfig,

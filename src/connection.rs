@@ -21,8 +21,12 @@
 //!    connection, refused ones included (with interim entries of long connections from the
 //!    relay's meter).
 //!
-//! A refusal ([`refusal`]) is recorded once, here, and the client ([`client`]) closed as the
-//! refusing phase calls for. The handshake, connect and connection-duration histograms, the byte
+//! From accept to close the connection is listed in the table of open connections by its
+//! [`record`] (`GET /connections`), whose facts are set here as each phase passes. Every phase
+//! watches its record's cut signal beside the drain deadline ([`refusal::Stop`]): a connection
+//! closed by an operator or quarantined ends at once, in whatever phase, its client reset and its
+//! end logged with the cut's reason. A refusal ([`refusal`]) is recorded once, here, and the
+//! client ([`client`]) closed as the refusing phase calls for. The handshake, connect and connection-duration histograms, the byte
 //! counters (as bytes move) and the per-identity table are fed as the phases go. No backend is
 //! dialed before phases 1-3 pass. The backend lease and the rate-limit permit are held for the
 //! whole connection, so counts are exact on every path. Failures end this connection only. This
@@ -40,10 +44,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{field, info_span, Instrument};
 
 use crate::accesslog::Entry;
+use crate::state::registry::Tracked;
 use crate::state::{Listener, Live};
 
 use admission::{Admission, Admitted};
-use refusal::Step;
+use record::Record;
+use refusal::{Step, Stop};
 use relay::Proxied;
 
 pub(crate) use limits::{take_places, Places};
@@ -54,12 +60,13 @@ mod dial;
 mod end;
 mod front;
 mod limits;
+mod record;
 mod refusal;
 mod relay;
 
 /// Serves one accepted client connection to completion: phases 1-4 ([`setup`], boxed), then
-/// the relay and the end. Never panics on peer input; every wait on a peer is bounded by a
-/// deadline or by `abort` (the drain deadline).
+/// the relay and the end, listed in the table of open connections throughout. Never panics on
+/// peer input; every wait on a peer is bounded by a deadline or by `abort` (the drain deadline).
 // Not an `async fn`: its future would keep a second copy of every argument beside the captured
 // one for the connection's whole life (the future sits in the task of every open connection).
 // The setup's box is made here, so the task does not carry the client socket and address either.
@@ -82,6 +89,11 @@ pub(crate) fn handle(
         alpn = field::Empty,
     );
     let started = Instant::now();
+    // Listed until the setup drops it (refused) or the relay gives it back (proxied).
+    let record = live
+        .registry
+        .connections()
+        .track(|id| Record::new(id, &listener, peer, started));
     // Phases 1-4 (front, admission, limits, dial) run in a box of their own, freed once they are
     // done: an idle connection's task then holds only what its relay needs.
     let setup = Box::pin(setup(
@@ -91,6 +103,7 @@ pub(crate) fn handle(
         live,
         abort.clone(),
         started,
+        record,
     ));
     // The span covers the whole task, held once.
     async move {
@@ -120,6 +133,7 @@ async fn setup(
     live: Arc<Live>,
     abort: CancellationToken,
     started: Instant,
+    record: Tracked<Record>,
 ) -> (Option<Box<Proxied>>, Box<Entry>) {
     let _ = client.set_nodelay(true);
     if let Some(settings) = &listener.tcp_keepalive {
@@ -127,14 +141,18 @@ async fn setup(
     }
     // Boxed: the entry is large and an idle connection's task should not carry it inline.
     let mut entry = Box::new(Entry::new(&listener.name, peer));
-    let proxied = reach_backend(client, peer, &listener, &live, &abort, started, &mut entry).await;
+    let proxied = reach_backend(
+        client, peer, &listener, &live, &abort, started, record, &mut entry,
+    )
+    .await;
     (proxied, entry)
 }
 
 /// Phases 1-4, from the front to a backend that answered: `Some` when the relay can start. A
 /// refusal is recorded here, then the client closed as its phase calls for: dropped after the
 /// front, a TLS close_notify after a completed handshake, the listener's reject response after
-/// the rate limit, a shutdown after a failed dial.
+/// the rate limit, a shutdown after a failed dial. A cut resets it ([`stopped`]).
+#[allow(clippy::too_many_arguments)]
 async fn reach_backend(
     mut client: TcpStream,
     peer: SocketAddr,
@@ -142,36 +160,45 @@ async fn reach_backend(
     live: &Live,
     abort: &CancellationToken,
     started: Instant,
+    record: Tracked<Record>,
     entry: &mut Entry,
 ) -> Option<Box<Proxied>> {
+    let stop = Stop {
+        abort,
+        cut: &record.cut,
+    };
     // One deadline for the PROXY header and the TLS handshake together.
     let deadline = crate::clock::later(
         tokio::time::Instant::from_std(started),
         listener.handshake_timeout,
     );
     // 1. The front: who the client is, by its address.
-    let who = match front::front(&mut client, peer, listener, deadline, abort, entry).await {
+    let who = match front::front(&mut client, peer, listener, deadline, stop, entry).await {
         Step::Next(who) => who,
         Step::Refused(refusal) => {
             refusal.record(listener, entry);
             return None;
         }
-        Step::Aborted => return None,
+        Step::Aborted => return stopped(stop, Some(&client), started, entry),
     };
+    record.front(who.addr);
     // 2. Admission: the upstream, and the client's identity and authorization on TLS listeners.
     let admitted = match &listener.tls {
-        None => admission::admit_plain(client, listener, who, entry),
-        Some(tls) => match admission::admit(client, tls, listener, live, who, deadline, abort, entry).await {
-            Admission::Admitted(admitted) => *admitted,
-            Admission::Refused { refusal, client } => {
-                refusal.record(listener, entry);
-                if let Some(mut client) = client {
-                    client.close().await;
+        None => admission::admit_plain(client, listener, who, &record, entry),
+        Some(tls) => {
+            match admission::admit(client, tls, listener, live, who, deadline, stop, &record, entry).await {
+                Admission::Admitted(admitted) => *admitted,
+                Admission::Refused { refusal, client } => {
+                    refusal.record(listener, entry);
+                    if let Some(mut client) = client {
+                        client.close().await;
+                    }
+                    return None;
                 }
-                return None;
+                // The handshake reset a cut client itself.
+                Admission::Aborted => return stopped(stop, None, started, entry),
             }
-            Admission::Aborted => return None,
-        },
+        }
     };
     let Admitted {
         mut client,
@@ -180,7 +207,8 @@ async fn reach_backend(
         upstream,
         who,
     } = admitted;
-    // 3. The limits: the client's rate limit.
+    // 3. The limits: the client's rate limit. Its check is not interrupted (a count half taken
+    // in a shared store could be left behind); a cut meanwhile stops the dial at once.
     let limited = match limits::limit(&listener, &who.key).await {
         Ok(limited) => limited,
         Err(refusal) => {
@@ -190,15 +218,16 @@ async fn reach_backend(
         }
     };
     // 4. The dial: a backend that answers.
-    let connected = match dial::connect(&upstream, &who.origin(), abort, entry).await {
+    let connected = match dial::connect(&upstream, &who.origin(), stop, entry).await {
         Step::Next(connected) => connected,
         Step::Refused(refusal) => {
             refusal.record(&listener, entry);
             client.close().await;
             return None;
         }
-        Step::Aborted => return None,
+        Step::Aborted => return stopped(stop, Some(client.tcp()), started, entry),
     };
+    record.proxied(&connected.chosen);
     Some(Proxied::new(
         client,
         connected,
@@ -207,7 +236,26 @@ async fn reach_backend(
         listener,
         &upstream,
         started,
+        record,
     ))
+}
+
+/// A connection stopped before its relay: when it was cut (closed by an operator,
+/// quarantined), its `client` socket (if the phase still held it) reset and its end reported
+/// with the cut's reason; at the drain deadline, nothing (see [`Step::Aborted`]).
+fn stopped(
+    stop: Stop<'_>,
+    client: Option<&TcpStream>,
+    started: Instant,
+    entry: &mut Entry,
+) -> Option<Box<Proxied>> {
+    if let Some(why) = stop.cut() {
+        if let Some(tcp) = client {
+            client::reset(tcp);
+        }
+        end::cut_short(why, started, entry);
+    }
+    None
 }
 
 #[cfg(test)]

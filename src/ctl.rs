@@ -20,6 +20,8 @@ use crate::health::AdminState;
 
 /// Everything one `fulcrum ctl` call may take.
 pub const DEADLINE: Duration = Duration::from_secs(10);
+/// Pages of open connections `fulcrum ctl connections` follows at most (a thousand each).
+pub const MAX_PAGES: usize = 100;
 
 /// Where the admin API is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +51,106 @@ pub enum Command {
     Impact {
         config: PathBuf,
     },
+    /// List the open connections `filter` matches (every page, up to [`MAX_PAGES`]).
+    Connections {
+        filter: ConnectionFilter,
+    },
+    /// Close (or, `dry_run`, count) the open connections `filter` matches; it names at least one
+    /// field.
+    Close {
+        filter: ConnectionFilter,
+        dry_run: bool,
+    },
+    /// List the quarantines in force.
+    Quarantines,
+    /// Quarantine `subject` for `duration` (humantime; default the server's) with `reason`.
+    Quarantine {
+        subject: Subject,
+        duration: Option<String>,
+        reason: Option<String>,
+    },
+    /// End the quarantine of `subject`.
+    Release {
+        subject: Subject,
+    },
+}
+
+/// What a quarantine names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Subject {
+    Identity(String),
+    Serial(String),
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::Identity(name) => write!(f, "identity {name}"),
+            Subject::Serial(hex) => write!(f, "serial {hex}"),
+        }
+    }
+}
+
+impl Subject {
+    /// `{"identity": ...}` or `{"serial": ...}`, with `extra` fields.
+    fn body(&self, extra: serde_json::Map<String, Value>) -> String {
+        let mut body = extra;
+        match self {
+            Subject::Identity(name) => body.insert("identity".into(), Value::from(name.as_str())),
+            Subject::Serial(hex) => body.insert("serial".into(), Value::from(hex.as_str())),
+        };
+        Value::Object(body).to_string()
+    }
+}
+
+/// Which open connections `connections` and `close` mean: every field given must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionFilter {
+    pub identity: Option<String>,
+    pub listener: Option<String>,
+    /// The backend's configured `host:port`.
+    pub backend: Option<String>,
+    /// A client certificate serial, hex (colons optional).
+    pub serial: Option<String>,
+}
+
+impl ConnectionFilter {
+    fn fields(&self) -> [(&'static str, Option<&str>); 4] {
+        [
+            ("identity", self.identity.as_deref()),
+            ("listener", self.listener.as_deref()),
+            ("backend", self.backend.as_deref()),
+            ("serial", self.serial.as_deref()),
+        ]
+    }
+
+    /// The query string's filters, each followed by `&`.
+    fn query(&self) -> String {
+        let mut query = String::new();
+        for (key, value) in self.fields() {
+            if let Some(value) = value {
+                let _ = write!(query, "{key}={}&", encode(value));
+            }
+        }
+        query
+    }
+
+    /// The body of `POST /connections/close`.
+    fn body(&self, dry_run: bool) -> Result<String, CtlError> {
+        let mut body = serde_json::Map::new();
+        for (key, value) in self.fields() {
+            if let Some(value) = value {
+                body.insert(key.into(), Value::from(value));
+            }
+        }
+        if body.is_empty() {
+            return Err(CtlError::Usage(
+                "close needs at least one of --identity, --listener, --backend, --serial".into(),
+            ));
+        }
+        body.insert("dry_run".into(), Value::from(dry_run));
+        Ok(Value::Object(body).to_string())
+    }
 }
 
 /// Why a `fulcrum ctl` call failed.
@@ -106,24 +208,38 @@ pub async fn run(
             weight,
         } => backend_call(upstream, backend, serde_json::json!({ "weight": weight })),
         Command::Impact { config } => ("POST", "/impact".to_string(), Some(candidate(config)?)),
+        Command::Connections { filter } => return connections(target, token.as_deref(), filter, json).await,
+        Command::Close { filter, dry_run } => (
+            "POST",
+            "/connections/close".to_string(),
+            Some(filter.body(*dry_run)?),
+        ),
+        Command::Quarantines => ("GET", "/quarantine".to_string(), None),
+        Command::Quarantine {
+            subject,
+            duration,
+            reason,
+        } => {
+            let mut extra = serde_json::Map::new();
+            if let Some(duration) = duration {
+                extra.insert("for".into(), Value::from(duration.as_str()));
+            }
+            if let Some(reason) = reason {
+                extra.insert("reason".into(), Value::from(reason.as_str()));
+            }
+            ("POST", "/quarantine".to_string(), Some(subject.body(extra)))
+        }
+        Command::Release { subject } => (
+            "POST",
+            "/quarantine/release".to_string(),
+            Some(subject.body(serde_json::Map::new())),
+        ),
     };
-    let call = request(target, token.as_deref(), method, &path, body);
-    let (status, text) = tokio::time::timeout(DEADLINE, call)
-        .await
-        .map_err(|_| CtlError::Unreachable(format!("no answer within {DEADLINE:?}")))??;
-    if !(200..300).contains(&status) {
-        let message = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_string))
-            .unwrap_or_else(|| text.trim().to_string());
-        return Err(CtlError::Refused { status, message });
-    }
+    let text = call(target, token.as_deref(), method, &path, body).await?;
     if json {
         return Ok(text.trim_end().to_string());
     }
-    let value: Value = serde_json::from_str(&text).map_err(|e| {
-        CtlError::Unreachable(format!("the admin API answered something other than JSON: {e}"))
-    })?;
+    let value = parse(&text)?;
     Ok(match command {
         Command::Status => describe_status(&value),
         Command::Reload => format!("reloaded: generation {}", value["generation"]),
@@ -141,6 +257,125 @@ pub async fn run(
             value["weight"], value["previous_weight"]
         ),
         Command::Impact { .. } => describe_impact(&value),
+        Command::Connections { .. } => describe_connections(&value),
+        Command::Close { dry_run, .. } => {
+            let (verb, key) = match dry_run {
+                true => ("would close", "would_close"),
+                false => ("closed", "closed"),
+            };
+            let count = value[key].as_u64().unwrap_or(0);
+            format!("{verb} {count} connection{}", if count == 1 { "" } else { "s" })
+        }
+        Command::Quarantines => describe_quarantines(&value),
+        Command::Quarantine { subject, .. } => format!(
+            "{subject} quarantined until {}; {} open connection(s) closed",
+            value["until"].as_str().unwrap_or("?"),
+            value["closed"]
+        ),
+        Command::Release { subject } => match value["released"].as_bool() {
+            Some(true) => format!("{subject} released"),
+            _ => format!("{subject} was not quarantined here (released in the cluster if it was there)"),
+        },
+    })
+}
+
+/// The quarantine table, one line per entry, then the cluster sync's state.
+fn describe_quarantines(value: &Value) -> String {
+    let mut out = String::new();
+    let entries = value["entries"].as_array().map(Vec::as_slice).unwrap_or_default();
+    for entry in entries {
+        let subject = match (entry["identity"].as_str(), entry["serial"].as_str()) {
+            (Some(identity), _) => format!("identity {identity}"),
+            (None, Some(serial)) => format!("serial {serial}"),
+            _ => "?".to_string(),
+        };
+        let origin = match (entry["pending"].as_bool(), entry["cluster"].as_bool()) {
+            (Some(true), _) => "this instance, not yet in the cluster",
+            (_, Some(true)) => "cluster",
+            _ => "this instance",
+        };
+        let _ = writeln!(
+            out,
+            "{subject}  until {}  ({origin})  {}",
+            entry["until"].as_str().unwrap_or("?"),
+            entry["reason"].as_str().unwrap_or("")
+        );
+    }
+    if entries.is_empty() {
+        out.push_str("nothing is quarantined\n");
+    }
+    match (value["cluster"].as_bool(), value["last_error"].as_str()) {
+        (Some(true), Some(error)) => {
+            let _ = write!(
+                out,
+                "cluster sync FAILING ({} errors so far): {error}; local quarantines still apply",
+                value["sync_errors"]
+            );
+        }
+        (Some(true), None) => {
+            let _ = write!(out, "cluster sync ok ({} errors so far)", value["sync_errors"]);
+        }
+        _ => out.push_str("no cluster Redis ([rate_limit.shared]): quarantines apply to this instance only"),
+    }
+    out
+}
+
+/// One request under [`DEADLINE`]; the body of a 2xx answer, else the API's refusal.
+async fn call(
+    target: &Target,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+) -> Result<String, CtlError> {
+    let (status, text) = tokio::time::timeout(DEADLINE, request(target, token, method, path, body))
+        .await
+        .map_err(|_| CtlError::Unreachable(format!("no answer within {DEADLINE:?}")))??;
+    if !(200..300).contains(&status) {
+        let message = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| text.trim().to_string());
+        return Err(CtlError::Refused { status, message });
+    }
+    Ok(text)
+}
+
+fn parse(text: &str) -> Result<Value, CtlError> {
+    serde_json::from_str(text)
+        .map_err(|e| CtlError::Unreachable(format!("the admin API answered something other than JSON: {e}")))
+}
+
+/// Every open connection `filter` matches, following the pages' cursor (at most [`MAX_PAGES`]
+/// pages): one JSON answer of them all with `json` (`next` set when pages were left), else a
+/// table.
+async fn connections(
+    target: &Target,
+    token: Option<&str>,
+    filter: &ConnectionFilter,
+    json: bool,
+) -> Result<String, CtlError> {
+    let (mut listed, mut total, mut after) = (Vec::new(), Value::from(0), None);
+    for _ in 0..MAX_PAGES {
+        let cursor = after.map_or(String::new(), |id: u64| format!("after={id}"));
+        let path = format!("/connections?{}{cursor}", filter.query());
+        let mut page = parse(&call(target, token, "GET", &path, None).await?)?;
+        total = page["total"].take();
+        listed.extend(
+            page["connections"]
+                .as_array_mut()
+                .map(std::mem::take)
+                .unwrap_or_default(),
+        );
+        after = page["next"].as_u64();
+        if after.is_none() {
+            break;
+        }
+    }
+    let all = serde_json::json!({"total": total, "connections": listed, "next": after});
+    Ok(match json {
+        true => all.to_string(),
+        false => describe_connections(&all),
     })
 }
 
@@ -346,22 +581,95 @@ fn describe_impact(impact: &Value) -> String {
     for group in impact["groups"].as_array().into_iter().flatten() {
         rows.push(["identity", "listener", "reason", "count"].map(|key| field(group, key)));
     }
-    let mut widths = [0; 4];
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let [a, b, c, _] = widths;
     let mut out = String::new();
     if rows.len() > 1 {
-        for [identity, listener, reason, count] in &rows {
-            let _ = writeln!(out, "{identity:<a$}  {listener:<b$}  {reason:<c$}  {count}");
-        }
+        out = columns(&rows);
     }
     let total = impact["would_close"].as_u64().unwrap_or(0);
     let plural = if total == 1 { "" } else { "s" };
     let _ = write!(out, "{total} connection{plural} would be closed");
+    out
+}
+
+/// `GET /connections` (all pages) as text: one row per connection, then the count.
+fn describe_connections(all: &Value) -> String {
+    const HEAD: [&str; 12] = [
+        "ID", "LISTENER", "CLIENT", "IDENTITY", "UPSTREAM", "BACKEND", "PHASE", "AGE", "IDLE", "UP", "DOWN",
+        "SERIAL",
+    ];
+    let text = |c: &Value, key: &str| match &c[key] {
+        Value::String(text) => text.clone(),
+        Value::Null => "-".to_string(),
+        other => other.to_string(),
+    };
+    let listed = all["connections"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let mut rows = vec![HEAD.map(String::from)];
+    for c in listed {
+        let since = |key: &str| compact(c[key].as_u64().unwrap_or(0));
+        rows.push([
+            text(c, "id"),
+            text(c, "listener"),
+            text(c, "client"),
+            text(c, "identity"),
+            text(c, "upstream"),
+            text(c, "backend"),
+            text(c, "phase"),
+            since("age_ms"),
+            since("idle_ms"),
+            text(c, "bytes_up"),
+            text(c, "bytes_down"),
+            text(c, "serial"),
+        ]);
+    }
+    let mut out = String::new();
+    if !listed.is_empty() {
+        out = columns(&rows);
+    }
+    let total = all["total"].as_u64().unwrap_or(0);
+    let plural = if total == 1 { "" } else { "s" };
+    let _ = write!(out, "{total} open connection{plural}");
+    if (listed.len() as u64) < total {
+        let _ = write!(out, ", the first {} listed", listed.len());
+    }
+    out
+}
+
+/// A duration in milliseconds as a short whole-second text: `42s`, `5m07s`, `3h02m`, `2d04h`.
+fn compact(millis: u64) -> String {
+    let s = millis / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// Rows as left-aligned columns two spaces apart (the last one unpadded), a line each.
+fn columns<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0; N];
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            match i + 1 == N {
+                true => line.push_str(cell),
+                false => {
+                    let _ = write!(line, "{cell:<width$}  ", width = widths[i]);
+                }
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
     out
 }
 
@@ -430,5 +738,47 @@ mod tests {
             text.contains("127.0.0.1:9001") && text.contains("drain"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_connection_filter_is_sent_percent_encoded_and_closing_needs_one_of_its_fields() {
+        let filter = ConnectionFilter {
+            identity: Some("spiffe://example.org/bob".into()),
+            serial: Some("01:a2".into()),
+            ..ConnectionFilter::default()
+        };
+        assert_eq!(
+            filter.query(),
+            "identity=spiffe%3A%2F%2Fexample.org%2Fbob&serial=01%3Aa2&"
+        );
+        let body: Value = serde_json::from_str(&filter.body(true).expect("a filter")).expect("JSON");
+        assert_eq!(
+            body,
+            serde_json::json!({"identity": "spiffe://example.org/bob", "serial": "01:a2", "dry_run": true})
+        );
+        let refused = ConnectionFilter::default().body(false);
+        assert!(matches!(refused, Err(CtlError::Usage(_))), "{refused:?}");
+        assert_eq!(ConnectionFilter::default().query(), "");
+    }
+
+    #[test]
+    fn open_connections_read_as_a_table_then_the_count() {
+        let all = serde_json::json!({"total": 3, "next": 2, "connections": [
+            {"id": 1, "listener": "tls", "client": "127.0.0.1:5000", "identity": "alice",
+             "upstream": "web", "backend": "127.0.0.1:9001", "phase": "proxied", "age_ms": 65_000,
+             "idle_ms": 999, "bytes_up": 12, "bytes_down": 34, "serial": "01:a2"},
+            {"id": 2, "listener": "plain", "client": "127.0.0.1:5001", "identity": null,
+             "upstream": null, "backend": null, "phase": "handshake", "age_ms": 90_061_000,
+             "idle_ms": 3_700_000, "bytes_up": 0, "bytes_down": 0, "serial": null},
+        ]});
+        assert_eq!(
+            describe_connections(&all),
+            "ID  LISTENER  CLIENT          IDENTITY  UPSTREAM  BACKEND         PHASE      AGE    IDLE   UP  DOWN  SERIAL\n\
+             1   tls       127.0.0.1:5000  alice     web       127.0.0.1:9001  proxied    1m05s  0s     12  34    01:a2\n\
+             2   plain     127.0.0.1:5001  -         -         -               handshake  1d01h  1h01m  0   0     -\n\
+             3 open connections, the first 2 listed"
+        );
+        let none = serde_json::json!({"total": 0, "next": null, "connections": []});
+        assert_eq!(describe_connections(&none), "0 open connections");
     }
 }

@@ -14,27 +14,29 @@
 //! | module | owns |
 //! |---|---|
 //! | `server` | the run/shutdown/drain sequence and applying reloads ([`Server`]); `server::listen`: binding sockets, accept loops, the backlog at close |
-//! | `connection` | one connection's phases: front, admission, limit, connect, relay, its end |
+//! | `connection` | one connection's phases: front, admission, limit, connect, relay, its end; its record in the table of open connections |
 //! | [`verify`] | `fulcrum verify`: a certificate chain judged as a listener's handshake would |
-//! | [`admin`] | the admin HTTP API (hyper + axum, TCP and Unix socket); [`admin::guard`] its token, CSRF and DNS rebinding rules (pure); [`admin::status`] (the `/status` snapshot and page) and [`admin::prometheus`] (`/metrics`, by prometheus-client) read the live state; `admin::impact`: `POST /impact`, the reload preview |
+//! | [`admin`] | the admin HTTP API (hyper + axum, TCP and Unix socket); [`admin::guard`] its token, CSRF and DNS rebinding rules (pure); [`admin::status`] (the `/status` snapshot and page) and [`admin::prometheus`] (`/metrics`, by prometheus-client) read the live state; `admin::impact`: `POST /impact`, the reload preview; `admin::connections` (`GET /connections`, `POST /connections/close`) and `admin::quarantine` (`/quarantine`) |
 //! | [`reload`] | asking for a reload: the [`reload::Handle`], its request and result |
 //! | [`probe`] | health probe loops, and applying probe and dial outcomes and operator states to the live model |
 //! | [`health`] | backend health: rise/fall state, failures, admin states (pure) |
 //! | `net` | dialing backends: dial, PROXY header, TLS to the backend, resource-exhaustion classification |
-//! | [`state`] | the live model: one generation's listeners, upstreams, backends, [`state::Live`], the discovered address sets, why a generation cannot be brought up ([`state::ServerError`]); `state::registry`: the open mTLS connections and the task closing them at certificate expiry; [`state::build`]: assembling a generation from a loaded config; `state::impact`: which open connections a generation would close, for a reload and its preview; `state::certificates`: a TLS listener's certificates by SNI |
+//! | [`state`] | the live model: one generation's listeners, upstreams, backends, [`state::Live`], the discovered address sets, why a generation cannot be brought up ([`state::ServerError`]); `state::registry`: every open connection (the table operators list and close) and, for mTLS ones, their grants and the task closing them at certificate expiry; [`state::build`]: assembling a generation from a loaded config; `state::impact`: which open connections a generation would close, for a reload and its preview; `state::certificates`: a TLS listener's certificates by SNI |
 //! | `accesslog` | the JSON-lines access log: entries (interim ones too), the bounded queue, the writer task and its reopening (SIGUSR1) |
-//! | [`ratelimit`] | the listener's [`ratelimit::Limiter`]: [`ratelimit::local`] fixed windows (pure), [`ratelimit::shares`] (pure) and [`ratelimit::cluster`] (its Redis shell) |
+//! | [`ratelimit`] | the listener's [`ratelimit::Limiter`], keyed by `ClientKey`: [`ratelimit::local`] fixed windows (pure), [`ratelimit::shares`] (pure), [`ratelimit::slots`] (pure: `shared_concurrency`'s leased slots) and [`ratelimit::cluster`] (their Redis shell: `cluster::store` the connection and its health, `cluster::slots` the slot requests and the lease keeper) |
 //! | [`tls`] | each listener's rustls configurations (TLS policy; one per certificate entry chosen by SNI), with one file each for the client verifier, the session cache, client TLS (backends verified by name or `server_identity`, Redis), the provider and reading PEM files; [`tls::expiry`] when the configured certificates expire, and the CRL `nextUpdate` warning |
 //! | [`proxy`] | the two-way byte relay with half-close and per-side errors |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2 headers: the wire types, encoding and parsing, one file each (pure); [`proxy_protocol::reader`] reads one off a socket |
 //! | `clock` | deadlines from configured or peer-supplied durations, saturating instead of panicking, and waits toward wall-clock times (pure) |
 //! | `caps` | caps on open connections (process, listener) and on handshakes per source; RAII places; the splice pipe budget (pure); the open-file limit they derive from |
 //! | [`balancer`] | weighted least-connections selection, caps, backups, the queue, and the lease that is a connection's count (pure) |
+//! | [`quarantine`] | identities and certificate serials refused at admission until a time or a release, over reloads; own entries and the cluster's (pure table and the shared store) |
 //! | [`authz`] | which identities (exact or by pattern) may reach which upstreams from where, deny entries, shadow tables; default deny (pure) |
 //! | `trust` | the client trust boundary: anchors and intermediates, path building, name constraints, CRLs bound to their issuer's key, SPIFFE trust domains (pure) |
 //! | [`identity`] | the client identity rule: verified leaf certificate -> name (pure) |
 //! | [`metrics`] | counters, histograms and their buckets, rejection reasons; [`metrics::identities`] the bounded per-identity table (pure) |
 //! | [`logging`] | the process's log lines: the subscriber and its non-blocking stderr writer |
+//! | [`systemd`] | what systemd passes and expects: the listening sockets of socket activation (checked, with their names) and the notifications (ready, reloading, stopping, watchdog pings); a shell over listenfd and sd-notify |
 //! | `watch` | `[reload] watch`: reloading when the config file or a file it names changes |
 //! | `discovery` | `discover`: resolving upstreams' names (hickory) and rebuilding when their address sets change |
 //! | `throttle` | the throttle on log lines a peer can cause |
@@ -80,10 +82,12 @@ pub mod pki;
 pub mod probe;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod quarantine;
 pub mod ratelimit;
 pub mod reload;
 mod server;
 pub mod state;
+pub mod systemd;
 mod throttle;
 pub mod tls;
 mod trust;

@@ -134,6 +134,51 @@ enum CtlCommand {
         backend: String,
         weight: u32,
     },
+    /// Refuse an identity (or a certificate serial) at admission and close its open connections,
+    /// on every instance sharing the cluster's Redis; without an identity or --serial, list the
+    /// quarantines in force.
+    Quarantine {
+        /// The client identity, exactly as logged.
+        identity: Option<String>,
+        /// A certificate serial instead (hex, colons optional).
+        #[arg(long)]
+        serial: Option<String>,
+        /// How long (e.g. 30m, 1h, 7d; default 24h, at most 30d).
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: Option<String>,
+        /// Why, shown in the list and the refusals' log lines.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// End a quarantine (on every instance sharing the cluster's Redis).
+    Release {
+        /// The client identity, exactly as quarantined.
+        identity: Option<String>,
+        /// A certificate serial instead.
+        #[arg(long)]
+        serial: Option<String>,
+    },
+    /// List the open connections (every listener, plain and TLS): client, identity, backend,
+    /// phase, age, idle time and bytes, filtered by the options given.
+    Connections {
+        #[command(flatten)]
+        filter: ConnectionFilter,
+        /// Print the API's JSON (every page in one object) instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Close the open connections the options match (at least one), with a reset; the access log
+    /// says closed_by_operator.
+    Close {
+        #[command(flatten)]
+        filter: ConnectionFilter,
+        /// Count the connections that would be closed; close none.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the API's JSON instead of a line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Preview a reload: which open mTLS connections the config file would close, per identity,
     /// listener and reason. Nothing is applied.
     Impact {
@@ -144,6 +189,34 @@ enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Which open connections `ctl connections` and `ctl close` mean: every option given must match.
+#[derive(clap::Args)]
+struct ConnectionFilter {
+    /// The client identity, exactly as logged (mTLS).
+    #[arg(long)]
+    identity: Option<String>,
+    /// The listener's name.
+    #[arg(long)]
+    listener: Option<String>,
+    /// The backend's configured host:port, as /status shows it.
+    #[arg(long)]
+    backend: Option<String>,
+    /// The client certificate's serial: hex, colons optional (as the access log writes it).
+    #[arg(long)]
+    serial: Option<String>,
+}
+
+impl From<ConnectionFilter> for fulcrum::ctl::ConnectionFilter {
+    fn from(f: ConnectionFilter) -> Self {
+        fulcrum::ctl::ConnectionFilter {
+            identity: f.identity,
+            listener: f.listener,
+            backend: f.backend,
+            serial: f.serial,
+        }
+    }
 }
 
 #[cfg(feature = "mimalloc")]
@@ -210,7 +283,13 @@ fn ctl(
     use fulcrum::ctl::{Command as Ask, Target};
     use fulcrum::health::AdminState;
     let target = socket.map_or(Target::Tcp(admin), Target::Socket);
-    let json = json || matches!(command, CtlCommand::Impact { json: true, .. });
+    let json = json
+        || matches!(
+            command,
+            CtlCommand::Impact { json: true, .. }
+                | CtlCommand::Connections { json: true, .. }
+                | CtlCommand::Close { json: true, .. }
+        );
     let set = |upstream, backend, state| Ask::Set {
         upstream,
         backend,
@@ -232,6 +311,36 @@ fn ctl(
             weight,
         },
         CtlCommand::Impact { config, .. } => Ask::Impact { config },
+        CtlCommand::Connections { filter, .. } => Ask::Connections {
+            filter: filter.into(),
+        },
+        CtlCommand::Close { filter, dry_run, .. } => Ask::Close {
+            filter: filter.into(),
+            dry_run,
+        },
+        CtlCommand::Quarantine {
+            identity: None,
+            serial: None,
+            duration: None,
+            reason: None,
+        } => Ask::Quarantines,
+        CtlCommand::Quarantine {
+            identity,
+            serial,
+            duration,
+            reason,
+        } => match subject(identity, serial) {
+            Ok(subject) => Ask::Quarantine {
+                subject,
+                duration,
+                reason,
+            },
+            Err(code) => return code,
+        },
+        CtlCommand::Release { identity, serial } => match subject(identity, serial) {
+            Ok(subject) => Ask::Release { subject },
+            Err(code) => return code,
+        },
     };
     let outcome = match runtime(1) {
         Ok(runtime) => runtime.block_on(fulcrum::ctl::run(&target, token_file.as_ref(), &ask, json)),
@@ -245,6 +354,21 @@ fn ctl(
         Err(e) => {
             eprintln!("error: {e}");
             std::process::ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// What `ctl quarantine` or `ctl release` names: an identity or `--serial`, exactly one.
+fn subject(
+    identity: Option<String>,
+    serial: Option<String>,
+) -> Result<fulcrum::ctl::Subject, std::process::ExitCode> {
+    match (identity, serial) {
+        (Some(identity), None) => Ok(fulcrum::ctl::Subject::Identity(identity)),
+        (None, Some(serial)) => Ok(fulcrum::ctl::Subject::Serial(serial)),
+        _ => {
+            eprintln!("error: name an identity or --serial HEX (exactly one)");
+            Err(std::process::ExitCode::from(2))
         }
     }
 }
@@ -308,8 +432,10 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Run { config } => {
             let config = fulcrum::Config::load(&config)?;
+            // Before the runtime's threads start: it unsets the socket activation variables.
+            let activation = fulcrum::systemd::Activation::from_env()?;
             runtime(config.workers())?.block_on(async {
-                let server = fulcrum::Server::bind(config).await?;
+                let server = fulcrum::Server::bind_activated(config, activation).await?;
                 reload_on_sighup(server.handle())?;
                 server.run(shutdown_on_signal()?).await;
                 Ok(())

@@ -31,6 +31,8 @@ pub enum Reason {
     SourceDenied,
     /// Over the client's connection rate or concurrency limit.
     RateLimited,
+    /// The client's identity or certificate serial is quarantined (`fulcrum ctl quarantine`).
+    Quarantined,
     /// `accept_proxy_protocol`: a missing, malformed or late PROXY protocol header.
     ProxyHeader,
     /// The process's or the listener's `max_connections` was reached (closed before any
@@ -49,7 +51,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::ConnectFailed,
         Reason::NoHealthyBackend,
         Reason::TlsHandshake,
@@ -57,6 +59,7 @@ impl Reason {
         Reason::Denied,
         Reason::SourceDenied,
         Reason::RateLimited,
+        Reason::Quarantined,
         Reason::ProxyHeader,
         Reason::MaxConnections,
         Reason::HandshakeLimit,
@@ -74,6 +77,7 @@ impl Reason {
             Reason::Denied => "denied",
             Reason::SourceDenied => "source_denied",
             Reason::RateLimited => "rate_limited",
+            Reason::Quarantined => "quarantined",
             Reason::ProxyHeader => "proxy_header",
             Reason::MaxConnections => "max_connections",
             Reason::HandshakeLimit => "handshake_limit",

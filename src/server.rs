@@ -1,5 +1,6 @@
-//! The running balancer: binds listeners, accepts connections, applies reloads, and runs the
-//! shutdown sequence.
+//! The running balancer: binds listeners (or takes the sockets systemd passed), accepts
+//! connections, applies reloads, runs the shutdown sequence, and tells systemd about each
+//! (`READY=1`, `RELOADING=1`, `STOPPING=1`, watchdog pings; see [`crate::systemd`]).
 //!
 //! [`Server`] turns a validated [`Config`] into a live generation (see [`crate::state`]) and sockets.
 //! [`Server::run`] spawns accept loops (one per socket; one socket per worker with
@@ -28,8 +29,10 @@ use crate::config::Config;
 use crate::reload::{Change, Handle, ReloadError, Request};
 use crate::state::build::{load, Loaded};
 use crate::state::{Discovered, Live, ServerError, State};
+use crate::systemd::{Activation, Notifier};
 
 mod listen;
+mod quarantine;
 
 use listen::{accept_loop, bind_all, bind_listener, configured_same};
 
@@ -45,6 +48,9 @@ pub struct Server {
     admin_unix: Option<(std::os::unix::net::UnixListener, crate::admin::socket::SocketFile)>,
     /// Workers: SO_REUSEPORT sockets per listener bound on reload.
     workers: usize,
+    /// Listeners serving a socket systemd passed, with their configured `bind`.
+    inherited: Vec<(String, SocketAddr)>,
+    notifier: Notifier,
     requests: mpsc::Sender<Request>,
     inbox: mpsc::Receiver<Request>,
 }
@@ -54,11 +60,20 @@ impl Server {
     /// With several workers, each listener gets one SO_REUSEPORT socket per worker, so the kernel
     /// spreads new connections over as many accept loops.
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        Server::bind_activated(config, Activation::default()).await
+    }
+
+    /// [`bind`](Server::bind), but a listener takes the socket systemd passed for it (socket
+    /// activation, [`Activation::from_env`]) instead of binding its own, and the server notifies
+    /// systemd when `NOTIFY_SOCKET` was set (ready, reloading, stopping, watchdog).
+    pub async fn bind_activated(config: Config, activation: Activation) -> Result<Server, ServerError> {
         let workers = config.workers();
-        let mut sockets = Vec::with_capacity(config.listeners.len() * workers);
-        for l in &config.listeners {
-            sockets.extend(bind_all(&l.name, l.bind, workers)?);
-        }
+        let Activation {
+            sockets: passed,
+            notifier,
+        } = activation;
+        let opened = listen::open(&config.listeners, workers, passed)?;
+        let sockets = opened.sockets;
         let admin = match config.admin.as_ref().and_then(|a| a.bind) {
             // SO_REUSEPORT too, so that a new process started with the same config for an
             // upgrade can bind it; until the old one exits either may answer.
@@ -72,6 +87,8 @@ impl Server {
         crate::discovery::resolve_new(&config, &discovered).await;
         let mut server = Server::build(config, sockets, admin, discovered)?;
         server.workers = workers;
+        server.inherited = opened.inherited;
+        server.notifier = notifier;
         Ok(server)
     }
 
@@ -150,6 +167,8 @@ impl Server {
             admin,
             admin_unix,
             workers: 1,
+            inherited: Vec::new(),
+            notifier: Notifier::default(),
             requests,
             inbox,
         })
@@ -199,6 +218,8 @@ impl Server {
             admin,
             admin_unix,
             workers,
+            inherited,
+            notifier,
             requests,
             mut inbox,
         } = self;
@@ -212,6 +233,8 @@ impl Server {
             probes: shutdown.child_token(),
             handle: handle.clone(),
             workers,
+            inherited,
+            notifier: notifier.clone(),
         };
         for (name, socket) in sockets {
             tasks.accept(name, socket);
@@ -221,6 +244,9 @@ impl Server {
             Arc::clone(&live.registry),
             shutdown.clone(),
         ));
+        tasks
+            .tracker
+            .spawn(quarantine::sync(Arc::clone(&live), shutdown.clone()));
         let log_stop = CancellationToken::new();
         let log_writer = live
             .state()
@@ -247,6 +273,10 @@ impl Server {
             let sockets = crate::admin::Sockets { tcp: admin, unix };
             tokio::spawn(crate::admin::serve(sockets, handle, admin_stop.clone()))
         });
+        let listeners = live.state().listeners().count();
+        notifier.ready(&format!("serving {listeners} listener(s), generation 1"));
+        let watchdog_stop = CancellationToken::new();
+        let watchdog = tokio::spawn(notifier.clone().watchdog(watchdog_stop.clone()));
 
         loop {
             tokio::select! {
@@ -267,6 +297,7 @@ impl Server {
         state.draining.store(true, Ordering::Release);
         tasks.tracker.close();
         let drain = state.drain_timeout;
+        notifier.stopping(&format!("draining {} connection(s)", state.total_active()));
         info!(
             active = state.total_active(),
             deadline = ?drain,
@@ -296,6 +327,8 @@ impl Server {
         if let Some(task) = admin_task {
             let _ = task.await;
         }
+        watchdog_stop.cancel();
+        let _ = watchdog.await;
         info!("stopped");
     }
 }
@@ -314,6 +347,9 @@ struct Tasks {
     /// Asks the run loop for reloads (the file watch uses it).
     handle: Handle,
     workers: usize,
+    /// Listeners serving a socket systemd passed, with the `bind` it answers for.
+    inherited: Vec<(String, SocketAddr)>,
+    notifier: Notifier,
 }
 
 impl Tasks {
@@ -370,6 +406,7 @@ impl Tasks {
     /// Applies a reload: load (the same code as startup), bind what is new, swap, then stop what
     /// is gone. Any failure before the swap leaves the running generation untouched.
     async fn reload(&mut self, config: Option<Config>) -> Result<u64, ReloadError> {
+        self.notifier.reloading();
         let result = match config {
             Some(config) => Ok(config),
             None => {
@@ -388,10 +425,13 @@ impl Tasks {
             Ok(generation) => {
                 self.live.state().reloads.ok.inc();
                 info!(generation, "configuration reloaded");
+                self.notifier.ready(&format!("generation {generation} reloaded"));
             }
             Err(e) => {
                 self.live.state().reloads.failed.inc();
                 error!(error = %e, "reload refused; the running configuration stays");
+                self.notifier
+                    .ready(&format!("reload refused, the running configuration stays: {e}"));
             }
         }
         result
@@ -420,15 +460,24 @@ impl Tasks {
 
     fn try_reload(&mut self, config: Config) -> Result<u64, ReloadError> {
         let tls = load(&config)?;
-        // A listener keeps its sockets if its name and configured address are unchanged.
+        // A listener keeps its sockets if its name and configured address are unchanged; one
+        // serving a socket systemd passed keeps it while its configured `bind` is unchanged.
         let current = self.live.state();
         let mut fresh = Vec::new();
         let mut addrs = Vec::new();
+        let mut inherited = Vec::new();
         for l in &config.listeners {
+            let passed = self.inherited.iter().find(|(name, _)| *name == l.name);
             let kept = current
                 .listener(&l.name)
-                .filter(|old| configured_same(old, l.bind))
+                .filter(|old| match passed {
+                    Some((_, bind)) => *bind == l.bind,
+                    None => configured_same(old, l.bind),
+                })
                 .map(|old| old.bind);
+            if kept.is_some() && passed.is_some() {
+                inherited.push((l.name.clone(), l.bind));
+            }
             match kept {
                 Some(addr) => addrs.push((l.name.clone(), addr)),
                 None => {
@@ -466,6 +515,7 @@ impl Tasks {
         for (name, socket) in fresh {
             self.accept(name, socket);
         }
+        self.inherited = inherited;
         Ok(generation)
     }
 }

@@ -4,8 +4,10 @@
 //! TLS, authorization, limiter, counters), its [`Upstream`]s (backends, their pool, dial and
 //! health settings) and each [`Backend`] (address, counters, health). [`Live`] holds the current
 //! generation; a reload swaps in the next one, and every task keeps the generation it started
-//! with. The [`Registry`] of open mTLS connections is shared by every generation, so a reload can
-//! close those whose access it takes away. How a generation is built from a loaded config (pure
+//! with. The [`Registry`] of open connections (and the grants of mTLS ones) is shared by every
+//! generation, so a reload can close those whose access it takes away, an operator can list and
+//! close them, and a quarantine can close its subject's. The quarantine table is shared the same
+//! way. How a generation is built from a loaded config (pure
 //! once its files are read) is [`build`]; which open connections a generation would close, for a
 //! reload and for its preview, is [`impact`].
 //!
@@ -35,7 +37,7 @@ mod certificates;
 mod discovered;
 mod error;
 pub mod impact;
-mod registry;
+pub(crate) mod registry;
 
 pub(crate) use certificates::ListenerTls;
 pub use discovered::{Discovered, Outcomes, Resolution};
@@ -74,6 +76,8 @@ pub struct State {
     pub reloads: Arc<ReloadCounters>,
     /// Failed round trips to the shared rate limit's Redis (shared by every generation).
     pub ratelimit_backend_errors: Arc<Counter>,
+    /// Identities and serials refused at admission (shared by every generation).
+    pub quarantine: Arc<crate::quarantine::QuarantineStore>,
     /// When the server started: the origin of the uptime in `/status` (kept across reloads).
     pub(crate) started: Instant,
     /// Set when shutdown starts: no new connections, open ones are draining.
@@ -514,6 +518,24 @@ impl Live {
 
     pub fn state(&self) -> Arc<State> {
         Arc::clone(&self.lock())
+    }
+
+    /// Closes the open connections of a quarantined `subject` (`end="quarantined"`); how many.
+    pub(crate) fn close_quarantined(&self, subject: &crate::quarantine::Subject) -> usize {
+        use crate::quarantine::Subject;
+        let filter = match subject {
+            Subject::Identity(name) => registry::ConnectionFilter {
+                identity: Some(name.clone()),
+                ..Default::default()
+            },
+            Subject::Serial(hex) => registry::ConnectionFilter {
+                serial: Some(hex.clone()),
+                ..Default::default()
+            },
+        };
+        self.registry
+            .connections()
+            .close_matching(&filter, Cut::Quarantined)
     }
 
     /// Open registered mTLS connections.

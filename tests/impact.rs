@@ -57,17 +57,7 @@ async fn run(pki: &Pki, config: &str) -> (Fulcrum, SocketAddr, SocketAddr) {
 
 /// `fulcrum ctl --admin ADMIN --token-file ... ARGS`.
 async fn ctl(pki: &Pki, admin: SocketAddr, args: &[&str]) -> Output {
-    let token = pki.dir.path().join("admin.token");
-    let admin = admin.to_string();
-    let mut all = vec![
-        "ctl",
-        "--admin",
-        &admin,
-        "--token-file",
-        token.to_str().expect("UTF-8 path"),
-    ];
-    all.extend_from_slice(args);
-    output(&all).await
+    common::process::ctl(admin, &pki.dir.path().join("admin.token"), args).await
 }
 
 fn stdout(output: &Output) -> String {

@@ -416,6 +416,17 @@ fn families(state: &State) -> Families {
         Vec::new(),
         Value::Int(state.ratelimit_backend_errors.get()),
     ));
+    let s = b.gauge(
+        "fulcrum_quarantined",
+        "Identities and certificate serials quarantined now (this instance's and the cluster's).",
+    );
+    let quarantined = state.quarantine.lock().list(std::time::SystemTime::now()).count();
+    s.push(sample(Vec::new(), Value::Int(quarantined as u64)));
+    let s = b.counter(
+        "fulcrum_quarantine_sync_errors",
+        "Rounds of the quarantine's sync with the cluster's Redis that failed or timed out.",
+    );
+    s.push(sample(Vec::new(), Value::Int(state.quarantine.sync_errors.get())));
     let s = b.counter(
         "fulcrum_access_log_dropped",
         "Access log lines dropped because the writer fell behind (the queue was full).",

@@ -23,6 +23,12 @@ pub const DEFAULT_MAX_CLIENTS: usize = 100_000;
 pub const DEFAULT_SHARED_KEY_PREFIX: &str = "fulcrum:rl:";
 /// Default `[rate_limit.shared] timeout`: the budget for one limiter round trip to Redis.
 pub const DEFAULT_SHARED_TIMEOUT: Duration = Duration::from_millis(50);
+/// Default `[rate_limit.shared] concurrency_lease`: how long a killed instance's concurrency
+/// slots stay taken.
+const DEFAULT_CONCURRENCY_LEASE: Duration = Duration::from_secs(10);
+/// The shortest `concurrency_lease`: a shorter one would refresh every record more than three
+/// times a second.
+const MIN_CONCURRENCY_LEASE: Duration = Duration::from_secs(1);
 
 /// A per-client connection limit, as a limiter enforces it: the global `[rate_limit]`, or a
 /// listener's own (its `capacity`/`window` over the global rest).
@@ -89,6 +95,19 @@ pub struct SharedRateLimitConfig {
     pub on_unavailable: OnUnavailable,
     /// Where `password` was read from (watched with `[reload] watch`).
     pub password_file: Option<PathBuf>,
+    /// `shared_concurrency = true`: `max_concurrent` counted over every instance too.
+    pub concurrency: Option<SharedConcurrency>,
+}
+
+/// `shared_concurrency`: the global `max_concurrent` held by the sum of the instances, each
+/// leasing its slots from Redis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedConcurrency {
+    /// `[rate_limit] max_concurrent`.
+    pub max_concurrent: u32,
+    /// `concurrency_lease`: how long Redis keeps an instance's slots without a refresh (an
+    /// instance refreshes every third of it), so a dead instance's slots come back within it.
+    pub lease: Duration,
 }
 
 impl fmt::Debug for SharedRateLimitConfig {
@@ -101,6 +120,7 @@ impl fmt::Debug for SharedRateLimitConfig {
             .field("timeout", &self.timeout)
             .field("on_unavailable", &self.on_unavailable)
             .field("password_file", &self.password_file)
+            .field("concurrency", &self.concurrency)
             .finish()
     }
 }
@@ -168,6 +188,8 @@ struct RawSharedRateLimit {
     key_prefix: Option<String>,
     timeout: Option<String>,
     on_unavailable: Option<String>,
+    shared_concurrency: Option<bool>,
+    concurrency_lease: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -229,7 +251,7 @@ impl Validator<'_> {
                 overrides: r.clients,
             },
             shared: match r.shared {
-                Some(shared) => Some(self.shared_rate_limit(shared)?),
+                Some(shared) => Some(self.shared_rate_limit(shared, r.max_concurrent)?),
                 None => None,
             },
         })
@@ -271,7 +293,11 @@ impl Validator<'_> {
         })
     }
 
-    fn shared_rate_limit(&self, raw: RawSharedRateLimit) -> Result<SharedRateLimitConfig, ConfigError> {
+    fn shared_rate_limit(
+        &self,
+        raw: RawSharedRateLimit,
+        max_concurrent: Option<u32>,
+    ) -> Result<SharedRateLimitConfig, ConfigError> {
         const KEY: &str = "rate_limit.shared.redis";
         // Echoed in errors only without its password.
         let shown = redact_url(&raw.redis);
@@ -336,6 +362,12 @@ impl Validator<'_> {
                 ))
             }
         };
+        let concurrency = self.shared_concurrency(
+            raw.shared_concurrency,
+            raw.concurrency_lease.as_deref(),
+            max_concurrent,
+            timeout,
+        )?;
         Ok(SharedRateLimitConfig {
             redis: raw.redis,
             password,
@@ -346,7 +378,52 @@ impl Validator<'_> {
             timeout,
             on_unavailable,
             password_file,
+            concurrency,
         })
+    }
+
+    /// `shared_concurrency` and its `concurrency_lease`: only with `[rate_limit] max_concurrent`,
+    /// and a lease long enough for three refreshes of at most `timeout` each.
+    fn shared_concurrency(
+        &self,
+        enabled: Option<bool>,
+        lease: Option<&str>,
+        max_concurrent: Option<u32>,
+        timeout: Duration,
+    ) -> Result<Option<SharedConcurrency>, ConfigError> {
+        const KEY: &str = "rate_limit.shared.concurrency_lease";
+        if enabled != Some(true) {
+            return match lease {
+                Some(text) => Err(self.invalid(KEY, text, "only with shared_concurrency = true")),
+                None => Ok(None),
+            };
+        }
+        let Some(max_concurrent) = max_concurrent else {
+            return Err(self.invalid(
+                "rate_limit.shared.shared_concurrency",
+                true,
+                "needs [rate_limit] max_concurrent (the cap to share)",
+            ));
+        };
+        let (text, lease) = match lease {
+            Some(text) => (text.to_owned(), self.duration(KEY, text)?),
+            None => (
+                humantime::format_duration(DEFAULT_CONCURRENCY_LEASE).to_string(),
+                DEFAULT_CONCURRENCY_LEASE,
+            ),
+        };
+        if lease < MIN_CONCURRENCY_LEASE || lease <= timeout.saturating_mul(3) {
+            let reason = format!(
+                "must be at least {} and more than three times timeout ({})",
+                humantime::format_duration(MIN_CONCURRENCY_LEASE),
+                humantime::format_duration(timeout)
+            );
+            return Err(self.invalid(KEY, text, reason));
+        }
+        Ok(Some(SharedConcurrency {
+            max_concurrent,
+            lease,
+        }))
     }
 
     /// The password in `path`, without trailing whitespace (a final newline above all).
@@ -354,3 +431,6 @@ impl Validator<'_> {
         self.secret_file("rate_limit.shared.password_file", path, "password")
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -19,18 +19,19 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
-use tokio_util::sync::CancellationToken;
 use tracing::{field, Span};
 
-use super::client::Client;
+use super::client::{reset, Client};
 use super::front::Who;
 use super::limits::in_handshake;
-use super::refusal::{Refusal, Step};
+use super::record::Record;
+use super::refusal::{Refusal, Step, Stop};
 use crate::accesslog::Entry;
 use crate::authz::{Decision as Authz, Denial, Matched};
 use crate::identity::ClientIdentity;
 use crate::metrics::{HandshakeFailure, Reason};
 use crate::proxy_protocol::SslInfo;
+use crate::quarantine::QuarantineStore;
 use crate::ratelimit::ClientKey;
 use crate::state::{Grant, Listener, ListenerTls, Live, State, Upstream};
 use crate::tls::ServerTls;
@@ -58,15 +59,18 @@ pub(super) enum Admission {
 }
 
 /// Phase 2 on a plain listener: nothing to check; the listener's upstream is the span's
-/// `upstream` and the access log's. (Not boxed: no allocation on the plain path.)
+/// `upstream`, the access log's and the connection's `record`'s. (Not boxed: no allocation on
+/// the plain path.)
 pub(super) fn admit_plain(
     client: TcpStream,
     listener: &Arc<Listener>,
     who: Who,
+    record: &Record,
     entry: &mut Entry,
 ) -> Admitted {
     let upstream = Arc::clone(&listener.upstream);
     note_upstream(&upstream, entry);
+    record.admitted(&upstream, entry);
     Admitted {
         client: Client::Plain(client),
         listener: Arc::clone(listener),
@@ -76,8 +80,8 @@ pub(super) fn admit_plain(
 }
 
 /// Phase 2 on a TLS listener (`tls`, its certificates): handshake -> identity -> authorization,
-/// by `deadline`; the upstream is then the span's `upstream` and the access log's. `who` comes
-/// from the front.
+/// by `deadline` unless `stop` comes first; the upstream and the client's TLS facts are then the
+/// span's, the access log's and the connection's `record`'s. `who` comes from the front.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn admit(
     client: TcpStream,
@@ -86,7 +90,8 @@ pub(super) async fn admit(
     live: &Live,
     mut who: Who,
     deadline: tokio::time::Instant,
-    abort: &CancellationToken,
+    stop: Stop<'_>,
+    record: &Record,
     entry: &mut Entry,
 ) -> Admission {
     let refused = |refusal, client| Admission::Refused { refusal, client };
@@ -95,7 +100,7 @@ pub(super) async fn admit(
         Ok(place) => place,
         Err(refusal) => return refused(refusal, None),
     };
-    let (client, handshake_tls) = match handshake(client, tls, listener, deadline, abort).await {
+    let (client, handshake_tls) = match handshake(client, tls, listener, deadline, stop).await {
         Step::Next(done) => done,
         Step::Refused(refusal) => return refused(refusal, None),
         Step::Aborted => return Admission::Aborted,
@@ -149,13 +154,25 @@ pub(super) async fn admit(
         Err(refusal) => return refused(refusal, Some(Client::Tls(client))),
     };
     note_upstream(&judged.upstream, entry);
-    if let Some((serial, not_after)) = judged.certificate {
-        entry.client_serial = Some(serial);
-        entry.client_not_after = Some(not_after);
+    if let Some((serial, not_after)) = &judged.certificate {
+        entry.client_serial = Some(serial.clone());
+        entry.client_not_after = Some(*not_after);
+    }
+    if let Some(identity) = &judged.identity {
+        entry.identity = Some(identity.to_string());
+    }
+    // Listed with its identity and serial before the quarantine is asked again (below).
+    record.admitted(&judged.upstream, entry);
+    // A quarantine added between the judgement and the listing swept the open connections
+    // before this one was among them: asked again now, it cannot be missed.
+    if let (Some(identity), Some((serial, _))) = (&judged.identity, &judged.certificate) {
+        if let Some(refusal) = quarantined(&live.state().quarantine, identity, serial) {
+            drop(registration);
+            return refused(refusal, Some(Client::Tls(client)));
+        }
     }
     if let Some(identity) = judged.identity {
         Span::current().record("client.id", field::display(&identity));
-        entry.identity = Some(identity.to_string());
         if let Some(ssl) = &mut who.ssl {
             ssl.cn = Some(identity.to_string());
         }
@@ -170,40 +187,68 @@ pub(super) async fn admit(
     }))
 }
 
-/// The TLS handshake, by `deadline` unless the drain deadline passes first: timed on success,
-/// counted by its cause on failure. With certificate entries it reads the ClientHello first and
-/// completes with the certificate its server name chooses; it returns the one it ran with.
+/// The TLS handshake, by `deadline` unless `stop` comes first (a cut client is then reset):
+/// timed on success, counted by its cause on failure. With certificate entries it reads the
+/// ClientHello first and completes with the certificate its server name chooses; it returns the
+/// one it ran with. Each stage is boxed: its state is large, and a plain connection's setup
+/// should not carry its size.
 async fn handshake<'t>(
     client: TcpStream,
     tls: &'t ListenerTls,
     listener: &Listener,
     deadline: tokio::time::Instant,
-    abort: &CancellationToken,
+    stop: Stop<'_>,
 ) -> Step<(Box<TlsStream<TcpStream>>, &'t ServerTls)> {
     let handshake_started = Instant::now();
-    let accept = async {
-        match tls.only() {
-            Some(only) => {
-                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&only.config));
-                Ok::<_, std::io::Error>((acceptor.accept(client).await?, only))
-            }
-            None => {
-                let hello = rustls::server::Acceptor::default();
-                let start = tokio_rustls::LazyConfigAcceptor::new(hello, client).await?;
-                let chosen = &tls.choose(start.client_hello().server_name()).tls;
-                Ok((start.into_stream(Arc::clone(&chosen.config)).await?, chosen))
-            }
+    // Stopped with the socket still in a stage's hands: reset it there if the connection was cut.
+    let abandon = |tcp: Option<&TcpStream>| {
+        if let (Some(tcp), Some(_)) = (tcp, stop.cut()) {
+            reset(tcp);
+        }
+        Step::Aborted
+    };
+    let (mut accept, chosen) = match tls.only() {
+        Some(only) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&only.config));
+            (Box::new(acceptor.accept(client)), only)
+        }
+        None => {
+            let hello = rustls::server::Acceptor::default();
+            let mut hello = Box::new(tokio_rustls::LazyConfigAcceptor::new(hello, client));
+            let read = tokio::select! {
+                biased;
+                _ = stop.stopped() => return abandon(hello.take_io().as_ref()),
+                read = tokio::time::timeout_at(deadline, &mut *hello) => read,
+            };
+            let start = match settle(listener, read) {
+                Step::Next(start) => start,
+                Step::Refused(refusal) => return Step::Refused(refusal),
+                Step::Aborted => return Step::Aborted,
+            };
+            let chosen = &tls.choose(start.client_hello().server_name()).tls;
+            (Box::new(start.into_stream(Arc::clone(&chosen.config))), chosen)
         }
     };
-    let handshake = tokio::select! {
-        _ = abort.cancelled() => return Step::Aborted,
-        handshake = Box::pin(tokio::time::timeout_at(deadline, accept)) => handshake,
+    let done = tokio::select! {
+        biased;
+        _ = stop.stopped() => return abandon(accept.get_ref()),
+        done = tokio::time::timeout_at(deadline, &mut *accept) => done,
     };
-    match handshake {
-        Ok(Ok((stream, chosen))) => {
+    match settle(listener, done) {
+        Step::Next(stream) => {
             listener.figures.handshake.observe(handshake_started.elapsed());
             Step::Next((Box::new(stream), chosen))
         }
+        Step::Refused(refusal) => Step::Refused(refusal),
+        Step::Aborted => Step::Aborted,
+    }
+}
+
+/// How a handshake stage ended by its deadline: done, or the refusal for its failure (counted
+/// by its cause) or for the deadline.
+fn settle<T>(listener: &Listener, stage: Result<std::io::Result<T>, tokio::time::error::Elapsed>) -> Step<T> {
+    match stage {
+        Ok(Ok(done)) => Step::Next(done),
         Ok(Err(e)) => {
             let failure = crate::tls::classify_io(&e);
             let refusal = match crate::tls::rejection_of(&e) {
@@ -267,6 +312,19 @@ impl ShadowVerdict {
             entry.shadow = Some(shadow);
         }
     }
+}
+
+/// The refusal of a client whose identity or certificate `serial` is quarantined now.
+fn quarantined(store: &QuarantineStore, identity: &ClientIdentity, serial: &str) -> Option<Refusal> {
+    let (subject, until, why) = store.refusing(identity.as_str(), serial, std::time::SystemTime::now())?;
+    let until = humantime::format_rfc3339_seconds(until);
+    let why = if why.is_empty() {
+        String::new()
+    } else {
+        format!(" ({why})")
+    };
+    let detail = format_args!("{subject} is quarantined until {until}{why}");
+    Some(Refusal::new(Reason::Quarantined, detail).of(identity.to_string().into()))
 }
 
 /// The refusal for an authorization `denial` of `identity` (from `source`) for `upstream`.
@@ -371,6 +429,9 @@ impl Presented<'_> {
         let certified = crate::identity::inspect(leaf, listener.identity_rule)
             .map_err(|e| Refusal::new(Reason::Unauthorized, e))?;
         let identity = certified.identity;
+        if let Some(refusal) = quarantined(&state.quarantine, &identity, &certified.serial) {
+            return Err(refusal);
+        }
         let authorization = listener.authorization_for(self.server_name);
         let verdict = authorization.judge(&identity, &upstream.name, self.source);
         if let Some(shadow) = authorization.shadow() {

@@ -1,5 +1,6 @@
 //! The client's transport ([`Client`]): plain TCP, or TLS over TCP, and the ways of closing it
-//! that every phase shares (a shutdown, a reject response first), each under [`CLOSE_DEADLINE`].
+//! that every phase shares (a shutdown, a reject response first, each under [`CLOSE_DEADLINE`];
+//! a reset, [`reset`]).
 //!
 //! It only carries the stream: reading it, relaying it and deciding when to close it are the
 //! phases' business.
@@ -15,6 +16,12 @@ use tokio_rustls::server::TlsStream;
 
 /// Deadline for saying goodbye to a peer: a reject response, a TLS close_notify, a shutdown.
 pub(super) const CLOSE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Makes closing `tcp` send a reset instead of a FIN (`SO_LINGER` 0; no TLS close_notify
+/// either): for a stream cut short, which its peer must not take for a complete one.
+pub(super) fn reset(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+}
 
 /// A client transport: plain TCP, or TLS over TCP (boxed: a session is large, and plain
 /// connections should not carry its size).

@@ -10,10 +10,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, Span};
 
-use super::refusal::{Refusal, Step};
+use super::refusal::{Refusal, Step, Stop};
 use crate::accesslog::Entry;
 use crate::balancer::{Choice, Lease};
 use crate::health::Source;
@@ -29,17 +28,18 @@ pub(super) struct Connected {
     pub(super) chosen: Arc<Backend>,
 }
 
-/// Phase 4: a backend of `upstream` for the client `origin` names (its PROXY header), unless the
-/// drain deadline passes first. The backend answering is counted and named in the span and the
-/// access log entry.
+/// Phase 4: a backend of `upstream` for the client `origin` names (its PROXY header), unless
+/// `stop` comes first (the lease of a dial or a place in the queue is then given back as it is
+/// dropped). The backend answering is counted and named in the span and the access log entry.
 pub(super) async fn connect(
     upstream: &Upstream,
     origin: &Origin<'_>,
-    abort: &CancellationToken,
+    stop: Stop<'_>,
     entry: &mut Entry,
 ) -> Step<Connected> {
     let dialed = tokio::select! {
-        _ = abort.cancelled() => return Step::Aborted,
+        biased;
+        _ = stop.stopped() => return Step::Aborted,
         dialed = dial(upstream, origin) => dialed,
     };
     match dialed {

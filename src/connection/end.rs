@@ -1,18 +1,21 @@
 //! A connection's end: how a proxied connection ended ([`End`], whose label is the `end` field of
 //! the closing log line and the access log's `outcome`), the relay's [`Tally`] of the bytes it
-//! moved, and the lines that report it ([`close`], [`log`]).
+//! moved (on the listener, the backend and the connection's record), and the lines that report
+//! it ([`close`], [`cut_short`] for one cut before its relay, [`log`]).
 //!
 //! The relay classifies its result with [`End`]'s rules; this file says nothing about when to
 //! stop relaying, and writes no access log line itself (the entry goes to `accesslog`'s queue).
 
 use std::io;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::info;
 
+use super::record::Record;
 use crate::accesslog::{AccessLog, Entry, Interim};
 use crate::proxy::{Meter, Progress, Side};
-use crate::state::{Backend, Listener};
+use crate::state::{Backend, Cut, Listener};
 
 /// How a proxied connection ended: the `end` field of its log line and the access log's
 /// `outcome`.
@@ -36,6 +39,10 @@ pub(super) enum End {
     BackendDown,
     /// An operator put its backend in `maint`.
     BackendMaint,
+    /// An operator closed it (`POST /connections/close`).
+    ClosedByOperator,
+    /// Its identity or certificate serial was quarantined.
+    Quarantined,
     ClientReset,
     ClientError,
     BackendReset,
@@ -54,6 +61,8 @@ impl End {
             End::MaxLifetime => "max_lifetime",
             End::BackendDown => "backend_down",
             End::BackendMaint => "backend_maint",
+            End::ClosedByOperator => "closed_by_operator",
+            End::Quarantined => "quarantined",
             End::ClientReset => "client_reset",
             End::ClientError => "client_error",
             End::BackendReset => "backend_reset",
@@ -93,39 +102,61 @@ impl End {
     }
 }
 
-/// The relay's [`Meter`]: bytes counted on the listener and the backend as they move, and the
-/// interim access log entries of a long connection (`[access_log] interim`).
+impl From<Cut> for End {
+    fn from(cut: Cut) -> End {
+        match cut {
+            Cut::AccessRevoked => End::AccessRevoked,
+            Cut::CertExpired => End::CertExpired,
+            Cut::ClosedByOperator => End::ClosedByOperator,
+            Cut::Quarantined => End::Quarantined,
+        }
+    }
+}
+
+/// The relay's [`Meter`]: bytes counted on the listener, the backend and the connection's record
+/// as they move, and the interim access log entries of a long connection (`[access_log]
+/// interim`).
 pub(super) struct Tally<'a> {
     progress: Progress,
     /// Of `progress`, the bytes written to a peer after its FIN (see [`Meter::late`]). Boxed:
     /// rare, and every idle connection's task carries this struct.
     late: Option<Box<Progress>>,
-    listener: &'a Listener,
-    backend: &'a Backend,
+    // Owned (shared), not borrowed: the relay's future then keeps one pointer each.
+    listener: Arc<Listener>,
+    backend: Arc<Backend>,
+    record: Arc<Record>,
     /// Boxed: most connections have none, and should not carry its size.
     interim: Option<Box<Interim<'a>>>,
 }
 
 impl<'a> Tally<'a> {
-    /// The meter of a connection of `listener` to `backend` that started at `started`; `entry`:
-    /// its access log entry so far, with an access log (the interim entries' fields).
+    /// The meter of a connection of `listener` to `backend` (its `record` in the table of open
+    /// connections) that started at `started`; `entry`: its access log entry so far, with an
+    /// access log (the interim entries' fields).
     pub(super) fn new(
-        listener: &'a Listener,
-        backend: &'a Backend,
+        listener: &Arc<Listener>,
+        backend: &Arc<Backend>,
+        record: &Arc<Record>,
         started: Instant,
         entry: Option<&'a Entry>,
     ) -> Tally<'a> {
-        let interim = match (listener.access_log.as_deref(), listener.access_log_interim, entry) {
+        let interim = match (&listener.access_log, listener.access_log_interim, entry) {
             (Some(log), Some(every), Some(entry)) => Some(Box::new(Interim::new(log, every, started, entry))),
             _ => None,
         };
         Tally {
             progress: Progress::default(),
             late: None,
-            listener,
-            backend,
+            listener: Arc::clone(listener),
+            backend: Arc::clone(backend),
+            record: Arc::clone(record),
             interim,
         }
+    }
+
+    /// The record of the connection it counts for.
+    pub(super) fn record(&self) -> &Record {
+        &self.record
     }
 
     /// The bytes delivered, once the relay ended with `end`: what was written to a peer after
@@ -164,6 +195,7 @@ impl Meter for Tally<'_> {
     fn moved(&mut self, up: u64, down: u64) {
         self.listener.figures.bytes.add(up, down);
         self.backend.bytes.add(up, down);
+        self.record.moved(up, down);
     }
 
     fn late(&mut self, up: u64, down: u64) {
@@ -193,15 +225,31 @@ pub(super) struct Ended {
 }
 
 /// The end of a proxied connection of `listener` (as the generation that admitted it has it):
-/// the connection-duration histogram, the closing log line (bytes each way, duration, how it
-/// ended) and, with an access log, the entry's bytes and outcome.
+/// the connection-duration histogram, then its [`report`].
 pub(super) fn close(ended: Ended, listener: &Listener, started: Instant, entry: Option<&mut Entry>) {
+    listener.figures.duration.observe(started.elapsed());
+    report(ended, started, entry);
+}
+
+/// The end of a connection cut (`why`) before its relay started, its client reset: reported as
+/// a relay's would be, with no bytes moved.
+pub(super) fn cut_short(why: Cut, started: Instant, entry: &mut Entry) {
+    let ended = Ended {
+        end: End::from(why),
+        aborted: true,
+        progress: Progress::default(),
+    };
+    report(ended, started, Some(entry));
+}
+
+/// The closing log line (bytes each way, duration, how it ended) and, with an access log, the
+/// entry's bytes and outcome.
+fn report(ended: Ended, started: Instant, entry: Option<&mut Entry>) {
     let Ended {
         end,
         aborted,
         progress,
     } = ended;
-    listener.figures.duration.observe(started.elapsed());
     info!(
         bytes_up = progress.client_to_backend,
         bytes_down = progress.backend_to_client,

@@ -9,11 +9,10 @@
 use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 use tracing::{field, Span};
 
 use super::limits::in_handshake;
-use super::refusal::{Refusal, Step};
+use super::refusal::{Refusal, Step, Stop};
 use crate::accesslog::Entry;
 use crate::metrics::Reason;
 use crate::net::Origin;
@@ -51,18 +50,19 @@ impl Who {
 }
 
 /// Phase 1: the client's address, by `deadline` (the PROXY header's and the TLS handshake's
-/// together). A header's source becomes the span's `client.addr` and the access log's `client`.
+/// together), unless `stop` comes first. A header's source becomes the span's `client.addr` and
+/// the access log's `client`.
 pub(super) async fn front(
     client: &mut TcpStream,
     peer: SocketAddr,
     listener: &Listener,
     deadline: tokio::time::Instant,
-    abort: &CancellationToken,
+    stop: Stop<'_>,
     entry: &mut Entry,
 ) -> Step<Who> {
     let local = client.local_addr().unwrap_or(peer);
     let addr = if listener.accept_proxy_protocol {
-        let source = match source(client, peer, listener, deadline, abort).await {
+        let source = match source(client, peer, listener, deadline, stop).await {
             Step::Next(source) => source,
             Step::Refused(refusal) => return Step::Refused(refusal),
             Step::Aborted => return Step::Aborted,
@@ -95,7 +95,7 @@ async fn source(
     peer: SocketAddr,
     listener: &Listener,
     deadline: tokio::time::Instant,
-    abort: &CancellationToken,
+    stop: Stop<'_>,
 ) -> Step<SocketAddr> {
     if !listener.trusted_proxies.iter().any(|net| net.contains(peer.ip())) {
         let detail = format_args!("{} is not in trusted_proxies", peer.ip());
@@ -107,7 +107,8 @@ async fn source(
         Err(refusal) => return Step::Refused(refusal),
     };
     let header = tokio::select! {
-        _ = abort.cancelled() => return Step::Aborted,
+        biased;
+        _ = stop.stopped() => return Step::Aborted,
         header = Box::pin(crate::proxy_protocol::reader::read_header(client, deadline)) => header,
     };
     match header {

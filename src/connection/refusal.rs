@@ -1,5 +1,5 @@
-//! A connection turned away before its relay: why ([`Refusal`]), and how a phase says it did not
-//! pass the connection on ([`Step`]).
+//! A connection turned away before its relay: why ([`Refusal`]), how a phase says it did not
+//! pass the connection on ([`Step`]), and what stops a phase from outside ([`Stop`]).
 //!
 //! Phases return refusals as values; the connection's task records each one once
 //! ([`Refusal::record`]): counted by reason on the listener (and, for rate-limit and authorization
@@ -9,12 +9,13 @@
 
 use std::sync::Arc;
 
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::accesslog::Entry;
 use crate::metrics::identities::Refused;
 use crate::metrics::{HandshakeFailure, Reason};
-use crate::state::Listener;
+use crate::state::{Cut, CutSignal, Listener};
 
 /// How a phase ended: the connection goes on with what the phase established, or it stops.
 pub(super) enum Step<T> {
@@ -22,9 +23,37 @@ pub(super) enum Step<T> {
     Next(T),
     /// Refused: the task records it and closes the client.
     Refused(Refusal),
-    /// The drain deadline passed during the phase: nothing to record (the access log entry's
-    /// outcome stays `drain_deadline`).
+    /// [`Stop`]ped during the phase: by the drain deadline (nothing to record: the access log
+    /// entry's outcome stays `drain_deadline`) or a cut (the task reports it).
     Aborted,
+}
+
+/// What stops a connection's phases from outside: the drain deadline, or the connection being
+/// cut (closed by an operator, quarantined) through its record in the table of open connections.
+#[derive(Clone, Copy)]
+pub(super) struct Stop<'a> {
+    pub(super) abort: &'a CancellationToken,
+    pub(super) cut: &'a CutSignal,
+}
+
+impl Stop<'_> {
+    /// Completes when either comes (at once if one already has). Phases select on it first
+    /// (`biased`): a stopped connection makes no more progress, whatever else is ready.
+    pub(super) async fn stopped(self) {
+        tokio::select! {
+            _ = self.abort.cancelled() => {}
+            _ = self.cut.cancelled() => {}
+        }
+    }
+
+    /// Why the connection was cut, if it was, unless the drain deadline has passed (which ends
+    /// it as it ends every connection).
+    pub(super) fn cut(self) -> Option<Cut> {
+        match self.abort.is_cancelled() {
+            true => None,
+            false => self.cut.reason(),
+        }
+    }
 }
 
 /// A connection closed without being proxied: why, and the detail for the log line.

@@ -1,7 +1,8 @@
 //! Phase 5, the relay: what a proxied connection holds while its bytes flow ([`Proxied`]), the
 //! signals that stop it (the drain deadline, the backend marked down or put in `maint`, the access
-//! revoked, the client certificate expired), [`relay`] itself and how a stopped relay leaves its
-//! sockets (a clean close, or resets).
+//! revoked, the client certificate expired, the connection closed by an operator or
+//! quarantined), [`relay`] itself and how a stopped relay leaves its sockets (a clean close, or
+//! resets).
 //!
 //! The byte copying is `proxy`'s; this file wires a connection to it and turns its result into an
 //! [`End`]. It reports nothing: the closing log line and the access log entry are the end's.
@@ -15,16 +16,18 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{Client, CLOSE_DEADLINE};
+use super::client::{reset, Client, CLOSE_DEADLINE};
 use super::dial::Connected;
 use super::end::{End, Ended, Tally};
 use super::limits::{Held, Limited};
+use super::record::Record;
 use crate::accesslog::Entry;
 use crate::config::OnDown;
 use crate::health::AdminState;
 use crate::net::BackendStream;
 use crate::proxy::{relay_tcp, RelayError, Side, Timeout, Timeouts};
-use crate::state::{Backend, Cut, Listener, Registration, Upstream};
+use crate::state::registry::Tracked;
+use crate::state::{Backend, Listener, Registration, Upstream};
 
 /// What a proxied connection holds while its bytes flow: no more than its relay needs (the
 /// setup's state, the handshake's included, is gone by then).
@@ -37,6 +40,8 @@ pub(super) struct Proxied {
     chosen: Arc<Backend>,
     /// An authorized mTLS connection's registration (revocation, expiry).
     registration: Option<Registration>,
+    /// Its record in the table of open connections (listed until the relay gives it back).
+    record: Tracked<Record>,
     /// The listener as the generation that admitted the connection has it.
     pub(super) listener: Arc<Listener>,
     timeouts: Timeouts,
@@ -45,7 +50,8 @@ pub(super) struct Proxied {
 impl Proxied {
     /// A connection ready to relay: `client` admitted to `upstream` by `listener`, `connected` to
     /// one of its backends, holding the limit phase's counts and the backend's lease; its
-    /// lifetime runs from `started`.
+    /// lifetime runs from `started`; `record`: its place in the table of open connections.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         client: Client,
         connected: Connected,
@@ -54,6 +60,7 @@ impl Proxied {
         listener: Arc<Listener>,
         upstream: &Upstream,
         started: Instant,
+        record: Tracked<Record>,
     ) -> Box<Proxied> {
         let Connected {
             backend,
@@ -81,6 +88,7 @@ impl Proxied {
             backend_down,
             chosen,
             registration,
+            record,
             listener,
             timeouts,
         })
@@ -98,9 +106,7 @@ impl Proxied {
     ) -> impl Future<Output = (Box<Proxied>, Ended)> + 'a {
         let mut this = self;
         async move {
-            let listener = Arc::clone(&this.listener);
-            let backend = Arc::clone(&this.chosen);
-            let mut tally = Tally::new(&listener, &backend, started, entry);
+            let mut tally = Tally::new(&this.listener, &this.chosen, this.record.record(), started, entry);
             let (end, aborted) = relay(&mut this, abort, &mut tally).await;
             if !aborted && end.is_cut() {
                 // A clean cut is a complete end for TLS peers too: close_notify, then the FIN.
@@ -121,7 +127,8 @@ impl Proxied {
         }
     }
 
-    /// Gives the connection's counts back ([`Held::release`]), then closes its sockets.
+    /// Gives the connection's counts back ([`Held::release`]), then closes its sockets and
+    /// leaves the table of open connections.
     pub(super) fn release(self: Box<Self>) {
         self.held.release();
     }
@@ -143,8 +150,8 @@ fn random_unit() -> f64 {
 }
 
 /// Relays until both sides end, or the drain deadline, the backend being marked down
-/// (`on_down = "close"`) or put in `maint`, a revocation, the certificate's expiry or one of the
-/// listener's timeouts cuts it. Returns how it ended, and whether fulcrum reset the legs
+/// (`on_down = "close"`) or put in `maint`, a revocation, the certificate's expiry, a cut of its
+/// record (an operator, a quarantine) or one of the listener's timeouts cuts it. Returns how it ended, and whether fulcrum reset the legs
 /// (`aborted`): a failed side resets the other, and a cut resets both when bytes were in flight
 /// (always, when access was taken away), so neither side mistakes a cut stream for a complete
 /// one; a timeout or the drain deadline with nothing in flight closes both cleanly.
@@ -155,18 +162,21 @@ async fn relay(p: &mut Proxied, abort: &CancellationToken, progress: &mut Tally<
         backend_down,
         chosen,
         registration,
+        record,
         timeouts,
         ..
     } = p;
     let cut = registration.as_ref().map(|r| &*r.cut);
     let maint = chosen.health.maint_signal();
+    let closed = &record.cut;
     // An idle relay keeps this future for its whole life: the common case (no `on_down =
-    // "close"`, no mTLS registration) waits on two signals, not four.
+    // "close"`, no mTLS registration) waits on three signals, not five.
     let stop: Pin<Box<dyn Future<Output = ()> + Send + '_>> = match (&*backend_down, cut) {
         (None, None) => Box::pin(async move {
             tokio::select! {
                 _ = abort.cancelled() => {}
                 _ = maint.cancelled() => {}
+                _ = closed.cancelled() => {}
             }
         }),
         (down, cut) => Box::pin(async move {
@@ -187,6 +197,7 @@ async fn relay(p: &mut Proxied, abort: &CancellationToken, progress: &mut Tally<
                 _ = down => {}
                 _ = cut => {}
                 _ = maint.cancelled() => {}
+                _ = closed.cancelled() => {}
             }
         }),
     };
@@ -203,10 +214,6 @@ async fn relay(p: &mut Proxied, abort: &CancellationToken, progress: &mut Tally<
                 crate::proxy::relay(client.as_mut(), tls.as_mut(), progress, stop, timeouts).await
             }
         },
-    };
-    // Closing with SO_LINGER 0 sends a reset instead of a FIN (and no TLS close_notify).
-    let reset = |tcp: &TcpStream| {
-        let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
     };
     let reset_both = || {
         reset(client.tcp());
@@ -234,10 +241,15 @@ async fn relay(p: &mut Proxied, abort: &CancellationToken, progress: &mut Tally<
             (End::DrainDeadline, cut(*in_flight))
         }
         Err(RelayError::Cancelled { .. }) => {
-            // Taken away (revoked, expired, the backend down or in maintenance): always a reset.
-            let end = match registration.as_ref().and_then(|r| r.cut.reason()) {
-                Some(Cut::AccessRevoked) => End::AccessRevoked,
-                Some(Cut::CertExpired) => End::CertExpired,
+            // Taken away (closed, quarantined, revoked, expired, the backend down or in
+            // maintenance): always a reset.
+            let cut = progress
+                .record()
+                .cut
+                .reason()
+                .or_else(|| registration.as_ref().and_then(|r| r.cut.reason()));
+            let end = match cut {
+                Some(cut) => End::from(cut),
                 None if chosen.health.admin_state() == AdminState::Maint => End::BackendMaint,
                 None => End::BackendDown,
             };

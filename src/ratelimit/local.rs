@@ -58,11 +58,12 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::BuildHasher;
-use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
+pub use super::key::ClientKey;
+use super::slots::Slot;
 use crate::config::RateLimitPolicy;
 
 // `--cfg shuttle` (scripts/concurrency-check) swaps in shuttle's locks and atomics so its scheduler
@@ -78,32 +79,6 @@ const MAX_SHARDS: usize = 32;
 /// Fewer tracked keys per shard than this would make "one shard full while others have room"
 /// too likely, so small tables get fewer shards.
 const MIN_CLIENTS_PER_SHARD: usize = 64;
-
-/// Who a connection is counted against.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ClientKey {
-    /// An authenticated client identity (e.g. from its certificate).
-    Identity(Arc<str>),
-    /// The peer address, for clients without an identity.
-    Ip(IpAddr),
-}
-
-impl ClientKey {
-    /// The key for a peer address, mapping `::ffff:a.b.c.d` to `a.b.c.d` so a dual-stack
-    /// listener counts an IPv4 client the same way as an IPv4 listener does.
-    pub fn from_ip(ip: IpAddr) -> Self {
-        ClientKey::Ip(ip.to_canonical())
-    }
-}
-
-impl fmt::Display for ClientKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ClientKey::Identity(id) => f.write_str(id),
-            ClientKey::Ip(ip) => ip.fmt(f),
-        }
-    }
-}
 
 /// The outcome of [`RateLimiter::check`].
 #[derive(Debug)]
@@ -131,11 +106,22 @@ pub enum RejectReason {
 
 /// Proof of admission. Dropping it releases the client's concurrency slot (if a cap is set).
 ///
-/// It holds only the client's open-connection counter, not the limiter.
+/// It holds only the client's open-connection counter, not the limiter, and with
+/// `shared_concurrency` the slot leased for the whole cluster ([`Slot`], given back as it drops).
 #[derive(Debug)]
 #[must_use = "dropping the permit releases the concurrency slot"]
 pub struct Permit {
     open: Option<Arc<AtomicU32>>,
+    /// Boxed: a connection holds its permit for its whole life, and most hold no such slot.
+    slot: Option<Box<Slot>>,
+}
+
+impl Permit {
+    /// This permit holding `slot` too, released with it.
+    pub(super) fn holding(mut self, slot: Slot) -> Permit {
+        self.slot = Some(Box::new(slot));
+        self
+    }
 }
 
 impl Drop for Permit {
@@ -222,7 +208,7 @@ impl Entry {
             _ => None,
         };
         self.count += 1;
-        Decision::Allow(Permit { open })
+        Decision::Allow(Permit { open, slot: None })
     }
 
     fn is_stale(&self, window: u64) -> bool {

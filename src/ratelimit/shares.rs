@@ -28,7 +28,8 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use super::local::{ClientKey, RejectReason};
+use super::key::ClientKey;
+use super::local::RejectReason;
 
 /// What [`Shares::check`] says to do with one connection.
 #[derive(Debug, Clone, PartialEq, Eq)]

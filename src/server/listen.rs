@@ -1,6 +1,7 @@
-//! The listening sockets: binding them (SO_REUSEPORT siblings, one per worker), the accept loops
-//! with their back-off, and serving the backlog a closing socket still holds. It accepts and
-//! hands each connection to `connection`; it must not decide anything about a connection.
+//! The listening sockets: binding them (SO_REUSEPORT siblings, one per worker) or taking the ones
+//! systemd passed (socket activation), the accept loops with their back-off, and serving the
+//! backlog a closing socket still holds. It accepts and hands each connection to `connection`; it
+//! must not decide anything about a connection.
 
 use std::io;
 use std::net::SocketAddr;
@@ -10,17 +11,107 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::caps::is_resource_exhaustion;
+use crate::config::ListenerConfig;
 use crate::state::{Listener, Live, ServerError, State};
+use crate::systemd::Inherited;
 
 /// Listen backlog for client-facing sockets.
 pub(super) const BACKLOG: i32 = 1024;
 
 /// Whether a running listener was configured with `bind` (port 0 means "any port": kept).
 pub(super) fn configured_same(old: &Listener, bind: SocketAddr) -> bool {
-    old.bind == bind || (bind.port() == 0 && old.bind.ip() == bind.ip())
+    same_address(bind, old.bind)
+}
+
+/// Whether a socket at `addr` answers for a configured `bind` (port 0 means "any port").
+fn same_address(bind: SocketAddr, addr: SocketAddr) -> bool {
+    addr == bind || (bind.port() == 0 && addr.ip() == bind.ip())
+}
+
+/// The listeners' sockets at start.
+#[derive(Default)]
+pub(super) struct Opened {
+    pub(super) sockets: Vec<(String, TcpListener)>,
+    /// The listeners serving a socket systemd passed, with the `bind` they were configured with:
+    /// a reload that keeps that `bind` keeps the socket.
+    pub(super) inherited: Vec<(String, SocketAddr)>,
+}
+
+/// Opens every listener: with the socket systemd passed for it if there is one (see [`pair`]:
+/// one socket, so one accept loop, whatever the workers), else bound here as [`bind_all`] does,
+/// with a warning when systemd passed others. A passed socket no listener takes is closed with a
+/// warning.
+pub(super) fn open(
+    listeners: &[ListenerConfig],
+    workers: usize,
+    passed: Vec<Inherited>,
+) -> Result<Opened, ServerError> {
+    let wanted: Vec<(&str, SocketAddr)> = listeners.iter().map(|l| (l.name.as_str(), l.bind)).collect();
+    let offered: Vec<(Option<&str>, SocketAddr)> =
+        passed.iter().map(|p| (p.name.as_deref(), p.addr)).collect();
+    let pairs = pair(&wanted, &offered);
+    let any_passed = !passed.is_empty();
+    let mut passed: Vec<Option<Inherited>> = passed.into_iter().map(Some).collect();
+    let mut opened = Opened::default();
+    for (l, pick) in listeners.iter().zip(pairs) {
+        let Some(inherited) = pick.and_then(|i| passed.get_mut(i)).and_then(Option::take) else {
+            if any_passed {
+                warn!(listener = %l.name, bind = %l.bind, "systemd passed no socket for this listener: binding it here (a restart refuses its connections; add it to the .socket unit)");
+            }
+            opened.sockets.extend(bind_all(&l.name, l.bind, workers)?);
+            continue;
+        };
+        let Inherited { fd, addr, socket, .. } = inherited;
+        info!(listener = %l.name, fd, %addr, "serving the socket systemd passed");
+        let socket = socket
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(socket))
+            .map_err(|source| ServerError::Bind {
+                name: l.name.clone(),
+                addr,
+                source,
+            })?;
+        opened.sockets.push((l.name.clone(), socket));
+        opened.inherited.push((l.name.clone(), l.bind));
+    }
+    for Inherited { fd, name, addr, .. } in passed.into_iter().flatten() {
+        warn!(fd, ?name, %addr, "systemd passed a socket no listener has the name or address of: closing it (systemd keeps it open, unserved)");
+    }
+    Ok(opened)
+}
+
+/// Which passed socket (an index into `passed`, each with its `FileDescriptorName=` if systemd
+/// gave names, and its address) each listener (name, `bind`) takes: the one named after it, else
+/// one at its `bind` whose name is no listener's (systemd names a socket after its unit when
+/// `FileDescriptorName=` is not set). Each socket goes to one listener at most.
+fn pair(listeners: &[(&str, SocketAddr)], passed: &[(Option<&str>, SocketAddr)]) -> Vec<Option<usize>> {
+    let named_for_a_listener =
+        |name: Option<&str>| name.is_some_and(|n| listeners.iter().any(|(l, _)| *l == n));
+    let mut taken = vec![false; passed.len()];
+    let mut pairs = Vec::with_capacity(listeners.len());
+    for &(listener, bind) in listeners {
+        let free = |i: &usize| !taken.get(*i).copied().unwrap_or(true);
+        let found = passed
+            .iter()
+            .position(|(name, _)| *name == Some(listener))
+            .filter(free)
+            .or_else(|| {
+                (0..passed.len()).find(|i| {
+                    free(i)
+                        && passed.get(*i).is_some_and(|&(name, addr)| {
+                            !named_for_a_listener(name) && same_address(bind, addr)
+                        })
+                })
+            });
+        if let Some(slot) = found.and_then(|i| taken.get_mut(i)) {
+            *slot = true;
+        }
+        pairs.push(found);
+    }
+    pairs
 }
 
 /// Binds `workers` sockets for one listener (SO_REUSEPORT siblings when more than one).
@@ -160,5 +251,52 @@ fn take_backlog(
             Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
             Err(_) => break, // empty (WouldBlock) or out of resources: close now
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_passed_socket_goes_to_the_listener_it_is_named_after_whatever_its_address() {
+        let listeners = [("web", addr("0.0.0.0:443")), ("api", addr("0.0.0.0:8443"))];
+        let passed = [
+            (Some("api"), addr("10.0.0.1:9000")),
+            (Some("web"), addr("0.0.0.0:8443")),
+        ];
+        assert_eq!(pair(&listeners, &passed), vec![Some(1), Some(0)]);
+    }
+
+    #[test]
+    fn without_a_matching_name_a_passed_socket_goes_to_the_listener_at_its_address() {
+        let listeners = [("web", addr("0.0.0.0:443")), ("api", addr("127.0.0.1:0"))];
+        let passed = [
+            (None, addr("127.0.0.1:9000")),
+            (Some("fulcrum.socket"), addr("0.0.0.0:443")),
+        ];
+        assert_eq!(pair(&listeners, &passed), vec![Some(1), Some(0)]);
+    }
+
+    #[test]
+    fn a_socket_named_after_one_listener_is_not_taken_by_another_at_its_address() {
+        let listeners = [("web", addr("0.0.0.0:443")), ("api", addr("0.0.0.0:8443"))];
+        let passed = [(Some("api"), addr("0.0.0.0:443"))];
+        assert_eq!(pair(&listeners, &passed), vec![None, Some(0)]);
+    }
+
+    #[test]
+    fn a_passed_socket_no_listener_names_or_binds_is_left() {
+        let listeners = [("web", addr("0.0.0.0:443"))];
+        let passed = [
+            (Some("old"), addr("0.0.0.0:80")),
+            (Some("web"), addr("0.0.0.0:443")),
+            (Some("web"), addr("0.0.0.0:444")),
+        ];
+        assert_eq!(pair(&listeners, &passed), vec![Some(1)]);
     }
 }

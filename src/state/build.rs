@@ -442,6 +442,7 @@ impl State {
             loaded: loaded.fingerprint,
             reloads,
             ratelimit_backend_errors,
+            quarantine: previous.map_or_else(Default::default, |p| Arc::clone(&p.quarantine)),
             started: previous.map_or_else(Instant::now, |p| p.started),
             draining: AtomicBool::new(false),
             access_log,

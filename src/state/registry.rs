@@ -1,11 +1,12 @@
-//! The registry of open mTLS connections, over every generation: what each one's access was
-//! granted on, the signal that cuts it, and one ordered table of certificate expiries with the
-//! one task that closes connections at expiry. It holds and cuts; judging a connection against a
-//! new generation is the live model's (`state`).
+//! The registry of open connections, over every generation: the table of every connection
+//! ([`Connections`], in `connections`), and for mTLS ones what their access was granted on, the
+//! signal that cuts them, and one ordered table of certificate expiries with the one task that
+//! closes connections at expiry. It holds and cuts; judging a connection against a new generation
+//! is the live model's (`state`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use rustls::pki_types::CertificateDer;
@@ -15,14 +16,12 @@ use tracing::info;
 
 use crate::identity::ClientIdentity;
 
-/// Why the registry cut an open connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cut {
-    /// A reload took its access away (identity, CA, CRL).
-    AccessRevoked,
-    /// Its client certificate expired (`close_on_expiry`).
-    CertExpired,
-}
+mod connections;
+
+pub(crate) use connections::{
+    is_serial, ConnectionFilter, ConnectionView, Connections, OpenConnection, Page, Phase, Seen, Tracked,
+};
+pub use connections::{Cut, CutSignal};
 
 /// What an admitted mTLS connection is registered with: what its access was granted on.
 pub(crate) struct Grant {
@@ -39,35 +38,12 @@ pub(crate) struct Grant {
     pub(crate) expires: Option<SystemTime>,
 }
 
-/// The signal a registered connection watches: cancelled with the reason it was cut.
-#[derive(Debug, Default)]
-pub struct CutSignal {
-    token: CancellationToken,
-    reason: OnceLock<Cut>,
-}
-
-impl CutSignal {
-    fn cut(&self, reason: Cut) {
-        // The first reason stands; the token is cancelled either way.
-        let _ = self.reason.set(reason);
-        self.token.cancel();
-    }
-
-    /// Completes when the connection is cut.
-    pub async fn cancelled(&self) {
-        self.token.cancelled().await;
-    }
-
-    /// Why the connection was cut, once it has been.
-    pub fn reason(&self) -> Option<Cut> {
-        self.reason.get().copied()
-    }
-}
-
-/// Open mTLS connections, with what their access was granted on, and when their certificates
-/// expire.
+/// Every open connection (`Registry::connections`); the mTLS ones with what their access was
+/// granted on, and when their certificates expire.
 #[derive(Default)]
 pub struct Registry {
+    /// Every open connection, plain and TLS.
+    connections: Arc<Connections>,
     next: AtomicU64,
     open: Mutex<Open>,
     /// Told when a registration's expiry comes before every other one (the expiry task then
@@ -171,7 +147,12 @@ impl Registry {
         (expired, None)
     }
 
-    /// Open registered connections.
+    /// The table of every open connection.
+    pub(crate) fn connections(&self) -> &Arc<Connections> {
+        &self.connections
+    }
+
+    /// Open registered (mTLS) connections.
     pub fn len(&self) -> usize {
         self.lock().entries.len()
     }

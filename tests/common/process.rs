@@ -45,6 +45,15 @@ pub async fn output(args: &[&str]) -> std::process::Output {
     output_under(&[], args).await
 }
 
+/// `fulcrum ctl --admin ADMIN --token-file TOKEN ARGS`, to completion.
+pub async fn ctl(admin: SocketAddr, token: &Path, args: &[&str]) -> std::process::Output {
+    let admin = admin.to_string();
+    let token = token.to_str().expect("UTF-8 token path");
+    let mut all = vec!["ctl", "--admin", &admin, "--token-file", token];
+    all.extend_from_slice(args);
+    output(&all).await
+}
+
 /// [`output`] under `wrapper` (see [`command`]).
 pub async fn output_under(wrapper: &[&str], args: &[&str]) -> std::process::Output {
     let child = async_command(wrapper)
@@ -73,7 +82,13 @@ impl Fulcrum {
     /// Starts the binary under `wrapper` (a program and its arguments, such as `prlimit
     /// --nofile=64:64`, which gets `-- fulcrum run ...`), or directly when `wrapper` is empty.
     pub fn run_under(wrapper: &[&str], config: &Path) -> Fulcrum {
-        let mut child = async_command(wrapper)
+        Fulcrum::spawn(async_command(wrapper), config)
+    }
+
+    /// Starts `command` (from [`async_command`], with what the test adds: environment
+    /// variables, descriptors) as `run --config PATH`.
+    pub fn spawn(mut command: Command, config: &Path) -> Fulcrum {
+        let mut child = command
             .args(["run", "--config"])
             .arg(config)
             .stdout(Stdio::null())

@@ -1,6 +1,6 @@
 use super::*;
 use proptest::prelude::*;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 const WINDOW: Duration = Duration::from_secs(10);
