@@ -29,6 +29,7 @@ use serde::Deserialize;
 mod admin;
 mod authorization;
 mod certificate;
+mod crl_fetch;
 pub(crate) mod files;
 mod listener;
 mod ratelimit;
@@ -39,6 +40,10 @@ pub use crate::addr::{IpNet, SourcePrefixes, DEFAULT_IPV4_PREFIX, DEFAULT_IPV6_P
 pub use admin::AdminConfig;
 pub use authorization::AuthorizationConfig;
 pub use certificate::{select, CertificateConfig, ServerName, TrustFiles};
+pub use crl_fetch::{
+    crl_url, CrlFetch, DEFAULT_CRL_MAX_SIZE, DEFAULT_CRL_REFRESH, DEFAULT_CRL_TIMEOUT, MAX_CRL_URLS,
+    MIN_CRL_REFRESH,
+};
 pub use listener::{
     ListenerConfig, TlsConfig, TlsVersion, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_HANDSHAKES_PER_SOURCE, DEFAULT_SESSION_CACHE, DEFAULT_SESSION_TIMEOUT,

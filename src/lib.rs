@@ -21,10 +21,10 @@
 //! | [`probe`] | health probe loops, and applying probe and dial outcomes and operator states to the live model |
 //! | [`health`] | backend health: rise/fall state, failures, admin states (pure) |
 //! | `net` | dialing backends: dial, PROXY header, TLS to the backend, resource-exhaustion classification |
-//! | [`state`] | the live model: one generation's listeners, upstreams, backends, [`state::Live`], the discovered address sets, why a generation cannot be brought up ([`state::ServerError`]); `state::registry`: every open connection (the table operators list and close) and, for mTLS ones, their grants and the task closing them at certificate expiry; [`state::build`]: assembling a generation from a loaded config; `state::impact`: which open connections a generation would close, for a reload and its preview; `state::certificates`: a TLS listener's certificates by SNI |
+//! | [`state`] | the live model: one generation's listeners, upstreams, backends, [`state::Live`], the discovered address sets, why a generation cannot be brought up ([`state::ServerError`]), the CRLs fetched from distribution points (`state::fetched_crls`, over generations); `state::registry`: every open connection (the table operators list and close) and, for mTLS ones, their grants and the task closing them at certificate expiry; [`state::build`]: assembling a generation from a loaded config; `state::impact`: which open connections a generation would close, for a reload and its preview; `state::certificates`: a TLS listener's certificates by SNI |
 //! | `accesslog` | the JSON-lines access log: entries (interim ones too), the bounded queue, the writer task and its reopening (SIGUSR1) |
 //! | [`ratelimit`] | the listener's [`ratelimit::Limiter`], keyed by `ClientKey`: [`ratelimit::local`] fixed windows (pure), [`ratelimit::shares`] (pure), [`ratelimit::slots`] (pure: `shared_concurrency`'s leased slots) and [`ratelimit::cluster`] (their Redis shell: `cluster::store` the connection and its health, `cluster::slots` the slot requests and the lease keeper) |
-//! | [`tls`] | each listener's rustls configurations (TLS policy; one per certificate entry chosen by SNI), with one file each for the client verifier, the session cache, client TLS (backends verified by name or `server_identity`, Redis), the provider and reading PEM files; [`tls::expiry`] when the configured certificates expire, and the CRL `nextUpdate` warning |
+//! | [`tls`] | each listener's rustls configurations (TLS policy; one per certificate entry chosen by SNI), with one file each for the client verifier, the session cache, client TLS (backends verified by name or `server_identity`, Redis), the provider, reading PEM files and the fetched CRLs' cache files; [`tls::expiry`] when the configured certificates expire, and the CRL `nextUpdate` warning |
 //! | [`proxy`] | the two-way byte relay with half-close and per-side errors |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2 headers: the wire types, encoding and parsing, one file each (pure); [`proxy_protocol::reader`] reads one off a socket |
 //! | `clock` | deadlines from configured or peer-supplied durations, saturating instead of panicking, and waits toward wall-clock times (pure) |
@@ -38,6 +38,7 @@
 //! | [`logging`] | the process's log lines: the subscriber and its non-blocking stderr writer |
 //! | [`systemd`] | what systemd passes and expects: the listening sockets of socket activation (checked, with their names) and the notifications (ready, reloading, stopping, watchdog pings); a shell over listenfd and sd-notify |
 //! | `watch` | `[reload] watch`: reloading when the config file or a file it names changes |
+//! | `crl_fetch` | `crl_urls`: fetching each mTLS listener's CRLs over HTTP before their `nextUpdate` (the schedule is pure), checking them as a `crl` file's, and rebuilding the generation when one is taken |
 //! | `discovery` | `discover`: resolving upstreams' names (hickory) and rebuilding when their address sets change |
 //! | `throttle` | the throttle on log lines a peer can cause |
 //! | [`config`] | TOML -> validated [`Config`]; every rule about valid configuration (pure), one file per section under `config/`; the files a config is made of and their fingerprint |
@@ -70,6 +71,7 @@ mod caps;
 mod clock;
 pub mod config;
 mod connection;
+mod crl_fetch;
 pub mod ctl;
 pub mod demo;
 mod discovery;

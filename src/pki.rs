@@ -294,6 +294,16 @@ impl Ca {
     /// A CRL signed by this CA revoking the certificates with these serial numbers (big-endian
     /// bytes), as [`Ca::crl`].
     pub fn crl_of_serials(&self, serials: &[Vec<u8>], next_update: SystemTime) -> Result<String, PkiError> {
+        self.numbered_crl(serials, next_update, 1)
+    }
+
+    /// [`Ca::crl_of_serials`] with CRL number `number` (the others are number 1).
+    pub fn numbered_crl(
+        &self,
+        serials: &[Vec<u8>],
+        next_update: SystemTime,
+        number: u64,
+    ) -> Result<String, PkiError> {
         let epoch = rcgen::date_time_ymd(1970, 1, 1);
         let now = SystemTime::now().checked_sub(CLOCK_SKEW).unwrap_or(UNIX_EPOCH);
         let this_update = epoch + since_epoch(now, "this_update")?;
@@ -309,7 +319,7 @@ impl Ca {
         let params = rcgen::CertificateRevocationListParams {
             this_update,
             next_update: epoch + since_epoch(next_update, "next_update")?,
-            crl_number: rcgen::SerialNumber::from(1u64),
+            crl_number: rcgen::SerialNumber::from(number),
             issuing_distribution_point: None,
             revoked_certs,
             key_identifier_method: rcgen::KeyIdMethod::Sha256,

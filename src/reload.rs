@@ -3,8 +3,8 @@
 //! The reload itself (bind new sockets, build the next generation, swap, restart probes, revoke
 //! lost access) is run by the server's run loop, one at a time, so two reloads never interleave;
 //! this module only carries requests to it (from SIGHUP, `POST /reload`, the file watch, a
-//! changed `discover` set or library code) and reads the live state for its callers. It never
-//! touches sockets.
+//! changed `discover` set, a fetched CRL or library code) and reads the live state for its
+//! callers. It never touches sockets.
 
 use std::sync::Arc;
 
@@ -34,6 +34,10 @@ pub(crate) enum Change {
     Apply(Box<Config>),
     /// Build the running config again with the backends `discover` found (no file is read).
     Rediscover,
+    /// Build the running config again with the in-memory material fetched since it was loaded
+    /// (CRLs from their distribution points; no file is read), closing the open connections it
+    /// no longer allows, as a reload does.
+    Refresh,
 }
 
 /// One request, and where its result goes.
@@ -64,6 +68,12 @@ impl Handle {
     /// Builds the running configuration again with the discovered backends now on record.
     pub(crate) async fn rediscover(&self) -> Result<u64, ReloadError> {
         self.send(Change::Rediscover).await
+    }
+
+    /// Builds the running configuration again with the in-memory material now on record (the
+    /// fetched CRLs).
+    pub(crate) async fn refresh(&self) -> Result<u64, ReloadError> {
+        self.send(Change::Refresh).await
     }
 
     async fn send(&self, change: Change) -> Result<u64, ReloadError> {

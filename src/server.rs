@@ -27,7 +27,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::reload::{Change, Handle, ReloadError, Request};
-use crate::state::build::{load, Loaded};
+use crate::state::build::{load, load_with, Loaded};
 use crate::state::{Discovered, Live, ServerError, State};
 use crate::systemd::{Activation, Notifier};
 
@@ -111,6 +111,7 @@ impl Server {
         admin: Option<TcpListener>,
         discovered: Arc<Discovered>,
     ) -> Result<Server, ServerError> {
+        // Fetched CRLs start empty (or from `crl_cache_dir`) and outlive every generation.
         let tls = load(&config)?;
         let mut addrs = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
@@ -285,7 +286,8 @@ impl Server {
                     let result = match request.change {
                         Change::Reread => tasks.reload(None).await,
                         Change::Apply(config) => tasks.reload(Some(*config)).await,
-                        Change::Rediscover => Ok(tasks.rediscover()),
+                        Change::Rediscover => Ok(tasks.rebuild(Loaded::reuse, "rebuilt with the discovered backends")),
+                        Change::Refresh => Ok(tasks.rebuild(Loaded::refresh, "rebuilt with the fetched CRLs")),
                     };
                     let _ = request.reply.send(result);
                 }
@@ -392,6 +394,7 @@ impl Tasks {
             state.crl_deadlines(),
             self.probes.clone(),
         ));
+        crate::crl_fetch::spawn(state, &self.tracker, &self.probes, &self.handle);
         if state.reload.watch {
             self.tracker.spawn(crate::watch::run(
                 self.handle.clone(),
@@ -437,15 +440,17 @@ impl Tasks {
         result
     }
 
-    /// Builds the running configuration again, reading no file, with the backends `discover`
-    /// has on record now: a changed set takes effect the way a reload's would.
-    fn rediscover(&mut self) -> u64 {
+    /// Builds the running configuration again, reading no file, with what `loaded` takes from
+    /// it and the material on record now (the backends `discover` found: `Loaded::reuse`; the
+    /// fetched CRLs too: `Loaded::refresh`): a change takes effect the way a reload's would,
+    /// closing the open connections it no longer allows.
+    fn rebuild(&mut self, loaded: fn(&State) -> Loaded, what: &str) -> u64 {
         let current = self.live.state();
         let generation = current.generation + 1;
         let addrs = current.listeners().map(|l| (l.name.clone(), l.bind)).collect();
         let next = State::assemble(
             &current.config,
-            Loaded::reuse(&current),
+            loaded(&current),
             addrs,
             Some(&current),
             generation,
@@ -453,13 +458,13 @@ impl Tasks {
         );
         let next = Arc::new(next);
         self.start_generation(&next);
-        self.live.swap(next);
-        info!(generation, "rebuilt with the discovered backends");
+        let revoked = self.live.swap(next);
+        info!(generation, revoked, "{what}");
         generation
     }
 
     fn try_reload(&mut self, config: Config) -> Result<u64, ReloadError> {
-        let tls = load(&config)?;
+        let tls = load_with(&config, &self.live.state().fetched_crls)?;
         // A listener keeps its sockets if its name and configured address are unchanged; one
         // serving a socket systemd passed keeps it while its configured `bind` is unchanged.
         let current = self.live.state();

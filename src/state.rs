@@ -36,6 +36,7 @@ pub mod build;
 mod certificates;
 mod discovered;
 mod error;
+pub(crate) mod fetched_crls;
 pub mod impact;
 pub(crate) mod registry;
 
@@ -93,6 +94,8 @@ pub struct State {
     pub identities: Arc<Identities>,
     /// When this generation's certificates and CRLs expire.
     pub(crate) certificates: Vec<crate::tls::expiry::Expiry>,
+    /// CRLs fetched from their distribution points (shared by every generation).
+    pub(crate) fetched_crls: Arc<fetched_crls::FetchedCrls>,
 }
 
 /// A listener's routing, policies and counters.

@@ -46,6 +46,7 @@ pub use crate::trust::CrlInfo;
 use crate::trust::{Rejection, Verified};
 
 mod client;
+pub(crate) mod crl_cache;
 mod files;
 mod provider;
 mod session;
@@ -56,7 +57,7 @@ pub use files::TlsError;
 use files::{certificates, private_key, read};
 pub use provider::{install_default_provider, provider};
 pub use session::SessionCache;
-pub use verifier::{client_trust, client_trust_of, ClientVerifier};
+pub use verifier::{client_trust, client_trust_of, CheckedCrl, ClientVerifier};
 
 /// One certificate of a listener (its only one, its fallback or an entry): the rustls
 /// configuration, and the client trust (mTLS) kept apart so that a connection can check a
@@ -196,8 +197,8 @@ type Verifier = (Option<Arc<ClientVerifier>>, Vec<CrlInfo>);
 
 /// The verifier of `trust`.
 fn verifier(trust: TrustFiles<'_>, identity_from_cn: bool) -> Result<Verifier, TlsError> {
-    Ok(match client_trust_of(trust, identity_from_cn)? {
-        Some((trust, crls)) => (Some(Arc::new(ClientVerifier::new(trust))), crls),
+    Ok(match ClientVerifier::load(trust, identity_from_cn)? {
+        Some((verifier, crls)) => (Some(Arc::new(verifier)), crls),
         None => (None, Vec::new()),
     })
 }

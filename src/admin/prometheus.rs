@@ -15,6 +15,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::metrics::{HandshakeFailure, Histogram, Reason, Traffic};
+use crate::state::fetched_crls::Outcome;
 use crate::state::{Backend, State, Upstream};
 use crate::tls::expiry::Scope;
 
@@ -314,6 +315,25 @@ fn families(state: &State) -> Families {
             let mut labels = upstream(&u.name);
             labels.push(("outcome", outcome.to_string()));
             s.push(sample(labels, Value::Int(counter.get())));
+        }
+    }
+    let s = b.counter(
+        "fulcrum_crl_fetches",
+        "Fetches of each listener's CRL URLs, by outcome (updated, unchanged; failed or refused: the last good CRL stayed).",
+    );
+    let fetching = state
+        .config
+        .listeners
+        .iter()
+        .filter(|l| l.tls.as_ref().is_some_and(|t| t.crl_fetch.is_some()));
+    for l in fetching {
+        let outcomes = state.fetched_crls.outcomes(&l.name);
+        for outcome in Outcome::ALL {
+            let labels = vec![
+                ("listener", l.name.clone()),
+                ("outcome", outcome.label().to_string()),
+            ];
+            s.push(sample(labels, Value::Int(outcomes.of(outcome).get())));
         }
     }
     let s = b.counter(

@@ -7,7 +7,7 @@
 //! uses it and in the README, nowhere else in `config`. This file must not validate another
 //! section: the global rate limit and the listener's own come from `ratelimit.rs`, value parsers
 //! from `values.rs`, the `[[listener.tls.certificate]]` entries (and the client trust keys they
-//! share with `[listener.tls]`) from `certificate.rs`.
+//! share with `[listener.tls]`) from `certificate.rs`, the CRL fetching keys from `crl_fetch.rs`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 use super::authorization::{AuthorizationConfig, RawAuthorization};
 use super::certificate::{select, CertificateConfig, ClientTrust, RawCertificate, TrustFiles};
+use super::crl_fetch::{CrlFetch, RawCrlFetch};
 use super::ratelimit::{ListenerLimit, RateLimitConfig, RawRateLimitOverride};
 use super::upstream::UpstreamConfig;
 use super::values::{ConfigError, Keepalive, RawKeepalive, Validator};
@@ -127,6 +128,9 @@ pub struct TlsConfig {
     /// `alpn_required`: a client that offers no ALPN at all is refused (without it, it is served
     /// by the listener's own upstream).
     pub alpn_required: bool,
+    /// `crl_urls`, `crl_from_certificates` and their settings: CRLs fetched over HTTP for the
+    /// fallback's client trust (and every entry sharing it), beside `crl`. `None`: no fetching.
+    pub crl_fetch: Option<CrlFetch>,
 }
 
 impl TlsConfig {
@@ -147,6 +151,7 @@ impl TlsConfig {
             alpn: Vec::new(),
             alpn_required: false,
             certificates: Vec::new(),
+            crl_fetch: None,
         }
     }
 
@@ -244,6 +249,12 @@ struct RawTls {
     session_timeout: Option<String>,
     alpn: Option<Vec<String>>,
     alpn_required: Option<bool>,
+    crl_urls: Option<Vec<String>>,
+    crl_from_certificates: Option<bool>,
+    crl_refresh: Option<String>,
+    crl_max_size: Option<u64>,
+    crl_timeout: Option<String>,
+    crl_cache_dir: Option<PathBuf>,
     #[serde(default)]
     certificate: Vec<RawCertificate>,
 }
@@ -481,9 +492,18 @@ impl Validator<'_> {
                 "needs client_ca or trust_domains (mutual TLS)",
             ));
         }
+        let crl_fetch = RawCrlFetch {
+            urls: raw.crl_urls,
+            from_certificates: raw.crl_from_certificates,
+            refresh: raw.crl_refresh,
+            max_size: raw.crl_max_size,
+            timeout: raw.crl_timeout,
+            cache_dir: raw.crl_cache_dir,
+        };
         let certificates = self.certificates(key, raw.certificate, &listener_trust, upstreams)?;
         let (cert, private_key, fallback) =
             self.fallback(key, (raw.cert, raw.key), &listener_trust, &certificates)?;
+        let crl_fetch = self.crl_fetch(key, crl_fetch, fallback.files().verifies_clients())?;
         if !fallback.files().verifies_clients() {
             // Settings of client authentication, given without it: surely a mistake.
             let mtls_only = [
@@ -525,6 +545,7 @@ impl Validator<'_> {
             alpn,
             alpn_required,
             certificates,
+            crl_fetch,
         })
     }
 }

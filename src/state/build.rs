@@ -4,21 +4,29 @@
 //! counters and the access log.
 //!
 //! `fulcrum check` ([`validate`]), startup and every reload run this same code, so they can never
-//! disagree. Which limiter counts each listener is settled here from the policy `config` gave it:
-//! the one global limiter (cluster-wide with `[rate_limit.shared]`) or one of its own. This
-//! module reads certificate and key files; it binds nothing.
+//! disagree. CRLs fetched from distribution points (`crl_urls`) are applied here beside the
+//! `crl` file's, from the table every generation shares (`FetchedCrls`): at load (a URL with no
+//! CRL held yet is first looked for in `crl_cache_dir`) and by `Loaded::refresh`, which builds
+//! the running generation again with what was fetched, reading no file (`build::fetched`).
+//!
+//! Which limiter counts each listener is settled here from the policy `config` gave it: the one
+//! global limiter (cluster-wide with `[rate_limit.shared]`) or one of its own. This module reads
+//! certificate and key files; it binds nothing.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::fetched_crls::FetchedCrls;
 use super::{Discovered, Listener, ListenerTls, ServerError, State, Upstream};
 use crate::authz::Authorization;
 use crate::config::{Config, ListenerLimit, TlsConfig};
 use crate::ratelimit::{ClusterLimiter, Limiter, RateLimiter};
 use crate::tls::expiry::Expiry;
 use crate::tls::Certificates;
+
+mod fetched;
 
 /// What `fulcrum check` reports of a configuration that loads.
 #[derive(Debug)]
@@ -114,6 +122,23 @@ pub fn check(config: &Config) -> Result<Checked, ServerError> {
             let of = entry.map_or_else(String::new, |name| format!(" certificate {:?}", name.to_string()));
             describe_trust(&listener.name, &of, verifier, &mut trust, &mut warnings);
         }
+        let fetch = config
+            .listeners
+            .iter()
+            .find(|l| l.name == listener.name)
+            .and_then(|l| l.tls.as_ref()?.crl_fetch.as_ref());
+        let fallback = listener.tls_for(None).and_then(|t| t.verifier.as_ref());
+        if let (Some(fetch), Some(verifier)) = (fetch, fallback) {
+            let (urls, ignored) = verifier.crl_urls(fetch);
+            let urls = match urls.is_empty() {
+                true => "none (no client_ca certificate names an http:// distribution point)".into(),
+                false => urls.join(" | "),
+            };
+            trust.push(format!("listener {:?} CRL URLs: {urls}", listener.name));
+            if ignored > 0 {
+                warnings.push(ignored_urls(&listener.name, ignored));
+            }
+        }
     }
     let mut policy = Vec::new();
     for listener in state.listeners().filter(|l| l.mutual_tls) {
@@ -192,6 +217,15 @@ fn policy_lines(whose: &str, authorization: &Authorization) -> Vec<String> {
     lines
 }
 
+/// The warning for CRL URLs past [`crate::config::MAX_CRL_URLS`].
+fn ignored_urls(listener: &str, ignored: usize) -> String {
+    format!(
+        "listener {listener:?}: {ignored} CRL distribution point(s) of the client_ca certificates are not fetched: \
+         at most {} CRL URLs per listener",
+        crate::config::MAX_CRL_URLS
+    )
+}
+
 /// Every certificate file a generation needs, loaded, and the shared rate limit's redis client
 /// built from its files: the part of building a generation that can fail.
 pub(crate) struct Loaded {
@@ -201,6 +235,8 @@ pub(crate) struct Loaded {
     upstreams: Vec<Option<Arc<crate::tls::UpstreamTls>>>,
     redis: Option<redis::Client>,
     certificates: Vec<Expiry>,
+    /// The fetched CRLs the listeners' verifiers were made with (shared by every generation).
+    fetched: Arc<FetchedCrls>,
 }
 
 impl Loaded {
@@ -229,11 +265,52 @@ impl Loaded {
                 _ => None,
             },
             certificates: current.certificates.clone(),
+            fetched: Arc::clone(&current.fetched_crls),
+        }
+    }
+
+    /// What `current` was loaded with, its listeners' client trust made again with the CRLs
+    /// fetched now (in-memory material: no certificate, key or CRL file is read again; only the
+    /// report of deadlines reads the certificates' dates): a fetched CRL takes effect the way a
+    /// reload's would, closing the open connections it revokes.
+    pub(crate) fn refresh(current: &State) -> Loaded {
+        let mut loaded = Loaded::reuse(current);
+        loaded.apply_fetched(&current.config, false);
+        loaded
+    }
+
+    /// Applies the fetched CRLs to every listener with `crl_urls` (after looking in
+    /// `crl_cache_dir` for URLs without one, if `restore`), and reports their `nextUpdate`.
+    fn apply_fetched(&mut self, config: &Config, restore: bool) {
+        let mut applied = false;
+        for (l, certificates) in config.listeners.iter().zip(&mut self.listeners) {
+            let (Some(tls), Some(certificates)) = (&l.tls, certificates.as_mut()) else {
+                continue;
+            };
+            let Some(fetch) = &tls.crl_fetch else { continue };
+            if restore {
+                fetched::restore_cached(&l.name, fetch, certificates, &self.fetched);
+            }
+            fetched::apply(&l.name, tls, fetch, certificates, &self.fetched);
+            applied = true;
+        }
+        if applied {
+            // The fetched CRLs' nextUpdate, in place of the file's alone.
+            let fresh = crate::tls::expiry::of(config, &self.listeners);
+            self.certificates.retain(|c| c.kind != "crl_next_update");
+            self.certificates
+                .extend(fresh.into_iter().filter(|c| c.kind == "crl_next_update"));
         }
     }
 }
 
+/// Loads every file of `config`, with no CRL fetched yet (but those of `crl_cache_dir`).
 pub(crate) fn load(config: &Config) -> Result<Loaded, ServerError> {
+    load_with(config, &Arc::default())
+}
+
+/// Loads every file of `config` and applies the CRLs `fetched` holds for it (see [`Loaded`]).
+pub(crate) fn load_with(config: &Config, fetched: &Arc<FetchedCrls>) -> Result<Loaded, ServerError> {
     let fingerprint = match config.reload.watch {
         true => crate::config::files::fingerprint(&config.files()),
         false => Vec::new(),
@@ -269,13 +346,16 @@ pub(crate) fn load(config: &Config) -> Result<Loaded, ServerError> {
         None => None,
     };
     let certificates = crate::tls::expiry::of(config, &listeners);
-    Ok(Loaded {
+    let mut loaded = Loaded {
         fingerprint,
         listeners,
         upstreams,
         redis,
         certificates,
-    })
+        fetched: Arc::clone(fetched),
+    };
+    loaded.apply_fetched(config, true);
+    Ok(loaded)
 }
 
 impl State {
@@ -450,6 +530,7 @@ impl State {
             discovered,
             identities,
             certificates: loaded.certificates,
+            fetched_crls: loaded.fetched,
         }
     }
 }

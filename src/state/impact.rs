@@ -172,8 +172,8 @@ impl Live {
     /// A candidate read from a file always brings new trust, as a reload's does: every open
     /// chain is verified again.
     pub(crate) fn impact(&self, candidate: &Config) -> Result<Vec<Closing>, ServerError> {
-        let loaded = build::load(candidate)?;
         let live = self.state();
+        let loaded = build::load_with(candidate, &live.fetched_crls)?;
         let next = State::assemble(
             candidate,
             loaded,

@@ -1,6 +1,11 @@
 //! The client certificate verifier of an mTLS listener: its [`Trust`] loaded from the files
 //! (`client_ca`, `trust_domains`, `crl`) and run inside rustls's handshake. The rules are the
 //! trust core's (`trust`); this room reads files and adapts to rustls.
+//!
+//! CRLs fetched from their distribution points come in as DER: [`ClientVerifier::check_crl`]
+//! checks one as a file's CRL is checked (`trust::Revocations`: signed by a CA of the trust that
+//! may sign CRLs, bound to its key), and [`ClientVerifier::with_fetched`] makes the verifier
+//! again from the same stores with the file's CRLs and the fetched ones.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -11,11 +16,13 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::CertificateError;
+use x509_parser::extensions::{DistributionPointName, GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer;
+use x509_parser::revocation_list::CertificateRevocationList;
 
 use super::files::{certificates, pem_reason, read, TlsError};
 use super::provider::chosen_provider;
-use crate::config::{TlsConfig, TrustFiles};
+use crate::config::{CrlFetch, TlsConfig, TrustFiles, MAX_CRL_URLS};
 use crate::trust::{CrlError, CrlInfo, Revocations, Store, Trust};
 
 /// The client certificate verifier of an mTLS listener: `Trust::verify` at handshake time,
@@ -24,6 +31,8 @@ use crate::trust::{CrlError, CrlInfo, Revocations, Store, Trust};
 #[derive(Debug)]
 pub struct ClientVerifier {
     pub trust: Trust,
+    /// The `crl` file's CRLs, as read: [`ClientVerifier::with_fetched`] applies them again.
+    file_crls: Vec<CertificateRevocationListDer<'static>>,
     hints: Vec<rustls::DistinguishedName>,
     algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
     recent: Mutex<VecDeque<(Vec<CertificateDer<'static>>, SystemTime)>>,
@@ -43,10 +52,130 @@ impl ClientVerifier {
             .collect();
         ClientVerifier {
             trust,
+            file_crls: Vec::new(),
             hints,
             algorithms: chosen_provider().signature_verification_algorithms,
             recent: Mutex::default(),
         }
+    }
+
+    /// The verifier of `files` (see [`client_trust_of`]), keeping the file's CRLs for
+    /// `ClientVerifier::with_fetched`; `None` without client authentication.
+    pub fn load(
+        files: TrustFiles<'_>,
+        identity_from_cn: bool,
+    ) -> Result<Option<(ClientVerifier, Vec<CrlInfo>)>, TlsError> {
+        Ok(
+            load_trust(files, identity_from_cn)?.map(|(trust, info, file_crls)| {
+                let verifier = ClientVerifier {
+                    file_crls,
+                    ..ClientVerifier::new(trust)
+                };
+                (verifier, info)
+            }),
+        )
+    }
+
+    /// Checks a fetched CRL exactly as a file's (signed by a CA of this trust that may sign
+    /// CRLs, of a kind `trust` applies in full), and reads what the replace rule compares.
+    pub(crate) fn check_crl(&self, der: &CertificateRevocationListDer<'_>) -> Result<CheckedCrl, CrlError> {
+        let cas: Vec<_> = self.trust.all_cas().collect();
+        let (_, info) = Revocations::load(std::slice::from_ref(der), &cas)?;
+        let (_, crl) = CertificateRevocationList::from_der(der)
+            .map_err(|e| CrlError::Invalid(format!("a CRL cannot be parsed: {e}")))?;
+        let info = info
+            .into_iter()
+            .next()
+            .ok_or_else(|| CrlError::Invalid("no CRL".into()))?;
+        Ok(CheckedCrl {
+            issuer: info.issuer,
+            number: crl.crl_number().map(|n| n.to_bytes_be()),
+            this_update: seconds(crl.last_update().timestamp()),
+            next_update: info.next_update,
+        })
+    }
+
+    /// This verifier again with `fetched` CRLs applied beside the file's (the file's only when
+    /// `fetched` is empty, but then always checking revocation: a certificate of an issuer no CRL
+    /// covers is refused). A fetched CRL that does not pass [`ClientVerifier::check_crl`] here
+    /// (the stores changed since it was fetched) is left out, and returned.
+    pub(crate) fn with_fetched(
+        &self,
+        fetched: &[CertificateRevocationListDer<'static>],
+    ) -> (ClientVerifier, Vec<CrlInfo>, Vec<(usize, CrlError)>) {
+        let mut unusable = Vec::new();
+        let mut crls = self.file_crls.clone();
+        for (i, der) in fetched.iter().enumerate() {
+            match self.check_crl(der) {
+                Ok(_) => crls.push(der.clone()),
+                Err(e) => unusable.push((i, e)),
+            }
+        }
+        let cas: Vec<_> = self.trust.all_cas().collect();
+        // Each CRL loads on its own (the file's at its load, the others just now), so together.
+        let (revocations, info) = Revocations::load(&crls, &cas).unwrap_or_default();
+        let trust = Trust {
+            client_ca: self.trust.client_ca.clone(),
+            trust_domains: self.trust.trust_domains.clone(),
+            revocations: Some(revocations),
+            rule: self.trust.rule,
+        };
+        let verifier = ClientVerifier {
+            file_crls: self.file_crls.clone(),
+            ..ClientVerifier::new(trust)
+        };
+        (verifier, info, unusable)
+    }
+
+    /// The URLs a listener with these settings fetches: `crl_urls`, then (with
+    /// `crl_from_certificates`) the distribution points of the `client_ca` certificates not
+    /// already listed, at most [`MAX_CRL_URLS`] in all; and how many of those were left out.
+    pub(crate) fn crl_urls(&self, fetch: &CrlFetch) -> (Vec<String>, usize) {
+        let mut urls = fetch.urls.clone();
+        let mut ignored = 0;
+        if fetch.from_certificates {
+            for url in self.distribution_points() {
+                if urls.contains(&url) {
+                    continue;
+                }
+                match urls.len() < MAX_CRL_URLS {
+                    true => urls.push(url),
+                    false => ignored += 1,
+                }
+            }
+        }
+        (urls, ignored)
+    }
+
+    /// The HTTP CRL distribution points of the `client_ca` certificates, in file order, each
+    /// once (`crl_from_certificates`); URLs of another scheme are left out.
+    fn distribution_points(&self) -> Vec<String> {
+        let mut urls: Vec<String> = Vec::new();
+        let stores = self.trust.client_ca.iter();
+        for der in stores.flat_map(|s| s.anchors.iter().chain(&s.intermediates)) {
+            let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(der) else {
+                continue;
+            };
+            for ext in cert.extensions() {
+                let ParsedExtension::CRLDistributionPoints(points) = ext.parsed_extension() else {
+                    continue;
+                };
+                for point in points.iter() {
+                    let Some(DistributionPointName::FullName(names)) = &point.distribution_point else {
+                        continue;
+                    };
+                    for name in names {
+                        if let GeneralName::URI(uri) = name {
+                            let uri = uri.to_string();
+                            if crate::config::crl_url(&uri).is_ok() && !urls.contains(&uri) {
+                                urls.push(uri);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        urls
     }
 
     fn remember(&self, chain: Vec<CertificateDer<'static>>, not_after: SystemTime) {
@@ -135,6 +264,14 @@ pub fn client_trust_of(
     files: TrustFiles<'_>,
     identity_from_cn: bool,
 ) -> Result<Option<(Trust, Vec<CrlInfo>)>, TlsError> {
+    Ok(load_trust(files, identity_from_cn)?.map(|(trust, info, _)| (trust, info)))
+}
+
+/// A loaded trust, its CRLs' report and the `crl` file's CRLs.
+type LoadedTrust = (Trust, Vec<CrlInfo>, Vec<CertificateRevocationListDer<'static>>);
+
+/// [`client_trust_of`], with the `crl` file's CRLs as read.
+fn load_trust(files: TrustFiles<'_>, identity_from_cn: bool) -> Result<Option<LoadedTrust>, TlsError> {
     if !files.verifies_clients() {
         return Ok(None);
     }
@@ -159,6 +296,7 @@ pub fn client_trust_of(
             .insert(domain.clone(), store("trust domain bundle", path)?);
     }
     let mut crls = Vec::new();
+    let mut file_crls = Vec::new();
     if let Some(path) = files.crl {
         let pem = read("CRL", path)?;
         let failed = |reason: String| TlsError::Crl {
@@ -181,6 +319,25 @@ pub fn client_trust_of(
         })?;
         trust.revocations = Some(revocations);
         crls = info;
+        file_crls = ders
+            .iter()
+            .map(|d| CertificateRevocationListDer::from(d.as_ref().to_vec()))
+            .collect();
     }
-    Ok(Some((trust, crls)))
+    Ok(Some((trust, crls, file_crls)))
+}
+
+/// What the replace rule of fetched CRLs compares, of a CRL whose signature was checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedCrl {
+    /// The CRL's issuer, as text.
+    pub issuer: String,
+    /// Its CRL number (big-endian bytes), if it has one.
+    pub number: Option<Vec<u8>>,
+    pub this_update: SystemTime,
+    pub next_update: Option<SystemTime>,
+}
+
+fn seconds(timestamp: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(u64::try_from(timestamp).unwrap_or(0))
 }
