@@ -1,7 +1,10 @@
 //! TLS cost with the compiled-in crypto provider: full mTLS handshakes (ECDSA P-256 certificates
 //! from `fulcrum::pki`, client certificate verified), without and with a CRL, resumed ones, and
-//! bulk record throughput, in memory so that only crypto and protocol work is measured. The server side is timed on its own, which is
-//! the proxy's CPU per handshake. Run: `cargo bench --bench handshake`.
+//! bulk record throughput, in memory so that only crypto and protocol work is measured. The
+//! server side is timed on its own, which is the proxy's CPU per handshake; the key exchange group
+//! negotiated is printed. Run: `cargo bench --bench handshake`; with `--no-default-features
+//! --features aws-lc-rs,mimalloc`, `FULCRUM_BENCH_KX=hybrid` makes the client offer only
+//! X25519MLKEM768.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -63,6 +66,10 @@ fn main() {
         let (both, server_cpu, pair) = handshakes(server, client);
         println!(
             "{what} ({provider}, ECDSA P-256, client cert verified): {both:.0}/s both sides on one core, {server_cpu:.0} per server CPU-second"
+        );
+        println!(
+            "  key exchange: {:?}",
+            pair.0.negotiated_key_exchange_group().map(|g| g.name())
         );
         last = Some(pair);
     }

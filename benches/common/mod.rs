@@ -39,7 +39,15 @@ pub fn mtls(name: &str) -> Mtls {
     roots
         .add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).expect("ca"))
         .expect("root");
-    let client = ClientConfig::builder_with_provider(fulcrum::tls::provider())
+    // `FULCRUM_BENCH_KX=hybrid` (aws-lc-rs builds): the client offers only X25519MLKEM768, so the
+    // hybrid post-quantum group is what is measured; otherwise the provider's defaults.
+    #[allow(unused_mut)]
+    let mut provider = (*fulcrum::tls::provider()).clone();
+    #[cfg(feature = "aws-lc-rs")]
+    if std::env::var("FULCRUM_BENCH_KX").as_deref() == Ok("hybrid") {
+        provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768];
+    }
+    let client = ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
         .with_safe_default_protocol_versions()
         .expect("versions")
         .with_root_certificates(roots)
