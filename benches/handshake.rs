@@ -2,9 +2,9 @@
 //! from `fulcrum::pki`, client certificate verified), without and with a CRL, resumed ones, and
 //! bulk record throughput, in memory so that only crypto and protocol work is measured. The
 //! server side is timed on its own, which is the proxy's CPU per handshake; the key exchange group
-//! negotiated is printed. Run: `cargo bench --bench handshake`; with `--no-default-features
-//! --features aws-lc-rs,mimalloc`, `FULCRUM_BENCH_KX=hybrid` makes the client offer only
-//! X25519MLKEM768.
+//! negotiated is printed. Run: `cargo bench --bench handshake` (AWS-LC: X25519MLKEM768 is
+//! negotiated; `FULCRUM_BENCH_KX=classical` makes the client offer only X25519), or with
+//! `--no-default-features --features ring,mimalloc` for ring (X25519).
 
 use std::io::{Read, Write};
 use std::sync::Arc;

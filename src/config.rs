@@ -31,8 +31,12 @@ mod authorization;
 mod certificate;
 mod crl_fetch;
 pub(crate) mod files;
+mod key_exchange;
 mod listener;
+mod log;
 mod ratelimit;
+mod schema;
+mod spiffe;
 mod upstream;
 mod values;
 
@@ -44,15 +48,18 @@ pub use crl_fetch::{
     crl_url, CrlFetch, DEFAULT_CRL_MAX_SIZE, DEFAULT_CRL_REFRESH, DEFAULT_CRL_TIMEOUT, MAX_CRL_URLS,
     MIN_CRL_REFRESH,
 };
+pub use key_exchange::{KeyExchange, KxGroup, DEFAULT_KEY_EXCHANGE};
 pub use listener::{
     ListenerConfig, TlsConfig, TlsVersion, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_HANDSHAKES_PER_SOURCE, DEFAULT_SESSION_CACHE, DEFAULT_SESSION_TIMEOUT,
 };
+pub use log::{LogConfig, LogFormat};
 pub use ratelimit::{
     redact_url, ListenerLimit, OnUnavailable, RateLimitConfig, RateLimitPolicy, RedisTlsConfig,
     SharedConcurrency, SharedRateLimitConfig, DEFAULT_MAX_CLIENTS, DEFAULT_SHARED_KEY_PREFIX,
     DEFAULT_SHARED_TIMEOUT,
 };
+pub use spiffe::{SpiffeConfig, TlsSource, DEFAULT_SPIFFE_STARTUP_TIMEOUT};
 pub use upstream::{
     BackendConfig, Discover, DnsConfig, HealthCheckConfig, OnDown, UpstreamAlpn, UpstreamConfig,
     UpstreamTlsConfig, DEFAULT_CONNECT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DISCOVER_INTERVAL,
@@ -114,6 +121,10 @@ pub struct Config {
     pub source_prefixes: SourcePrefixes,
     /// `[dns]`: how `discover` names are resolved.
     pub dns: DnsConfig,
+    /// `[spiffe]`: the Workload API of the TLS sides with `source = "spiffe"`.
+    pub spiffe: SpiffeConfig,
+    /// `[log]`: how the process's log lines are written (read at startup only).
+    pub log: LogConfig,
     /// Proof of validation: only this module makes a `Config`.
     _validated: Validated,
 }
@@ -187,6 +198,21 @@ impl Config {
     pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
         self.upstreams.iter().find(|u| u.name == name)
     }
+
+    /// Whether a listener or an upstream takes its TLS material from the Workload API.
+    pub fn uses_spiffe(&self) -> bool {
+        let listeners = self
+            .listeners
+            .iter()
+            .filter_map(|l| l.tls.as_ref())
+            .map(|t| &t.source);
+        let upstreams = self
+            .upstreams
+            .iter()
+            .filter_map(|u| u.tls.as_ref())
+            .map(|t| &t.source);
+        listeners.chain(upstreams).any(TlsSource::is_spiffe)
+    }
 }
 
 /// The message for a TOML syntax error: toml's own, which quotes the offending line, unless that
@@ -215,50 +241,91 @@ fn syntax_message(text: &str, e: &toml::de::Error) -> String {
     )
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    drain_timeout: Option<String>,
-    runtime: Option<RawRuntime>,
-    #[serde(default)]
-    listener: Vec<RawListener>,
-    #[serde(default)]
-    upstream: Vec<RawUpstream>,
-    admin: Option<RawAdmin>,
-    #[serde(default)]
-    authorization: authorization::RawAuthorization,
-    rate_limit: Option<RawRateLimit>,
-    access_log: Option<RawAccessLog>,
-    reload: Option<RawReload>,
-    max_connections: Option<usize>,
-    dns: Option<RawDns>,
+/// The JSON Schema (draft 2020-12) of a config file, as `docs/fulcrum.schema.json` holds it: made
+/// by `schema.rs` from `RawConfig` and the tables under it.
+pub fn config_schema() -> serde_json::Value {
+    schema::of::<RawConfig>()
 }
 
-#[derive(Deserialize)]
+/// A fulcrum configuration file (docs/configuration.md).
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// Duration: after SIGTERM/SIGINT, how long open connections may finish.
+    #[schemars(extend("default" = "30s"))]
+    drain_timeout: Option<String>,
+    /// `[runtime]`: the threads serving connections.
+    runtime: Option<RawRuntime>,
+    /// `[[listener]]`: at least one.
+    #[serde(default)]
+    #[schemars(length(min = 1))]
+    listener: Vec<RawListener>,
+    /// `[[upstream]]`: the backend groups listeners serve.
+    #[serde(default)]
+    upstream: Vec<RawUpstream>,
+    /// `[admin]`: the admin API.
+    admin: Option<RawAdmin>,
+    /// `[authorization]`: which client identities may reach which upstreams; default deny.
+    #[serde(default)]
+    #[schemars(with = "authorization::AuthorizationTable")]
+    authorization: authorization::RawAuthorization,
+    /// `[rate_limit]`: per-client limits.
+    rate_limit: Option<RawRateLimit>,
+    /// `[access_log]`: one JSON line per closed connection.
+    access_log: Option<RawAccessLog>,
+    /// `[reload]`: reloading by itself when a file changes.
+    reload: Option<RawReload>,
+    /// Open client connections of the whole process (the admin API's excepted), at least 1;
+    /// default derived from the open-file limit.
+    #[schemars(range(min = 1))]
+    max_connections: Option<usize>,
+    /// `[dns]`: how `discover` names are resolved.
+    dns: Option<RawDns>,
+    /// `[spiffe]`: the SPIFFE Workload API.
+    spiffe: Option<spiffe::RawSpiffe>,
+    /// `[log]`: how the process's own log lines are written (not the access log).
+    log: Option<log::RawLog>,
+}
+
+/// `[reload]`: reloading by itself when a file changes.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawReload {
+    /// Reload, exactly as SIGHUP does, when the config or a file it names changes.
+    #[schemars(extend("default" = false))]
     watch: Option<bool>,
+    /// Duration the files must stay unchanged before such a reload.
+    #[schemars(extend("default" = "1s"))]
     debounce: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// `[access_log]`: one JSON line per closed connection.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawAccessLog {
+    /// "stdout" or a file path (appended to, created if missing).
+    #[schemars(length(min = 1))]
     path: String,
+    /// Duration of at least 1s: an interim entry (bytes so far) for every this long a
+    /// connection stays open; "0s" or absent: none.
     interim: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// `[runtime]`: the threads serving connections.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawRuntime {
+    /// Threads serving connections, 1 to 1024 (1 runs a single-threaded runtime); default one
+    /// per core.
+    #[schemars(range(min = 1, max = 1024))]
     workers: Option<usize>,
 }
 
 impl Validator<'_> {
     /// The entry point: every section validated into its typed form, in this order (so that an
     /// error is always the first one in it): `[runtime]`, `drain_timeout`, `[rate_limit]`,
-    /// `[dns]`, the upstreams, the listeners (which name upstreams), `[authorization]`,
-    /// `[admin]`, `[access_log]`, `[reload]`, `max_connections`.
+    /// `[dns]`, `[spiffe]`, the upstreams, the listeners (which name upstreams), `[authorization]`,
+    /// `[admin]`, `[access_log]`, `[reload]`, `max_connections`, `[log]`.
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let workers = match raw.runtime.as_ref().and_then(|r| r.workers) {
             Some(n) if !(1..=MAX_WORKERS).contains(&n) => {
@@ -280,6 +347,7 @@ impl Validator<'_> {
             None => None,
         };
         let dns = self.dns(raw.dns)?;
+        let spiffe = self.spiffe(raw.spiffe)?;
         let upstreams = self.upstreams(raw.upstream)?;
         let listeners = self.listeners(raw.listener, &upstreams, &rate_limit)?;
         let authorization = self.authorization("authorization", raw.authorization, &upstreams)?;
@@ -318,6 +386,7 @@ impl Validator<'_> {
             Some(0) => return Err(self.invalid("max_connections", 0, "must be at least 1")),
             other => other,
         };
+        let log = self.log(raw.log)?;
         Ok(Config {
             origin: self.origin.to_string(),
             path: None,
@@ -334,6 +403,8 @@ impl Validator<'_> {
             max_connections,
             source_prefixes,
             dns,
+            spiffe,
+            log,
             _validated: Validated,
         })
     }

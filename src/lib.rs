@@ -21,10 +21,10 @@
 //! | [`probe`] | health probe loops, and applying probe and dial outcomes and operator states to the live model |
 //! | [`health`] | backend health: rise/fall state, failures, admin states (pure) |
 //! | `net` | dialing backends: dial, PROXY header, TLS to the backend, resource-exhaustion classification |
-//! | [`state`] | the live model: one generation's listeners, upstreams, backends, [`state::Live`], the discovered address sets, why a generation cannot be brought up ([`state::ServerError`]), the CRLs fetched from distribution points (`state::fetched_crls`, over generations); `state::registry`: every open connection (the table operators list and close) and, for mTLS ones, their grants and the task closing them at certificate expiry; [`state::build`]: assembling a generation from a loaded config; `state::impact`: which open connections a generation would close, for a reload and its preview; `state::certificates`: a TLS listener's certificates by SNI |
+//! | [`state`] | the live model: one generation's listeners, upstreams, backends, [`state::Live`], the discovered address sets, why a generation cannot be brought up ([`state::ServerError`]), the CRLs fetched from distribution points (`state::fetched_crls`, over generations), the Workload API's last delivery ([`state::workload`], over generations); `state::registry`: every open connection (the table operators list and close) and, for mTLS ones, their grants and the task closing them at certificate expiry; [`state::build`]: assembling a generation from a loaded config; `state::impact`: which open connections a generation would close, for a reload and its preview; `state::certificates`: a TLS listener's certificates by SNI |
 //! | `accesslog` | the JSON-lines access log: entries (interim ones too), the bounded queue, the writer task and its reopening (SIGUSR1) |
 //! | [`ratelimit`] | the listener's [`ratelimit::Limiter`], keyed by `ClientKey`: [`ratelimit::local`] fixed windows (pure), [`ratelimit::shares`] (pure), [`ratelimit::slots`] (pure: `shared_concurrency`'s leased slots) and [`ratelimit::cluster`] (their Redis shell: `cluster::store` the connection and its health, `cluster::slots` the slot requests and the lease keeper) |
-//! | [`tls`] | each listener's rustls configurations (TLS policy; one per certificate entry chosen by SNI), with one file each for the client verifier, the session cache, client TLS (backends verified by name or `server_identity`, Redis), the provider, reading PEM files and the fetched CRLs' cache files; [`tls::expiry`] when the configured certificates expire, and the CRL `nextUpdate` warning |
+//! | [`tls`] | each listener's rustls configurations (TLS policy; one per certificate entry chosen by SNI), with one file each for the client verifier, the session cache, client TLS (backends verified by name or `server_identity`, Redis), the provider and the key exchange order (one configuration per group, chosen from the ClientHello), reading PEM files and the fetched CRLs' cache files, the Workload API's SVIDs and bundles made into configurations ([`tls::svid`]); [`tls::expiry`] when the configured certificates expire, and the CRL `nextUpdate` warning |
 //! | [`proxy`] | the two-way byte relay with half-close and per-side errors |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2 headers: the wire types, encoding and parsing, one file each (pure); [`proxy_protocol::reader`] reads one off a socket |
 //! | `clock` | deadlines from configured or peer-supplied durations, saturating instead of panicking, and waits toward wall-clock times (pure) |
@@ -35,13 +35,14 @@
 //! | `trust` | the client trust boundary: anchors and intermediates, path building, name constraints, CRLs bound to their issuer's key, SPIFFE trust domains (pure) |
 //! | [`identity`] | the client identity rule: verified leaf certificate -> name (pure) |
 //! | [`metrics`] | counters, histograms and their buckets, rejection reasons; [`metrics::identities`] the bounded per-identity table (pure) |
-//! | [`logging`] | the process's log lines: the subscriber and its non-blocking stderr writer |
+//! | [`logging`] | the process's log lines: the subscriber, its non-blocking stderr writer, the text (colour only on a terminal) and JSON line formats |
 //! | [`systemd`] | what systemd passes and expects: the listening sockets of socket activation (checked, with their names) and the notifications (ready, reloading, stopping, watchdog pings); a shell over listenfd and sd-notify |
 //! | `watch` | `[reload] watch`: reloading when the config file or a file it names changes |
 //! | `crl_fetch` | `crl_urls`: fetching each mTLS listener's CRLs over HTTP before their `nextUpdate` (the schedule is pure), checking them as a `crl` file's, and rebuilding the generation when one is taken |
+//! | `workload` | `source = "spiffe"`: the SPIFFE Workload API client (the `spiffe` crate), waiting for the first X509-SVID at start, keeping the last material when the agent is lost, and rebuilding the generation when a rotation arrives |
 //! | `discovery` | `discover`: resolving upstreams' names (hickory) and rebuilding when their address sets change |
 //! | `throttle` | the throttle on log lines a peer can cause |
-//! | [`config`] | TOML -> validated [`Config`]; every rule about valid configuration (pure), one file per section under `config/`; the files a config is made of and their fingerprint |
+//! | [`config`] | TOML -> validated [`Config`]; every rule about valid configuration (pure), one file per section under `config/`; the files a config is made of and their fingerprint; its JSON Schema (`docs/fulcrum.schema.json`, from the raw tables) |
 //! | `addr` | addresses and prefixes: the values several rooms use (`IpNet`, `SourcePrefixes`, public as [`config::IpNet`] and [`config::SourcePrefixes`]); pure |
 //! | [`ctl`] | `fulcrum ctl`: a client of the admin API |
 //! | [`pki`] | development certificates for `fulcrum certs`, the demo and tests |
@@ -95,6 +96,7 @@ pub mod tls;
 mod trust;
 pub mod verify;
 mod watch;
+mod workload;
 
 pub use config::Config;
 pub use server::Server;
@@ -102,3 +104,4 @@ pub use state::build::{check, validate, Checked};
 pub use state::ServerError;
 /// Re-exported so library users can stop a [`Server`] without depending on tokio-util.
 pub use tokio_util::sync::CancellationToken;
+pub use workload::check_connected;

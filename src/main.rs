@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use fulcrum::config::LogFormat;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -18,6 +20,16 @@ struct Cli {
     /// Log level or filter (e.g. "info", "fulcrum=debug"); RUST_LOG wins when set.
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
+    /// Log line format, text (the default) or json (one object per line); wins over the
+    /// config's `[log] format`.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FORMAT",
+        value_parser = PossibleValuesParser::new(LogFormat::NAMES)
+            .try_map(|name| LogFormat::from_name(&name).ok_or("expected text or json")),
+    )]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -114,6 +126,29 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9000")]
         admin: SocketAddr,
     },
+    /// Print the completion script for a shell (bash, zsh or fish) to stdout.
+    Completions {
+        /// The shell the script is for.
+        shell: Shell,
+    },
+}
+
+/// The shells `fulcrum completions` writes scripts for.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// `fulcrum man --out DIR`: writes the man pages (`fulcrum.1`, one per subcommand). Not part of
+/// [`Cli`] but added to it for parsing only (see [`command_line`]), so that `--help`, the
+/// completions and the man pages themselves leave it out.
+#[derive(Args)]
+struct Man {
+    /// Directory to write the pages into (created if missing).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -224,7 +259,11 @@ impl From<ConnectionFilter> for fulcrum::ctl::ConnectionFilter {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let matches = command_line().get_matches();
+    if let Some(("man", args)) = matches.subcommand() {
+        return man(Man::from_arg_matches(args).unwrap_or_else(|e| e.exit()));
+    }
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let Command::Ctl {
         admin,
         socket,
@@ -253,9 +292,11 @@ fn main() -> std::process::ExitCode {
         };
         return verify(config, question, *json, chain);
     }
-    // Kept until main returns: dropping it writes the log lines still queued.
-    let _log = fulcrum::logging::init(&cli.log_level);
-    match run(cli.command) {
+    // Kept until main returns: dropping it writes the log lines still queued. `run` starts logging
+    // itself once it has read its config, whose `[log] format` applies.
+    let _log = (!matches!(cli.command, Command::Run { .. }))
+        .then(|| fulcrum::logging::init(&cli.log_level, cli.log_format.unwrap_or_default()));
+    match run(cli.command, &cli.log_level, cli.log_format) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // Our messages usually carry their cause already: print each cause only once.
@@ -270,6 +311,43 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// What `main` parses: [`Cli`] and the hidden `man`.
+fn command_line() -> clap::Command {
+    let man = clap::Command::new("man")
+        .hide(true)
+        .about("Write the man pages into a directory");
+    Cli::command().subcommand(Man::augment_args(man))
+}
+
+/// `fulcrum man`: exit 0 when every page was written, 1 otherwise.
+fn man(args: Man) -> std::process::ExitCode {
+    let written =
+        std::fs::create_dir_all(&args.out).and_then(|()| clap_mangen::generate_to(Cli::command(), &args.out));
+    match written {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write the man pages to {}: {e}", args.out.display());
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `fulcrum completions SHELL`: the script, generated from [`Cli`], to stdout.
+fn completions(shell: Shell) -> anyhow::Result<()> {
+    use std::io::Write;
+    let shell = match shell {
+        Shell::Bash => clap_complete::Shell::Bash,
+        Shell::Zsh => clap_complete::Shell::Zsh,
+        Shell::Fish => clap_complete::Shell::Fish,
+    };
+    // Into a buffer first: clap_complete panics on a failed write (a closed pipe).
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "fulcrum", &mut script);
+    std::io::stdout()
+        .write_all(&script)
+        .context("cannot write the completion script")
 }
 
 /// `fulcrum ctl`: exit 0 on success, 1 when the admin API refused, 2 when it could not be reached.
@@ -402,11 +480,16 @@ fn verify(
     }
 }
 
-fn run(command: Command) -> anyhow::Result<()> {
+/// The commands that log; `run` starts logging (`level`, `format` or else the config's) itself.
+fn run(command: Command, level: &str, format: Option<LogFormat>) -> anyhow::Result<()> {
     match command {
         Command::Check { config } => {
             let config = fulcrum::Config::load(&config)?;
-            let checked = fulcrum::check(&config)?;
+            // With `source = "spiffe"`, the Workload API is asked for its material, as `run` does.
+            let checked = match config.uses_spiffe() {
+                true => runtime(1)?.block_on(fulcrum::check_connected(&config))?,
+                false => fulcrum::check(&config)?,
+            };
             for warning in &checked.warnings {
                 eprintln!("warning: {warning}");
             }
@@ -432,14 +515,18 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Run { config } => {
             let config = fulcrum::Config::load(&config)?;
+            // Decided once: a reload does not change the log format.
+            let _log = fulcrum::logging::init(level, format.unwrap_or(config.log.format));
             // Before the runtime's threads start: it unsets the socket activation variables.
             let activation = fulcrum::systemd::Activation::from_env()?;
-            runtime(config.workers())?.block_on(async {
+            let ran = runtime(config.workers())?.block_on(async {
                 let server = fulcrum::Server::bind_activated(config, activation).await?;
                 reload_on_sighup(server.handle())?;
                 server.run(shutdown_on_signal()?).await;
                 Ok(())
-            })
+            });
+            // The runtime is gone by now: what its tasks logged is queued, and `_log` writes it.
+            ran
         }
         Command::Certs {
             out,
@@ -468,6 +555,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         }),
         // `main` answers `ctl` and `verify` itself, with their own exit codes, before it gets here.
         Command::Ctl { .. } | Command::Verify { .. } => anyhow::bail!("not run here"),
+        Command::Completions { shell } => completions(shell),
         Command::Demo { listen, admin } => runtime(default_workers())?.block_on(async {
             let options = fulcrum::demo::DemoOptions { listen, admin };
             fulcrum::demo::run(options, shutdown_on_signal()?).await?;

@@ -27,7 +27,8 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::reload::{Change, Handle, ReloadError, Request};
-use crate::state::build::{load, load_with, Loaded};
+use crate::state::build::{load_with, Loaded};
+use crate::state::workload::WorkloadTable;
 use crate::state::{Discovered, Live, ServerError, State};
 use crate::systemd::{Activation, Notifier};
 
@@ -53,6 +54,8 @@ pub struct Server {
     notifier: Notifier,
     requests: mpsc::Sender<Request>,
     inbox: mpsc::Receiver<Request>,
+    /// With `source = "spiffe"`: the Workload API client, which delivered once.
+    agent: Option<crate::workload::Agent>,
 }
 
 impl Server {
@@ -85,7 +88,14 @@ impl Server {
         // Discovering upstreams start with the addresses their names resolve to now.
         let discovered = Arc::new(Discovered::default());
         crate::discovery::resolve_new(&config, &discovered).await;
-        let mut server = Server::build(config, sockets, admin, discovered)?;
+        // TLS sides with `source = "spiffe"` wait for their first SVID (`startup_timeout`).
+        let workload = Arc::new(WorkloadTable::default());
+        let agent = match config.uses_spiffe() {
+            true => Some(crate::workload::Agent::start(&config.spiffe, &workload).await?),
+            false => None,
+        };
+        let mut server = Server::build(config, sockets, admin, discovered, workload)?;
+        server.agent = agent;
         server.workers = workers;
         server.inherited = opened.inherited;
         server.notifier = notifier;
@@ -96,13 +106,14 @@ impl Server {
     /// than one, e.g. SO_REUSEPORT siblings, each get an accept loop); the listeners' `bind`
     /// addresses are then ignored. `admin` serves the admin API if given. Listeners added by a
     /// later reload are bound by the server.
-    /// Discovering upstreams start empty and fill in once their names resolve.
+    /// Discovering upstreams start empty and fill in once their names resolve. TLS with
+    /// `source = "spiffe"` needs [`bind`](Server::bind), which waits for the Workload API.
     pub fn from_listeners(
         config: Config,
         sockets: Vec<(String, TcpListener)>,
         admin: Option<TcpListener>,
     ) -> Result<Server, ServerError> {
-        Server::build(config, sockets, admin, Arc::default())
+        Server::build(config, sockets, admin, Arc::default(), Arc::default())
     }
 
     fn build(
@@ -110,9 +121,11 @@ impl Server {
         sockets: Vec<(String, TcpListener)>,
         admin: Option<TcpListener>,
         discovered: Arc<Discovered>,
+        workload: Arc<WorkloadTable>,
     ) -> Result<Server, ServerError> {
-        // Fetched CRLs start empty (or from `crl_cache_dir`) and outlive every generation.
-        let tls = load(&config)?;
+        // Fetched CRLs start empty (or from `crl_cache_dir`) and outlive every generation, as
+        // the Workload API's material does.
+        let tls = load_with(&config, &Arc::default(), &workload)?;
         let mut addrs = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
             let bound = sockets.iter().find(|(name, _)| *name == l.name);
@@ -172,6 +185,7 @@ impl Server {
             notifier: Notifier::default(),
             requests,
             inbox,
+            agent: None,
         })
     }
 
@@ -223,6 +237,7 @@ impl Server {
             notifier,
             requests,
             mut inbox,
+            agent,
         } = self;
         drop(requests);
         let mut tasks = Tasks {
@@ -236,7 +251,11 @@ impl Server {
             workers,
             inherited,
             notifier: notifier.clone(),
+            workload: None,
         };
+        if let Some(agent) = agent {
+            tasks.watch_workload(agent);
+        }
         for (name, socket) in sockets {
             tasks.accept(name, socket);
         }
@@ -287,7 +306,7 @@ impl Server {
                         Change::Reread => tasks.reload(None).await,
                         Change::Apply(config) => tasks.reload(Some(*config)).await,
                         Change::Rediscover => Ok(tasks.rebuild(Loaded::reuse, "rebuilt with the discovered backends")),
-                        Change::Refresh => Ok(tasks.rebuild(Loaded::refresh, "rebuilt with the fetched CRLs")),
+                        Change::Refresh => Ok(tasks.rebuild(Loaded::refresh, "rebuilt with the fetched CRLs and the Workload API's material")),
                     };
                     let _ = request.reply.send(result);
                 }
@@ -352,9 +371,38 @@ struct Tasks {
     /// Listeners serving a socket systemd passed, with the `bind` it answers for.
     inherited: Vec<(String, SocketAddr)>,
     notifier: Notifier,
+    /// The Workload API watched (`[spiffe]`), and the token that stops watching it.
+    workload: Option<(crate::config::SpiffeConfig, CancellationToken)>,
 }
 
 impl Tasks {
+    /// Watches `agent`'s deliveries (stopping the Workload API watched before, if any).
+    fn watch_workload(&mut self, agent: crate::workload::Agent) {
+        if let Some((_, stop)) = self.workload.take() {
+            stop.cancel();
+        }
+        let stop = self.shutdown.child_token();
+        self.workload = Some((agent.settings().clone(), stop.clone()));
+        let table = Arc::clone(&self.live.state().workload);
+        self.tracker.spawn(agent.watch(table, self.handle.clone(), stop));
+    }
+
+    /// Before a reload to `config`: when it takes TLS material from a Workload API that is not
+    /// watched yet (none, or another `[spiffe] socket`), connects to it and waits for its first
+    /// delivery (`startup_timeout`); a failure refuses the reload.
+    async fn ensure_workload(&mut self, config: &Config) -> Result<(), ServerError> {
+        let watched = self
+            .workload
+            .as_ref()
+            .is_some_and(|(s, _)| s.socket == config.spiffe.socket);
+        if !config.uses_spiffe() || watched {
+            return Ok(());
+        }
+        let agent = crate::workload::Agent::start(&config.spiffe, &self.live.state().workload).await?;
+        self.watch_workload(agent);
+        Ok(())
+    }
+
     fn accept(&mut self, name: String, socket: TcpListener) {
         let Ok(addr) = socket.local_addr() else {
             return;
@@ -420,7 +468,10 @@ impl Tasks {
             Ok(config) => {
                 // A name the running generation does not discover yet is resolved first.
                 crate::discovery::resolve_new(&config, &self.live.state().discovered).await;
-                self.try_reload(config)
+                match self.ensure_workload(&config).await {
+                    Ok(()) => self.try_reload(config),
+                    Err(e) => Err(e.into()),
+                }
             }
             Err(e) => Err(e),
         };
@@ -464,10 +515,10 @@ impl Tasks {
     }
 
     fn try_reload(&mut self, config: Config) -> Result<u64, ReloadError> {
-        let tls = load_with(&config, &self.live.state().fetched_crls)?;
+        let current = self.live.state();
+        let tls = load_with(&config, &current.fetched_crls, &current.workload)?;
         // A listener keeps its sockets if its name and configured address are unchanged; one
         // serving a socket systemd passed keeps it while its configured `bind` is unchanged.
-        let current = self.live.state();
         let mut fresh = Vec::new();
         let mut addrs = Vec::new();
         let mut inherited = Vec::new();

@@ -39,6 +39,7 @@ mod error;
 pub(crate) mod fetched_crls;
 pub mod impact;
 pub(crate) mod registry;
+pub mod workload;
 
 pub(crate) use certificates::ListenerTls;
 pub use discovered::{Discovered, Outcomes, Resolution};
@@ -47,6 +48,7 @@ pub(crate) use registry::close_at_expiry;
 use registry::Entry;
 pub(crate) use registry::Grant;
 pub use registry::{Cut, CutSignal, Registration, Registry};
+pub use workload::WorkloadError;
 
 /// One generation of live state: listeners, upstreams and their counters. A reload builds the
 /// next one; tasks holding this one keep it.
@@ -96,6 +98,10 @@ pub struct State {
     pub(crate) certificates: Vec<crate::tls::expiry::Expiry>,
     /// CRLs fetched from their distribution points (shared by every generation).
     pub(crate) fetched_crls: Arc<fetched_crls::FetchedCrls>,
+    /// The Workload API's last delivery and counters (shared by every generation).
+    pub(crate) workload: Arc<workload::WorkloadTable>,
+    /// The delivery this generation's `source = "spiffe"` sides were built with.
+    pub(crate) workload_material: Option<Arc<crate::tls::svid::Material>>,
 }
 
 /// A listener's routing, policies and counters.

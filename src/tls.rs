@@ -2,13 +2,15 @@
 //! configuration; and the client side, to backends (`[upstream.tls]`) and to the shared rate
 //! limit's Redis (`[rate_limit.shared.tls]`).
 //!
-//! Policy, fixed here and nowhere else: the crypto provider of [`provider`] (ring by default);
+//! Policy, fixed here and nowhere else: the crypto provider of [`provider`] (AWS-LC by default);
 //! TLS 1.3, plus TLS 1.2 with ECDHE key exchange and AEAD ciphers only when `min_version = "1.2"`
-//! (rustls offers nothing weaker). With `client_ca` or `trust_domains`, a client certificate is
-//! required and judged by the listener's `trust::Trust` (anchors and intermediates, path, dates, name
-//! constraints, trust domains, CRLs bound to their issuer's key: see `trust`), which
-//! [`client_trust`] loads from the files and [`ClientVerifier`] runs inside rustls's handshake;
-//! rustls checks the client's signature with the provider's algorithms.
+//! (rustls offers nothing weaker); the key exchange groups of `key_exchange` (X25519MLKEM768,
+//! X25519, secp256r1, secp384r1 by default), in the listener's order, which wins over the client's
+//! ([`ServerTls::config_for`], `key_exchange.rs`). With `client_ca` or `trust_domains`, a client
+//! certificate is required and judged by the listener's `trust::Trust` (anchors and intermediates,
+//! path, dates, name constraints, trust domains, CRLs bound to their issuer's key: see `trust`),
+//! which [`client_trust`] loads from the files and [`ClientVerifier`] runs inside rustls's
+//! handshake; rustls checks the client's signature with the provider's algorithms.
 //!
 //! Several certificates: a listener with `[[listener.tls.certificate]]` entries has one
 //! [`ServerTls`] per entry besides its fallback ([`Certificates`], loaded by [`server_configs`]):
@@ -36,6 +38,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::CertificateDer;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::{CertificateError, ServerConfig};
@@ -48,14 +51,16 @@ use crate::trust::{Rejection, Verified};
 mod client;
 pub(crate) mod crl_cache;
 mod files;
+mod key_exchange;
 mod provider;
 mod session;
+pub mod svid;
 mod verifier;
 
 pub use client::{client_config, redis_certificates, UpstreamTls};
 pub use files::TlsError;
 use files::{certificates, private_key, read};
-pub use provider::{install_default_provider, provider};
+pub use provider::{install_default_provider, provider, provider_with, PROVIDER_NAME};
 pub use session::SessionCache;
 pub use verifier::{client_trust, client_trust_of, CheckedCrl, ClientVerifier};
 
@@ -70,6 +75,8 @@ pub struct ServerTls {
     pub verifier: Option<Arc<ClientVerifier>>,
     /// The CRLs in force (`[listener.tls] crl`), in file order.
     pub crls: Vec<CrlInfo>,
+    /// `config` offering one key exchange group each, for [`ServerTls::config_for`].
+    by_group: key_exchange::ByGroup,
 }
 
 impl ServerTls {
@@ -100,6 +107,40 @@ impl ServerTls {
     /// The earliest `nextUpdate` of this listener's CRLs.
     pub fn crl_next_update(&self) -> Option<SystemTime> {
         self.crls.iter().filter_map(|c| c.next_update).min()
+    }
+
+    /// Whether the handshake must read the ClientHello before it can choose its configuration
+    /// ([`ServerTls::config_for`]): the listener offers more than one key exchange group.
+    pub fn reads_client_hello(&self) -> bool {
+        self.by_group.reads_hello()
+    }
+
+    /// The configuration to complete the handshake of `hello` with: `config`, or one that
+    /// offers only the group the listener's `key_exchange` order prefers among those the client
+    /// supports, so that the listener's order wins over the client's (`key_exchange.rs`).
+    pub fn config_for(&self, hello: &rustls::server::ClientHello<'_>) -> Arc<ServerConfig> {
+        self.by_group.choose(&self.config, hello)
+    }
+
+    /// This certificate with `verifier` in place of its own and `crls` as its report: the same
+    /// certificate, ALPN, key exchange order and session cache (sessions are judged again at
+    /// resumption, by the verifier then in force), under the listener's versions (`min_version`).
+    pub fn with_verifier(
+        &self,
+        verifier: Arc<ClientVerifier>,
+        crls: Vec<CrlInfo>,
+        min_version: TlsVersion,
+    ) -> Result<ServerTls, TlsError> {
+        let versions = versions(min_version);
+        let verifier = Some(verifier);
+        let provider = Arc::clone(self.config.crypto_provider());
+        let config = rebuilt(&self.config, provider, versions, &verifier)?;
+        Ok(ServerTls {
+            by_group: key_exchange::ByGroup::new(&config, |p| rebuilt(&config, p, versions, &verifier))?,
+            config: Arc::new(config),
+            verifier,
+            crls,
+        })
     }
 }
 
@@ -209,31 +250,33 @@ fn certificate(
     tls: &TlsConfig,
     cert: &std::path::Path,
     key: &std::path::Path,
-    (verifier, crls): Verifier,
+    verifier: Verifier,
 ) -> Result<ServerTls, TlsError> {
-    let provider = provider();
-    let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
-        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-        TlsVersion::Tls13 => &[&rustls::version::TLS13],
-    };
-    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(versions)
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let builder = match &verifier {
-        Some(verifier) => {
-            builder.with_client_cert_verifier(Arc::clone(verifier) as Arc<dyn ClientCertVerifier>)
-        }
-        None => builder.with_no_client_auth(),
-    };
     let chain = certificates("certificate", cert, &read("certificate", cert)?)?;
     let private_key = private_key("key", key, &read("key", key)?)?;
-    let mut config = builder
-        .with_single_cert(chain, private_key)
-        .map_err(|e| TlsError::KeyMismatch {
+    serving(tls, chain, private_key, verifier, |reason| {
+        TlsError::KeyMismatch {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        }
+    })
+}
+
+/// The server configuration of the certificate `chain` with its `private_key` and `verifier`,
+/// under the listener's policy (`tls`: versions, ALPN, a session cache of its own); `mismatch`
+/// says why a key that does not match the certificate is refused.
+fn serving(
+    tls: &TlsConfig,
+    chain: Vec<CertificateDer<'static>>,
+    private_key: rustls::pki_types::PrivateKeyDer<'static>,
+    (verifier, crls): Verifier,
+    mismatch: impl FnOnce(String) -> TlsError,
+) -> Result<ServerTls, TlsError> {
+    let versions = versions(tls.min_version);
+    let mut config = builder(provider_with(&tls.key_exchange)?, versions, &verifier)?
+        .with_single_cert(chain, private_key)
+        .map_err(|e| mismatch(e.to_string()))?;
     config.ignore_client_order = true;
     // Offered in this order; a client offering only others gets `no_application_protocol`.
     config.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
@@ -246,10 +289,56 @@ fn certificate(
         config.send_tls13_tickets = 1;
     }
     Ok(ServerTls {
+        by_group: key_exchange::ByGroup::new(&config, |p| rebuilt(&config, p, versions, &verifier))?,
         config: Arc::new(config),
         verifier,
         crls,
     })
+}
+
+/// The protocol versions a listener with `min_version` accepts.
+fn versions(min_version: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    static TLS12: [&rustls::SupportedProtocolVersion; 2] = [&rustls::version::TLS13, &rustls::version::TLS12];
+    static TLS13: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+    match min_version {
+        TlsVersion::Tls12 => &TLS12,
+        TlsVersion::Tls13 => &TLS13,
+    }
+}
+
+/// A server configuration under way with `provider` and `versions`, verifying clients with
+/// `verifier` (none: no client authentication); its certificate comes next.
+fn builder(
+    provider: Arc<CryptoProvider>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    verifier: &Option<Arc<ClientVerifier>>,
+) -> Result<rustls::ConfigBuilder<ServerConfig, rustls::server::WantsServerCert>, TlsError> {
+    let builder = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    Ok(match verifier {
+        Some(verifier) => {
+            builder.with_client_cert_verifier(Arc::clone(verifier) as Arc<dyn ClientCertVerifier>)
+        }
+        None => builder.with_no_client_auth(),
+    })
+}
+
+/// `old` with `provider` and `verifier` in place of its own, under `versions`: the same
+/// certificate resolver, ALPN, session cache and tickets.
+fn rebuilt(
+    old: &ServerConfig,
+    provider: Arc<CryptoProvider>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    verifier: &Option<Arc<ClientVerifier>>,
+) -> Result<ServerConfig, TlsError> {
+    let mut config =
+        builder(provider, versions, verifier)?.with_cert_resolver(Arc::clone(&old.cert_resolver));
+    config.ignore_client_order = old.ignore_client_order;
+    config.alpn_protocols = old.alpn_protocols.clone();
+    config.session_storage = Arc::clone(&old.session_storage);
+    config.send_tls13_tickets = old.send_tls13_tickets;
+    Ok(config)
 }
 
 pub mod expiry;

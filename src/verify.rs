@@ -24,6 +24,11 @@ pub enum VerifyError {
     NoSuchListener(String),
     #[error("listener {0:?} does not verify client certificates (no client_ca or trust_domains)")]
     NotMutual(String),
+    #[error(
+        "listener {0:?} takes its client trust from the SPIFFE Workload API (source = \"spiffe\"), \
+         which `fulcrum verify` does not contact: it judges with files only"
+    )]
+    WorkloadApi(String),
     #[error("no listener verifies client certificates")]
     NoMutualListener,
     #[error("several listeners verify client certificates ({0}): name one with --listener")]
@@ -157,6 +162,9 @@ pub fn judge(
     let Some(tls) = &listener.tls else {
         return Err(VerifyError::NotMutual(listener.name.clone()));
     };
+    if tls.source.is_spiffe() {
+        return Err(VerifyError::WorkloadApi(listener.name.clone()));
+    }
     // The certificate entry the server name picks (or the default one): its trust, and its own
     // authorization if it has one.
     let entry = tls

@@ -39,14 +39,23 @@ pub fn mtls(name: &str) -> Mtls {
     roots
         .add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).expect("ca"))
         .expect("root");
-    // `FULCRUM_BENCH_KX=hybrid` (aws-lc-rs builds): the client offers only X25519MLKEM768, so the
-    // hybrid post-quantum group is what is measured; otherwise the provider's defaults.
-    #[allow(unused_mut)]
+    // The client offers fulcrum's default key exchange (X25519MLKEM768 first where the provider
+    // has it). `FULCRUM_BENCH_KX=classical`: only X25519, as a ring build negotiates;
+    // `FULCRUM_BENCH_KX=hybrid` (aws-lc-rs builds): only X25519MLKEM768.
     let mut provider = (*fulcrum::tls::provider()).clone();
-    #[cfg(feature = "aws-lc-rs")]
-    if std::env::var("FULCRUM_BENCH_KX").as_deref() == Ok("hybrid") {
-        provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768];
+    match std::env::var("FULCRUM_BENCH_KX").as_deref() {
+        Ok("classical") => provider
+            .kx_groups
+            .retain(|g| g.name() == rustls::NamedGroup::X25519),
+        Ok("hybrid") => provider
+            .kx_groups
+            .retain(|g| g.name() == rustls::NamedGroup::X25519MLKEM768),
+        _ => {}
     }
+    assert!(
+        !provider.kx_groups.is_empty(),
+        "FULCRUM_BENCH_KX names a group this build lacks"
+    );
     let client = ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
         .with_safe_default_protocol_versions()
         .expect("versions")

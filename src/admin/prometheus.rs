@@ -336,6 +336,29 @@ fn families(state: &State) -> Families {
             s.push(sample(labels, Value::Int(outcomes.of(outcome).get())));
         }
     }
+    let counted = [
+        (
+            "fulcrum_workload_api_updates",
+            "Deliveries of the SPIFFE Workload API that changed the SVIDs or bundles in use (each applied without a reload).",
+            &state.workload.updates,
+        ),
+        (
+            "fulcrum_workload_api_reconnects",
+            "Times the SPIFFE Workload API connection was lost and retried with backoff (the last SVIDs and bundles stayed in use).",
+            &state.workload.reconnects,
+        ),
+        (
+            "fulcrum_workload_api_errors",
+            "SPIFFE Workload API errors: failed calls, broken streams, refused or withdrawn deliveries.",
+            &state.workload.errors,
+        ),
+    ];
+    for (name, help, counter) in counted {
+        let s = b.counter(name, help);
+        if state.config.uses_spiffe() {
+            s.push(sample(Vec::new(), Value::Int(counter.get())));
+        }
+    }
     let s = b.counter(
         "fulcrum_backend_connections",
         "Connections proxied to each backend (connect succeeded).",

@@ -38,14 +38,23 @@ impl AdminConfig {
     }
 }
 
-#[derive(Deserialize)]
+/// `[admin]`: the admin API (/status, /metrics, /healthz, POST /reload, backend states); needs
+/// `bind`, `socket` or both.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdmin {
+    /// TCP address of the admin API, `ip:port`.
     bind: Option<String>,
+    /// Unix socket path of the admin API.
     socket: Option<PathBuf>,
+    /// File holding the bearer token the API requires; not readable by others, nor by its group
+    /// unless root owns it.
     token_file: Option<PathBuf>,
+    /// `true` requires the token on /metrics too; needs `token_file`.
     #[serde(default)]
     metrics_auth: bool,
+    /// Host names (no port, no scheme) accepted in the Host header besides IP literals and
+    /// `localhost`.
     #[serde(default)]
     allowed_hosts: Vec<String>,
 }

@@ -31,6 +31,72 @@ pub(super) type RawAuthorization = BTreeMap<String, Value>;
 /// A validated `[authorization]` table.
 pub type AuthorizationConfig = Policy;
 
+/// The JSON Schema of a [`RawAuthorization`] table (`#[schemars(with = ...)]` on the fields that
+/// hold one): the shape `policy` reads, nothing about names or upstreams. Never a value.
+pub(super) enum AuthorizationTable {}
+
+impl schemars::JsonSchema for AuthorizationTable {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Authorization".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let upstreams = serde_json::json!({
+            "description": "The upstreams this identity or pattern may reach: names, or \
+                            { upstream = \"NAME\", from = [\"NETWORK\", ...] } to allow them only \
+                            from those networks. Each upstream must exist.",
+            "type": "array",
+            "items": {
+                "anyOf": [
+                    { "type": "string", "description": "An upstream name." },
+                    {
+                        "type": "object",
+                        "properties": {
+                            "upstream": { "type": "string", "description": "An upstream name." },
+                            "from": {
+                                "description": "Networks (\"10.0.0.0/8\", \"::1\") the grant holds \
+                                                from; leave it out for anywhere.",
+                                "type": "array",
+                                "items": { "type": "string" },
+                                "minItems": 1
+                            }
+                        },
+                        "required": ["upstream"],
+                        "additionalProperties": false
+                    }
+                ]
+            }
+        });
+        let deny = serde_json::json!({
+            "description": "Identities or patterns refused whatever else matches: a list, or a \
+                            table of them to a reason (logged).",
+            "anyOf": [
+                { "type": "array", "items": { "type": "string", "minLength": 1 } },
+                { "type": "object", "additionalProperties": { "type": "string" } }
+            ]
+        });
+        let table = |description: &str, shadow: schemars::Schema| {
+            schemars::json_schema!({
+                "description": description,
+                "type": "object",
+                "properties": { "deny": deny, "shadow": shadow },
+                "propertyNames": { "minLength": 1 },
+                "additionalProperties": upstreams
+            })
+        };
+        let shadow = table(
+            "A candidate table of the same shape (its own deny, no shadow): only counted, never \
+             enforced.",
+            schemars::Schema::from(false),
+        );
+        table(
+            "Identity or pattern -> the upstreams it may reach (default deny), plus the reserved \
+             keys deny and shadow.",
+            shadow,
+        )
+    }
+}
+
 impl Validator<'_> {
     /// `[authorization]` or a listener's own: names and patterns well formed, every upstream
     /// named existing, networks parsed.

@@ -172,18 +172,33 @@ impl CertificateConfig {
     }
 }
 
-#[derive(Deserialize)]
+/// `[[listener.tls.certificate]]`: another certificate of the listener, chosen by the client's SNI.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCertificate {
+    /// DNS names (compared without regard to case), or `*.` and a name for exactly one label; a
+    /// name is listed once on the listener; no IP address. Required, not empty, unless
+    /// `default = true`.
     #[serde(default)]
     server_names: Vec<String>,
+    /// PEM certificate chain, leaf first.
     cert: PathBuf,
+    /// PEM key (PKCS#8, PKCS#1 or SEC1) matching `cert`.
     key: PathBuf,
+    /// The entry's own client trust (with `trust_domains` and `crl`), in place of the listener's:
+    /// PEM file of CA certificates.
     client_ca: Option<PathBuf>,
+    /// The entry's own trust domain -> PEM bundle table, in place of the listener's.
     #[serde(default)]
     trust_domains: BTreeMap<String, PathBuf>,
+    /// PEM file of CRLs; needs `client_ca` or `trust_domains` in the entry.
     crl: Option<PathBuf>,
+    /// The entry's own `[authorization]` table for clients it serves, in place of the listener's;
+    /// needs client certificates.
+    #[schemars(with = "Option<super::authorization::AuthorizationTable>")]
     authorization: Option<RawAuthorization>,
+    /// `true` on at most one entry: served when SNI names no entry (`[listener.tls]` then has no
+    /// `cert` and `key`).
     #[serde(default)]
     default: bool,
 }

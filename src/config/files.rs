@@ -40,7 +40,7 @@ impl Config {
             }
         }
         for u in &self.upstreams {
-            if let Some(t) = &u.tls {
+            if let Some(t) = u.tls.as_ref().filter(|t| !t.source.is_spiffe()) {
                 files.push(t.ca.clone());
                 if let Some((cert, key)) = &t.client_cert {
                     files.extend([cert.clone(), key.clone()]);

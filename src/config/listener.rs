@@ -7,7 +7,8 @@
 //! uses it and in the README, nowhere else in `config`. This file must not validate another
 //! section: the global rate limit and the listener's own come from `ratelimit.rs`, value parsers
 //! from `values.rs`, the `[[listener.tls.certificate]]` entries (and the client trust keys they
-//! share with `[listener.tls]`) from `certificate.rs`, the CRL fetching keys from `crl_fetch.rs`.
+//! share with `[listener.tls]`) from `certificate.rs`, the CRL fetching keys from `crl_fetch.rs`,
+//! `key_exchange` from `key_exchange.rs`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,7 +20,9 @@ use serde::Deserialize;
 use super::authorization::{AuthorizationConfig, RawAuthorization};
 use super::certificate::{select, CertificateConfig, ClientTrust, RawCertificate, TrustFiles};
 use super::crl_fetch::{CrlFetch, RawCrlFetch};
+use super::key_exchange::KeyExchange;
 use super::ratelimit::{ListenerLimit, RateLimitConfig, RawRateLimitOverride};
+use super::spiffe::TlsSource;
 use super::upstream::UpstreamConfig;
 use super::values::{ConfigError, Keepalive, RawKeepalive, Validator};
 use crate::addr::IpNet;
@@ -95,6 +98,10 @@ pub struct ListenerConfig {
 /// `certificates`). Every certificate of a listener verifies clients, or none does.
 #[derive(Clone, Debug)]
 pub struct TlsConfig {
+    /// `source`: files (the default) or the Workload API, whose X509-SVID is then the
+    /// certificate and key and whose bundles, one per trust domain, the client trust (`cert`,
+    /// `key`, `client_ca`, `trust_domains`, `crl` and certificate entries are then empty).
+    pub source: TlsSource,
     /// PEM certificate chain, leaf first.
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
@@ -128,6 +135,9 @@ pub struct TlsConfig {
     /// `alpn_required`: a client that offers no ALPN at all is refused (without it, it is served
     /// by the listener's own upstream).
     pub alpn_required: bool,
+    /// `key_exchange`: the key exchange groups offered, in the listener's order of preference,
+    /// which wins over the client's (every certificate entry uses it).
+    pub key_exchange: KeyExchange,
     /// `crl_urls`, `crl_from_certificates` and their settings: CRLs fetched over HTTP for the
     /// fallback's client trust (and every entry sharing it), beside `crl`. `None`: no fetching.
     pub crl_fetch: Option<CrlFetch>,
@@ -138,6 +148,7 @@ impl TlsConfig {
     /// default (as a `[listener.tls]` table with only those two keys).
     pub fn new(cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> TlsConfig {
         TlsConfig {
+            source: TlsSource::Files,
             cert: cert.into(),
             key: key.into(),
             client_ca: None,
@@ -150,6 +161,7 @@ impl TlsConfig {
             session_timeout: DEFAULT_SESSION_TIMEOUT,
             alpn: Vec::new(),
             alpn_required: false,
+            key_exchange: KeyExchange::Default,
             certificates: Vec::new(),
             crl_fetch: None,
         }
@@ -163,7 +175,7 @@ impl TlsConfig {
     /// Whether clients must present a certificate (mTLS): the fallback's trust says, and every
     /// entry's agrees (config validation).
     pub fn verifies_clients(&self) -> bool {
-        self.trust().verifies_clients()
+        self.source.is_spiffe() || self.trust().verifies_clients()
     }
 
     /// The entry a client that sent `server_name` is served by ([`select`]); `None`: the
@@ -175,9 +187,10 @@ impl TlsConfig {
 
     /// Every file these settings name: the fallback's, then each entry's.
     pub fn files(&self) -> impl Iterator<Item = &PathBuf> {
+        let from_files = !self.source.is_spiffe();
         let fallback = [
-            Some(&self.cert),
-            Some(&self.key),
+            Some(&self.cert).filter(|_| from_files),
+            Some(&self.key).filter(|_| from_files),
             self.client_ca.as_ref(),
             self.crl.as_ref(),
         ];
@@ -204,57 +217,147 @@ pub enum TlsVersion {
     Tls13,
 }
 
-#[derive(Deserialize)]
+/// `[[listener]]`: an address fulcrum accepts connections on and the upstream it serves.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawListener {
+    /// 1-64 characters of `A-Z a-z 0-9 - _ .`, unique; the `listener` label in metrics.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9._-]+$"))]
     name: String,
+    /// Address to listen on, `ip:port` (`[::1]:8080` for IPv6); no two listeners on one address.
     bind: String,
+    /// The name of the `[[upstream]]` this listener serves.
     upstream: String,
+    /// `[listener.tls]`: terminate TLS on this listener.
     tls: Option<RawTls>,
+    /// Server name -> upstream, on TLS listeners; each upstream must exist.
     #[serde(default)]
     sni: BTreeMap<String, String>,
+    /// Negotiated ALPN protocol -> upstream (an SNI route wins); the protocol must be one
+    /// `[listener.tls] alpn` offers; each upstream must exist.
     #[serde(default)]
     alpn: BTreeMap<String, String>,
+    /// Duration: one deadline, from accept, for the PROXY header and the TLS handshake together.
+    #[schemars(extend("default" = "10s"))]
     handshake_timeout: Option<String>,
+    /// `[listener.rate_limit]`: this listener's own capacity and window.
     rate_limit: Option<RawRateLimitOverride>,
+    /// Bytes written to a rate-limited client before it is closed; default none.
     reject_response: Option<String>,
+    /// `true`: a PROXY protocol v1/v2 header comes first; needs `trusted_proxies`.
     #[serde(default)]
     accept_proxy_protocol: bool,
+    /// Addresses or networks (`"10.0.0.0/8"`, `"::1/128"`) allowed to send a PROXY header; only
+    /// with `accept_proxy_protocol = true`.
     trusted_proxies: Option<Vec<String>>,
+    /// Duration or "0s" (never): no byte either way this long closes the connection.
+    #[schemars(extend("default" = "1h"))]
     idle_timeout: Option<String>,
+    /// Duration or "0s" (never): after one side's FIN, the other side's silence this long
+    /// closes; default `idle_timeout`.
     half_closed_timeout: Option<String>,
+    /// Duration: a connection is closed at this age (minus up to `max_lifetime_jitter`);
+    /// default none.
     max_lifetime: Option<String>,
+    /// Duration or "0s", at most half of `max_lifetime` (needed): default a tenth of it.
     max_lifetime_jitter: Option<String>,
+    /// TCP keepalive on client connections: `true`, `false` or a table (missing fields take the
+    /// defaults: idle "60s", interval "10s", count 6).
+    #[schemars(extend("default" = true))]
     tcp_keepalive: Option<RawKeepalive>,
+    /// This listener's open connections at once, at least 1; default none.
+    #[schemars(range(min = 1))]
     max_connections: Option<usize>,
+    /// Connections of one source in their handshake at once; at least 1.
+    #[schemars(range(min = 1), extend("default" = 32))]
     max_handshakes_per_source: Option<u32>,
+    /// Addresses or networks clients may come from, not empty; others are refused at accept,
+    /// before any handshake. Default: any source.
+    #[schemars(length(min = 1))]
     allow_from: Option<Vec<String>>,
+    /// Addresses or networks refused at accept; beats `allow_from`.
     deny_from: Option<Vec<String>>,
+    /// `[listener.authorization]`: this listener's own table, in place of `[authorization]` (whose
+    /// `deny` still applies); needs client certificates.
+    #[schemars(with = "Option<super::authorization::AuthorizationTable>")]
     authorization: Option<RawAuthorization>,
 }
 
-#[derive(Deserialize)]
+/// `[listener.tls]`: TLS terminated on the listener, and client certificates (mTLS).
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawTls {
+    /// "files" (the keys below name PEM files) or "spiffe" (certificate, key and client trust
+    /// from the SPIFFE Workload API; then no cert, key, client_ca, trust_domains, crl, crl_*
+    /// keys nor certificate entries).
+    #[schemars(extend("default" = "files", "enum" = ["files", "spiffe"]))]
+    source: Option<String>,
+    /// With `source = "spiffe"` only: the SPIFFE ID (no pattern) of the SVID to serve; default
+    /// the Workload API's first.
+    svid: Option<String>,
+    /// PEM certificate chain, leaf first; required unless a certificate entry has
+    /// `default = true` (then refused).
     cert: Option<PathBuf>,
+    /// PEM key (PKCS#8, PKCS#1 or SEC1) matching `cert`.
     key: Option<PathBuf>,
+    /// PEM file of CA certificates: with it (or `trust_domains`) client certificates are required
+    /// and verified (mTLS).
     client_ca: Option<PathBuf>,
+    /// Trust domain -> PEM bundle: a client's SPIFFE ID of that trust domain must chain to it.
     #[serde(default)]
     trust_domains: BTreeMap<String, PathBuf>,
+    /// Lowest TLS version accepted.
+    #[schemars(extend("default" = "1.2", "enum" = ["1.2", "1.3"]))]
     min_version: Option<String>,
+    /// PEM file of CRLs; revoked clients are refused; needs `client_ca` or `trust_domains`.
     crl: Option<PathBuf>,
+    /// Close a connection when its client certificate expires; needs `client_ca` or
+    /// `trust_domains`.
+    #[schemars(extend("default" = true))]
     close_on_expiry: Option<bool>,
+    /// A client certificate without a SPIFFE or DNS SAN is named by its CN; needs `client_ca` or
+    /// `trust_domains`.
+    #[schemars(extend("default" = true))]
     identity_from_cn: Option<bool>,
+    /// Sessions kept for resumption; 0 turns resumption off.
+    #[schemars(extend("default" = 256))]
     session_cache: Option<usize>,
+    /// Duration: how long a session may be resumed.
+    #[schemars(extend("default" = "5m"))]
     session_timeout: Option<String>,
+    /// Protocol ids offered by ALPN (1 to 255 bytes, none twice), preferred first; default none.
     alpn: Option<Vec<String>>,
+    /// `true` refuses clients that offer no ALPN at all; needs `alpn`.
+    #[schemars(extend("default" = false))]
     alpn_required: Option<bool>,
+    /// Key exchange groups offered, most preferred first, the listener's order winning:
+    /// X25519MLKEM768 (hybrid post-quantum, not in a ring build), X25519, secp256r1 (P-256),
+    /// secp384r1 (P-384), in any case; at least one, none twice. A ring build's default lacks
+    /// the first.
+    #[schemars(length(min = 1), extend("default" = ["X25519MLKEM768", "X25519", "secp256r1", "secp384r1"]))]
+    key_exchange: Option<Vec<String>>,
+    /// CRLs fetched from these `http://host[:port]/path` URLs (no https, no user@), none twice,
+    /// at most 16; needs `client_ca` or `trust_domains`.
+    #[schemars(length(max = 16))]
     crl_urls: Option<Vec<String>>,
+    /// `true` also fetches the http:// CRL distribution points of the `client_ca` certificates,
+    /// after `crl_urls`, up to 16 URLs in all; needs `client_ca` or `trust_domains`.
+    #[schemars(extend("default" = false))]
     crl_from_certificates: Option<bool>,
+    /// Duration, at least "1s": the longest wait between two fetches of one CRL URL; needs
+    /// `crl_urls` or `crl_from_certificates`, as do `crl_max_size`, `crl_timeout` and
+    /// `crl_cache_dir`.
+    #[schemars(extend("default" = "1h"))]
     crl_refresh: Option<String>,
+    /// Bytes, at least 1: a larger CRL body is refused.
+    #[schemars(range(min = 1), extend("default" = 10485760))]
     crl_max_size: Option<u64>,
+    /// Duration: the deadline of one CRL fetch, connect to last byte.
+    #[schemars(extend("default" = "10s"))]
     crl_timeout: Option<String>,
+    /// Directory (created, mode 0700) keeping the last good CRL of each URL, read at start.
     crl_cache_dir: Option<PathBuf>,
+    /// `[[listener.tls.certificate]]`: more certificates, chosen by the client's SNI.
     #[serde(default)]
     certificate: Vec<RawCertificate>,
 }
@@ -476,6 +579,20 @@ impl Validator<'_> {
                 return Err(self.invalid(format!("{key}.min_version"), other, "expected \"1.2\" or \"1.3\""))
             }
         };
+        let source = self.tls_source(key, raw.source.as_deref(), raw.svid.clone())?;
+        if source.is_spiffe() {
+            let files = [
+                ("cert", raw.cert.is_some()),
+                ("key", raw.key.is_some()),
+                ("client_ca", raw.client_ca.is_some()),
+                ("trust_domains", !raw.trust_domains.is_empty()),
+                ("crl", raw.crl.is_some()),
+                ("crl_urls", raw.crl_urls.is_some()),
+                ("crl_from_certificates", raw.crl_from_certificates.is_some()),
+                ("certificate", !raw.certificate.is_empty()),
+            ];
+            self.no_files_with_spiffe(key, &files)?;
+        }
         let listener_trust = ClientTrust {
             client_ca: raw.client_ca.map(|p| self.base.join(p)),
             trust_domains: self.trust_domains(&format!("{key}.trust_domains"), raw.trust_domains)?,
@@ -501,10 +618,12 @@ impl Validator<'_> {
             cache_dir: raw.crl_cache_dir,
         };
         let certificates = self.certificates(key, raw.certificate, &listener_trust, upstreams)?;
-        let (cert, private_key, fallback) =
-            self.fallback(key, (raw.cert, raw.key), &listener_trust, &certificates)?;
+        let (cert, private_key, fallback) = match source.is_spiffe() {
+            false => self.fallback(key, (raw.cert, raw.key), &listener_trust, &certificates)?,
+            true => (PathBuf::new(), PathBuf::new(), listener_trust.clone()),
+        };
         let crl_fetch = self.crl_fetch(key, crl_fetch, fallback.files().verifies_clients())?;
-        if !fallback.files().verifies_clients() {
+        if !fallback.files().verifies_clients() && !source.is_spiffe() {
             // Settings of client authentication, given without it: surely a mistake.
             let mtls_only = [
                 ("close_on_expiry", raw.close_on_expiry.map(|b| b.to_string())),
@@ -531,7 +650,9 @@ impl Validator<'_> {
                 "needs alpn (the protocols to offer)",
             ));
         }
+        let key_exchange = self.key_exchange(&format!("{key}.key_exchange"), raw.key_exchange)?;
         Ok(TlsConfig {
+            source,
             cert,
             key: private_key,
             client_ca: fallback.client_ca,
@@ -544,6 +665,7 @@ impl Validator<'_> {
             session_timeout,
             alpn,
             alpn_required,
+            key_exchange,
             certificates,
             crl_fetch,
         })

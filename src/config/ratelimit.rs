@@ -164,47 +164,89 @@ pub enum OnUnavailable {
     Deny,
 }
 
-#[derive(Deserialize)]
+/// `[rate_limit]`: per-client limits for every listener; without it (and without listener
+/// overrides) nothing is limited.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRateLimit {
     // Optional only so that a lone `[rate_limit.shared]` gets a clear message.
+    /// New connections per client per window.
+    #[schemars(required)]
     capacity: Option<u32>,
+    /// Duration of the window `capacity` counts over.
+    #[schemars(required)]
     window: Option<String>,
+    /// Open connections per client at once; default none.
     max_concurrent: Option<u32>,
+    /// Bound on tracked clients; at least 1.
+    #[schemars(range(min = 1), extend("default" = 100000))]
     max_clients: Option<usize>,
+    /// Identity -> its own capacity, in place of `capacity`.
     #[serde(default)]
     clients: HashMap<String, u32>,
+    /// `[rate_limit.shared]`: count the limit across instances in Redis.
     shared: Option<RawSharedRateLimit>,
+    /// How much of an IPv4 source address is one client (for every per-source key); 1 to 32.
+    #[schemars(range(min = 1, max = 32), extend("default" = 32))]
     ipv4_prefix: Option<u8>,
+    /// How much of an IPv6 source address is one client (for every per-source key); 1 to 128.
+    #[schemars(range(min = 1, max = 128), extend("default" = 64))]
     ipv6_prefix: Option<u8>,
 }
 
-#[derive(Deserialize)]
+/// `[rate_limit.shared]`: the limit counted across instances in Redis; needs `[rate_limit]` with
+/// `capacity` and `window`.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawSharedRateLimit {
+    /// `redis://` or `rediss://` (TLS) URL, user name and database in it; `#insecure` refused.
     redis: String,
+    /// File holding the Redis AUTH password, of fulcrum's own (mode rule as `[admin]
+    /// token_file`); not with a password in the URL.
     password_file: Option<PathBuf>,
+    /// `[rate_limit.shared.tls]`: only with `rediss://`; without it Redis is checked against the
+    /// system roots.
     tls: Option<RawRedisTls>,
+    /// Prefix of every key fulcrum writes in Redis.
+    #[schemars(extend("default" = "fulcrum:rl:"))]
     key_prefix: Option<String>,
+    /// Duration: budget for one limiter round trip, dial included.
+    #[schemars(extend("default" = "50ms"))]
     timeout: Option<String>,
+    /// What to do when Redis cannot answer in time: fall back to this instance's own limiter,
+    /// admit, or refuse.
+    #[schemars(extend("default" = "local", "enum" = ["local", "allow", "deny"]))]
     on_unavailable: Option<String>,
+    /// `true`: `max_concurrent` counted over the instances too; needs `[rate_limit]
+    /// max_concurrent`.
+    #[schemars(extend("default" = false))]
     shared_concurrency: Option<bool>,
+    /// Duration, at least 1s and more than 3 x `timeout`: a dead instance's slots return within
+    /// it; only with `shared_concurrency = true`.
+    #[schemars(extend("default" = "10s"))]
     concurrency_lease: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// `[rate_limit.shared.tls]`: TLS to Redis (`rediss://` only).
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawRedisTls {
+    /// PEM file of the CA to trust instead of the system roots.
     ca: Option<PathBuf>,
+    /// PEM client certificate chain (Redis `tls-auth-clients yes`), with `key`.
     cert: Option<PathBuf>,
+    /// PEM key of `cert`.
     key: Option<PathBuf>,
 }
 
 /// `[listener.rate_limit]`: a listener's own limit.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRateLimitOverride {
+    /// New connections per client per window; required when there is no global `[rate_limit]`,
+    /// else the global one.
     capacity: Option<u32>,
+    /// Duration of the window; default the global one, else "1s".
     window: Option<String>,
 }
 

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::key_exchange::KeyExchange;
+use super::spiffe::TlsSource;
 use super::values::{BackendAddr, ConfigError, Keepalive, RawKeepalive, Validator};
 
 /// Default time a connection may take to reach a backend before the next one is tried.
@@ -117,7 +119,10 @@ pub struct DnsConfig {
 /// `[upstream.tls]`: TLS to the backends, verifying them. Paths resolve like the listener's.
 #[derive(Clone, Debug)]
 pub struct UpstreamTlsConfig {
-    /// PEM CA bundle the backends' certificates must chain to.
+    /// `source`: files (`ca`, `cert`, `key`) or the Workload API's SVID and bundles, a
+    /// backend's chain then verified against the bundle of its SPIFFE ID's trust domain.
+    pub source: TlsSource,
+    /// PEM CA bundle the backends' certificates must chain to (empty with the Workload API).
     pub ca: PathBuf,
     /// Client certificate and key for mTLS to the backends (both or neither).
     pub client_cert: Option<(PathBuf, PathBuf)>,
@@ -130,6 +135,9 @@ pub struct UpstreamTlsConfig {
     pub server_identity: Option<Vec<crate::authz::Name>>,
     /// What is offered by ALPN to the backends.
     pub alpn: UpstreamAlpn,
+    /// `key_exchange`: the key exchange groups offered to the backends, most preferred first
+    /// (a key share is sent for the first).
+    pub key_exchange: KeyExchange,
 }
 
 /// `[upstream.tls] alpn`: what fulcrum offers the backends by ALPN.
@@ -193,36 +201,72 @@ pub enum OnDown {
     Close,
 }
 
-#[derive(Deserialize)]
+/// `[[upstream]]`: a group of interchangeable backends.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawUpstream {
+    /// 1-64 characters of `A-Z a-z 0-9 - _ .`, unique.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9._-]+$"))]
     name: String,
+    /// The backends, at least one, none twice, at least one primary: `"host:port"` strings or
+    /// tables; required unless `discover`.
+    #[schemars(length(min = 1))]
     backends: Option<Vec<RawBackend>>,
+    /// `"host:port"` of a name to resolve (not an address): one backend per A/AAAA record;
+    /// not together with `backends`.
     discover: Option<String>,
+    /// Duration between two lookups of `discover` (a shorter record TTL brings one forward, not
+    /// under 1s); only with `discover`.
+    #[schemars(extend("default" = "10s"))]
     discover_interval: Option<String>,
+    /// The most backends one DNS answer makes, at least 1; only with `discover`.
+    #[schemars(range(min = 1), extend("default" = 256))]
     discover_max_backends: Option<usize>,
+    /// Clients that may wait for a backend below its cap, 0 to 100000 (0: refused at once).
+    #[schemars(range(max = 100000), extend("default" = 0))]
     queue_size: Option<usize>,
+    /// Duration one client may wait in the queue.
+    #[schemars(extend("default" = "5s"))]
     queue_timeout: Option<String>,
+    /// Duration: deadline per dial, name resolution included.
+    #[schemars(extend("default" = "3s"))]
     connect_timeout: Option<String>,
+    /// Distinct backends tried per client connection, at least 1.
+    #[schemars(range(min = 1), extend("default" = 3))]
     connect_attempts: Option<usize>,
+    /// `[upstream.health_check]`: active probes of every backend.
     health_check: Option<RawHealthCheck>,
+    /// PROXY protocol header written to the backends before any client byte; default off.
+    #[schemars(extend("enum" = ["v1", "v2"]))]
     proxy_protocol: Option<String>,
+    /// `[upstream.tls]`: TLS to the backends, verifying them.
     tls: Option<RawUpstreamTls>,
+    /// TCP keepalive on backend connections: `true`, `false` or a table, as on listeners.
+    #[schemars(extend("default" = true))]
     tcp_keepalive: Option<RawKeepalive>,
 }
 
 /// A backend: `"host:port"` or `{ addr = "host:port", weight, max_connections, backup }`.
+#[derive(schemars::JsonSchema)]
+#[schemars(untagged)]
 enum RawBackend {
     Addr(String),
     Table(RawBackendTable),
 }
 
-#[derive(Deserialize)]
+/// A backend as a table.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawBackendTable {
+    /// `"host:port"` (or `"ip:port"`).
     addr: String,
+    /// Share of connections relative to the other backends, 1 to 256.
+    #[schemars(range(min = 1, max = 256), extend("default" = 1))]
     weight: Option<u32>,
+    /// Cap on this backend's open connections, at least 1; default none.
+    #[schemars(range(min = 1))]
     max_connections: Option<u32>,
+    /// `true`: gets connections only when no primary can take them.
     #[serde(default)]
     backup: bool,
 }
@@ -250,19 +294,40 @@ impl<'de> Deserialize<'de> for RawBackend {
     }
 }
 
-#[derive(Deserialize)]
+/// `[upstream.tls]`: TLS to the backends, verifying them.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawUpstreamTls {
-    ca: PathBuf,
+    /// PEM file of the CA the backends' certificates must chain to; required with
+    /// `source = "files"`.
+    ca: Option<PathBuf>,
+    /// "files" or "spiffe": the Workload API's SVID presented to the backends, each verified
+    /// against its trust domain's bundle (then no ca, cert nor key, and `server_identity` is
+    /// required).
+    #[schemars(extend("default" = "files", "enum" = ["files", "spiffe"]))]
+    source: Option<String>,
+    /// With `source = "spiffe"` only: the SPIFFE ID of the SVID to present; default the first.
+    svid: Option<String>,
+    /// PEM client certificate chain for mTLS to the backends, with `key`.
     cert: Option<PathBuf>,
+    /// PEM key of `cert`.
     key: Option<PathBuf>,
+    /// Name verified and sent as SNI; default the backend's host or IP.
     server_name: Option<String>,
+    /// Verify this identity instead of `server_name`: a SPIFFE ID, DNS name or pattern, or a
+    /// non-empty list of them; default none.
     server_identity: Option<RawServerIdentity>,
+    /// ALPN offered to the backends: "client" (the protocol the client negotiated) or a list of
+    /// protocol ids; default none.
     alpn: Option<RawUpstreamAlpn>,
+    /// Key exchange groups offered to the backends, most preferred first, as `[listener.tls]
+    /// key_exchange` (same names, rules and default).
+    #[schemars(length(min = 1), extend("default" = ["X25519MLKEM768", "X25519", "secp256r1", "secp384r1"]))]
+    key_exchange: Option<Vec<String>>,
 }
 
 /// `server_identity = "spiffe://..."` or a list of such.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(
     untagged,
     expecting = "a SPIFFE ID or DNS name (or pattern), or a list of them"
@@ -273,29 +338,50 @@ enum RawServerIdentity {
 }
 
 /// `alpn = "client"` or `alpn = ["h2", ...]`.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 enum RawUpstreamAlpn {
+    #[schemars(extend("const" = "client"))]
     Client(String),
     Fixed(Vec<String>),
 }
 
-#[derive(Deserialize)]
+/// `[upstream.health_check]`: active probes of every backend; without it only a backend taken
+/// out by failed dials is probed, with the defaults.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawHealthCheck {
+    /// Duration between probe starts, per backend (jittered +-10%).
+    #[schemars(extend("default" = "2s"))]
     interval: Option<String>,
+    /// Duration: deadline of one whole probe (connect, send, expected reply); at most
+    /// `interval`; default "1s", or `interval` if that is shorter.
+    #[schemars(extend("default" = "1s"))]
     timeout: Option<String>,
+    /// Consecutive successful probes that bring a down backend back, at least 1.
+    #[schemars(range(min = 1), extend("default" = 2))]
     rise: Option<u32>,
+    /// Consecutive failures (probes or real connects) that take a backend out, at least 1.
+    #[schemars(range(min = 1), extend("default" = 3))]
     fall: Option<u32>,
+    /// Bytes written after connect (TOML escapes work); empty: a plain TCP connect.
+    #[schemars(extend("default" = ""))]
     send: Option<String>,
+    /// Bytes the reply must start with.
+    #[schemars(extend("default" = ""))]
     expect: Option<String>,
+    /// Open connections to a backend marked down: "keep" (they run on) or "close" (reset).
+    #[schemars(extend("default" = "keep", "enum" = ["keep", "close"]))]
     on_down: Option<String>,
+    /// Duration over which a backend that comes back is ramped in; default none.
     slow_start: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// `[dns]`: how `discover` names are resolved.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDns {
+    /// Resolvers, `ip:port` or a bare IP for port 53; default the system's (/etc/resolv.conf).
     #[serde(default)]
     servers: Vec<String>,
 }
@@ -404,7 +490,8 @@ impl Validator<'_> {
         let tls = match u.tls {
             None => None,
             Some(t) => Some(UpstreamTlsConfig {
-                ca: self.base.join(t.ca),
+                source: self.upstream_tls_source(&key("tls"), &t)?,
+                ca: t.ca.map(|ca| self.base.join(ca)).unwrap_or_default(),
                 client_cert: self.client_cert(&key("tls"), t.cert, t.key)?,
                 server_name: t.server_name,
                 server_identity: t
@@ -425,6 +512,7 @@ impl Validator<'_> {
                         UpstreamAlpn::Fixed(self.alpn_list(&key("tls.alpn"), list)?)
                     }
                 },
+                key_exchange: self.key_exchange(&key("tls.key_exchange"), t.key_exchange)?,
             }),
         };
         let tcp_keepalive = self.keepalive(&key("tcp_keepalive"), u.tcp_keepalive)?;
@@ -441,6 +529,36 @@ impl Validator<'_> {
             proxy_protocol,
             tls,
         })
+    }
+
+    /// `source` of `[upstream.tls]`: with files, `ca` is required; with the Workload API, no
+    /// file is named and `server_identity` is (an SVID names no host to check).
+    fn upstream_tls_source(&self, key: &str, t: &RawUpstreamTls) -> Result<TlsSource, ConfigError> {
+        let source = self.tls_source(key, t.source.as_deref(), t.svid.clone())?;
+        if !source.is_spiffe() {
+            if t.ca.is_none() {
+                return Err(self.invalid(
+                    format!("{key}.ca"),
+                    "",
+                    "required: the CA bundle the backends' certificates must chain to (or source = \"spiffe\")",
+                ));
+            }
+            return Ok(source);
+        }
+        let files = [
+            ("ca", t.ca.is_some()),
+            ("cert", t.cert.is_some()),
+            ("key", t.key.is_some()),
+        ];
+        self.no_files_with_spiffe(key, &files)?;
+        if t.server_identity.is_none() {
+            return Err(self.invalid(
+                format!("{key}.server_identity"),
+                "",
+                "required with source = \"spiffe\": the backends' SPIFFE IDs (or patterns) to verify",
+            ));
+        }
+        Ok(source)
     }
 
     fn backends(&self, key: &str, list: Vec<RawBackend>) -> Result<Vec<BackendConfig>, ConfigError> {

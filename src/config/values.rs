@@ -76,18 +76,24 @@ impl Keepalive {
 }
 
 /// `tcp_keepalive = false` (or `true`), or a table of its settings.
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub(super) enum RawKeepalive {
     Switch(bool),
     Settings(RawKeepaliveSettings),
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawKeepaliveSettings {
+    /// Duration a connection stays idle before the first probe.
+    #[schemars(extend("default" = "60s"))]
     idle: Option<String>,
+    /// Duration between two probes.
+    #[schemars(extend("default" = "10s"))]
     interval: Option<String>,
+    /// Unanswered probes before the connection is dropped; at least 1.
+    #[schemars(range(min = 1), extend("default" = 6))]
     count: Option<u32>,
 }
 

@@ -188,10 +188,11 @@ pub(super) async fn admit(
 }
 
 /// The TLS handshake, by `deadline` unless `stop` comes first (a cut client is then reset):
-/// timed on success, counted by its cause on failure. With certificate entries it reads the
-/// ClientHello first and completes with the certificate its server name chooses; it returns the
-/// one it ran with. Each stage is boxed: its state is large, and a plain connection's setup
-/// should not carry its size.
+/// timed on success, counted by its cause on failure. With certificate entries or several key
+/// exchange groups it reads the ClientHello first and completes with the certificate its server
+/// name chooses, in the configuration of the group the listener prefers among the client's
+/// (`ServerTls::config_for`); it returns the certificate it ran with. Each stage is boxed: its
+/// state is large, and a plain connection's setup should not carry its size.
 async fn handshake<'t>(
     client: TcpStream,
     tls: &'t ListenerTls,
@@ -207,7 +208,7 @@ async fn handshake<'t>(
         }
         Step::Aborted
     };
-    let (mut accept, chosen) = match tls.only() {
+    let (mut accept, chosen) = match tls.only().filter(|only| !only.reads_client_hello()) {
         Some(only) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&only.config));
             (Box::new(acceptor.accept(client)), only)
@@ -225,8 +226,10 @@ async fn handshake<'t>(
                 Step::Refused(refusal) => return Step::Refused(refusal),
                 Step::Aborted => return Step::Aborted,
             };
-            let chosen = &tls.choose(start.client_hello().server_name()).tls;
-            (Box::new(start.into_stream(Arc::clone(&chosen.config))), chosen)
+            let hello = start.client_hello();
+            let chosen = &tls.choose(hello.server_name()).tls;
+            let config = chosen.config_for(&hello);
+            (Box::new(start.into_stream(config)), chosen)
         }
     };
     let done = tokio::select! {

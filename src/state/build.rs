@@ -19,11 +19,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::fetched_crls::FetchedCrls;
+use super::workload::WorkloadTable;
 use super::{Discovered, Listener, ListenerTls, ServerError, State, Upstream};
 use crate::authz::Authorization;
 use crate::config::{Config, ListenerLimit, TlsConfig};
 use crate::ratelimit::{ClusterLimiter, Limiter, RateLimiter};
 use crate::tls::expiry::Expiry;
+use crate::tls::svid::Material;
 use crate::tls::Certificates;
 
 mod fetched;
@@ -50,9 +52,16 @@ pub fn validate(config: &Config) -> Result<Vec<String>, ServerError> {
     check(config).map(|checked| checked.warnings)
 }
 
-/// [`validate`], with the certificate deadlines.
+/// [`validate`], with the certificate deadlines. A configuration with `source = "spiffe"`
+/// fails here (nothing was delivered): `fulcrum check` asks the Workload API first
+/// (`crate::check_connected`).
 pub fn check(config: &Config) -> Result<Checked, ServerError> {
-    let tls = load(config)?;
+    check_with(config, &Arc::default())
+}
+
+/// [`check`] with the material `workload` holds (`crate::workload::check_connected`).
+pub(crate) fn check_with(config: &Config, workload: &Arc<WorkloadTable>) -> Result<Checked, ServerError> {
+    let tls = load_with(config, &Arc::default(), workload)?;
     let addrs = config
         .listeners
         .iter()
@@ -237,6 +246,10 @@ pub(crate) struct Loaded {
     certificates: Vec<Expiry>,
     /// The fetched CRLs the listeners' verifiers were made with (shared by every generation).
     fetched: Arc<FetchedCrls>,
+    /// The Workload API's last delivery (shared by every generation), and the one the
+    /// `source = "spiffe"` sides were built with.
+    workload: Arc<WorkloadTable>,
+    material: Option<Arc<Material>>,
 }
 
 impl Loaded {
@@ -266,6 +279,8 @@ impl Loaded {
             },
             certificates: current.certificates.clone(),
             fetched: Arc::clone(&current.fetched_crls),
+            workload: Arc::clone(&current.workload),
+            material: current.workload_material.clone(),
         }
     }
 
@@ -275,8 +290,44 @@ impl Loaded {
     /// reload's would, closing the open connections it revokes.
     pub(crate) fn refresh(current: &State) -> Loaded {
         let mut loaded = Loaded::reuse(current);
+        loaded.apply_workload(&current.config);
         loaded.apply_fetched(&current.config, false);
         loaded
+    }
+
+    /// With a Workload API delivery newer than the one the `source = "spiffe"` sides were built
+    /// with, builds them again from it. A side the new material cannot serve (its SVID gone, a
+    /// bundle unusable) keeps its previous configuration, and the error is logged.
+    fn apply_workload(&mut self, config: &Config) {
+        let Some(material) = self.workload.current() else {
+            return;
+        };
+        if self.material.as_ref().is_some_and(|m| Arc::ptr_eq(m, &material)) {
+            return;
+        }
+        for (l, slot) in config.listeners.iter().zip(&mut self.listeners) {
+            let Some(tls) = l.tls.as_ref().filter(|t| t.source.is_spiffe()) else {
+                continue;
+            };
+            match crate::tls::svid::server_configs(tls, &material) {
+                Ok(certificates) => *slot = Some(certificates),
+                Err(e) => {
+                    tracing::error!(listener = %l.name, error = %e, "the Workload API's new material cannot be served; the previous certificate stays")
+                }
+            }
+        }
+        for (u, slot) in config.upstreams.iter().zip(&mut self.upstreams) {
+            let Some(tls) = u.tls.as_ref().filter(|t| t.source.is_spiffe()) else {
+                continue;
+            };
+            match crate::tls::svid::client_config(tls, &material) {
+                Ok(upstream) => *slot = Some(Arc::new(upstream)),
+                Err(e) => {
+                    tracing::error!(upstream = %u.name, error = %e, "the Workload API's new material cannot be used; the previous client certificate stays")
+                }
+            }
+        }
+        self.material = Some(material);
     }
 
     /// Applies the fetched CRLs to every listener with `crl_urls` (after looking in
@@ -304,13 +355,21 @@ impl Loaded {
     }
 }
 
-/// Loads every file of `config`, with no CRL fetched yet (but those of `crl_cache_dir`).
+/// Loads every file of `config`, with no CRL fetched and nothing from the Workload API.
+#[cfg(test)]
 pub(crate) fn load(config: &Config) -> Result<Loaded, ServerError> {
-    load_with(config, &Arc::default())
+    load_with(config, &Arc::default(), &Arc::default())
 }
 
-/// Loads every file of `config` and applies the CRLs `fetched` holds for it (see [`Loaded`]).
-pub(crate) fn load_with(config: &Config, fetched: &Arc<FetchedCrls>) -> Result<Loaded, ServerError> {
+/// Loads every file of `config` and applies the CRLs `fetched` holds for it (see [`Loaded`]);
+/// `source = "spiffe"` sides are made of the Workload API material `workload` holds.
+pub(crate) fn load_with(
+    config: &Config,
+    fetched: &Arc<FetchedCrls>,
+    workload: &Arc<WorkloadTable>,
+) -> Result<Loaded, ServerError> {
+    let material = workload.current();
+    let delivered = || material.as_deref().ok_or(crate::tls::TlsError::NotDelivered);
     let fingerprint = match config.reload.watch {
         true => crate::config::files::fingerprint(&config.files()),
         false => Vec::new(),
@@ -319,6 +378,13 @@ pub(crate) fn load_with(config: &Config, fetched: &Arc<FetchedCrls>) -> Result<L
         .upstreams
         .iter()
         .map(|u| match &u.tls {
+            Some(t) if t.source.is_spiffe() => delivered()
+                .and_then(|m| crate::tls::svid::client_config(t, m))
+                .map(|tls| Some(Arc::new(tls)))
+                .map_err(|source| ServerError::UpstreamTls {
+                    upstream: u.name.clone(),
+                    source,
+                }),
             Some(t) => crate::tls::client_config(t)
                 .map(|tls| Some(Arc::new(tls)))
                 .map_err(|source| ServerError::UpstreamTls {
@@ -332,12 +398,15 @@ pub(crate) fn load_with(config: &Config, fetched: &Arc<FetchedCrls>) -> Result<L
         .listeners
         .iter()
         .map(|l| match &l.tls {
-            Some(t) => crate::tls::server_configs(t)
-                .map(Some)
-                .map_err(|source| ServerError::Tls {
-                    listener: l.name.clone(),
-                    source,
-                }),
+            Some(t) => match t.source.is_spiffe() {
+                true => delivered().and_then(|m| crate::tls::svid::server_configs(t, m)),
+                false => crate::tls::server_configs(t),
+            }
+            .map(Some)
+            .map_err(|source| ServerError::Tls {
+                listener: l.name.clone(),
+                source,
+            }),
             None => Ok(None),
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -353,6 +422,8 @@ pub(crate) fn load_with(config: &Config, fetched: &Arc<FetchedCrls>) -> Result<L
         redis,
         certificates,
         fetched: Arc::clone(fetched),
+        workload: Arc::clone(workload),
+        material,
     };
     loaded.apply_fetched(config, true);
     Ok(loaded)
@@ -531,6 +602,8 @@ impl State {
             identities,
             certificates: loaded.certificates,
             fetched_crls: loaded.fetched,
+            workload: loaded.workload,
+            workload_material: loaded.material,
         }
     }
 }

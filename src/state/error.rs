@@ -33,6 +33,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     SharedRateLimit(#[from] crate::ratelimit::cluster::RedisClientError),
+    #[error(transparent)]
+    Workload(#[from] super::workload::WorkloadError),
     #[error("access log: cannot open {path}: {source}")]
     AccessLog { path: String, source: io::Error },
 }

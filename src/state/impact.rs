@@ -173,7 +173,7 @@ impl Live {
     /// chain is verified again.
     pub(crate) fn impact(&self, candidate: &Config) -> Result<Vec<Closing>, ServerError> {
         let live = self.state();
-        let loaded = build::load_with(candidate, &live.fetched_crls)?;
+        let loaded = build::load_with(candidate, &live.fetched_crls, &live.workload)?;
         let next = State::assemble(
             candidate,
             loaded,

@@ -2,16 +2,19 @@
 //! Redis (`[rate_limit.shared.tls]`). It builds client configurations from checked files; it
 //! must not serve or decide anything about clients of fulcrum. A backend is verified against
 //! `ca` and the name dialed, or with `server_identity` against `ca` and the identities its
-//! certificate carries (`client/server_identity.rs`).
+//! certificate carries (`client/server_identity.rs`). Backends are offered the upstream's
+//! `key_exchange` groups in its order, a key share sent for the first (and, with the hybrid
+//! first, for X25519 too: rustls sends its classical part's share when X25519 is offered).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::RootCertStore;
 
 use super::files::{certificates, private_key, read, trust_anchors, TlsError};
-use super::provider::provider;
+use super::provider::{provider, provider_with};
 use crate::authz::Name;
 
 mod server_identity;
@@ -23,16 +26,49 @@ mod server_identity;
 pub fn client_config(tls: &crate::config::UpstreamTlsConfig) -> Result<UpstreamTls, TlsError> {
     let roots = trust_anchors("backend CA", &tls.ca, &read("backend CA", &tls.ca)?)?;
     let identity = tls.client_cert.as_ref().map(ClientIdentity::read).transpose()?;
-    let mut config = checked_client_config(roots, tls.server_identity.as_deref(), identity.as_ref())?;
+    let provider = provider_with(&tls.key_exchange)?;
+    let config = checked_client_config(provider, roots, tls.server_identity.as_deref(), identity.as_ref())?;
+    Ok(upstream_tls(tls, config))
+}
+
+/// [`client_config`] for `source = "spiffe"`: the SVID (`chain`, `key`) as the client certificate, and
+/// each backend's chain verified against the bundle of its SPIFFE ID's trust domain before its
+/// identity is checked against `server_identity` (which config validation requires).
+pub(crate) fn workload_client_config(
+    tls: &crate::config::UpstreamTlsConfig,
+    (chain, key): (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    mismatch: impl FnOnce(String) -> TlsError,
+    bundles: std::collections::BTreeMap<String, RootCertStore>,
+) -> Result<UpstreamTls, TlsError> {
+    let provider = provider_with(&tls.key_exchange)?;
+    let algorithms = provider.signature_verification_algorithms;
+    let expected = tls.server_identity.as_deref().unwrap_or_default();
+    let verifier = server_identity::ServerIdentityVerifier::new(
+        server_identity::Roots::TrustDomains(bundles),
+        expected,
+        algorithms,
+    );
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| mismatch(e.to_string()))?;
+    Ok(upstream_tls(tls, config))
+}
+
+/// The upstream's TLS around a client configuration: its ALPN and server name settings.
+fn upstream_tls(tls: &crate::config::UpstreamTlsConfig, mut config: rustls::ClientConfig) -> UpstreamTls {
     if let crate::config::UpstreamAlpn::Fixed(list) = &tls.alpn {
         config.alpn_protocols = list.iter().map(|p| p.as_bytes().to_vec()).collect();
     }
-    Ok(UpstreamTls {
+    UpstreamTls {
         config: Arc::new(config),
         server_name: tls.server_name.clone(),
         pass_client_alpn: tls.alpn == crate::config::UpstreamAlpn::Client,
         by_protocol: Mutex::default(),
-    })
+    }
 }
 
 /// TLS to an upstream's backends.
@@ -84,7 +120,7 @@ pub fn redis_certificates(tls: &crate::config::RedisTlsConfig) -> Result<redis::
         None => (RootCertStore::empty(), None),
     };
     let identity = tls.client_cert.as_ref().map(ClientIdentity::read).transpose()?;
-    checked_client_config(roots, None, identity.as_ref())?;
+    checked_client_config(provider(), roots, None, identity.as_ref())?;
     Ok(redis::TlsCertificates {
         client_tls: identity.map(|identity| redis::ClientTlsConfig {
             client_cert: identity.cert_pem,
@@ -113,15 +149,15 @@ impl ClientIdentity {
     }
 }
 
-/// A client configuration verifying servers against `roots` and the name dialed, or with
-/// `server_identity` the identity they present, and presenting `identity`: the check that the
-/// key matches the certificate.
+/// A client configuration with `provider` verifying servers against `roots` and the name dialed,
+/// or with `server_identity` the identity they present, and presenting `identity`: the check
+/// that the key matches the certificate.
 fn checked_client_config(
+    provider: Arc<rustls::crypto::CryptoProvider>,
     roots: RootCertStore,
     server_identity: Option<&[Name]>,
     identity: Option<&ClientIdentity>,
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let provider = provider();
     let algorithms = provider.signature_verification_algorithms;
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -129,7 +165,11 @@ fn checked_client_config(
     let builder = match server_identity {
         None => builder.with_root_certificates(roots),
         Some(expected) => builder.dangerous().with_custom_certificate_verifier(Arc::new(
-            server_identity::ServerIdentityVerifier::new(roots, expected, algorithms),
+            server_identity::ServerIdentityVerifier::new(
+                server_identity::Roots::Ca(roots),
+                expected,
+                algorithms,
+            ),
         )),
     };
     let Some(identity) = identity else {

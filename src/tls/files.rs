@@ -33,12 +33,27 @@ pub enum TlsError {
     },
     #[error("cannot build the client certificate verifier: {0}")]
     Verifier(String),
+    #[error("source = \"spiffe\": no X509-SVID has come from the Workload API yet")]
+    NotDelivered,
+    #[error("the Workload API gave no X509-SVID {wanted:?} (it gave: {offered})")]
+    NoSvid { wanted: String, offered: String },
+    #[error("the X509-SVID {id} from the Workload API cannot be used: {reason}")]
+    Svid { id: String, reason: String },
+    #[error("the Workload API's bundle of trust domain {domain:?} cannot be used: {reason}")]
+    Bundle { domain: String, reason: String },
     #[error("CRL file {path}: {reason}")]
     Crl { path: PathBuf, reason: String },
     #[error(
         "CRL file {path}: the CRL issued by {issuer} is not signed by a CA certificate of client_ca or of a trust domain's bundle that may sign CRLs"
     )]
     CrlIssuer { path: PathBuf, issuer: String },
+    #[error(
+        "this build's crypto provider ({provider}) has no {group}; build with the default aws-lc-rs provider or remove it from key_exchange"
+    )]
+    UnsupportedKxGroup {
+        provider: &'static str,
+        group: crate::config::KxGroup,
+    },
 }
 
 /// The bytes of a certificate or key file.

@@ -11,6 +11,8 @@
 //!   clients and a test CA: [`tls`], [`pki`];
 //! - files: [`TempDir`] and [`toml_path`] — `temp.rs`;
 //! - a real `redis-server`: [`redis`];
+//! - a SPIFFE Workload API server (standing in for the SPIRE agent's socket): [`workload_api`];
+//! - the config's JSON Schema, which every config the starters accept is held against: [`schema`];
 //! - waits: [`within`] (a future under a deadline), [`wait_until`] (a condition polled under a
 //!   deadline) and [`poll_for`] beneath it — here.
 //!
@@ -24,12 +26,15 @@
 
 mod backend;
 mod client;
+pub mod help;
 pub mod pki;
 pub mod process;
 pub mod redis;
+pub mod schema;
 mod server;
 mod temp;
 pub mod tls;
+pub mod workload_api;
 
 pub use backend::{refused_addr, refused_addrs, reset, Behavior, BlackHole, TestBackend};
 pub use client::{assert_ends, close, connect, http, read_to_end, round_trip, wait_until_refused};

@@ -275,3 +275,27 @@ pub fn chain_client_config(server_ca: &str, chain: &str, key: &str) -> Arc<Clien
         .expect("client chain and key match");
     Arc::new(config)
 }
+
+impl Cert {
+    /// The certificate, DER.
+    pub fn der(&self) -> CertificateDer<'static> {
+        CertificateDer::from(self.der.clone())
+    }
+
+    /// Its private key, PKCS#8 DER.
+    pub fn key_der(&self) -> rustls::pki_types::PrivatePkcs8KeyDer<'static> {
+        rustls::pki_types::PrivatePkcs8KeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .expect("PKCS#8 key PEM")
+    }
+}
+
+/// An X509-SVID leaf as SPIRE issues one: [`leaf_params`] for `names` (the SPIFFE ID first, a URI
+/// SAN; any others DNS SANs), for both serverAuth and clientAuth.
+pub fn svid_params(names: &[&str]) -> CertificateParams {
+    let mut params = leaf_params(names);
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params
+}

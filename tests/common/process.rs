@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use super::{strip_ansi, within};
+use super::{schema, strip_ansi, within};
 
 /// The binary, or `WRAPPER... -- fulcrum` when `wrapper` (a program and its arguments) is not
 /// empty, with `RUST_LOG` removed and stdin closed. Callers add the arguments and say what
@@ -86,8 +86,12 @@ impl Fulcrum {
     }
 
     /// Starts `command` (from [`async_command`], with what the test adds: environment
-    /// variables, descriptors) as `run --config PATH`.
+    /// variables, descriptors) as `run --config PATH`. A config fulcrum accepts must match the
+    /// config schema too.
     pub fn spawn(mut command: Command, config: &Path) -> Fulcrum {
+        if fulcrum::Config::load(config).is_ok() {
+            schema::assert_valid(&std::fs::read_to_string(config).expect("read the config"));
+        }
         let mut child = command
             .args(["run", "--config"])
             .arg(config)

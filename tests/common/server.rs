@@ -15,7 +15,7 @@ use fulcrum::state::{ServerError, State};
 use fulcrum::{CancellationToken, Config, Server};
 use tokio::task::JoinHandle;
 
-use super::{poll_for, wait_until, within, within_for, DEADLINE};
+use super::{poll_for, schema, wait_until, within, within_for, DEADLINE};
 
 /// The balancer, running on a task of the test's runtime. Dropping it cancels it.
 pub struct TestServer {
@@ -39,6 +39,7 @@ impl TestServer {
     /// Binds a server from a config file (so that it can reload it) and spawns its `run`.
     pub async fn start_file(path: &Path) -> TestServer {
         let config = Config::load(path).unwrap_or_else(|e| panic!("test config: {e}"));
+        schema::assert_valid(&std::fs::read_to_string(path).expect("read the test config"));
         TestServer::bind(config)
             .await
             .unwrap_or_else(|e| panic!("the test server binds: {e}"))
@@ -48,6 +49,7 @@ impl TestServer {
     /// may fail.
     pub async fn try_start(toml: &str) -> Result<TestServer, ServerError> {
         let config = Config::from_toml(toml, "<test>").unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        schema::assert_valid(toml);
         TestServer::bind(config).await
     }
 
@@ -93,9 +95,13 @@ impl TestServer {
             .bind
     }
 
-    /// Rewrites the config file at `path` with `text`, then reloads it, within the deadline.
+    /// Rewrites the config file at `path` with `text`, then reloads it, within the deadline. A
+    /// text fulcrum accepts must match the config schema too.
     pub async fn reload_file(&self, path: &Path, text: &str) -> Result<u64, ReloadError> {
         std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        if Config::load(path).is_ok() {
+            schema::assert_valid(text);
+        }
         within("the reload to be applied or refused", self.handle.reload()).await
     }
 

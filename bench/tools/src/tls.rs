@@ -18,7 +18,19 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+/// ring (X25519 first) for the classical measurement; with `FULCRUM_BENCH_KX=hybrid`, AWS-LC
+/// offering X25519MLKEM768 first with a key share for X25519 too, as current clients do: a
+/// target with ML-KEM negotiates the hybrid, one without it X25519, in one round trip either way.
 fn provider() -> Arc<CryptoProvider> {
+    if std::env::var("FULCRUM_BENCH_KX").as_deref() == Ok("hybrid") {
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.kx_groups = vec![
+            rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768,
+            rustls::crypto::aws_lc_rs::kx_group::X25519,
+            rustls::crypto::aws_lc_rs::kx_group::SECP256R1,
+        ];
+        return Arc::new(provider);
+    }
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

@@ -7,13 +7,11 @@
 use std::sync::Arc;
 
 use rustls::pki_types::CertificateRevocationListDer;
-use rustls::server::danger::ClientCertVerifier;
-use rustls::ServerConfig;
 use tracing::{error, info, warn};
 
-use crate::config::{CrlFetch, TlsConfig, TlsVersion};
+use crate::config::{CrlFetch, TlsConfig};
 use crate::state::fetched_crls::FetchedCrls;
-use crate::tls::{Certificates, ClientVerifier, CrlInfo, ServerTls, TlsError};
+use crate::tls::{Certificates, ServerTls};
 
 /// Reads from `crl_cache_dir` the CRL of each URL of `listener` that has none in `fetched`,
 /// checked against the client trust as a fetched one is.
@@ -75,41 +73,11 @@ pub(super) fn apply(
             return;
         }
         // Not expected to fail: the same versions built this configuration at load.
-        match with_verifier(served, Arc::clone(&verifier), crls.clone(), tls.min_version) {
+        match served.with_verifier(Arc::clone(&verifier), crls.clone(), tls.min_version) {
             Ok(rebuilt) => *served = rebuilt,
             Err(e) => error!(listener, error = %e, "the fetched CRLs cannot be applied"),
         }
     };
     rebuild(&mut certificates.fallback);
     certificates.entries.iter_mut().for_each(rebuild);
-}
-
-/// `tls` with `verifier` in place of its own, and `crls` as its report: the same certificate,
-/// key resolver, ALPN and session cache (sessions are judged again at resumption, by the
-/// verifier then in force), under the listener's versions (`min_version`).
-fn with_verifier(
-    tls: &ServerTls,
-    verifier: Arc<ClientVerifier>,
-    crls: Vec<CrlInfo>,
-    min_version: TlsVersion,
-) -> Result<ServerTls, TlsError> {
-    let versions: &[&rustls::SupportedProtocolVersion] = match min_version {
-        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-        TlsVersion::Tls13 => &[&rustls::version::TLS13],
-    };
-    let old = &tls.config;
-    let mut config = ServerConfig::builder_with_provider(crate::tls::provider())
-        .with_protocol_versions(versions)
-        .map_err(|e| TlsError::Verifier(e.to_string()))?
-        .with_client_cert_verifier(Arc::clone(&verifier) as Arc<dyn ClientCertVerifier>)
-        .with_cert_resolver(Arc::clone(&old.cert_resolver));
-    config.ignore_client_order = old.ignore_client_order;
-    config.alpn_protocols = old.alpn_protocols.clone();
-    config.session_storage = Arc::clone(&old.session_storage);
-    config.send_tls13_tickets = old.send_tls13_tickets;
-    Ok(ServerTls {
-        config: Arc::new(config),
-        verifier: Some(verifier),
-        crls,
-    })
 }

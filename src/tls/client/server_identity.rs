@@ -27,20 +27,44 @@ use crate::identity::Escaped;
 /// `server_identity`; the name fulcrum dialed (and sent as SNI) plays no part.
 #[derive(Debug)]
 pub(super) struct ServerIdentityVerifier {
-    roots: Arc<RootCertStore>,
+    roots: Roots,
     /// Never empty (config validation refuses an empty list).
     expected: Arc<[Name]>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
+/// What a backend's chain must lead to.
+#[derive(Debug)]
+pub(super) enum Roots {
+    /// `ca`'s certificates.
+    Ca(RootCertStore),
+    /// The Workload API's bundles by trust domain: the bundle of the trust domain of the leaf's
+    /// SPIFFE ID, so that a federated domain's CA cannot vouch for an identity of another.
+    TrustDomains(std::collections::BTreeMap<String, RootCertStore>),
+}
+
+impl Roots {
+    /// The store the chain of a leaf with these `identities` must lead to.
+    fn for_leaf(&self, identities: &[String]) -> Result<&RootCertStore, rustls::Error> {
+        match self {
+            Roots::Ca(roots) => Ok(roots),
+            Roots::TrustDomains(by_domain) => identities
+                .iter()
+                .filter(|id| is_spiffe(id))
+                .find_map(|id| by_domain.get(crate::trust::trust_domain(id)))
+                .ok_or(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)),
+        }
+    }
+}
+
 impl ServerIdentityVerifier {
     pub(super) fn new(
-        roots: RootCertStore,
+        roots: Roots,
         expected: &[Name],
         algorithms: WebPkiSupportedAlgorithms,
     ) -> ServerIdentityVerifier {
         ServerIdentityVerifier {
-            roots: Arc::new(roots),
+            roots,
             expected: expected.into(),
             algorithms,
         }
@@ -58,15 +82,17 @@ impl ServerCertVerifier for ServerIdentityVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         // The chain first, as `WebPkiServerVerifier` does it: nothing about an unverified
         // certificate is worth reading.
+        // (With trust domains, the leaf's SPIFFE ID, unverified, only picks the bundle to verify
+        // it against: a wrong claim finds a bundle that does not sign it.)
+        let found = identities(end_entity)?;
         let cert = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(
             &cert,
-            &self.roots,
+            self.roots.for_leaf(&found)?,
             intermediates,
             now,
             self.algorithms.all,
         )?;
-        let found = identities(end_entity)?;
         if found
             .iter()
             .any(|identity| self.expected.iter().any(|name| name.matches(identity)))
