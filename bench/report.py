@@ -233,7 +233,7 @@ def main(raw, meta_path, out_md, out_dat):
     out.append("| machine | |")
     out.append("|---|---|")
     for key in ["cpu", "nproc", "kernel", "haproxy", "nginx", "fulcrum", "openssl", "iperf3", "wrk",
-                "fulcrum_base", "fulcrum_workers", "client_key_exchange", "http_backend", "haproxy_splice", "load_at_start", "load_at_measure", "load_at_end", "date", "command"]:
+                "fulcrum_base", "fulcrum_workers", "proxy_workers", "client_key_exchange", "http_backend", "haproxy_splice", "load_at_start", "load_at_measure", "load_at_end", "date", "command"]:
         if key in meta:
             val = f"`{meta[key]}`" if key == "command" else meta[key]
             out.append(f"| {key.replace('_', ' ')} | {val} |")

@@ -4,7 +4,8 @@
 //!
 //! Each thread keeps a ring of 64 open leases: every op opens one and closes the oldest, so
 //! counts differ between backends as they do in production. The time is read once per thread
-//! (a connection reads it anyway). Run: `cargo bench --bench balancer [-- FILTER]`.
+//! (a connection reads it anyway). Run: `cargo bench --bench balancer [-- FILTER]`; `FULCRUM_BENCH_THREADS=1,2,4,...,64` for the
+//! contention curve (`common/threads.rs`).
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -13,6 +14,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fulcrum::balancer::{Pool, Spec};
+
+#[path = "common/threads.rs"]
+mod threads;
 
 const OPS_PER_THREAD: usize = 2_000_000;
 const HELD: usize = 64;
@@ -102,7 +106,7 @@ fn main() {
         ("weights 1..=256", &all_weights[..]),
     ];
     for size in [3usize, 100, 10_000] {
-        for threads in [1, cores] {
+        for threads in threads::counts(cores) {
             for (what, weights) in cases {
                 let label = format!("balancer {what:<18} size={size:>6} threads={threads}");
                 if label.contains(&filter) {

@@ -2,7 +2,8 @@
 //!
 //! Measures checks per second with every core hammering the limiter, for one key shared by all
 //! threads (worst-case lock contention) and for many distinct IP keys (spread over shards), plus
-//! single-thread baselines and a mostly-rejecting case. Time is fixed at the epoch, so every check
+//! single-thread baselines and a mostly-rejecting case; `FULCRUM_BENCH_THREADS=1,2,4,...,64` for
+//! the contention curve (`common/threads.rs`). Time is fixed at the epoch, so every check
 //! lands in one window; it must not sleep or do I/O. Run with `cargo bench --bench ratelimit`.
 
 use std::collections::HashMap;
@@ -13,6 +14,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use fulcrum::ratelimit::{ClientKey, Decision, RateLimitPolicy, RateLimiter};
+
+#[path = "common/threads.rs"]
+mod threads;
 
 /// Checks per thread in every case: bounded work, a few seconds in total.
 const CHECKS_PER_THREAD: usize = 2_000_000;
@@ -84,14 +88,17 @@ fn main() {
         .collect();
 
     // Capacity above the total number of checks: every check is an admit.
+    let counts = threads::counts(threads);
     let admits = limiter(u32::MAX, epoch);
-    run("one-key", 1, &admits, &one_key, epoch);
-    run("one-key", threads, &admits, &one_key, epoch);
+    for &n in &counts {
+        run("one-key", n, &admits, &one_key, epoch);
+    }
 
     let admits = limiter(u32::MAX, epoch);
     warm_up(&admits, &many_keys, epoch);
-    run("many-keys", 1, &admits, &many_keys, epoch);
-    run("many-keys", threads, &admits, &many_keys, epoch);
+    for &n in &counts {
+        run("many-keys", n, &admits, &many_keys, epoch);
+    }
 
     // Capacity 1: after the first check per key, every check is a rate rejection.
     let rejects = limiter(1, epoch);

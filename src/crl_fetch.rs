@@ -1,6 +1,9 @@
 //! CRLs fetched from their distribution points: one task per listener with `crl_urls` (or
 //! `crl_from_certificates`), started and stopped with each generation like the probe and
-//! discovery loops, so a reload restarts it with the new settings.
+//! discovery loops, so a reload restarts it with the new settings. With `crl_from_certificates`
+//! its URLs grow as verified client certificates name new distribution points
+//! (`tls::SeenPoints`, kept across generations): it reads them again at every round and wakes
+//! when one is added.
 //!
 //! The task fetches each URL when its schedule says (`schedule`: at once the first time, then
 //! before the CRL's `nextUpdate` and at least every `crl_refresh`, backing off after failures),
@@ -26,7 +29,7 @@ use crate::config::CrlFetch;
 use crate::reload::Handle;
 use crate::state::fetched_crls::{FetchedCrls, Outcome, Verdict};
 use crate::state::State;
-use crate::tls::ClientVerifier;
+use crate::tls::{ClientVerifier, SeenPoints};
 
 mod http;
 mod schedule;
@@ -40,20 +43,20 @@ pub(crate) fn spawn(state: &State, tracker: &TaskTracker, stop: &CancellationTok
             .listener(&l.name)
             .and_then(|listener| listener.tls_for(None)?.verifier.clone());
         let (Some(fetch), Some(verifier)) = (fetch, verifier) else {
-            state.fetched_crls.retain(&l.name, &[]);
+            state.fetched_crls.forget(&l.name);
             continue;
         };
-        let (urls, _) = verifier.crl_urls(&fetch);
+        let seen = fetch.from_certificates.then(|| state.fetched_crls.seen(&l.name));
+        let (urls, _) = verifier.crl_urls(&fetch, seen.as_deref());
         state.fetched_crls.retain(&l.name, &urls);
         if urls.is_empty() {
-            warn!(listener = %l.name, "crl_from_certificates: no client_ca certificate names an http:// CRL distribution point; nothing to fetch");
-            continue;
+            info!(listener = %l.name, "crl_from_certificates: no URL yet; the http:// distribution points of the client certificates seen will be fetched");
         }
         let fetcher = Fetcher {
             listener: l.name.clone(),
-            urls,
             fetch,
             verifier,
+            seen,
             table: Arc::clone(&state.fetched_crls),
         };
         tracker.spawn(fetcher.run(handle.clone(), stop.clone()));
@@ -63,8 +66,9 @@ pub(crate) fn spawn(state: &State, tracker: &TaskTracker, stop: &CancellationTok
 /// One listener's fetcher.
 struct Fetcher {
     listener: String,
-    urls: Vec<String>,
     fetch: CrlFetch,
+    /// `crl_from_certificates`: the points of the client certificates seen, which add URLs.
+    seen: Option<Arc<SeenPoints>>,
     /// The generation's client trust, which a CRL must be signed by.
     verifier: Arc<ClientVerifier>,
     table: Arc<FetchedCrls>,
@@ -73,27 +77,43 @@ struct Fetcher {
 impl Fetcher {
     /// Fetches each URL when due until `stop`; asks for a rebuild when a CRL was taken.
     async fn run(self, handle: Handle, stop: CancellationToken) {
+        let mut added = self.seen.as_ref().map(|s| s.subscribe());
         loop {
-            let due = self
-                .urls
+            // Marked seen before the URLs are read: a point recorded after this wakes the wait.
+            if let Some(added) = &mut added {
+                added.borrow_and_update();
+            }
+            let (urls, _) = self.verifier.crl_urls(&self.fetch, self.seen.as_deref());
+            let due = urls
                 .iter()
                 .map(|url| {
                     let history = self.table.history(&self.listener, url);
                     (url, schedule::next_fetch(&history, self.fetch.refresh))
                 })
                 .collect::<Vec<_>>();
-            let Some(at) = due
+            let at = due
                 .iter()
                 .map(|(_, at)| at.unwrap_or(SystemTime::UNIX_EPOCH))
-                .min()
-            else {
-                return;
-            };
+                .min();
             let now = SystemTime::now();
-            if at > now {
+            let wait = match at {
+                Some(at) if at <= now => None,
+                Some(at) => Some(crate::clock::until_wall(at, now)),
+                // Nothing to fetch yet: only a point seen can change that.
+                None if added.is_some() => Some(self.fetch.refresh),
+                None => return,
+            };
+            if let Some(wait) = wait {
+                let seen = async {
+                    match &mut added {
+                        Some(added) => drop(added.changed().await),
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(crate::clock::until_wall(at, now)) => {}
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = seen => {}
                 }
                 continue;
             }

@@ -62,7 +62,7 @@ pub use files::TlsError;
 use files::{certificates, private_key, read};
 pub use provider::{install_default_provider, provider, provider_with, PROVIDER_NAME};
 pub use session::SessionCache;
-pub use verifier::{client_trust, client_trust_of, CheckedCrl, ClientVerifier};
+pub use verifier::{client_trust, client_trust_of, CheckedCrl, ClientVerifier, SeenPoints};
 
 /// One certificate of a listener (its only one, its fallback or an entry): the rustls
 /// configuration, and the client trust (mTLS) kept apart so that a connection can check a

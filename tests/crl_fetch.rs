@@ -469,3 +469,63 @@ fn crl_fetch_settings_in_bounds_load_and_check_lists_each_listeners_urls() {
 fn config_text_defaults(pki: &Pki, backend: SocketAddr) -> String {
     config(pki, backend, "crl_urls = [\"http://pki.example/ca.crl\"]\n")
 }
+
+/// A client leaf `name` issued by `issuer`, naming `point` as its CRL distribution point.
+fn leaf_naming(issuer: &common::pki::Cert, name: &str, point: &str) -> common::pki::Cert {
+    let mut params = common::pki::leaf_params(&[name]);
+    params.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
+        uris: vec![point.to_string()],
+    }];
+    common::pki::issue(params, Some(issuer))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crl_from_certificates_fetches_the_point_a_verified_client_names_and_never_an_untrusted_ones() {
+    let dir = common::TempDir::new("crl-seen");
+    let server_cert = common::pki::ServerCert::new(&dir);
+    let ca = common::pki::root("client CA without a distribution point");
+    let points = CrlServer::start(Answer::Body(common::pki::crl(&ca, &[]).into_bytes())).await;
+    let elsewhere = CrlServer::start(Answer::Status(404)).await;
+    let alice = leaf_naming(&ca, "alice", &points.url());
+    let stranger = leaf_naming(
+        &common::pki::root("a CA the listener does not trust"),
+        "alice",
+        &elsewhere.url(),
+    );
+    let echo = TestBackend::echo().await;
+    let text = format!(
+        "[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\nupstream = \"web\"\n\
+         [listener.tls]\n{}client_ca = {}\ncrl_from_certificates = true\ncrl_refresh = \"1s\"\n\n\
+         [[upstream]]\nname = \"web\"\nbackends = [\"{}\"]\n\n[authorization]\nalice = [\"web\"]\n",
+        server_cert.tls_keys(),
+        toml_path(&dir.write("client-ca.pem", &ca.pem)),
+        echo.addr,
+    );
+    let lb = TestServer::start(&text).await;
+    let addr = lb.addr("tls");
+    let connect = async |who: &common::pki::Cert| {
+        let config = common::pki::chain_client_config(&server_cert.ca_pem, &who.pem, &who.key_pem);
+        connect_tls(addr, &config, "localhost").await
+    };
+
+    // Its chain fails before revocation is looked at: its point is not recorded.
+    assert_refused(connect(&stranger).await).await;
+    // No CRL of the CA yet: refused for that alone, and its point is recorded and fetched.
+    assert_refused(connect(&alice).await).await;
+    wait_for_fetches(&lb, "updated", 1).await;
+    let mut served = connect(&alice)
+        .await
+        .expect("alice's handshake with the CRL held");
+    assert_echoes(&mut served, b"with the CRL of her distribution point").await;
+    assert!(points.requests() >= 1, "the point alice names was fetched");
+    assert_eq!(
+        elsewhere.requests(),
+        0,
+        "a point named by an untrusted certificate was fetched"
+    );
+    assert_eq!(
+        echo.accepted(),
+        1,
+        "only the served connection reached the backend"
+    );
+}

@@ -138,10 +138,13 @@ pub(crate) fn check_with(config: &Config, workload: &Arc<WorkloadTable>) -> Resu
             .and_then(|l| l.tls.as_ref()?.crl_fetch.as_ref());
         let fallback = listener.tls_for(None).and_then(|t| t.verifier.as_ref());
         if let (Some(fetch), Some(verifier)) = (fetch, fallback) {
-            let (urls, ignored) = verifier.crl_urls(fetch);
-            let urls = match urls.is_empty() {
-                true => "none (no client_ca certificate names an http:// distribution point)".into(),
-                false => urls.join(" | "),
+            let (urls, ignored) = verifier.crl_urls(fetch, None);
+            let urls = match (urls.is_empty(), fetch.from_certificates) {
+                (true, _) => {
+                    "none yet: the distribution points of the client certificates seen will be fetched".into()
+                }
+                (false, true) => format!("{}, then those of the client certificates seen", urls.join(" | ")),
+                (false, false) => urls.join(" | "),
             };
             trust.push(format!("listener {:?} CRL URLs: {urls}", listener.name));
             if ignored > 0 {

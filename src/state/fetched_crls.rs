@@ -17,7 +17,7 @@ use std::time::SystemTime;
 use rustls::pki_types::CertificateRevocationListDer;
 
 use crate::metrics::Counter;
-use crate::tls::CheckedCrl;
+use crate::tls::{CheckedCrl, SeenPoints};
 
 /// The fetched CRLs, by listener name, then URL.
 #[derive(Debug, Default)]
@@ -29,6 +29,8 @@ pub(crate) struct FetchedCrls {
 struct ListenerCrls {
     urls: BTreeMap<String, Slot>,
     outcomes: Arc<FetchOutcomes>,
+    /// `crl_from_certificates`: the distribution points of the client certificates seen.
+    seen: Arc<SeenPoints>,
 }
 
 /// One URL of a listener.
@@ -240,15 +242,23 @@ impl FetchedCrls {
             .collect()
     }
 
-    /// Forgets every URL of `listener` not in `urls`, and `listener` itself when `urls` is
-    /// empty (a reload stopped fetching them); its counters stay while it fetches.
+    /// Forgets every URL of `listener` not in `urls` (a reload stopped fetching them); its
+    /// counters and the points seen stay.
     pub(crate) fn retain(&self, listener: &str, urls: &[String]) {
-        let mut listeners = self.lock();
-        if urls.is_empty() {
-            listeners.remove(listener);
-        } else if let Some(crls) = listeners.get_mut(listener) {
+        if let Some(crls) = self.lock().get_mut(listener) {
             crls.urls.retain(|url, _| urls.contains(url));
         }
+    }
+
+    /// Forgets everything of `listener`, which fetches nothing any more.
+    pub(crate) fn forget(&self, listener: &str) {
+        self.lock().remove(listener);
+    }
+
+    /// Where `listener`'s verifiers record the distribution points of client certificates.
+    pub(crate) fn seen(&self, listener: &str) -> Arc<SeenPoints> {
+        let mut listeners = self.lock();
+        Arc::clone(&listeners.entry(listener.to_string()).or_default().seen)
     }
 
     /// The fetch counters of `listener` (zero if it never fetched).

@@ -36,6 +36,60 @@ pub struct ClientVerifier {
     hints: Vec<rustls::DistinguishedName>,
     algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
     recent: Mutex<VecDeque<(Vec<CertificateDer<'static>>, SystemTime)>>,
+    /// With `crl_from_certificates`: where the distribution points of the client certificates
+    /// seen are recorded (shared by every generation of the listener).
+    seen: Option<Arc<SeenPoints>>,
+}
+
+/// The HTTP CRL distribution points named by client certificates this listener verified
+/// (`crl_from_certificates`), in the order first seen, at most [`MAX_CRL_URLS`]; and a wake-up
+/// for the fetcher when one is added. Only a leaf whose path to an anchor verified (accepted,
+/// or refused only for want of a CRL) is read, so a client cannot make fulcrum fetch a URL of
+/// its choosing with a certificate the trust did not issue.
+#[derive(Debug)]
+pub struct SeenPoints {
+    urls: Mutex<Vec<String>>,
+    /// How many were recorded: the fetcher waits for a change.
+    count: tokio::sync::watch::Sender<usize>,
+}
+
+impl Default for SeenPoints {
+    fn default() -> SeenPoints {
+        SeenPoints {
+            urls: Mutex::default(),
+            count: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+impl SeenPoints {
+    /// The points recorded so far.
+    pub(crate) fn urls(&self) -> Vec<String> {
+        self.urls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Changes whenever a point is recorded.
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.count.subscribe()
+    }
+
+    /// Records the points of `leaf` not yet recorded, while there is room.
+    fn record(&self, leaf: &CertificateDer<'_>) {
+        let points = distribution_points_of(leaf);
+        if points.is_empty() {
+            return;
+        }
+        let mut urls = self.urls.lock().unwrap_or_else(|p| p.into_inner());
+        let before = urls.len();
+        for point in points {
+            if urls.len() < MAX_CRL_URLS && !urls.contains(&point) {
+                urls.push(point);
+            }
+        }
+        if urls.len() > before {
+            self.count.send_replace(urls.len());
+        }
+    }
 }
 
 /// Handshake verdicts remembered for admission; older ones are verified again if asked for.
@@ -56,6 +110,7 @@ impl ClientVerifier {
             hints,
             algorithms: chosen_provider().signature_verification_algorithms,
             recent: Mutex::default(),
+            seen: None,
         }
     }
 
@@ -99,9 +154,12 @@ impl ClientVerifier {
     /// `fetched` is empty, but then always checking revocation: a certificate of an issuer no CRL
     /// covers is refused). A fetched CRL that does not pass [`ClientVerifier::check_crl`] here
     /// (the stores changed since it was fetched) is left out, and returned.
+    /// With `seen` (`crl_from_certificates`), the verifier records the distribution points of
+    /// the client certificates it verifies there.
     pub(crate) fn with_fetched(
         &self,
         fetched: &[CertificateRevocationListDer<'static>],
+        seen: Option<Arc<SeenPoints>>,
     ) -> (ClientVerifier, Vec<CrlInfo>, Vec<(usize, CrlError)>) {
         let mut unusable = Vec::new();
         let mut crls = self.file_crls.clone();
@@ -122,19 +180,22 @@ impl ClientVerifier {
         };
         let verifier = ClientVerifier {
             file_crls: self.file_crls.clone(),
+            seen,
             ..ClientVerifier::new(trust)
         };
         (verifier, info, unusable)
     }
 
     /// The URLs a listener with these settings fetches: `crl_urls`, then (with
-    /// `crl_from_certificates`) the distribution points of the `client_ca` certificates not
-    /// already listed, at most [`MAX_CRL_URLS`] in all; and how many of those were left out.
-    pub(crate) fn crl_urls(&self, fetch: &CrlFetch) -> (Vec<String>, usize) {
+    /// `crl_from_certificates`) the distribution points of the `client_ca` certificates and of
+    /// the client certificates seen, not already listed, at most [`MAX_CRL_URLS`] in all; and how
+    /// many of those were left out.
+    pub(crate) fn crl_urls(&self, fetch: &CrlFetch, seen: Option<&SeenPoints>) -> (Vec<String>, usize) {
         let mut urls = fetch.urls.clone();
         let mut ignored = 0;
         if fetch.from_certificates {
-            for url in self.distribution_points() {
+            let seen = seen.iter().flat_map(|s| s.urls());
+            for url in self.distribution_points().into_iter().chain(seen) {
                 if urls.contains(&url) {
                     continue;
                 }
@@ -148,30 +209,14 @@ impl ClientVerifier {
     }
 
     /// The HTTP CRL distribution points of the `client_ca` certificates, in file order, each
-    /// once (`crl_from_certificates`); URLs of another scheme are left out.
+    /// once (`crl_from_certificates`).
     fn distribution_points(&self) -> Vec<String> {
         let mut urls: Vec<String> = Vec::new();
         let stores = self.trust.client_ca.iter();
         for der in stores.flat_map(|s| s.anchors.iter().chain(&s.intermediates)) {
-            let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(der) else {
-                continue;
-            };
-            for ext in cert.extensions() {
-                let ParsedExtension::CRLDistributionPoints(points) = ext.parsed_extension() else {
-                    continue;
-                };
-                for point in points.iter() {
-                    let Some(DistributionPointName::FullName(names)) = &point.distribution_point else {
-                        continue;
-                    };
-                    for name in names {
-                        if let GeneralName::URI(uri) = name {
-                            let uri = uri.to_string();
-                            if crate::config::crl_url(&uri).is_ok() && !urls.contains(&uri) {
-                                urls.push(uri);
-                            }
-                        }
-                    }
+            for uri in distribution_points_of(der) {
+                if !urls.contains(&uri) {
+                    urls.push(uri);
                 }
             }
         }
@@ -217,7 +262,18 @@ impl ClientCertVerifier for ClientVerifier {
             .map(|c| c.clone().into_owned())
             .collect();
         let now = UNIX_EPOCH + Duration::from_secs(now.as_secs());
-        match self.trust.verify(&chain, now) {
+        let verdict = self.trust.verify(&chain, now);
+        if let Some(seen) = &self.seen {
+            // The leaf is on a verified path: accepted, or refused only for want of a CRL.
+            let on_path = match &verdict {
+                Ok(_) => true,
+                Err(rejection) => rejection.reason == crate::metrics::HandshakeFailure::RevocationUnknown,
+            };
+            if on_path {
+                seen.record(end_entity);
+            }
+        }
+        match verdict {
             Ok(verified) => {
                 self.remember(chain, verified.not_after);
                 Ok(rustls::server::danger::ClientCertVerified::assertion())
@@ -336,6 +392,34 @@ pub struct CheckedCrl {
     pub number: Option<Vec<u8>>,
     pub this_update: SystemTime,
     pub next_update: Option<SystemTime>,
+}
+
+/// The `http://` CRL distribution points (full names) a certificate names, each once; URLs of
+/// another scheme, and a certificate that does not parse, give none.
+fn distribution_points_of(der: &CertificateDer<'_>) -> Vec<String> {
+    let mut urls: Vec<String> = Vec::new();
+    let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(der) else {
+        return urls;
+    };
+    for ext in cert.extensions() {
+        let ParsedExtension::CRLDistributionPoints(points) = ext.parsed_extension() else {
+            continue;
+        };
+        for point in points.iter() {
+            let Some(DistributionPointName::FullName(names)) = &point.distribution_point else {
+                continue;
+            };
+            for name in names {
+                if let GeneralName::URI(uri) = name {
+                    let uri = uri.to_string();
+                    if crate::config::crl_url(&uri).is_ok() && !urls.contains(&uri) {
+                        urls.push(uri);
+                    }
+                }
+            }
+        }
+    }
+    urls
 }
 
 fn seconds(timestamp: i64) -> SystemTime {

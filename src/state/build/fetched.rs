@@ -24,7 +24,8 @@ pub(super) fn restore_cached(
     let (Some(dir), Some(verifier)) = (&fetch.cache_dir, &certificates.fallback.verifier) else {
         return;
     };
-    for url in verifier.crl_urls(fetch).0 {
+    let seen = fetch.from_certificates.then(|| fetched.seen(listener));
+    for url in verifier.crl_urls(fetch, seen.as_deref()).0 {
         if fetched.holds(listener, &url) {
             continue;
         }
@@ -60,9 +61,10 @@ pub(super) fn apply(
     let Some(base) = certificates.fallback.verifier.clone() else {
         return;
     };
-    let held = fetched.held(listener, &base.crl_urls(fetch).0);
+    let seen = fetch.from_certificates.then(|| fetched.seen(listener));
+    let held = fetched.held(listener, &base.crl_urls(fetch, seen.as_deref()).0);
     let ders: Vec<_> = held.iter().map(|(_, h)| h.der.clone()).collect();
-    let (verifier, crls, unusable) = base.with_fetched(&ders);
+    let (verifier, crls, unusable) = base.with_fetched(&ders, seen);
     for (i, e) in unusable {
         let url = held.get(i).map_or("", |(url, _)| url.as_str());
         warn!(listener, url, error = %e, "a fetched CRL is not signed by a CA of the client trust now; it is left out");
