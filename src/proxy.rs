@@ -11,8 +11,8 @@
 //! idle connection holds none. Between two plain TCP sockets on Linux, [`relay_tcp`] is adaptive
 //! per direction: small messages take one read into a buffer and one write (fewest syscalls), and
 //! once a read fills the whole buffer the direction is bulk and moves bytes with splice(2) through
-//! a pipe (also pooled, also held only while moving) without copying them into user space, until a
-//! read is small again. If no pipe can be had (e.g. out of descriptors) that direction stays with
+//! a pipe (also pooled, also held only while moving) without copying them into user space, until
+//! four reads in a row are small. If no pipe can be had (e.g. out of descriptors) that direction stays with
 //! the buffered copy.
 //!
 //! This module only moves bytes: it does not dial, log or count metrics (it tells a [`Meter`] what
@@ -176,7 +176,7 @@ where
 }
 
 /// [`relay`] for two plain TCP sockets: each direction starts with the buffered copy, splices
-/// (on Linux) once a read fills its buffer, and copies again after a small read.
+/// (on Linux) once a read fills its buffer, and copies again after four small reads in a row.
 pub fn relay_tcp<'a>(
     client: &'a mut TcpStream,
     backend: &'a mut TcpStream,

@@ -24,14 +24,19 @@ pub(super) use spliced::Direction;
 #[cfg(all(test, target_os = "linux"))]
 pub(super) use spliced::{Pipe, Pipes};
 
-/// A spliced read shorter than this sends its direction back to the buffered copy: it would have
-/// fitted in half a buffer, so the stream is not (or no longer) bulk.
+/// A spliced read shorter than this is small: it would have fitted in half a buffer.
 const SMALL_READ: usize = BUFFER_SIZE / 2;
+/// Small spliced reads in a row that send a direction back to the buffered copy: the stream is
+/// no longer bulk. One is not enough: with several bulk streams sharing a core, a bulk stream's
+/// read often finds less than half a buffer waiting, and going back and forth costs a pipe hand
+/// over and a copy each time.
+const SMALL_READS_TO_COPY: u8 = 4;
 
 /// One direction between TCP sockets. It starts buffered: a small message costs one read and one
 /// write, and a short read tells tokio the socket is drained (no extra read to learn it would
 /// block). A read that fills the buffer makes it bulk: splice(2), no copy through user space,
-/// until a spliced read is under [`SMALL_READ`]. A switch happens only between reads, with nothing
+/// until [`SMALL_READS_TO_COPY`] spliced reads in a row are under [`SMALL_READ`]. A switch happens
+/// only between reads, with nothing
 /// held, so no byte is reordered or lost. Without a pipe it stays buffered for good.
 pub(super) enum TcpDirection {
     Small(buffered::Direction),
@@ -243,8 +248,8 @@ mod spliced {
         in_pipe: usize,
         eof: bool,
         done: bool,
-        /// The last read was under [`super::SMALL_READ`].
-        small: bool,
+        /// Reads under [`super::SMALL_READ`] in a row.
+        small: u8,
         /// Where its pipe comes from.
         pipes: &'static Pipes,
     }
@@ -263,7 +268,7 @@ mod spliced {
                 in_pipe: 0,
                 eof: false,
                 done: false,
-                small: false,
+                small: 0,
                 pipes,
             }
         }
@@ -276,8 +281,9 @@ mod spliced {
             self.eof || self.done
         }
 
-        /// Splices until the source would block, EOF has been passed on, or a small read has
-        /// been written out: then [`Flow::Switch`], the pipe given back.
+        /// Splices until the source would block, EOF has been passed on, or the last of
+        /// [`super::SMALL_READS_TO_COPY`] small reads in a row has been written out: then
+        /// [`Flow::Switch`], the pipe given back.
         pub(in crate::proxy) fn poll(
             &mut self,
             cx: &mut Context<'_>,
@@ -290,7 +296,7 @@ mod spliced {
             }
             loop {
                 if self.in_pipe == 0 && !self.eof {
-                    if self.small {
+                    if self.small >= crate::proxy::splice::SMALL_READS_TO_COPY {
                         if let Some(pipe) = self.pipe.take() {
                             pipe.give();
                         }
@@ -319,7 +325,10 @@ mod spliced {
                         Ok(0) => self.eof = true,
                         Ok(n) => {
                             self.in_pipe = n;
-                            self.small = n < crate::proxy::splice::SMALL_READ;
+                            self.small = match n < crate::proxy::splice::SMALL_READ {
+                                true => self.small.saturating_add(1),
+                                false => 0,
+                            };
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                         Err(e) => return Poll::Ready(Err(DirectionError::Read(e))),
