@@ -124,8 +124,7 @@ pub(crate) fn handle(
     .instrument(span)
 }
 
-/// A connection's setup, owning what it needs (it runs in its own box): socket options, then
-/// phases 1-4 ([`reach_backend`]). Gives back the relay to run, if any, and the access log entry.
+/// A connection's setup, owning what it needs (it runs in its own box): phases 1-4 ([`reach_backend`]). Gives back the relay to run, if any, and the access log entry.
 async fn setup(
     client: TcpStream,
     peer: SocketAddr,
@@ -135,10 +134,6 @@ async fn setup(
     started: Instant,
     record: Tracked<Record>,
 ) -> (Option<Box<Proxied>>, Box<Entry>) {
-    let _ = client.set_nodelay(true);
-    if let Some(settings) = &listener.tcp_keepalive {
-        let _ = crate::net::keepalive(&client, settings);
-    }
     // Boxed: the entry is large and an idle connection's task should not carry it inline.
     let mut entry = Box::new(Entry::new(&listener.name, peer));
     let proxied = reach_backend(

@@ -60,7 +60,7 @@ pub(crate) async fn open(
             .await
             .map_err(|e| DialError::from_connect(e, timeout))?;
         if let Some(settings) = &upstream.tcp_keepalive {
-            keepalive(&stream, settings).map_err(DialError::Io)?;
+            keepalive(socket2::SockRef::from(&stream), settings).map_err(DialError::Io)?;
         }
         if let Some(version) = upstream.proxy_protocol {
             let header = crate::proxy_protocol::encode(
@@ -111,10 +111,9 @@ impl BackendStream {
     }
 }
 
-/// Turns on TCP keepalive on `stream` as `settings` say, with `TCP_USER_TIMEOUT` to match, so a
+/// Turns on TCP keepalive on `socket` as `settings` say, with `TCP_USER_TIMEOUT` to match, so a
 /// peer that vanished is noticed whether the connection is idle or has data in flight.
-pub(crate) fn keepalive(stream: &TcpStream, settings: &Keepalive) -> io::Result<()> {
-    let socket = socket2::SockRef::from(stream);
+pub(crate) fn keepalive(socket: socket2::SockRef<'_>, settings: &Keepalive) -> io::Result<()> {
     let probes = socket2::TcpKeepalive::new()
         .with_time(settings.idle)
         .with_interval(settings.interval)

@@ -81,7 +81,7 @@ impl Server {
             // SO_REUSEPORT too, so that a new process started with the same config for an
             // upgrade can bind it; until the old one exits either may answer.
             Some(addr) => {
-                Some(bind_listener(addr).map_err(|source| ServerError::AdminBind { addr, source })?)
+                Some(bind_listener(addr, None).map_err(|source| ServerError::AdminBind { addr, source })?)
             }
             None => None,
         };
@@ -537,7 +537,7 @@ impl Tasks {
             match kept {
                 Some(addr) => addrs.push((l.name.clone(), addr)),
                 None => {
-                    let sockets = bind_all(&l.name, l.bind, self.workers)?;
+                    let sockets = bind_all(l, l.bind, self.workers)?;
                     let addr = sockets
                         .first()
                         .and_then(|(_, s)| s.local_addr().ok())

@@ -213,6 +213,59 @@ async fn tcp_keepalive_is_on_for_both_legs_by_default_and_off_when_turned_off() 
     }
 }
 
+/// The keepalive timer, in whole seconds, on fulcrum's socket to the client whose own port is
+/// `client` (listener port `listener`); `None` without one. `ss` prints it as `119min`,
+/// `1min5sec` or `19sec` (fractions dropped here).
+fn client_leg_keepalive(listener: u16, client: u16) -> Option<u64> {
+    let lines = sockets(&format!("( sport = :{listener} and dport = :{client} )"));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let timer = lines[0].split("timer:(keepalive,").nth(1)?.split(',').next()?;
+    let (minutes, rest) = timer.split_once("min").unwrap_or(("0", timer));
+    let seconds = rest
+        .trim_end_matches("sec")
+        .split('.')
+        .next()
+        .filter(|s| !s.is_empty());
+    let number = |s: &str| s.parse::<u64>().unwrap_or_else(|e| panic!("{timer:?}: {e}"));
+    Some(number(minutes) * 60 + seconds.map_or(0, number))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_tcp_keepalive_applies_to_the_next_connections_and_not_to_open_ones() {
+    let dir = TempDir::new("keepalive-reload");
+    let echo = TestBackend::echo().await;
+    let path = dir.path().join("fulcrum.toml");
+    let config = |keys: &str| plain(&dir, echo.addr, keys, "");
+    std::fs::write(&path, config("tcp_keepalive = { idle = \"2h\" }")).expect("write config");
+    let lb = TestServer::start_file(&path).await;
+    let addr = lb.addr("main");
+    let open = |keys: &'static str| {
+        let (lb, path, config) = (&lb, &path, &config);
+        async move {
+            lb.reload_file(path, &config(keys)).await.expect("reload");
+            assert_eq!(lb.addr("main"), addr, "the socket is kept");
+            let mut client = connect(addr).await;
+            assert_eq!(round_trip(&mut client, b"up").await, b"up");
+            let port = client.local_addr().expect("client port").port();
+            (client, port)
+        }
+    };
+    let (_first, first) = open("tcp_keepalive = { idle = \"2h\" }").await;
+    let (_off, off) = open("tcp_keepalive = false").await;
+    let (_short, short) = open("tcp_keepalive = { idle = \"20s\" }").await;
+    let timer = |client| client_leg_keepalive(addr.port(), client);
+    assert!(timer(first).is_some_and(|s| s > 3600), "{:?}", timer(first));
+    assert_eq!(timer(off), None, "turned off by the reload");
+    assert!(timer(short).is_some_and(|s| s <= 20), "{:?}", timer(short));
+    // A second connection after the change: the listening socket hands the new timer down.
+    let (_again, again) = open("tcp_keepalive = { idle = \"20s\" }").await;
+    assert!(timer(again).is_some_and(|s| s <= 20), "{:?}", timer(again));
+    assert!(
+        timer(first).is_some_and(|s| s > 3600),
+        "an open connection keeps its own"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Connection caps
 

@@ -944,10 +944,21 @@ fn bad_connection_bounds_are_refused_naming_the_key() {
             "0 to 32",
         ),
         ("idle_timeout = 'soon'", "idle_timeout", "expected"),
+        ("tcp_keepalive = { count = 0 }", "tcp_keepalive.count", "1 to 127"),
         (
-            "tcp_keepalive = { count = 0 }",
+            "tcp_keepalive = { count = 128 }",
             "tcp_keepalive.count",
-            "at least 1",
+            "1 to 127",
+        ),
+        (
+            "tcp_keepalive = { idle = '500ms' }",
+            "tcp_keepalive.idle",
+            "1s to 32767s",
+        ),
+        (
+            "tcp_keepalive = { interval = '10h' }",
+            "tcp_keepalive.interval",
+            "1s to 32767s",
         ),
     ] {
         let e = listener(keys).expect_err(keys).to_string();

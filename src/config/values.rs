@@ -252,14 +252,33 @@ impl Validator<'_> {
                     Some(text) => self.duration(&format!("{key}.{field}"), text),
                     None => Ok(default),
                 };
+                // Linux's own bounds (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT), which would
+                // otherwise refuse the socket option with no word to the operator.
+                let seconds = |field: &str, text: &Option<String>, default| {
+                    let d: Duration = duration(field, text, default)?;
+                    match d.as_secs() {
+                        1..=32_767 => Ok(d),
+                        _ => Err(self.invalid(
+                            format!("{key}.{field}"),
+                            humantime::format_duration(d),
+                            "must be 1s to 32767s (Linux's limit)",
+                        )),
+                    }
+                };
                 let count = match t.count {
-                    Some(0) => return Err(self.invalid(format!("{key}.count"), 0, "must be at least 1")),
-                    Some(n) => n,
+                    Some(n @ 1..=127) => n,
+                    Some(n) => {
+                        return Err(self.invalid(
+                            format!("{key}.count"),
+                            n,
+                            "must be 1 to 127 (Linux's limit)",
+                        ))
+                    }
                     None => defaults.count,
                 };
                 Ok(Some(Keepalive {
-                    idle: duration("idle", &t.idle, defaults.idle)?,
-                    interval: duration("interval", &t.interval, defaults.interval)?,
+                    idle: seconds("idle", &t.idle, defaults.idle)?,
+                    interval: seconds("interval", &t.interval, defaults.interval)?,
                     count,
                 }))
             }

@@ -60,7 +60,12 @@ pub(super) async fn front(
     stop: Stop<'_>,
     entry: &mut Entry,
 ) -> Step<Who> {
-    let local = client.local_addr().unwrap_or(peer);
+    // A socket bound to one address is reached at it: no system call to ask.
+    let local = if listener.bind.ip().is_unspecified() {
+        client.local_addr().unwrap_or(peer)
+    } else {
+        listener.bind
+    };
     let addr = if listener.accept_proxy_protocol {
         let source = match source(client, peer, listener, deadline, stop).await {
             Step::Next(source) => source,
