@@ -85,6 +85,20 @@ pub const MAX_WORKERS: usize = 1024;
 /// Default `[reload] debounce`: quiet time after a watched file changes before reloading.
 pub const DEFAULT_WATCH_DEBOUNCE: Duration = Duration::from_secs(1);
 
+/// `[runtime] scheduler`: how worker threads share connections (with more than one worker).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scheduler {
+    /// `"shared"` (the default): one multi-threaded runtime; an idle worker takes tasks from a
+    /// busy one, so a few long heavy streams spread over every worker.
+    #[default]
+    Shared,
+    /// `"per_worker"`: each worker is a thread with a single-threaded runtime and an accept queue
+    /// of its own (an `SO_REUSEPORT` socket per listener); a connection stays on the worker that
+    /// accepted it (no stealing, no wake-ups across threads). More short connections per
+    /// CPU-second and a shorter tail, but streams the kernel's hash puts on one worker stay there.
+    PerWorker,
+}
+
 /// A validated configuration. Every field is typed and checked; the running server never meets
 /// an unresolved name or an unparsed string. It is obtained only from [`Config::load`] or
 /// [`Config::from_toml`] (a private field keeps code outside this module from assembling one
@@ -102,6 +116,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// `[runtime] workers`: threads serving connections; `None` means one per core.
     pub workers: Option<std::num::NonZeroUsize>,
+    /// `[runtime] scheduler`: how those threads share the connections.
+    pub scheduler: Scheduler,
     /// Identity -> upstreams it may reach (default deny). Upstream names are validated.
     pub authorization: AuthorizationConfig,
     /// Global per-client limits; `None` means no limiting (unless a listener sets its own).
@@ -319,6 +335,12 @@ struct RawRuntime {
     /// per core.
     #[schemars(range(min = 1, max = 1024))]
     workers: Option<usize>,
+    /// How the workers share connections: "shared" (the default: one multi-threaded runtime, an
+    /// idle worker takes work from a busy one) or "per_worker" (each worker its own
+    /// single-threaded runtime and accept queue; a connection stays where it was accepted).
+    /// Read at startup.
+    #[schemars(extend("enum" = ["shared", "per_worker"]))]
+    scheduler: Option<String>,
 }
 
 impl Validator<'_> {
@@ -333,6 +355,17 @@ impl Validator<'_> {
             }
             Some(n) => std::num::NonZeroUsize::new(n),
             None => None,
+        };
+        let scheduler = match raw.runtime.as_ref().and_then(|r| r.scheduler.as_deref()) {
+            None | Some("shared") => Scheduler::Shared,
+            Some("per_worker") => Scheduler::PerWorker,
+            Some(other) => {
+                return Err(self.invalid(
+                    "runtime.scheduler",
+                    other,
+                    "expected \"shared\" or \"per_worker\"",
+                ))
+            }
         };
         let drain_timeout = match &raw.drain_timeout {
             Some(text) => self.duration("drain_timeout", text)?,
@@ -395,6 +428,7 @@ impl Validator<'_> {
             admin,
             drain_timeout,
             workers,
+            scheduler,
             authorization,
             rate_limit,
             access_log,

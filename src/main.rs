@@ -519,7 +519,13 @@ fn run(command: Command, level: &str, format: Option<LogFormat>) -> anyhow::Resu
             let _log = fulcrum::logging::init(level, format.unwrap_or(config.log.format));
             // Before the runtime's threads start: it unsets the socket activation variables.
             let activation = fulcrum::systemd::Activation::from_env()?;
-            let ran = runtime(config.workers())?.block_on(async {
+            // With `scheduler = "per_worker"` only the server's control work runs here:
+            // connections run on worker threads of the server's own, one runtime each.
+            let threads = match config.scheduler {
+                fulcrum::config::Scheduler::Shared => config.workers(),
+                fulcrum::config::Scheduler::PerWorker => 1,
+            };
+            let ran = runtime(threads)?.block_on(async {
                 let server = fulcrum::Server::bind_activated(config, activation).await?;
                 reload_on_sighup(server.handle())?;
                 server.run(shutdown_on_signal()?).await;

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Scheduler};
 use crate::reload::{Change, Handle, ReloadError, Request};
 use crate::state::build::{load_with, Loaded};
 use crate::state::workload::WorkloadTable;
@@ -34,8 +34,10 @@ use crate::systemd::{Activation, Notifier};
 
 mod listen;
 mod quarantine;
+mod workers;
 
 use listen::{accept_loop, bind_all, bind_listener, configured_same};
+use workers::Workers;
 
 /// After the drain deadline, how long cancelled connections get to close their sockets.
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
@@ -49,6 +51,10 @@ pub struct Server {
     admin_unix: Option<(std::os::unix::net::UnixListener, crate::admin::socket::SocketFile)>,
     /// Workers: SO_REUSEPORT sockets per listener bound on reload.
     workers: usize,
+    /// With `scheduler = "per_worker"`, the worker threads connections run on (none with one
+    /// worker), started with the server so that they exist once it is bound; else none, and
+    /// everything runs on the caller's runtime.
+    pool: Workers,
     /// Listeners serving a socket systemd passed, with their configured `bind`.
     inherited: Vec<(String, SocketAddr)>,
     notifier: Notifier,
@@ -96,7 +102,6 @@ impl Server {
         };
         let mut server = Server::build(config, sockets, admin, discovered, workload)?;
         server.agent = agent;
-        server.workers = workers;
         server.inherited = opened.inherited;
         server.notifier = notifier;
         Ok(server)
@@ -174,13 +179,21 @@ impl Server {
                 source,
             })?;
         }
+        let workers = config.workers();
+        let pool = match config.scheduler {
+            Scheduler::PerWorker => {
+                Workers::start(workers).map_err(|source| ServerError::Workers { workers, source })?
+            }
+            Scheduler::Shared => Workers::default(),
+        };
         let (requests, inbox) = mpsc::channel(8);
         Ok(Server {
             live: Arc::new(Live::new(state, config.path.clone())),
             sockets,
             admin,
             admin_unix,
-            workers: 1,
+            workers,
+            pool,
             inherited: Vec::new(),
             notifier: Notifier::default(),
             requests,
@@ -233,6 +246,7 @@ impl Server {
             admin,
             admin_unix,
             workers,
+            pool,
             inherited,
             notifier,
             requests,
@@ -240,6 +254,7 @@ impl Server {
             agent,
         } = self;
         drop(requests);
+        let sockets_named: Vec<String> = sockets.iter().map(|(name, _)| name.clone()).collect();
         let mut tasks = Tasks {
             live: Arc::clone(&live),
             tracker: TaskTracker::new(),
@@ -249,6 +264,7 @@ impl Server {
             probes: shutdown.child_token(),
             handle: handle.clone(),
             workers,
+            pool,
             inherited,
             notifier: notifier.clone(),
             workload: None,
@@ -257,7 +273,15 @@ impl Server {
             tasks.watch_workload(agent);
         }
         for (name, socket) in sockets {
-            tasks.accept(name, socket);
+            // A listener with one socket (systemd's, or the caller's) is accepted from by every
+            // worker; one bound here has a socket per worker.
+            let sockets = |n: &str| sockets_named.iter().filter(|s| *s == n).count();
+            let copies = if sockets(&name) == 1 {
+                tasks.pool.count()
+            } else {
+                1
+            };
+            tasks.accept(name, socket, copies);
         }
         tasks.start_generation(&live.state());
         tasks.tracker.spawn(crate::state::close_at_expiry(
@@ -368,6 +392,8 @@ struct Tasks {
     /// Asks the run loop for reloads (the file watch uses it).
     handle: Handle,
     workers: usize,
+    /// The worker threads accept loops run on (`scheduler = "per_worker"` only).
+    pool: Workers,
     /// Listeners serving a socket systemd passed, with the `bind` it answers for.
     inherited: Vec<(String, SocketAddr)>,
     notifier: Notifier,
@@ -403,20 +429,54 @@ impl Tasks {
         Ok(())
     }
 
-    fn accept(&mut self, name: String, socket: TcpListener) {
+    /// Starts accepting on `socket`: with worker threads, `copies` accept loops on it (one per
+    /// worker for a listener with a single socket), each on the next worker's runtime.
+    fn accept(&mut self, name: String, socket: TcpListener, copies: usize) {
         let Ok(addr) = socket.local_addr() else {
             return;
         };
         info!(listener = %name, %addr, "listening");
         let stop = self.shutdown.child_token();
-        self.tracker.spawn(accept_loop(
-            socket,
-            name.clone(),
-            Arc::clone(&self.live),
-            self.tracker.clone(),
-            stop.clone(),
-            self.abort.clone(),
-        ));
+        let (live, tracker, abort) = (Arc::clone(&self.live), self.tracker.clone(), self.abort.clone());
+        let (listener, halt) = (name.clone(), stop.clone());
+        let run = move |socket| {
+            accept_loop(
+                socket,
+                listener.clone(),
+                Arc::clone(&live),
+                tracker.clone(),
+                halt.clone(),
+                abort.clone(),
+            )
+        };
+        if self.pool.count() == 1 {
+            self.tracker.spawn(run(socket));
+        } else {
+            // Registered with this runtime until now: each worker registers its own copy.
+            let copies = socket.into_std().and_then(|socket| {
+                let mut all = (1..copies)
+                    .map(|_| socket.try_clone())
+                    .collect::<Result<Vec<_>, _>>()?;
+                all.push(socket);
+                Ok(all)
+            });
+            for socket in copies.unwrap_or_else(|e| {
+                error!(listener = %name, error = %e, "cannot hand the socket to the workers");
+                Vec::new()
+            }) {
+                let Some(worker) = self.pool.next() else { break };
+                let (run, name) = (run.clone(), name.clone());
+                let on_worker = async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(socket) => run(socket).await,
+                        Err(e) => {
+                            error!(listener = %name, error = %e, "a worker cannot accept on its socket")
+                        }
+                    }
+                };
+                self.tracker.spawn_on(on_worker, worker);
+            }
+        }
         self.accepting.push((name, addr, stop));
     }
 
@@ -569,7 +629,7 @@ impl Tasks {
             );
         }
         for (name, socket) in fresh {
-            self.accept(name, socket);
+            self.accept(name, socket, 1);
         }
         self.inherited = inherited;
         Ok(generation)

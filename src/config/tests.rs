@@ -398,6 +398,23 @@ fn runtime_workers_is_optional_and_bounded() {
 }
 
 #[test]
+fn the_runtime_scheduler_is_shared_by_default_or_per_worker_and_nothing_else() {
+    use crate::config::Scheduler;
+    let with = |value: &str| Config::from_toml(&format!("{GOOD}\n[runtime]\nscheduler = {value}\n"), "t");
+    assert_eq!(
+        Config::from_toml(GOOD, "t").expect("valid").scheduler,
+        Scheduler::Shared
+    );
+    assert_eq!(with("\"shared\"").expect("valid").scheduler, Scheduler::Shared);
+    assert_eq!(
+        with("\"per_worker\"").expect("valid").scheduler,
+        Scheduler::PerWorker
+    );
+    let e = with("\"per-core\"").expect_err("unknown").to_string();
+    assert!(e.contains("runtime.scheduler") && e.contains("per_worker"), "{e}");
+}
+
+#[test]
 fn an_access_log_path_of_stdout_means_standard_output() {
     let text = format!("{GOOD}\n[access_log]\npath = \"stdout\"\n");
     let config = Config::from_toml(&text, "test.toml").expect("valid config");

@@ -37,4 +37,6 @@ pub enum ServerError {
     Workload(#[from] super::workload::WorkloadError),
     #[error("access log: cannot open {path}: {source}")]
     AccessLog { path: String, source: io::Error },
+    #[error("cannot start {workers} worker threads ([runtime] workers): {source}")]
+    Workers { workers: usize, source: io::Error },
 }

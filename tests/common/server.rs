@@ -67,6 +67,11 @@ impl TestServer {
         TestServer::spawn(server, shutdown)
     }
 
+    /// Runs an already built `server` (e.g. one made with `Server::from_listeners`).
+    pub fn running(server: Server) -> TestServer {
+        TestServer::spawn(server, CancellationToken::new())
+    }
+
     /// Spawns `server.run(shutdown)`.
     fn spawn(server: Server, shutdown: CancellationToken) -> TestServer {
         let admin = server.admin_addr();
