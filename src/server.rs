@@ -413,6 +413,15 @@ impl Tasks {
         self.tracker.spawn(agent.watch(table, self.handle.clone(), stop));
     }
 
+    /// Stops watching the Workload API, if it was (a reload left nothing that takes material
+    /// from it). What it delivered stays on record, unused.
+    fn stop_workload(&mut self) {
+        if let Some((settings, stop)) = self.workload.take() {
+            stop.cancel();
+            info!(socket = ?settings.socket, "nothing takes TLS material from the Workload API any more: stopped watching it");
+        }
+    }
+
     /// Before a reload to `config`: when it takes TLS material from a Workload API that is not
     /// watched yet (none, or another `[spiffe] socket`), connects to it and waits for its first
     /// delivery (`startup_timeout`); a failure refuses the reload.
@@ -528,8 +537,13 @@ impl Tasks {
             Ok(config) => {
                 // A name the running generation does not discover yet is resolved first.
                 crate::discovery::resolve_new(&config, &self.live.state().discovered).await;
+                let uses_spiffe = config.uses_spiffe();
                 match self.ensure_workload(&config).await {
-                    Ok(()) => self.try_reload(config),
+                    Ok(()) => self.try_reload(config).inspect(|_| {
+                        if !uses_spiffe {
+                            self.stop_workload();
+                        }
+                    }),
                     Err(e) => Err(e.into()),
                 }
             }

@@ -18,7 +18,7 @@ use common::pki::{issue, root, svid_params, Cert};
 use common::tls::{assert_echoes, assert_refused};
 use common::workload_api::{Svid, Workload, WorkloadApi};
 use common::TestBackend;
-use common::{poll_for, within, TempDir, TestServer};
+use common::{poll_for, toml_path, wait_until, within, TempDir, TestServer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
@@ -219,6 +219,39 @@ async fn a_lost_workload_api_leaves_the_last_svid_in_use_and_counts_the_reconnec
     assert!(reconnects.is_some(), "the lost socket is counted");
     let (_, served_leaf) = served(lb.addr("tls"), &ca, &caller).await;
     assert_eq!(served_leaf, leaf, "the last SVID is still served");
+}
+
+#[tokio::test]
+async fn a_reload_that_leaves_no_spiffe_source_stops_watching_the_workload_api_and_serves_from_files() {
+    let dir = TempDir::new("spiffe-unused");
+    let ca = root("a.test CA");
+    let api = WorkloadApi::start(dir.path(), Workload::new(fulcrum_svid(&ca))).await;
+    let backend = TestBackend::echo().await;
+    let path = dir.write("fulcrum.toml", &listener_config(&api, backend.addr, &[CLIENT_ID]));
+    let lb = TestServer::start_file(&path).await;
+    wait_until("fulcrum's stream to the Workload API", || api.open_streams() > 0).await;
+
+    // The same client CA, now from a file, and a server certificate from files.
+    let files_root = root("files root");
+    let server = issue(svid_params(&["localhost"]), Some(&files_root));
+    let text = format!(
+        "[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\nupstream = \"app\"\n\
+         [listener.tls]\ncert = {}\nkey = {}\nclient_ca = {}\n\n\
+         [[upstream]]\nname = \"app\"\nbackends = [\"{}\"]\n\n\
+         [authorization]\n\"{CLIENT_ID}\" = [\"app\"]\n",
+        toml_path(&dir.write("server.pem", &server.pem)),
+        toml_path(&dir.write("server.key", &server.key_pem)),
+        toml_path(&dir.write("clients.pem", &ca.pem)),
+        backend.addr
+    );
+    lb.reload_file(&path, &text).await.expect("reload to files");
+    wait_until("no stream to the Workload API", || api.open_streams() == 0).await;
+    let caller = issue(svid_params(&[CLIENT_ID]), Some(&ca));
+    let mut stream = connect(lb.addr("tls"), &client(&files_root, &caller))
+        .await
+        .expect("handshake with the certificate from files");
+    assert_echoes(&mut stream, b"from files").await;
+    api.stop().await;
 }
 
 #[tokio::test]

@@ -222,6 +222,11 @@ impl WorkloadApi {
         self.answered.load(Ordering::SeqCst)
     }
 
+    /// How many streams are open now (a client that goes away closes its own).
+    pub fn open_streams(&self) -> usize {
+        self.stream_tasks.len()
+    }
+
     /// Ends every open stream (cleanly, as an agent restarting does), stops the server and
     /// removes the socket.
     pub async fn stop(mut self) {
