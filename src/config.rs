@@ -30,9 +30,12 @@ mod admin;
 mod authorization;
 mod certificate;
 mod crl_fetch;
+mod dns;
 pub(crate) mod files;
+mod health_check;
 mod key_exchange;
 mod listener;
+mod listener_tls;
 mod log;
 mod ratelimit;
 mod schema;
@@ -48,11 +51,16 @@ pub use crl_fetch::{
     crl_url, CrlFetch, DEFAULT_CRL_MAX_SIZE, DEFAULT_CRL_REFRESH, DEFAULT_CRL_TIMEOUT, MAX_CRL_URLS,
     MIN_CRL_REFRESH,
 };
+pub use dns::DnsConfig;
+pub use health_check::{
+    HealthCheckConfig, OnDown, DEFAULT_HEALTH_FALL, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_RISE,
+    DEFAULT_HEALTH_TIMEOUT,
+};
 pub use key_exchange::{KeyExchange, KxGroup, DEFAULT_KEY_EXCHANGE};
 pub use listener::{
-    ListenerConfig, TlsConfig, TlsVersion, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_MAX_HANDSHAKES_PER_SOURCE, DEFAULT_SESSION_CACHE, DEFAULT_SESSION_TIMEOUT,
+    ListenerConfig, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
 };
+pub use listener_tls::{TlsConfig, TlsVersion, DEFAULT_SESSION_CACHE, DEFAULT_SESSION_TIMEOUT};
 pub use log::{LogConfig, LogFormat};
 pub use ratelimit::{
     redact_url, ListenerLimit, OnUnavailable, RateLimitConfig, RateLimitPolicy, RedisTlsConfig,
@@ -61,17 +69,17 @@ pub use ratelimit::{
 };
 pub use spiffe::{SpiffeConfig, TlsSource, DEFAULT_SPIFFE_STARTUP_TIMEOUT};
 pub use upstream::{
-    BackendConfig, Discover, DnsConfig, HealthCheckConfig, OnDown, UpstreamAlpn, UpstreamConfig,
-    UpstreamTlsConfig, DEFAULT_CONNECT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DISCOVER_INTERVAL,
-    DEFAULT_DISCOVER_MAX_BACKENDS, DEFAULT_HEALTH_FALL, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_RISE,
-    DEFAULT_HEALTH_TIMEOUT, DEFAULT_QUEUE_TIMEOUT, MAX_QUEUE_SIZE,
+    BackendConfig, Discover, UpstreamAlpn, UpstreamConfig, UpstreamTlsConfig, DEFAULT_CONNECT_ATTEMPTS,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_DISCOVER_INTERVAL, DEFAULT_DISCOVER_MAX_BACKENDS, DEFAULT_QUEUE_TIMEOUT,
+    MAX_QUEUE_SIZE,
 };
 pub use values::{BackendAddr, ConfigError, Keepalive, Secret, MAX_DURATION};
 
 use admin::RawAdmin;
+use dns::RawDns;
 use listener::RawListener;
 use ratelimit::RawRateLimit;
-use upstream::{RawDns, RawUpstream};
+use upstream::RawUpstream;
 use values::Validator;
 
 // The tests (`use super::*`) name it from here, as when every section was in this file.

@@ -44,7 +44,7 @@
 //! | `throttle` | the throttle on log lines a peer can cause |
 //! | [`config`] | TOML -> validated [`Config`]; every rule about valid configuration (pure), one file per section under `config/`; the files a config is made of and their fingerprint; its JSON Schema (`docs/fulcrum.schema.json`, from the raw tables) |
 //! | `addr` | addresses and prefixes: the values several rooms use (`IpNet`, `SourcePrefixes`, public as [`config::IpNet`] and [`config::SourcePrefixes`]); pure |
-//! | [`ctl`] | `fulcrum ctl`: a client of the admin API |
+//! | [`ctl`] | `fulcrum ctl`: a client of the admin API; `ctl::describe`: its answers as text for a person |
 //! | [`pki`] | development certificates for `fulcrum certs`, the demo and tests |
 //! | [`backend`] | the demo backend (`fulcrum backend`) |
 //! | [`demo`] | `fulcrum demo` |
