@@ -13,7 +13,7 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | `server` | the run/shutdown/drain sequence and applying reloads ([`Server`]); `server::listen`: binding sockets and the options they hand down, accept loops, the backlog at close; `server::workers`: the worker threads of `scheduler = "per_worker"`, one single-threaded runtime each |
+//! | `server` | the run/shutdown/drain sequence ([`Server`]); `server::apply`: applying a reload or an in-memory rebuild; `server::listen`: binding sockets and the options they hand down, accept loops, the backlog at close; `server::workers`: the worker threads of `scheduler = "per_worker"`, one single-threaded runtime each |
 //! | `connection` | one connection's phases: front, admission, limit, connect, relay, its end; its record in the table of open connections |
 //! | [`verify`] | `fulcrum verify`: a certificate chain judged as a listener's handshake would |
 //! | [`admin`] | the admin HTTP API (hyper + axum, TCP and Unix socket); [`admin::guard`] its token, CSRF and DNS rebinding rules (pure); [`admin::status`] (the `/status` snapshot and page) and [`admin::prometheus`] (`/metrics`, by prometheus-client) read the live state; `admin::impact`: `POST /impact`, the reload preview; `admin::connections` (`GET /connections`, `POST /connections/close`) and `admin::quarantine` (`/quarantine`) |

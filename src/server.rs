@@ -1,5 +1,5 @@
 //! The running balancer: binds listeners (or takes the sockets systemd passed), accepts
-//! connections, applies reloads, runs the shutdown sequence, and tells systemd about each
+//! connections, applies reloads (`apply`), runs the shutdown sequence, and tells systemd about each
 //! (`READY=1`, `RELOADING=1`, `STOPPING=1`, watchdog pings; see [`crate::systemd`]).
 //!
 //! [`Server`] turns a validated [`Config`] into a live generation (see [`crate::state`]) and sockets.
@@ -26,17 +26,18 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, Scheduler};
-use crate::reload::{Change, Handle, ReloadError, Request};
+use crate::reload::{Change, Handle, Request};
 use crate::state::build::{load_with, Loaded};
 use crate::state::workload::WorkloadTable;
 use crate::state::{Discovered, Live, ServerError, State};
 use crate::systemd::{Activation, Notifier};
 
+mod apply;
 mod listen;
 mod quarantine;
 mod workers;
 
-use listen::{accept_loop, bind_all, bind_listener, configured_same};
+use listen::{accept_loop, bind_listener};
 use workers::Workers;
 
 /// After the drain deadline, how long cancelled connections get to close their sockets.
@@ -521,131 +522,5 @@ impl Tasks {
                 self.probes.clone(),
             ));
         }
-    }
-
-    /// Applies a reload: load (the same code as startup), bind what is new, swap, then stop what
-    /// is gone. Any failure before the swap leaves the running generation untouched.
-    async fn reload(&mut self, config: Option<Config>) -> Result<u64, ReloadError> {
-        self.notifier.reloading();
-        let result = match config {
-            Some(config) => Ok(config),
-            None => {
-                Config::load(self.live.path.as_deref().ok_or(ReloadError::NoFile)?).map_err(ReloadError::from)
-            }
-        };
-        let result = match result {
-            Ok(config) => {
-                // A name the running generation does not discover yet is resolved first.
-                crate::discovery::resolve_new(&config, &self.live.state().discovered).await;
-                let uses_spiffe = config.uses_spiffe();
-                match self.ensure_workload(&config).await {
-                    Ok(()) => self.try_reload(config).inspect(|_| {
-                        if !uses_spiffe {
-                            self.stop_workload();
-                        }
-                    }),
-                    Err(e) => Err(e.into()),
-                }
-            }
-            Err(e) => Err(e),
-        };
-        match &result {
-            Ok(generation) => {
-                self.live.state().reloads.ok.inc();
-                info!(generation, "configuration reloaded");
-                self.notifier.ready(&format!("generation {generation} reloaded"));
-            }
-            Err(e) => {
-                self.live.state().reloads.failed.inc();
-                error!(error = %e, "reload refused; the running configuration stays");
-                self.notifier
-                    .ready(&format!("reload refused, the running configuration stays: {e}"));
-            }
-        }
-        result
-    }
-
-    /// Builds the running configuration again, reading no file, with what `loaded` takes from
-    /// it and the material on record now (the backends `discover` found: `Loaded::reuse`; the
-    /// fetched CRLs too: `Loaded::refresh`): a change takes effect the way a reload's would,
-    /// closing the open connections it no longer allows.
-    fn rebuild(&mut self, loaded: fn(&State) -> Loaded, what: &str) -> u64 {
-        let current = self.live.state();
-        let generation = current.generation + 1;
-        let addrs = current.listeners().map(|l| (l.name.clone(), l.bind)).collect();
-        let next = State::assemble(
-            &current.config,
-            loaded(&current),
-            addrs,
-            Some(&current),
-            generation,
-            Arc::clone(&current.discovered),
-        );
-        let next = Arc::new(next);
-        self.start_generation(&next);
-        let revoked = self.live.swap(next);
-        info!(generation, revoked, "{what}");
-        generation
-    }
-
-    fn try_reload(&mut self, config: Config) -> Result<u64, ReloadError> {
-        let current = self.live.state();
-        let tls = load_with(&config, &current.fetched_crls, &current.workload)?;
-        // A listener keeps its sockets if its name and configured address are unchanged; one
-        // serving a socket systemd passed keeps it while its configured `bind` is unchanged.
-        let mut fresh = Vec::new();
-        let mut addrs = Vec::new();
-        let mut inherited = Vec::new();
-        for l in &config.listeners {
-            let passed = self.inherited.iter().find(|(name, _)| *name == l.name);
-            let kept = current
-                .listener(&l.name)
-                .filter(|old| match passed {
-                    Some((_, bind)) => *bind == l.bind,
-                    None => configured_same(old, l.bind),
-                })
-                .map(|old| old.bind);
-            if kept.is_some() && passed.is_some() {
-                inherited.push((l.name.clone(), l.bind));
-            }
-            match kept {
-                Some(addr) => addrs.push((l.name.clone(), addr)),
-                None => {
-                    let sockets = bind_all(l, l.bind, self.workers)?;
-                    let addr = sockets
-                        .first()
-                        .and_then(|(_, s)| s.local_addr().ok())
-                        .unwrap_or(l.bind);
-                    addrs.push((l.name.clone(), addr));
-                    fresh.extend(sockets);
-                }
-            }
-        }
-        let generation = current.generation + 1;
-        let discovered = Arc::clone(&current.discovered);
-        let next = State::assemble(&config, tls, addrs, Some(&current), generation, discovered);
-        // Stop accept loops of listeners that are gone or moved, then start the new ones.
-        let keep: Vec<(String, SocketAddr)> = next.listeners().map(|l| (l.name.clone(), l.bind)).collect();
-        self.accepting.retain(|(name, addr, stop)| {
-            let stays = keep.iter().any(|(n, a)| n == name && a == addr);
-            if !stays {
-                stop.cancel();
-            }
-            stays
-        });
-        let next = Arc::new(next);
-        self.start_generation(&next);
-        let revoked = self.live.swap(Arc::clone(&next));
-        if revoked > 0 {
-            info!(
-                revoked,
-                "closed connections whose access the new configuration removes"
-            );
-        }
-        for (name, socket) in fresh {
-            self.accept(name, socket, 1);
-        }
-        self.inherited = inherited;
-        Ok(generation)
     }
 }

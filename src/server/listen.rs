@@ -6,6 +6,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -211,21 +212,21 @@ impl HandedDown {
     /// then gives `stream` its options if the kernel may have completed it before: the one in
     /// hand at the change and the next [`Self::QUEUED`] accepted, as many as the queue held.
     /// Elsewhere than on Linux every connection is given its options itself.
-    fn apply(&mut self, socket: &TcpListener, wanted: Option<Keepalive>, stream: Option<&TcpStream>) {
-        let bound_with = || carries(socket2::SockRef::from(socket), wanted.as_ref()).unwrap_or(false);
+    fn apply(&mut self, socket: BorrowedFd<'_>, wanted: Option<Keepalive>, stream: Option<BorrowedFd<'_>>) {
+        let bound_with = || carries(socket2::SockRef::from(&socket), wanted.as_ref()).unwrap_or(false);
         if self.carried.is_none() && bound_with() {
             // Bound with them (or given them by whoever passed it): so was every connection.
             self.carried = Some(wanted);
         }
         if self.carried != Some(wanted) {
-            let set = client_options(socket2::SockRef::from(socket), wanted.as_ref());
+            let set = client_options(socket2::SockRef::from(&socket), wanted.as_ref());
             self.carried = set.ok().map(|()| wanted);
             self.explicit = Self::QUEUED + usize::from(stream.is_some());
         }
         let explicit = self.explicit > 0 || self.carried.is_none() || !cfg!(target_os = "linux");
         if let Some(stream) = stream.filter(|_| explicit) {
             self.explicit = self.explicit.saturating_sub(1);
-            let _ = client_options(socket2::SockRef::from(stream), wanted.as_ref());
+            let _ = client_options(socket2::SockRef::from(&stream), wanted.as_ref());
         }
     }
 }
@@ -246,7 +247,7 @@ pub(super) async fn accept_loop(
     let mut backoff = MIN_BACKOFF;
     let mut handed_down = HandedDown::default();
     if let Some(listener) = live.state().listener(&name) {
-        handed_down.apply(&socket, listener.tcp_keepalive, None);
+        handed_down.apply(socket.as_fd(), listener.tcp_keepalive, None);
     }
     loop {
         let accepted = tokio::select! {
@@ -261,7 +262,7 @@ pub(super) async fn accept_loop(
                 let Some(listener) = state.listener(&name) else {
                     break; // removed by a reload; its loop is being stopped
                 };
-                handed_down.apply(&socket, listener.tcp_keepalive, Some(&stream));
+                handed_down.apply(socket.as_fd(), listener.tcp_keepalive, Some(stream.as_fd()));
                 serve(stream, peer, listener, &state, &live, &tracker, &abort);
             }
             Err(e) if is_resource_exhaustion(&e) => {
@@ -319,13 +320,13 @@ fn take_backlog(
     let Some(listener) = state.listener(name) else {
         return; // removed by a reload: nothing left to serve its clients with
     };
-    handed_down.apply(&socket, listener.tcp_keepalive, None);
     let Ok(socket) = socket.into_std() else {
         return;
     };
     // The queue holds at most BACKLOG connections; the bound keeps this finite regardless.
     for _ in 0..BACKLOG {
         let accepted = socket.accept().and_then(|(stream, peer)| {
+            handed_down.apply(socket.as_fd(), listener.tcp_keepalive, Some(stream.as_fd()));
             stream.set_nonblocking(true)?;
             Ok((TcpStream::from_std(stream)?, peer))
         });
@@ -366,7 +367,7 @@ mod tests {
             ..Keepalive::default()
         };
         let mut handed_down = HandedDown::default();
-        handed_down.apply(&socket, Some(short), None);
+        handed_down.apply(socket.as_fd(), Some(short), None);
         let (_client, first) = accepted(&socket).await;
         let idle = Some(Duration::from_secs(20));
         assert_eq!(options(socket2::SockRef::from(&first)), (true, idle), "inherited");
@@ -376,7 +377,7 @@ mod tests {
         );
         // Completed before a change: given the new options with the change, as is the one in hand.
         let (_queued_client, queued) = accepted(&socket).await;
-        handed_down.apply(&socket, None, Some(&first));
+        handed_down.apply(socket.as_fd(), None, Some(first.as_fd()));
         assert_eq!(options(socket2::SockRef::from(&socket)), (true, None));
         assert_eq!(options(socket2::SockRef::from(&first)), (true, None));
         assert_eq!(
@@ -384,13 +385,13 @@ mod tests {
             (true, idle),
             "before apply"
         );
-        handed_down.apply(&socket, None, Some(&queued));
+        handed_down.apply(socket.as_fd(), None, Some(queued.as_fd()));
         assert_eq!(options(socket2::SockRef::from(&queued)), (true, None));
         // Past the queue's length, a connection has what the socket handed down.
         handed_down.explicit = 0;
         let (_later_client, later) = accepted(&socket).await;
         socket2::SockRef::from(&later).set_keepalive(true).unwrap();
-        handed_down.apply(&socket, None, Some(&later));
+        handed_down.apply(socket.as_fd(), None, Some(later.as_fd()));
         assert!(socket2::SockRef::from(&later).keepalive().unwrap(), "left alone");
     }
 
