@@ -31,6 +31,9 @@
 //! default provider: [`install_default_provider`] makes that ours, and [`redis_certificates`]
 //! checks the files the same way as [`client_config`] before handing them over as PEM.
 //!
+//! Serving: [`Hello`] reads a connection's ClientHello and [`TlsStream`] runs the handshake and
+//! carries the bytes, holding buffers only while bytes move (`stream.rs`).
+//!
 //! This module reads certificate files and builds configs; it does not accept connections or
 //! decide who is authorized (that is `connection` with `identity` and `authz`).
 
@@ -54,6 +57,7 @@ mod files;
 mod key_exchange;
 mod provider;
 mod session;
+mod stream;
 pub mod svid;
 mod verifier;
 
@@ -62,6 +66,7 @@ pub use files::TlsError;
 use files::{certificates, private_key, read};
 pub use provider::{install_default_provider, provider, provider_with, PROVIDER_NAME};
 pub use session::SessionCache;
+pub use stream::{Hello, TlsStream};
 pub use verifier::{client_trust, client_trust_of, CheckedCrl, ClientVerifier, SeenPoints};
 
 /// One certificate of a listener (its only one, its fallback or an entry): the rustls
@@ -107,12 +112,6 @@ impl ServerTls {
     /// The earliest `nextUpdate` of this listener's CRLs.
     pub fn crl_next_update(&self) -> Option<SystemTime> {
         self.crls.iter().filter_map(|c| c.next_update).min()
-    }
-
-    /// Whether the handshake must read the ClientHello before it can choose its configuration
-    /// ([`ServerTls::config_for`]): the listener offers more than one key exchange group.
-    pub fn reads_client_hello(&self) -> bool {
-        self.by_group.reads_hello()
     }
 
     /// The configuration to complete the handshake of `hello` with: `config`, or one that

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 use tracing::{field, Span};
 
 use super::client::{reset, Client};
@@ -34,7 +33,7 @@ use crate::proxy_protocol::SslInfo;
 use crate::quarantine::QuarantineStore;
 use crate::ratelimit::ClientKey;
 use crate::state::{Grant, Listener, ListenerTls, Live, State, Upstream};
-use crate::tls::ServerTls;
+use crate::tls::{Hello, ServerTls, TlsStream};
 
 /// A client through admission, on its way to the limit and a backend.
 pub(super) struct Admitted {
@@ -105,8 +104,8 @@ pub(super) async fn admit(
         Step::Refused(refusal) => return refused(refusal, None),
         Step::Aborted => return Admission::Aborted,
     };
-    let (_, session) = client.get_ref();
-    who.authority = session.server_name().map(str::to_string);
+    let session = client.session();
+    who.authority = client.server_name().map(str::to_string);
     entry.sni.clone_from(&who.authority);
     // rustls speaks nothing else.
     let version = session.protocol_version().map(|v| match v {
@@ -188,59 +187,56 @@ pub(super) async fn admit(
 }
 
 /// The TLS handshake, by `deadline` unless `stop` comes first (a cut client is then reset):
-/// timed on success, counted by its cause on failure. With certificate entries or several key
-/// exchange groups it reads the ClientHello first and completes with the certificate its server
-/// name chooses, in the configuration of the group the listener prefers among the client's
-/// (`ServerTls::config_for`); it returns the certificate it ran with. Each stage is boxed: its
-/// state is large, and a plain connection's setup should not carry its size.
+/// timed on success, counted by its cause on failure. It reads the ClientHello first and
+/// completes with the certificate its server name chooses, in the configuration of the group the
+/// listener prefers among the client's (`ServerTls::config_for`); it returns the certificate it
+/// ran with. Each stage is boxed: its state is large, and a plain connection's setup should not
+/// carry its size.
 async fn handshake<'t>(
     client: TcpStream,
     tls: &'t ListenerTls,
     listener: &Listener,
     deadline: tokio::time::Instant,
     stop: Stop<'_>,
-) -> Step<(Box<TlsStream<TcpStream>>, &'t ServerTls)> {
+) -> Step<(Box<TlsStream>, &'t ServerTls)> {
     let handshake_started = Instant::now();
     // Stopped with the socket still in a stage's hands: reset it there if the connection was cut.
-    let abandon = |tcp: Option<&TcpStream>| {
-        if let (Some(tcp), Some(_)) = (tcp, stop.cut()) {
+    let abandon = |tcp: &TcpStream| {
+        if stop.cut().is_some() {
             reset(tcp);
         }
         Step::Aborted
     };
-    let (mut accept, chosen) = match tls.only().filter(|only| !only.reads_client_hello()) {
-        Some(only) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&only.config));
-            (Box::new(acceptor.accept(client)), only)
-        }
-        None => {
-            let hello = rustls::server::Acceptor::default();
-            let mut hello = Box::new(tokio_rustls::LazyConfigAcceptor::new(hello, client));
-            let read = tokio::select! {
-                biased;
-                _ = stop.stopped() => return abandon(hello.take_io().as_ref()),
-                read = tokio::time::timeout_at(deadline, &mut *hello) => read,
-            };
-            let start = match settle(listener, read) {
-                Step::Next(start) => start,
-                Step::Refused(refusal) => return Step::Refused(refusal),
-                Step::Aborted => return Step::Aborted,
-            };
-            let hello = start.client_hello();
-            let chosen = &tls.choose(hello.server_name()).tls;
-            let config = chosen.config_for(&hello);
-            (Box::new(start.into_stream(config)), chosen)
-        }
+    let mut hello = Box::new(Hello::new(client));
+    let read = tokio::select! {
+        biased;
+        _ = stop.stopped() => return abandon(hello.tcp()),
+        read = tokio::time::timeout_at(deadline, hello.read()) => read,
+    };
+    let accepted = match settle(listener, read) {
+        Step::Next(accepted) => accepted,
+        Step::Refused(refusal) => return Step::Refused(refusal),
+        Step::Aborted => return Step::Aborted,
+    };
+    let client_hello = accepted.client_hello();
+    let server_name = client_hello.server_name().map(str::to_string);
+    let chosen = &tls.choose(server_name.as_deref()).tls;
+    let config = chosen.config_for(&client_hello);
+    drop(accepted);
+    let mut stream = match settle(listener, Ok(hello.start(config, server_name))) {
+        Step::Next(stream) => Box::new(stream),
+        Step::Refused(refusal) => return Step::Refused(refusal),
+        Step::Aborted => return Step::Aborted,
     };
     let done = tokio::select! {
         biased;
-        _ = stop.stopped() => return abandon(accept.get_ref()),
-        done = tokio::time::timeout_at(deadline, &mut *accept) => done,
+        _ = stop.stopped() => return abandon(stream.tcp()),
+        done = tokio::time::timeout_at(deadline, stream.handshake()) => done,
     };
     match settle(listener, done) {
-        Step::Next(stream) => {
+        Step::Next(()) => {
             listener.figures.handshake.observe(handshake_started.elapsed());
-            Step::Next((Box::new(stream), chosen))
+            Step::Next((stream, chosen))
         }
         Step::Refused(refusal) => Step::Refused(refusal),
         Step::Aborted => Step::Aborted,

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
+
+use crate::tls::TlsStream;
 
 /// Deadline for saying goodbye to a peer: a reject response, a TLS close_notify, a shutdown.
 pub(super) const CLOSE_DEADLINE: Duration = Duration::from_secs(1);
@@ -27,7 +28,7 @@ pub(super) fn reset(tcp: &TcpStream) {
 /// connections should not carry its size).
 pub(super) enum Client {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream>),
 }
 
 impl Client {
@@ -35,7 +36,7 @@ impl Client {
     pub(super) fn tcp(&self) -> &TcpStream {
         match self {
             Client::Plain(tcp) => tcp,
-            Client::Tls(tls) => tls.get_ref().0,
+            Client::Tls(tls) => tls.tcp(),
         }
     }
 

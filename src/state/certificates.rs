@@ -74,12 +74,6 @@ impl ListenerTls {
             .map_or(&self.fallback, |(_, served)| served)
     }
 
-    /// The one certificate of a listener without entries: its handshake needs no look at the
-    /// ClientHello first.
-    pub(crate) fn only(&self) -> Option<&ServerTls> {
-        self.entries.is_empty().then_some(&self.fallback.tls)
-    }
-
     /// Each certificate once, with the entry's first server name (`None`: the fallback).
     pub(crate) fn each(&self) -> impl Iterator<Item = (Option<&ServerName>, &ServerTls)> {
         let entries = self

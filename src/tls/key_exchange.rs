@@ -52,12 +52,6 @@ impl ByGroup {
         Ok(ByGroup(pinned))
     }
 
-    /// Whether a handshake has to read the ClientHello before choosing a configuration: the
-    /// listener has more than one group.
-    pub(super) fn reads_hello(&self) -> bool {
-        !self.0.is_empty()
-    }
-
     /// The configuration to complete the handshake of `hello` with: the one offering only the
     /// first of `full`'s groups the client supports, unless rustls would choose that one from
     /// `full` anyway. A client offering no TLS 1.3 cipher suite speaks TLS 1.2, where only the
@@ -134,7 +128,7 @@ mod tests {
         let (loaded, one_group) = (server_config(&tls), server_config(&one_group));
         let _ = std::fs::remove_dir_all(&dir);
         let loaded = loaded.expect("server config");
-        assert!(!one_group.expect("server config").reads_client_hello());
+        assert!(one_group.expect("server config").by_group.0.is_empty());
         let verifier = Arc::clone(loaded.verifier.as_ref().expect("mTLS"));
         let rebuilt = loaded
             .with_verifier(verifier, Vec::new(), TlsVersion::Tls12)
@@ -143,7 +137,6 @@ mod tests {
             assert_eq!(groups(&tls.config), ["secp384r1", "X25519", "secp256r1"]);
             let single: Vec<Vec<String>> = tls.by_group.0.iter().map(|c| groups(c)).collect();
             assert_eq!(single, [vec!["secp384r1"], vec!["X25519"]]);
-            assert!(tls.reads_client_hello());
         }
     }
 }
