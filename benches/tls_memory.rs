@@ -4,7 +4,8 @@
 //! `tls::TlsStream` (rustls' unbuffered API) beside tokio-rustls' buffered stream, over loopback
 //! sockets in one thread. Only the server side counts (a thread-local flag set while its futures
 //! are polled), from the accepted socket on; the listener's session cache is off (it is bounded
-//! by `session_cache`, not per connection). Run: `cargo bench --bench tls_memory`.
+//! by `session_cache`, not per connection) and blocks of 16 KiB or more (the buffer pool, shared)
+//! are reported apart. Run: `cargo bench --bench tls_memory`.
 
 // The counting allocator is the one unsafe part: it forwards every call to the system allocator.
 #![allow(unsafe_code)]
@@ -25,6 +26,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 const CONNECTIONS: usize = 500;
+/// Live blocks this large are shared buffers (the pool), reported apart.
+const SHARED: usize = 16 * 1024;
 
 thread_local!(static COUNTING: Cell<bool> = const { Cell::new(false) });
 // Set while the bookkeeping itself runs (its map allocates too): not counted.
@@ -174,15 +177,18 @@ async fn measure<S, Fut>(
         .take()
         .unwrap_or_default();
     BUSY.with(|b| b.set(false));
-    let total: usize = live.values().sum();
+    // Blocks of 16 KiB and more are the process-wide buffer pool's, not any connection's.
+    let shared: usize = live.values().filter(|size| **size >= SHARED).sum();
+    let total = live.values().sum::<usize>() - shared;
     let mut by_size = BTreeMap::new();
-    for size in live.values() {
+    for size in live.values().filter(|size| **size < SHARED) {
         *by_size.entry(*size).or_insert(0usize) += 1;
     }
     println!(
-        "{name}: idle mTLS server connection, {CONNECTIONS} held: {} heap bytes each; inline {} bytes",
+        "{name}: idle mTLS server connection, {CONNECTIONS} held: {} heap bytes each; inline {} bytes; {} bytes in shared buffers",
         total / CONNECTIONS,
-        std::mem::size_of::<S>()
+        std::mem::size_of::<S>(),
+        shared
     );
     println!("  live allocations per connection, by size (bytes x count):");
     for (size, count) in by_size.iter().rev() {
