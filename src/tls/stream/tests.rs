@@ -187,3 +187,23 @@ async fn a_client_hello_that_never_ends_is_refused_with_no_more_held_than_the_bo
     let (_, refused) = tokio::join!(flood, serve);
     assert_eq!(refused.kind(), io::ErrorKind::InvalidData, "{refused}");
 }
+
+#[tokio::test]
+async fn a_key_update_from_the_client_is_answered_and_bytes_keep_flowing_both_ways() {
+    let (mut stream, mut client) = connected("key-update").await;
+    for round in 0..3u8 {
+        // The client's key_update asks for ours: the server must send it before its next record,
+        // or the client cannot read what follows.
+        client.get_mut().1.refresh_traffic_keys().unwrap();
+        client.write_all(&[round; 100]).await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = [0u8; 100];
+        stream.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [round; 100]);
+        stream.write_all(&[round + 1; 50]).await.unwrap();
+        stream.flush().await.unwrap();
+        let mut back = [0u8; 50];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, [round + 1; 50]);
+    }
+}
