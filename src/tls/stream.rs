@@ -25,8 +25,8 @@ use std::task::{ready, Context, Poll};
 
 use rustls::server::{Accepted, Acceptor, ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
-    ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError, UnbufferedStatus,
-    WriteTraffic,
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError, ReadTraffic,
+    UnbufferedStatus, WriteTraffic,
 };
 use rustls::{CommonState, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -201,21 +201,7 @@ impl TlsStream {
             let UnbufferedStatus { discard, state } = conn.process_tls_records(incoming.pending());
             let progress = match state {
                 Ok(ConnectionState::ReadTraffic(mut traffic)) => {
-                    let mut read = Ok(());
-                    while let Some(record) = traffic.next_record() {
-                        match record {
-                            Ok(record) => {
-                                let room = record.payload.len().min(out.remaining());
-                                out.put_slice(&record.payload[..room]);
-                                plaintext.extend_from_slice(&record.payload[room..]);
-                            }
-                            Err(error) => {
-                                read = Err(error);
-                                break;
-                            }
-                        }
-                    }
-                    read.map(|()| Some(Progress::Data))
+                    take_records(&mut traffic, out, plaintext).map(|()| Some(Progress::Data))
                 }
                 Ok(ConnectionState::EncodeTlsData(mut data)) => {
                     encode(outgoing, &mut data);
@@ -297,13 +283,10 @@ impl TlsStream {
                     self.peer_closed = true;
                     None
                 }
-                Ok(ConnectionState::ReadTraffic(mut traffic)) => loop {
-                    match traffic.next_record() {
-                        Some(Ok(record)) => self.plaintext.extend_from_slice(record.payload),
-                        Some(Err(error)) => break Some(Err(invalid(error))),
-                        None => break None,
-                    }
-                },
+                Ok(ConnectionState::ReadTraffic(mut traffic)) => {
+                    let kept = take_records(&mut traffic, &mut ReadBuf::new(&mut []), &mut self.plaintext);
+                    kept.err().map(|error| Err(invalid(error)))
+                }
                 Ok(ConnectionState::Closed) => Some(Err(io::ErrorKind::BrokenPipe.into())),
                 Ok(_) => Some(Err(io::ErrorKind::NotConnected.into())),
                 Err(error) => Some(Err(invalid(error))),
@@ -314,6 +297,21 @@ impl TlsStream {
             }
         }
     }
+}
+
+/// Takes the decrypted records: into `out` while it has room, the rest kept in `plaintext`.
+fn take_records(
+    traffic: &mut ReadTraffic<'_, '_, ServerConnectionData>,
+    out: &mut ReadBuf<'_>,
+    plaintext: &mut Vec<u8>,
+) -> Result<(), rustls::Error> {
+    while let Some(record) = traffic.next_record() {
+        let record = record?;
+        let room = record.payload.len().min(out.remaining());
+        out.put_slice(&record.payload[..room]);
+        plaintext.extend_from_slice(&record.payload[room..]);
+    }
+    Ok(())
 }
 
 /// Encodes rustls' next handshake or alert record into the end of `outgoing` (a small buffer of
